@@ -5,6 +5,7 @@
 tensors' device. A backend that is asked for and not built raises; nothing falls back silently.
 """
 import contextlib
+import importlib.util
 import os
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from . import _extension
 NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 _C = _extension.load()
 _current = ["auto"]
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: resolve() runs inside compiled code
 
 
 def _unavailable_reason(name):
@@ -27,7 +29,12 @@ def _unavailable_reason(name):
                     "csrc/cuda sources at build time; CROSSDIFF_CUDA=1 forces them)")
         return None
     if name == "triton":
-        return "the Triton kernels are not part of this build yet (crossdiff_ext/triton has none)"
+        if not _TRITON_INSTALLED:
+            return "the triton package is not installed"
+        if not torch.cuda.is_available() and not triton_interpreted():
+            return ("Triton kernels need a CUDA GPU, or Triton's interpreter for CPU tensors "
+                    "(TRITON_INTERPRET=1 before triton is imported)")
+        return None
     raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
 
 
@@ -74,7 +81,7 @@ def resolve(device, name=None):
             return "cpu"
         if device.type == "cuda" and _C.cuda_kernels():
             return "cuda"
-        if device.type == "cuda" and _unavailable_reason("triton") is None:
+        if device.type == "cuda" and torch.cuda.is_available() and _unavailable_reason("triton") is None:
             return "triton"
         raise RuntimeError(
             f"backend 'auto' has no kernels for {device.type} tensors in this build; choose one explicitly "
@@ -82,13 +89,17 @@ def resolve(device, name=None):
         )
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
-    if name in ("cuda", "triton") and device.type != "cuda" and not _triton_interpreted(name):
-        raise RuntimeError(f"backend {name!r} runs on CUDA tensors, got tensors on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+        raise RuntimeError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                           f"got tensors on {device}")
     return name
 
 
-def _triton_interpreted(name):
-    return name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+def triton_interpreted():
+    """Triton's interpreter is on: its kernels run on CPU tensors (slowly; for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernels(name):
@@ -99,6 +110,10 @@ def kernels(name):
         return reference.KERNELS
     if name in ("cpu", "cuda"):
         return DISPATCHER_KERNELS
+    if name == "triton":
+        from .ops import triton_ops
+
+        return triton_ops.KERNELS
     _require(name)
     raise RuntimeError(f"backend {name!r} has no kernel table")
 

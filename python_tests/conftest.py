@@ -5,7 +5,12 @@ import random
 import pytest
 import torch
 
-import crossdiff_ext as cx
+# Without a GPU the Triton kernels run under Triton's interpreter (it must be on before triton is imported; the
+# package imports triton only on the first Triton launch). A GPU machine runs them compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import crossdiff_ext as cx  # noqa: E402
 
 # Fresh random inputs every run (DESIGN.md); the seed is printed in pytest's header and can be replayed.
 SEED = int(os.environ.get("CROSSDIFF_TEST_SEED", random.SystemRandom().randrange(2**31)))

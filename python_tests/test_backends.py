@@ -41,7 +41,7 @@ def test_cpu_backend_refuses_other_devices():
 
 
 def test_auto_without_gpu_kernels_raises_for_cuda_tensors():
-    if "cuda" in cx.available_backends() or "triton" in cx.available_backends():
+    if "cuda" in cx.available_backends() or torch.cuda.is_available():
         pytest.skip("GPU kernels are built here")
     with pytest.raises(RuntimeError, match="no kernels for cuda tensors"):
         backends.resolve(torch.device("cuda", 0))
@@ -62,3 +62,12 @@ def test_backward_uses_the_forward_backend(monkeypatch, activation):
     out.recon.sum().backward()
     assert asked and set(asked) == {"cpu"}, asked
     assert cc.W_enc.grad is not None
+
+
+def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backends.resolve("cpu", "triton")
+    f = torch.rand(3, 5)
+    with pytest.raises(RuntimeError, match="crossdiff_triton::batch_topk got CPU tensors"):
+        torch.ops.crossdiff_triton.batch_topk(f, torch.ones(5), 2)

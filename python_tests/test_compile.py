@@ -1,13 +1,19 @@
-"""torch.compile(fullgraph=True) smoke test on the CPU: the training step traces without graph breaks and
+"""torch.compile(fullgraph=True) smoke test on CPU tensors (C++ kernels, and Triton under its interpreter): the training step traces without graph breaks and
 matches eager, including the threshold buffer update."""
 import pytest
 import torch
 
 import crossdiff_ext as cx
 
+from conftest import backend_device, backend_params
 
+
+@pytest.mark.parametrize("name", backend_params())
 @pytest.mark.parametrize("activation,dense_code_density", [("batch_topk", 1.0), ("relu", 1.0), ("relu", 0.0)])
-def test_training_step_compiles_fullgraph(activation, dense_code_density):
+def test_training_step_compiles_fullgraph(name, activation, dense_code_density):
+    if backend_device(name) != "cpu":
+        pytest.skip("the compile smoke test runs on CPU tensors")
+    cx.set_backend(name)
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     k = 4 if activation == "batch_topk" else None

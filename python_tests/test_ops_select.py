@@ -184,13 +184,15 @@ def large_scores(kind, B, F, g):
 def test_batch_topk_large_inputs_take_every_radix_path(name, kind, poison):
     device = backend_device(name)
     g = rng(17)
-    B, F = 257, 1031
+    interpreted = name == "triton" and device == "cpu"
+    # The interpreter is slow; its kernels take every radix pass whatever N is, so a smaller batch covers them.
+    B, F = (33, 1031) if interpreted else (257, 1031)
     f, w = large_scores(kind, B, F, g)
     for dtype in dtypes_for(name):
         fd = f.to(dtype)
         for K in (5 * B, 97 * B):
             expected = ops.batch_topk_reference(fd, w, K)
-            for threads in (1, 2, 3):  # the chunking follows the thread count; results must not
+            for threads in (1,) if interpreted else (1, 2, 3):  # CPU chunking follows the thread count
                 previous = torch.get_num_threads()
                 torch.set_num_threads(threads)
                 try:

@@ -37,7 +37,11 @@ def _backward(ctx, grad_f):
     return grad_x, grad_W, grad_b
 
 
-torch.library.register_autograd("crossdiff::paired_encode", _backward, setup_context=_setup_context)
+def register_encode_autograd(qualname):
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+
+register_encode_autograd("crossdiff::paired_encode")
 
 
 def paired_encode(x, W_enc, b_enc):

@@ -82,8 +82,12 @@ def _threshold_select_backward(ctx, grad_values, *_):
     return _scatter_to_f(ctx.f_shape, grad_values, values, indices, row_ptr, torch.ones_like(values, dtype=torch.bool)), None, None
 
 
-torch.library.register_autograd("crossdiff::batch_topk", _batch_topk_backward, setup_context=_setup_select)
-torch.library.register_autograd("crossdiff::threshold_select", _threshold_select_backward, setup_context=_setup_select)
+def register_selection_autograd(namespace):
+    for name, backward in (("batch_topk", _batch_topk_backward), ("threshold_select", _threshold_select_backward)):
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=_setup_select)
+
+
+register_selection_autograd("crossdiff")
 
 
 def batch_topk(f, w, K):

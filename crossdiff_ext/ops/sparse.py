@@ -88,15 +88,20 @@ def _setup_decode(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _decode_backward(ctx, grad_out):
-    values, indices, row_ptr, W = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    gv, gW, gb = decode_backward(backends.DISPATCHER_KERNELS, grad_out, values, indices, row_ptr, W, needs[0], needs[3],
-                                 ctx.has_bias and needs[4])
-    return gv, None, None, gW, gb
+def register_decode_autograd(qualname, kernels):
+    """The sparse backward of a sparse_decode op; `kernels()` gives the kernel table of the op's backend."""
+
+    def backward(ctx, grad_out):
+        values, indices, row_ptr, W = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gv, gW, gb = decode_backward(kernels(), grad_out, values, indices, row_ptr, W, needs[0], needs[3],
+                                     ctx.has_bias and needs[4])
+        return gv, None, None, gW, gb
+
+    torch.library.register_autograd(qualname, backward, setup_context=_setup_decode)
 
 
-torch.library.register_autograd("crossdiff::sparse_decode", _decode_backward, setup_context=_setup_decode)
+register_decode_autograd("crossdiff::sparse_decode", lambda: backends.DISPATCHER_KERNELS)
 
 
 def sparse_decode(values, indices, row_ptr, W, bias=None):

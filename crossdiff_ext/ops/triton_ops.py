@@ -1,0 +1,54 @@
+"""The Triton kernels as custom ops of their own namespace, crossdiff_triton, with the crossdiff schemas.
+
+The CUDA dispatch key of the crossdiff ops belongs to the CUDA backend (csrc/cuda), so the Triton launchers get
+ops of their own: opaque to torch.compile (no data-dependent Python traced), checked by torch.library.opcheck,
+with the same fake kernels and autograd formulas as the crossdiff ops. The schemas are copied at import from the
+ops that csrc/ops.cpp declares, so they are still written once. The CPU key runs the kernels under Triton's
+interpreter (TRITON_INTERPRET=1), and only there; triton itself is imported on the first launch.
+"""
+import importlib
+from types import SimpleNamespace
+
+import torch
+
+from . import encode, select, sparse
+from .. import backends
+
+NAMESPACE = "crossdiff_triton"
+# op -> (module of crossdiff_ext.triton that launches it, its fake kernel)
+OPS = {
+    "paired_encode": ("encode", encode._paired_encode_fake),
+    "batch_topk": ("select", select._batch_topk_fake),
+    "threshold_select": ("select", select._threshold_select_fake),
+    "sparse_decode": ("sparse", sparse._sparse_decode_fake),
+    "sparse_values_grad": ("sparse", sparse._sparse_values_grad_fake),
+    "latent_order": ("sparse", sparse._latent_order_fake),
+    "sparse_weight_grad": ("sparse", sparse._sparse_weight_grad_fake),
+}
+
+
+def _launcher(name, module):
+    def launch(*args):
+        if args[0].device.type == "cpu" and not backends.triton_interpreted():
+            raise RuntimeError(f"{NAMESPACE}::{name} got CPU tensors: the Triton kernels run on CUDA tensors, or on "
+                               "CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 before importing "
+                               "triton)")
+        return getattr(importlib.import_module(f"crossdiff_ext.triton.{module}"), name)(*args)
+
+    launch.__name__ = name
+    return launch
+
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, (_module, _fake) in OPS.items():
+    _lib.define(str(getattr(torch.ops.crossdiff, _name).default._schema).split("::", 1)[1])
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_name, _launcher(_name, _module), _key)
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake, lib=_lib)
+
+encode.register_encode_autograd(f"{NAMESPACE}::paired_encode")
+select.register_selection_autograd(NAMESPACE)
+sparse.register_decode_autograd(f"{NAMESPACE}::sparse_decode", lambda: KERNELS)
+
+_ops = getattr(torch.ops, NAMESPACE)
+KERNELS = SimpleNamespace(**{name: getattr(_ops, name) for name in OPS})

@@ -1,0 +1,52 @@
+"""Launch geometry shared by the Triton kernels, and whether they run interpreted (TRITON_INTERPRET=1)."""
+import functools
+import os
+
+import torch
+import triton
+
+
+def interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device):
+    """Programs for the streaming kernels: enough to fill the GPU several times, few where they run serially."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8  # the interpreter runs programs one after another: fewer, longer programs cost less
+    return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def select_block(F):
+    """Latents per tile of the selection kernels: one row segment, a power of two in [16, 2048]."""
+    return max(16, min(2048, triton.next_power_of_2(F)))
+
+
+def select_warps(block):
+    return 8 if block >= 2048 else 4
+
+
+# Entries per step of the sparse kernels' loops: a [ENTRY_BLOCK, column block] tile of gathered rows. The
+# interpreter pays per step, not per element: it takes larger steps.
+ENTRY_BLOCK = 64 if interpreted() else 16
+
+
+def row_block(D):
+    """Columns of the [M * d] rows per program of the sparse decode and weight-gradient kernels."""
+    return max(16, min(512, triton.next_power_of_2(D)))
+
+
+def dot_block(D):
+    """Columns per step of the per-entry dot products (the loop covers all D)."""
+    return max(16, min(256, triton.next_power_of_2(D)))
+
+
+def order_chunks(B, F):
+    """Row chunks of the counting sort: its cursor table is [chunks, F] int64, kept under 2^24 entries."""
+    return max(1, min(B, 64, (1 << 24) // F))

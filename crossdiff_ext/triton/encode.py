@@ -1,0 +1,83 @@
+"""Triton paired encoder: f = ReLU(x W_enc^T + b_enc) as one GEMM with K = M * d, bias + ReLU in the epilogue.
+
+Reference: crossdiff_ext/ops/encode.py (paired_encode_reference).
+
+x [B, M, d] is read in place. When its model stride is d (x[b] is one contiguous [M * d] row, whatever the batch
+stride) the K loop walks it directly; otherwise (per-model slices of a larger buffer) each K offset is split
+into (model, feature) and addressed with x's model stride, so nothing is concatenated or copied. fp32
+accumulation; fp32 inputs use IEEE products (no TF32), matching the reference's fp32 matmul.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+
+def _configs():
+    if _launch.interpreted():  # the interpreter would benchmark every config: one small one
+        return [triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4, num_stages=1)]
+    # Hopper bf16 GEMM tiles (wgmma wants 4-warp groups); the autotuner picks per shape on first use.
+    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+              (128, 256, 32, 4, 8), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    return [triton.Config(dict(BLOCK_B=bb, BLOCK_F=bf, BLOCK_K=bk, GROUP_B=8), num_warps=w, num_stages=s)
+            for bb, bf, bk, s, w in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["B", "F", "K", "FLAT", "IEEE"])
+@triton.jit
+def _encode_kernel(x_ptr, W_ptr, b_ptr, f_ptr, B, F, K, d, stride_xb, stride_xm,
+                   FLAT: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr):
+    # Grouped launch order: consecutive programs share a band of x rows and sweep latents, so W tiles are
+    # reused from L2 by GROUP_B programs.
+    pid = tl.program_id(0)
+    n_b = tl.cdiv(B, BLOCK_B)
+    n_f = tl.cdiv(F, BLOCK_F)
+    per_group = GROUP_B * n_f
+    first_b = (pid // per_group) * GROUP_B
+    group_rows = tl.minimum(n_b - first_b, GROUP_B)
+    pid_b = first_b + (pid % per_group) % group_rows
+    pid_f = (pid % per_group) // group_rows
+
+    rb = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rf = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    in_b = rb < B
+    in_f = rf < F
+    acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        in_k = kk < K
+        if FLAT:
+            x_off = kk
+        else:
+            x_off = (kk // d).to(tl.int64) * stride_xm + kk % d
+        a = tl.load(x_ptr + rb[:, None] * stride_xb + x_off[None, :], mask=in_b[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(W_ptr + rf[None, :] * K + kk[:, None], mask=in_k[:, None] & in_f[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    acc += tl.load(b_ptr + rf, mask=in_f, other=0.0).to(tl.float32)[None, :]
+    acc = tl.maximum(acc, 0.0)
+    tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty),
+             mask=in_b[:, None] & in_f[None, :])
+
+
+def paired_encode(x, W_enc, b_enc):
+    B, M, d = x.shape
+    F = W_enc.shape[0]
+    if x.stride(2) != 1:
+        x = x.contiguous()  # the feature axis must be unit-stride (DESIGN.md data layout); others are free
+    W_enc, b_enc = W_enc.contiguous(), b_enc.contiguous()
+    f = torch.empty(B, F, dtype=x.dtype, device=x.device)
+    K = M * d
+    flat = M == 1 or x.stride(1) == d
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(F, meta["BLOCK_F"]),)
+
+    if B > 0:
+        _encode_kernel[grid](x, W_enc, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), FLAT=flat,
+                             IEEE=x.dtype == torch.float32)
+    return f

@@ -1,0 +1,184 @@
+"""Triton sparse decoder and its sparse backward, for all M models at once (rows of W are [M * d] wide).
+
+References: crossdiff_ext/ops/sparse.py (sparse_decode_reference, sparse_values_grad_reference,
+latent_order_reference, sparse_weight_grad_reference).
+
+Every sum runs in fp32 in a fixed order (no float atomics), so results are deterministic:
+  sparse_decode       one program per (row, column block): gathers the row's W rows in entry order.
+  sparse_values_grad  one program per block of entries: a dot of grad_out[row] with W[latent] per entry.
+  latent_order        a stable counting sort by latent in two kernels: per-chunk latent counts (integer
+                      atomics), then each chunk of rows places its entries row after row.
+  sparse_weight_grad  one program per (latent, column block): sums value * dense[row] over the latent's entries
+                      in row order; column block 0 also writes the value sums (the bias gradient).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import _csr
+from . import _launch
+
+
+@triton.jit
+def _decode_kernel(values_ptr, indices_ptr, row_ptr_ptr, W_ptr, bias_ptr, out_ptr, D,
+                   HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = cols < D
+    start = tl.load(row_ptr_ptr + row)
+    end = tl.load(row_ptr_ptr + row + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        live = e < end
+        v = tl.load(values_ptr + e, mask=live, other=0.0).to(tl.float32)
+        j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
+        w = tl.load(W_ptr + j[:, None] * D + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
+        acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _values_grad_kernel(grad_ptr, indices_ptr, rows_ptr, W_ptr, out_ptr, nnz, D,
+                        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    live = e < nnz
+    j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
+    r = tl.load(rows_ptr + e, mask=live, other=0)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        m = live[:, None] & (cols < D)[None, :]
+        g = tl.load(grad_ptr + r[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(W_ptr + j[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(g * w, 1)
+    tl.store(out_ptr + e, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_chunk, F,
+                         BLOCK_E: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    r0 = chunk * rows_per_chunk
+    e0 = tl.load(row_ptr_ptr + r0)
+    e1 = tl.load(row_ptr_ptr + tl.minimum(r0 + rows_per_chunk, n_rows))
+    for s in range(e0, e1, BLOCK_E):
+        e = s + tl.arange(0, BLOCK_E)
+        live = e < e1
+        j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
+        tl.atomic_add(counts_ptr + chunk * F + j, 1, mask=live)  # integer: the order does not matter
+
+
+@triton.jit
+def _latent_place_kernel(indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_ptr, n_rows, rows_per_chunk, F,
+                         BLOCK_E: tl.constexpr):
+    """Rows one after another, so entries of a latent land in row order. A row holds each latent at most once
+    (CSR codes), so the entries of one row never share a cursor; the barrier orders rows."""
+    chunk = tl.program_id(0).to(tl.int64)
+    r0 = chunk * rows_per_chunk
+    r1 = tl.minimum(r0 + rows_per_chunk, n_rows)
+    for r in range(r0, r1):
+        e0 = tl.load(row_ptr_ptr + r)
+        e1 = tl.load(row_ptr_ptr + r + 1)
+        for s in range(e0, e1, BLOCK_E):
+            e = s + tl.arange(0, BLOCK_E)
+            live = e < e1
+            j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
+            pos = tl.load(cursor_ptr + chunk * F + j, mask=live, other=0)
+            tl.store(perm_ptr + pos, e, mask=live)
+            tl.store(rows_ptr + pos, r + tl.zeros_like(e), mask=live)
+            tl.store(cursor_ptr + chunk * F + j, pos + 1, mask=live)
+        tl.debug_barrier()  # the next row's cursor loads see this row's stores (one CTA, __syncthreads)
+
+
+@triton.jit
+def _weight_grad_kernel(values_ptr, dense_ptr, col_ptr_ptr, perm_ptr, rows_ptr, grad_ptr, sums_ptr, D,
+                        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    latent = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = cols < D
+    start = tl.load(col_ptr_ptr + latent)
+    end = tl.load(col_ptr_ptr + latent + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for s in range(start, end, BLOCK_E):
+        e = s + tl.arange(0, BLOCK_E)
+        live = e < end
+        p = tl.load(perm_ptr + e, mask=live, other=0)
+        r = tl.load(rows_ptr + e, mask=live, other=0)
+        v = tl.load(values_ptr + p, mask=live, other=0.0).to(tl.float32)
+        x = tl.load(dense_ptr + r[:, None] * D + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
+        acc += tl.sum(v[:, None] * x.to(tl.float32), 0)
+        total += v
+    tl.store(grad_ptr + latent * D + cols, acc.to(grad_ptr.dtype.element_ty), mask=inside)
+    if block == 0:
+        tl.store(sums_ptr + latent, tl.sum(total, 0))
+
+
+def _width(W):
+    return W.shape[1] * W.shape[2]
+
+
+def sparse_decode(values, indices, row_ptr, W, bias):
+    W = W.contiguous()
+    B, D = row_ptr.shape[0] - 1, _width(W)
+    out = torch.empty(B, *W.shape[1:], dtype=W.dtype, device=W.device)
+    block_d = _launch.row_block(D)
+    has_bias = bias is not None
+    grid = (B, triton.cdiv(D, block_d))
+    if B > 0:
+        _decode_kernel[grid](values.contiguous(), indices.contiguous(), row_ptr.contiguous(), W,
+                             bias.contiguous() if has_bias else W, out, D, HAS_BIAS=has_bias,
+                             BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def sparse_values_grad(grad_out, indices, row_ptr, W):
+    W, grad_out = W.contiguous(), grad_out.contiguous()
+    nnz, D = indices.shape[0], _width(W)
+    out = torch.empty(nnz, dtype=W.dtype, device=W.device)
+    if nnz > 0:
+        rows = _csr.rows_of(row_ptr, nnz)
+        block_e = _launch.ENTRY_BLOCK
+        _values_grad_kernel[(triton.cdiv(nnz, block_e),)](grad_out, indices.contiguous(), rows, W, out, nnz, D,
+                                                           BLOCK_E=block_e, BLOCK_D=_launch.dot_block(D),
+                                                           num_warps=4)
+    return out
+
+
+def latent_order(indices, row_ptr, n_latents):
+    indices, row_ptr = indices.contiguous(), row_ptr.contiguous()
+    B, nnz, F = row_ptr.shape[0] - 1, indices.shape[0], n_latents
+    device = indices.device
+    perm = torch.empty(nnz, dtype=torch.int64, device=device)
+    rows = torch.empty(nnz, dtype=torch.int64, device=device)
+    chunks = _launch.order_chunks(B, F)
+    rows_per_chunk = triton.cdiv(max(B, 1), chunks)
+    chunks = triton.cdiv(max(B, 1), rows_per_chunk)
+    counts = torch.zeros(chunks, F, dtype=torch.int64, device=device)
+    if B > 0 and nnz > 0:
+        _latent_count_kernel[(chunks,)](indices, row_ptr, counts, B, rows_per_chunk, F,
+                                        BLOCK_E=_launch.ENTRY_BLOCK, num_warps=4)
+    col_ptr = torch.zeros(F + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts.sum(0), 0, out=col_ptr[1:])
+    # Where each chunk's entries of latent j start: col_ptr[j] + entries of j in earlier chunks.
+    cursor = torch.cumsum(counts, 0).sub_(counts).add_(col_ptr[:-1])
+    if B > 0 and nnz > 0:
+        _latent_place_kernel[(chunks,)](indices, row_ptr, cursor, perm, rows, B, rows_per_chunk, F,
+                                        BLOCK_E=_launch.ENTRY_BLOCK, num_warps=4, num_stages=1)
+    return col_ptr, perm, rows
+
+
+def sparse_weight_grad(values, dense, col_ptr, perm, rows):
+    dense = dense.contiguous()
+    F, D = col_ptr.shape[0] - 1, dense.shape[1] * dense.shape[2]
+    grad = torch.empty(F, *dense.shape[1:], dtype=dense.dtype, device=dense.device)
+    sums = torch.empty(F, dtype=torch.float32, device=dense.device)
+    block_d = _launch.row_block(D)
+    _weight_grad_kernel[(F, triton.cdiv(D, block_d))](values.contiguous(), dense, col_ptr.contiguous(),
+                                                       perm.contiguous(), rows.contiguous(), grad, sums, D,
+                                                       BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=block_d, num_warps=4)
+    return grad, sums
