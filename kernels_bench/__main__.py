@@ -1,7 +1,8 @@
 """`python -m kernels_bench [BENCH] [options]`: run a benchmark (default: train_step_cpu)."""
 import sys
 
-BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu"}
+BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu",
+           "kernels_gpu": "kernels_bench.kernels_gpu"}
 
 
 def main(argv=None):
