@@ -25,6 +25,24 @@ class CrossCoderOutput:
     min_score: Optional[torch.Tensor] = None
 
 
+def _stack_models(parts):
+    """M tensors [B, d] -> [B, M, d]. A view when they are equally strided slices of one buffer at a constant
+    positive spacing (e.g. the columns of a [B, M, d] store, or per-model halves of one allocation) and need no
+    gradient; one copy (torch.stack) otherwise."""
+    first = parts[0]
+    if all(isinstance(p, torch.Tensor) for p in parts) and first.dim() == 2 and not any(
+            p.requires_grad for p in parts):
+        same = all(p.shape == first.shape and p.stride() == first.stride() and p.dtype == first.dtype
+                   and p.device == first.device and p.untyped_storage().data_ptr()
+                   == first.untyped_storage().data_ptr() for p in parts)
+        step = parts[1].storage_offset() - first.storage_offset() if len(parts) > 1 else 0
+        if same and step > 0 and all(p.storage_offset() == first.storage_offset() + m * step
+                                     for m, p in enumerate(parts)):
+            return first.as_strided((first.shape[0], len(parts), first.shape[1]),
+                                    (first.stride(0), step, first.stride(1)))
+    return torch.stack(parts, dim=1)
+
+
 class CrossCoder(nn.Module):
     """A crosscoder over M >= 2 models (SPEC.md: "Crosscoder", "BatchTopK crosscoder").
 
@@ -103,7 +121,7 @@ class CrossCoder(nn.Module):
         if isinstance(x, (tuple, list)):
             if len(x) != self.n_models:
                 raise ValueError(f"x must hold one [B, d] tensor per model (n_models = {self.n_models}), got {len(x)}")
-            x = torch.stack(tuple(x), dim=1)  # one copy; pass [B, M, d] to avoid it
+            x = _stack_models(tuple(x))
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a tensor [B, M, d] or a tuple of M tensors [B, d], got {type(x).__name__}")
         expected = (self.n_models, self.d_model)

@@ -142,6 +142,24 @@ def test_tuple_input_equals_stacked_input():
     assert torch.equal(a.to_dense(), b.to_dense())
 
 
+def test_tuple_of_slices_of_one_buffer_is_read_without_a_copy():
+    from crossdiff_ext.crosscoder import _stack_models
+
+    g = rng(4)
+    store = torch.randn(9, 2, 8, generator=g)
+    padded = torch.randn(9, 2, 11, generator=g)[:, :, 2:10]  # model stride 11, not d
+    for buf in (store, padded):
+        parts = (buf[:, 0], buf[:, 1])
+        view = _stack_models(parts)
+        assert view.data_ptr() == buf.data_ptr() and torch.equal(view, buf)
+    x = _stack_models((store[:, 1], store[:, 0]))  # models in reverse memory order: a copy, still right
+    assert x.data_ptr() != store.data_ptr() and torch.equal(x, store.flip(1))
+    separate = _stack_models((torch.randn(9, 8, generator=g), torch.randn(9, 8, generator=g)))
+    assert separate.shape == (9, 2, 8)
+    cc = cx.CrossCoder(8, 30, 2, k=3)
+    assert torch.equal(cc.encode((padded[:, 0], padded[:, 1])).to_dense(), cc.encode(padded.contiguous()).to_dense())
+
+
 class _LargestAllocation(TorchDispatchMode):
     def __init__(self):
         super().__init__()
