@@ -74,8 +74,10 @@ def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_
 @triton.jit
 def _latent_place_kernel(indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_ptr, n_rows, rows_per_chunk, F,
                          BLOCK_E: tl.constexpr):
-    """Rows one after another, so entries of a latent land in row order. A row holds each latent at most once
-    (CSR codes), so the entries of one row never share a cursor; the barrier orders rows."""
+    """Rows one after another, so entries of a latent land in row order. The cursor bump is an atomic that
+    returns the slot: a valid permutation even for codes that repeat a latent within a row, and no reliance on
+    which of Triton's replicated threads stores. The barrier orders rows (the returned slots were used, so the
+    atomics of a row completed before it)."""
     chunk = tl.program_id(0).to(tl.int64)
     r0 = chunk * rows_per_chunk
     r1 = tl.minimum(r0 + rows_per_chunk, n_rows)
@@ -86,11 +88,10 @@ def _latent_place_kernel(indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_pt
             e = s + tl.arange(0, BLOCK_E)
             live = e < e1
             j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
-            pos = tl.load(cursor_ptr + chunk * F + j, mask=live, other=0)
+            pos = tl.atomic_add(cursor_ptr + chunk * F + j, 1, mask=live)
             tl.store(perm_ptr + pos, e, mask=live)
             tl.store(rows_ptr + pos, r + tl.zeros_like(e), mask=live)
-            tl.store(cursor_ptr + chunk * F + j, pos + 1, mask=live)
-        tl.debug_barrier()  # the next row's cursor loads see this row's stores (one CTA, __syncthreads)
+        tl.debug_barrier()
 
 
 @triton.jit
