@@ -4,7 +4,8 @@ Environment flags:
   CROSSDIFF_CUDA=1   require the CUDA kernels (fail if torch lacks CUDA or nvcc is missing)
   CROSSDIFF_CUDA=0   skip them
   (unset)            build them when torch.version.cuda is set and nvcc is found; a GPU is never needed
-  TORCH_CUDA_ARCH_LIST  defaults to "9.0a" (Hopper) when unset; no GPU is visible on the build machines
+  TORCH_CUDA_ARCH_LIST  defaults to "8.0+PTX;9.0a" (generic Ampere + PTX, and Hopper) when unset; no GPU is
+                        visible on the build machines
   MAX_JOBS           parallel compile jobs (ninja)
 """
 import glob
@@ -83,7 +84,8 @@ def _extension():
     # cpp_extension reads CUDA_HOME at import; set it before building so it finds this nvcc.
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    # Hopper SASS (sm_90a: the target machines) plus a generic Ampere SASS + PTX that newer GPUs JIT-compile.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     # ATen/cuda headers include cublas/cusparse headers, which the minimal toolkit here lacks and the nvidia
     # pip wheels carry (ENVIRONMENT.md).
     include_dirs = [p for p in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))]

@@ -107,3 +107,33 @@ def test_crosscoder_step_bf16(name):
     for got, expected in zip(results[name][1], results["reference"][1]):
         # bf16 gradients from different fp32 summation orders: a few bf16 ulps of the gradient's scale
         torch.testing.assert_close(got, expected, rtol=3e-2, atol=3e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_batch_topk_beyond_32bit_flat_offsets(name):
+    # B * F = 4.8e9 > 2^32 flat positions. Scores are small integers (exact ties everywhere) with a planted set
+    # of 7s in the last rows, whose flat offsets all exceed 2^32: the top K must be every 7, then the first 3s
+    # in flat order (the tie rule), and nothing else. About 15 GB of GPU memory.
+    B, F, K = 65536, 73728, 1 << 20
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng(5))))
+    f = torch.randint(0, 4, (B, F), device="cuda", dtype=torch.uint8, generator=g).to(torch.bfloat16)
+    tail = f[-8:]
+    planted = torch.randperm(tail.numel(), device="cuda", generator=g)[:5000]
+    tail.view(-1)[planted] = 7.0
+    assert (B - 8) * F > 2**32
+    w = torch.ones(F, device="cuda")
+    with cx.backend(name):
+        values, indices, row_ptr, min_score = ops.batch_topk(f, w, K)
+    assert values.shape == (K,) and row_ptr[-1].item() == K and float(min_score) == 3.0
+    rows = torch.repeat_interleave(torch.arange(B, device="cuda"), row_ptr[1:] - row_ptr[:-1])
+    flat = rows * F + indices.long()
+    assert bool((flat[1:] > flat[:-1]).all()), "entries must be in CSR order"
+    sevens = values == 7
+    assert int(sevens.sum()) == 5000
+    expected_sevens = torch.sort(planted.long() + (B - 8) * F).values
+    assert torch.equal(flat[sevens], expected_sevens)
+    threes = flat[~sevens]
+    assert bool((values[~sevens] == 3).all())
+    last = int(threes[-1])  # every 3 up to the last selected one is selected (lower flat index first)
+    prefix = f.view(-1)[: last + 1]
+    assert int((prefix == 3).sum()) == threes.numel()

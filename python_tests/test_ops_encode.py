@@ -76,3 +76,18 @@ def test_paired_encode_gradients(name):
         grads[backend] = [t.grad for t in leaves]
     for got, expected in zip(grads[name], grads["reference"]):
         close(got, expected, torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("name", backend_params())
+def test_paired_encode_keeps_nan(name, poison):
+    # ReLU(NaN) is NaN (torch.relu): a NaN activation must reach the selection, which ranks NaN highest, not be
+    # silently zeroed (a hardware max(x, 0) returns 0 for NaN).
+    device = backend_device(name)
+    g = rng(12)
+    for dtype in dtypes_for(name):
+        x, W, b = inputs(6, 2, 9, 23, dtype, device, g)
+        x[2, 1, 4] = float("nan")
+        with cx.backend(name):
+            f = ops.paired_encode(x, W, b)
+        assert bool(f[2].isnan().all())
+        torch.testing.assert_close(f, ops.paired_encode_reference(x, W, b), rtol=0, atol=0, equal_nan=True)

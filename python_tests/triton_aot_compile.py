@@ -80,17 +80,17 @@ def sparse_variants(target):
         chunked = {"indices_ptr": f"*{idx}", "row_ptr_ptr": "*i64", "n_rows": "i32", "rows_per_chunk": "i32",
                    "F": "i32"}
         compile_one(f"sparse._latent_count_kernel[{idx}]", sparse._latent_count_kernel,
-                    {**chunked, "counts_ptr": "*i64"}, {"BLOCK_E": E}, target)
+                    {**chunked, "counts_ptr": "*i64"}, {"BLOCK_E": _launch.ORDER_BLOCK}, target)
         compile_one(f"sparse._latent_place_kernel[{idx}]", sparse._latent_place_kernel,
-                    {**chunked, "cursor_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64"}, {"BLOCK_E": E},
-                    target, num_stages=1)
+                    {**chunked, "cursor_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64"},
+                    {"BLOCK_E": _launch.ORDER_BLOCK}, target, num_stages=1)
 
 
 def encoder_variants(target, all_configs):
-    configs = encode._encode_kernel.configs
     for dt in FLOATS:
+        configs = encode.FP32_CONFIGS if dt == "fp32" else encode.HALF_CONFIGS
         for flat in (True, False):
-            for config in configs if (all_configs and dt == "bf16" and flat) else configs[:1]:
+            for config in configs if (all_configs and dt != "fp16" and flat) else configs[:1]:
                 sig = {"x_ptr": f"*{dt}", "W_ptr": f"*{dt}", "b_ptr": f"*{dt}", "f_ptr": f"*{dt}", "B": "i32",
                        "F": "i32", "K": "i32", "d": "i32", "stride_xb": "i32", "stride_xm": "i32"}
                 compile_one(f"encode._encode_kernel[{dt}, flat={flat}, {config.kwargs}]", encode._encode_kernel.fn,

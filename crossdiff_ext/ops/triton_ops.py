@@ -33,7 +33,12 @@ def _launcher(name, module):
             raise RuntimeError(f"{NAMESPACE}::{name} got CPU tensors: the Triton kernels run on CUDA tensors, or on "
                                "CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 before importing "
                                "triton)")
-        return getattr(importlib.import_module(f"crossdiff_ext.triton.{module}"), name)(*args)
+        fn = getattr(importlib.import_module(f"crossdiff_ext.triton.{module}"), name)
+        if args[0].device.type == "cuda":
+            # Triton launches on the current device's current stream: make that the tensors' device.
+            with torch.cuda.device(args[0].device):
+                return fn(*args)
+        return fn(*args)
 
     launch.__name__ = name
     return launch

@@ -35,6 +35,8 @@ def select_warps(block):
 # Entries per step of the sparse kernels' loops: a [ENTRY_BLOCK, column block] tile of gathered rows. The
 # interpreter pays per step, not per element: it takes larger steps.
 ENTRY_BLOCK = 64 if interpreted() else 16
+# Entries per step of the counting sort: a whole row of codes (k ~ 100) in one step, every lane busy.
+ORDER_BLOCK = 128
 
 
 def row_block(D):

@@ -14,17 +14,32 @@ import triton.language as tl
 from . import _launch
 
 
-def _configs():
-    if _launch.interpreted():  # the interpreter would benchmark every config: one small one
-        return [triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4, num_stages=1)]
-    # Hopper bf16 GEMM tiles (wgmma wants 4-warp groups); the autotuner picks per shape on first use.
-    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-              (128, 256, 32, 4, 8), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-    return [triton.Config(dict(BLOCK_B=bb, BLOCK_F=bf, BLOCK_K=bk, GROUP_B=8), num_warps=w, num_stages=s)
-            for bb, bf, bk, s, w in shapes]
+def _config(bb, bf, bk, stages, warps):
+    return triton.Config(dict(BLOCK_B=bb, BLOCK_F=bf, BLOCK_K=bk, GROUP_B=8), num_warps=warps, num_stages=stages)
 
 
-@triton.autotune(configs=_configs(), key=["B", "F", "K", "FLAT", "IEEE"])
+if _launch.interpreted():  # the interpreter would benchmark every config: one small one
+    HALF_CONFIGS = FP32_CONFIGS = [triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4,
+                                                 num_stages=1)]
+else:
+    # bf16/fp16: Hopper wgmma tiles (4-warp groups); shared memory of each fits H100's 227 KB.
+    HALF_CONFIGS = [_config(*c) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8),
+                                          (128, 128, 64, 4, 4), (128, 256, 32, 4, 8), (64, 256, 64, 4, 4),
+                                          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))]
+    # fp32 with IEEE products runs on FMA units: small tiles keep the accumulators in registers (the half tiles
+    # compile to 255 registers with spills in fp32, ptxas -v on sm_90a).
+    FP32_CONFIGS = [_config(*c) for c in ((64, 64, 32, 3, 4), (64, 128, 32, 3, 4), (128, 64, 32, 3, 4),
+                                          (32, 128, 32, 3, 4))]
+
+
+def _prune(configs, named_args, **kwargs):
+    wanted = FP32_CONFIGS if kwargs.get("IEEE") else HALF_CONFIGS
+    return [c for c in configs if any(c is w for w in wanted)]
+
+
+# B is part of the key: training runs one batch size, so each shape is tuned once (a new B tunes again).
+@triton.autotune(configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
+                 key=["B", "F", "K", "FLAT", "IEEE"], prune_configs_by=dict(early_config_prune=_prune))
 @triton.jit
 def _encode_kernel(x_ptr, W_ptr, b_ptr, f_ptr, B, F, K, d, stride_xb, stride_xm,
                    FLAT: tl.constexpr, IEEE: tl.constexpr,
@@ -59,7 +74,7 @@ def _encode_kernel(x_ptr, W_ptr, b_ptr, f_ptr, B, F, K, d, stride_xb, stride_xm,
         else:
             acc = tl.dot(a, w, acc)
     acc += tl.load(b_ptr + rf, mask=in_f, other=0.0).to(tl.float32)[None, :]
-    acc = tl.maximum(acc, 0.0)
+    acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty),
              mask=in_b[:, None] & in_f[None, :])
 

@@ -68,16 +68,17 @@ def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_
         e = s + tl.arange(0, BLOCK_E)
         live = e < e1
         j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
-        tl.atomic_add(counts_ptr + chunk * F + j, 1, mask=live)  # integer: the order does not matter
+        tl.atomic_add(counts_ptr + chunk * F + j, 1, mask=live, sem="relaxed")  # integer: order-free
 
 
 @triton.jit
 def _latent_place_kernel(indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_ptr, n_rows, rows_per_chunk, F,
                          BLOCK_E: tl.constexpr):
     """Rows one after another, so entries of a latent land in row order. The cursor bump is an atomic that
-    returns the slot: a valid permutation even for codes that repeat a latent within a row, and no reliance on
-    which of Triton's replicated threads stores. The barrier orders rows (the returned slots were used, so the
-    atomics of a row completed before it)."""
+    returns the slot: a valid permutation even for codes that repeat a latent within a row (CSR codes never do;
+    such repeats would be placed in an unspecified order), and no reliance on which of Triton's replicated
+    threads stores. The barrier orders rows (the returned slots were used, so the atomics of a row completed
+    before it)."""
     chunk = tl.program_id(0).to(tl.int64)
     r0 = chunk * rows_per_chunk
     r1 = tl.minimum(r0 + rows_per_chunk, n_rows)
@@ -162,14 +163,14 @@ def latent_order(indices, row_ptr, n_latents):
     counts = torch.zeros(chunks, F, dtype=torch.int64, device=device)
     if B > 0 and nnz > 0:
         _latent_count_kernel[(chunks,)](indices, row_ptr, counts, B, rows_per_chunk, F,
-                                        BLOCK_E=_launch.ENTRY_BLOCK, num_warps=4)
+                                        BLOCK_E=_launch.ORDER_BLOCK, num_warps=4)
     col_ptr = torch.zeros(F + 1, dtype=torch.int64, device=device)
     torch.cumsum(counts.sum(0), 0, out=col_ptr[1:])
     # Where each chunk's entries of latent j start: col_ptr[j] + entries of j in earlier chunks.
     cursor = torch.cumsum(counts, 0).sub_(counts).add_(col_ptr[:-1])
     if B > 0 and nnz > 0:
         _latent_place_kernel[(chunks,)](indices, row_ptr, cursor, perm, rows, B, rows_per_chunk, F,
-                                        BLOCK_E=_launch.ENTRY_BLOCK, num_warps=4, num_stages=1)
+                                        BLOCK_E=_launch.ORDER_BLOCK, num_warps=4, num_stages=1)
     return col_ptr, perm, rows
 
 

@@ -1,0 +1,29 @@
+// paired_encode on CUDA: one GEMM with K = M*d through cuBLASLt with its fused bias + ReLU epilogue, via ATen's
+// _addmm_activation (relu(b_enc + x [B, M*d] @ W_enc [F, M*d]^T), fp32 accumulation; no TF32 for fp32 inputs
+// unless torch.backends.cuda.matmul.allow_tf32 is set). x is read in place when its models are adjacent in
+// memory (x[b] one [M*d] row); a larger model stride costs one copy of x here (the Triton encoder reads it
+// in place). Reference: crossdiff_ext/ops/encode.py; CPU twin: cpu/encode.cpp.
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace crossdiff {
+namespace cuda {
+namespace {
+
+at::Tensor paired_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc) {
+  check_paired_encode(x, W_enc, b_enc);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), K = x.size(1) * x.size(2), F = W_enc.size(0);
+  const at::Tensor x2 = x.reshape({B, K});  // a view when models are adjacent
+  const at::Tensor W2 = W_enc.reshape({F, K});
+  return at::_addmm_activation(b_enc, x2, W2.t(), /*beta=*/1, /*alpha=*/1, /*use_gelu=*/false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crossdiff, CUDA, m) { m.impl("paired_encode", &paired_encode_cuda); }
+
+}  // namespace cuda
+}  // namespace crossdiff

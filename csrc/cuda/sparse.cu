@@ -1,0 +1,361 @@
+// Sparse decoder and its sparse backward on CUDA, for all M models at once (rows of W are D = M * d wide).
+// Reference: crossdiff_ext/ops/sparse.py; CPU twin: cpu/sparse.cpp.
+//
+// Every sum runs in fp32 in a fixed order (no float atomics), so results are deterministic:
+//   sparse_decode       one block per (row, column span): the row's entries are staged in shared memory, each
+//                       thread accumulates VEC columns over them in CSR order with 16-byte loads of W.
+//   sparse_values_grad  one warp per entry: strided 16-byte loads of grad_out[row] and W[latent], a fixed
+//                       shuffle tree; the row of an entry is a binary search in row_ptr.
+//   latent_order        stable counting sort: per-chunk latent counts (integer atomics), ATen scans for each
+//                       chunk's cursors, then one block per chunk places its rows in order (atomic cursor bumps
+//                       return the slots; a barrier between rows keeps rows ascending within each latent).
+//   sparse_weight_grad  one block per (latent, column span): value * dense[row] summed over the latent's
+//                       entries in row order; column span 0 also writes the value sums (bias gradient).
+// The kernels trust indices and row_ptr (range and order are checked by the CPU kernels and by the tests);
+// codes produced by batch_topk / threshold_select satisfy them by construction.
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace crossdiff {
+namespace cuda {
+namespace {
+
+constexpr int kStage = 128;  // entries staged in shared memory per step
+
+// Threads per block for rows of D elements read VEC at a time: one column span per block when it fits.
+inline int row_threads(int64_t D, int vec) {
+  const int64_t packs = ceil_div(D, vec);
+  return static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(packs, 32) * 32)));
+}
+
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void decode_kernel(const scalar_t* __restrict__ values, const index_t* __restrict__ indices,
+                              const int64_t* __restrict__ row_ptr, const scalar_t* __restrict__ W,
+                              const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t D) {
+  __shared__ float stage_v[kStage];
+  __shared__ int64_t stage_j[kStage];
+  const int64_t row = blockIdx.x;
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  const bool live = c < D;
+  const int64_t start = row_ptr[row], end = row_ptr[row + 1];
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.0f;
+  for (int64_t s = start; s < end; s += kStage) {
+    const int n = static_cast<int>(min64(kStage, end - s));
+    __syncthreads();  // the previous stage is consumed
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      stage_v[i] = to_float(values[s + i]);
+      stage_j[i] = static_cast<int64_t>(indices[s + i]);
+    }
+    __syncthreads();
+    if (live) {
+#pragma unroll 4
+      for (int i = 0; i < n; ++i) {
+        const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(W + stage_j[i] * D + c);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(stage_v[i], to_float(p.v[v]), acc[v]);
+      }
+    }
+  }
+  if (live) {
+    Pack<scalar_t, VEC> o;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) o.v[v] = from_float<scalar_t>(bias ? acc[v] + to_float(bias[c + v]) : acc[v]);
+    store_pack<scalar_t, VEC>(out + row * D + c, o);
+  }
+}
+
+// The row b with row_ptr[b] <= e < row_ptr[b + 1] (empty rows never qualify).
+__device__ __forceinline__ int64_t row_of(const int64_t* __restrict__ row_ptr, int64_t B, int64_t e) {
+  int64_t lo = 0, hi = B;  // row_ptr[lo] <= e < row_ptr[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (row_ptr[mid] <= e)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void values_grad_kernel(const scalar_t* __restrict__ grad_out, const index_t* __restrict__ indices,
+                                   const int64_t* __restrict__ row_ptr, int64_t B, const scalar_t* __restrict__ W,
+                                   scalar_t* __restrict__ out, int64_t nnz, int64_t D) {
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (e >= nnz) return;  // uniform per warp
+  const scalar_t* g = grad_out + row_of(row_ptr, B, e) * D;
+  const scalar_t* wr = W + static_cast<int64_t>(indices[e]) * D;
+  float acc = 0.0f;
+  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += 32 * VEC) {
+    const Pack<scalar_t, VEC> a = load_pack<scalar_t, VEC>(g + c), b = load_pack<scalar_t, VEC>(wr + c);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc = fmaf(to_float(a.v[v]), to_float(b.v[v]), acc);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
+  if (lane == 0) out[e] = from_float<scalar_t>(acc);
+}
+
+template <typename index_t>
+__global__ void latent_count_kernel(const index_t* __restrict__ indices, const int64_t* __restrict__ row_ptr,
+                                    unsigned long long* __restrict__ counts, int64_t B, int64_t rows_per_chunk,
+                                    int64_t F) {
+  const int64_t chunk = blockIdx.x, r0 = chunk * rows_per_chunk, r1 = min64(r0 + rows_per_chunk, B);
+  unsigned long long* mine = counts + chunk * F;
+  for (int64_t e = row_ptr[r0] + threadIdx.x; e < row_ptr[r1]; e += blockDim.x)
+    atomicAdd(mine + static_cast<int64_t>(indices[e]), 1ull);  // integer: the order does not matter
+}
+
+template <typename index_t>
+__global__ void latent_place_kernel(const index_t* __restrict__ indices, const int64_t* __restrict__ row_ptr,
+                                    unsigned long long* __restrict__ cursor, int64_t* __restrict__ perm,
+                                    int64_t* __restrict__ rows, int64_t B, int64_t rows_per_chunk, int64_t F) {
+  const int64_t chunk = blockIdx.x, r0 = chunk * rows_per_chunk, r1 = min64(r0 + rows_per_chunk, B);
+  unsigned long long* mine = cursor + chunk * F;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t e = row_ptr[r] + threadIdx.x; e < row_ptr[r + 1]; e += blockDim.x) {
+      const int64_t pos = static_cast<int64_t>(atomicAdd(mine + static_cast<int64_t>(indices[e]), 1ull));
+      perm[pos] = e;
+      rows[pos] = r;
+    }
+    __syncthreads();  // this row's slots are taken before the next row's
+  }
+}
+
+template <typename scalar_t, int VEC>
+__global__ void weight_grad_kernel(const scalar_t* __restrict__ values, const scalar_t* __restrict__ dense,
+                                   const int64_t* __restrict__ col_ptr, const int64_t* __restrict__ perm,
+                                   const int64_t* __restrict__ rows, scalar_t* __restrict__ grad,
+                                   float* __restrict__ sums, int64_t D) {
+  __shared__ float stage_v[kStage];
+  __shared__ int64_t stage_r[kStage];
+  const int64_t latent = blockIdx.x;
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  const bool live = c < D;
+  const bool sums_here = blockIdx.y == 0 && threadIdx.x == 0;
+  const int64_t start = col_ptr[latent], end = col_ptr[latent + 1];
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.0f;
+  float total = 0.0f;
+  for (int64_t s = start; s < end; s += kStage) {
+    const int n = static_cast<int>(min64(kStage, end - s));
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      stage_v[i] = to_float(values[perm[s + i]]);
+      stage_r[i] = rows[s + i];
+    }
+    __syncthreads();
+    if (live) {
+#pragma unroll 4
+      for (int i = 0; i < n; ++i) {
+        const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(dense + stage_r[i] * D + c);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(stage_v[i], to_float(p.v[v]), acc[v]);
+      }
+    }
+    if (sums_here)
+      for (int i = 0; i < n; ++i) total += stage_v[i];
+  }
+  if (live) {
+    Pack<scalar_t, VEC> o;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) o.v[v] = from_float<scalar_t>(acc[v]);
+    store_pack<scalar_t, VEC>(grad + latent * D + c, o);
+  }
+  if (sums_here) sums[latent] = total;
+}
+
+// Calls fn with an index pointer of the indices tensor's type.
+template <typename Fn>
+void with_index_ptr(const at::Tensor& indices, Fn&& fn) {
+  if (indices.scalar_type() == at::kInt)
+    fn(indices.data_ptr<int32_t>());
+  else
+    fn(indices.data_ptr<int64_t>());
+}
+
+at::Tensor sparse_decode_cuda(const at::Tensor& values_in, const at::Tensor& indices_in, const at::Tensor& row_ptr_in,
+                              const at::Tensor& W_in, const c10::optional<at::Tensor>& bias_in) {
+  check_sparse_decode(values_in, indices_in, row_ptr_in, W_in, bias_in);
+  const c10::cuda::CUDAGuard guard(W_in.device());
+  const at::Tensor W = W_in.contiguous(), values = values_in.contiguous(), indices = indices_in.contiguous(),
+                   row_ptr = row_ptr_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->contiguous();
+  const int64_t B = row_ptr.size(0) - 1, D = W.size(1) * W.size(2);
+  at::Tensor out = at::empty({B, W.size(1), W.size(2)}, W.options());
+  if (B == 0 || D == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "sparse_decode_cuda", [&] {
+    constexpr int V = vec16<scalar_t>();
+    const bool vec = rows_vectorizable(W.data_ptr(), D, V) && rows_vectorizable(out.data_ptr(), D, V) &&
+                     (!bias.defined() || reinterpret_cast<uintptr_t>(bias.data_ptr()) % 16 == 0);
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    with_index_ptr(indices, [&](auto* ip) {
+      using index_t = std::remove_pointer_t<decltype(ip)>;
+      auto launch = [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        const int threads = row_threads(D, VEC);
+        const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(ceil_div(ceil_div(D, VEC), threads)));
+        decode_kernel<scalar_t, index_t, VEC><<<grid, threads, 0, stream>>>(
+            values.data_ptr<scalar_t>(), ip, row_ptr.data_ptr<int64_t>(), W.data_ptr<scalar_t>(), bp,
+            out.data_ptr<scalar_t>(), D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec)
+        launch(std::integral_constant<int, V>{});
+      else
+        launch(std::integral_constant<int, 1>{});
+    });
+  });
+  return out;
+}
+
+at::Tensor sparse_values_grad_cuda(const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& row_ptr_in,
+                                   const at::Tensor& W_in) {
+  check_rank(indices_in, 1, "indices", "[nnz]");
+  check_index(indices_in, "indices");
+  check_rank(row_ptr_in, 1, "row_ptr", "[B+1]");
+  TORCH_CHECK(row_ptr_in.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr_in.scalar_type());
+  check_rank(W_in, 3, "W", "[F, M, d]");
+  check_floating(W_in, "W");
+  check_rows_dense(grad_in, "grad_out", row_ptr_in, W_in);
+  check_same_device(indices_in, "indices", W_in, "W");
+  check_same_device(row_ptr_in, "row_ptr", W_in, "W");
+  const c10::cuda::CUDAGuard guard(W_in.device());
+  const at::Tensor W = W_in.contiguous(), grad = grad_in.contiguous(), indices = indices_in.contiguous(),
+                   row_ptr = row_ptr_in.contiguous();
+  const int64_t B = row_ptr.size(0) - 1, nnz = indices.size(0), D = W.size(1) * W.size(2);
+  at::Tensor out = at::empty({nnz}, W.options());
+  if (nnz == 0) return out;
+  if (D == 0) return out.zero_();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kWarpsPerBlock = 8;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "sparse_values_grad_cuda", [&] {
+    constexpr int V = vec16<scalar_t>();
+    const bool vec = rows_vectorizable(W.data_ptr(), D, V) && rows_vectorizable(grad.data_ptr(), D, V);
+    with_index_ptr(indices, [&](auto* ip) {
+      using index_t = std::remove_pointer_t<decltype(ip)>;
+      auto launch = [&](auto vec_tag) {
+        constexpr int VEC = decltype(vec_tag)::value;
+        values_grad_kernel<scalar_t, index_t, VEC><<<ceil_div(nnz, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+            grad.data_ptr<scalar_t>(), ip, row_ptr.data_ptr<int64_t>(), B, W.data_ptr<scalar_t>(),
+            out.data_ptr<scalar_t>(), nnz, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec)
+        launch(std::integral_constant<int, V>{});
+      else
+        launch(std::integral_constant<int, 1>{});
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_order_cuda(const at::Tensor& indices_in, const at::Tensor& row_ptr_in,
+                                                                 int64_t n_latents) {
+  check_rank(indices_in, 1, "indices", "[nnz]");
+  check_index(indices_in, "indices");
+  check_rank(row_ptr_in, 1, "row_ptr", "[B+1]");
+  TORCH_CHECK(row_ptr_in.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr_in.scalar_type());
+  TORCH_CHECK(row_ptr_in.size(0) >= 1, "row_ptr must have B+1 >= 1 entries");
+  check_same_device(indices_in, "indices", row_ptr_in, "row_ptr");
+  TORCH_CHECK(n_latents >= 1, "n_latents must be >= 1, got ", n_latents);
+  const c10::cuda::CUDAGuard guard(indices_in.device());
+  const at::Tensor indices = indices_in.contiguous(), row_ptr = row_ptr_in.contiguous();
+  const int64_t B = row_ptr.size(0) - 1, nnz = indices.size(0), F = n_latents;
+  const auto i64 = indices.options().dtype(at::kLong);
+  at::Tensor perm = at::empty({nnz}, i64), rows = at::empty({nnz}, i64);
+  // Row chunks: the cursor table is [chunks, F] int64, kept under 2^24 entries.
+  const int64_t chunks_wanted = std::max<int64_t>(1, std::min<int64_t>({B, 64, (int64_t{1} << 24) / F}));
+  const int64_t rows_per_chunk = ceil_div(std::max<int64_t>(B, 1), chunks_wanted);
+  const int64_t chunks = ceil_div(std::max<int64_t>(B, 1), rows_per_chunk);
+  at::Tensor counts = at::zeros({chunks, F}, i64);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  auto* cp = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  if (B > 0 && nnz > 0) {
+    with_index_ptr(indices, [&](auto* ip) {
+      latent_count_kernel<<<chunks, kThreads, 0, stream>>>(ip, row_ptr.data_ptr<int64_t>(), cp, B, rows_per_chunk, F);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  at::Tensor col_ptr = at::zeros({F + 1}, i64);
+  col_ptr.narrow(0, 1, F).copy_(counts.sum(0).cumsum(0));
+  // Where each chunk's entries of latent j start: col_ptr[j] + entries of j in earlier chunks.
+  at::Tensor cursor = counts.cumsum(0).sub_(counts).add_(col_ptr.narrow(0, 0, F));
+  if (B > 0 && nnz > 0) {
+    with_index_ptr(indices, [&](auto* ip) {
+      latent_place_kernel<<<chunks, kThreads, 0, stream>>>(
+          ip, row_ptr.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(cursor.data_ptr<int64_t>()),
+          perm.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), B, rows_per_chunk, F);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {col_ptr, perm, rows};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& values_in, const at::Tensor& dense_in,
+                                                           const at::Tensor& col_ptr_in, const at::Tensor& perm_in,
+                                                           const at::Tensor& rows_in) {
+  check_rank(values_in, 1, "values", "[nnz]");
+  check_floating(values_in, "values");
+  check_rank(dense_in, 3, "dense", "[B, M, d]");
+  check_same_dtype(values_in, "values", dense_in, "dense");
+  check_same_device(values_in, "values", dense_in, "dense");
+  auto check_order = [&](const at::Tensor& t, const char* name, const char* shape) {
+    check_rank(t, 1, name, shape);
+    TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+    check_same_device(values_in, "values", t, name);
+  };
+  check_order(col_ptr_in, "col_ptr", "[F+1]");
+  check_order(perm_in, "perm", "[nnz]");
+  check_order(rows_in, "rows", "[nnz]");
+  TORCH_CHECK(perm_in.size(0) == values_in.size(0) && rows_in.size(0) == values_in.size(0),
+              "perm and rows must have nnz = ", values_in.size(0), " entries, got ", perm_in.size(0), " and ",
+              rows_in.size(0));
+  TORCH_CHECK(col_ptr_in.size(0) >= 2, "col_ptr must have F+1 >= 2 entries");
+  const c10::cuda::CUDAGuard guard(dense_in.device());
+  const at::Tensor values = values_in.contiguous(), dense = dense_in.contiguous(), col_ptr = col_ptr_in.contiguous(),
+                   perm = perm_in.contiguous(), rows = rows_in.contiguous();
+  const int64_t F = col_ptr.size(0) - 1, D = dense.size(1) * dense.size(2);
+  at::Tensor grad = at::empty({F, dense.size(1), dense.size(2)}, dense.options());
+  at::Tensor sums = at::empty({F}, dense.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "sparse_weight_grad_cuda", [&] {
+    constexpr int V = vec16<scalar_t>();
+    const bool vec = rows_vectorizable(dense.data_ptr(), D, V) && rows_vectorizable(grad.data_ptr(), D, V);
+    auto launch = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      const int threads = row_threads(std::max<int64_t>(D, 1), VEC);
+      const dim3 grid(static_cast<unsigned>(F), static_cast<unsigned>(std::max<int64_t>(1, ceil_div(ceil_div(D, VEC), threads))));
+      weight_grad_kernel<scalar_t, VEC><<<grid, threads, 0, stream>>>(
+          values.data_ptr<scalar_t>(), dense.data_ptr<scalar_t>(), col_ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>(),
+          rows.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), sums.data_ptr<float>(), D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec)
+      launch(std::integral_constant<int, V>{});
+    else
+      launch(std::integral_constant<int, 1>{});
+  });
+  return {grad, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crossdiff, CUDA, m) {
+  m.impl("sparse_decode", &sparse_decode_cuda);
+  m.impl("sparse_values_grad", &sparse_values_grad_cuda);
+  m.impl("latent_order", &latent_order_cuda);
+  m.impl("sparse_weight_grad", &sparse_weight_grad_cuda);
+}
+
+}  // namespace cuda
+}  // namespace crossdiff
