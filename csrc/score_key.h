@@ -15,7 +15,9 @@
 namespace crossdiff {
 
 CROSSDIFF_HD uint32_t score_key(float s) {
-  s += 0.0f;  // -0 + +0 = +0 under round-to-nearest: the two zeros share a key
+  // The two zeros share a key. A compare-select, not `s + 0.0f`: a compiler may contract a preceding multiply
+  // and that add into one FMA, which keeps the sign of an underflowed negative product (-0).
+  s = (s == 0.0f) ? 0.0f : s;
   uint32_t u;
   std::memcpy(&u, &s, sizeof(u));
   // Positive floats: set the sign bit; negative floats: flip every bit. Branch-free so scans vectorise.

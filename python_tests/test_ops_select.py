@@ -83,6 +83,14 @@ def test_batch_topk_negative_zero_ties_with_zero(name, poison):
     assert_same_selection(got, ops.batch_topk_reference(f.cpu(), w.cpu(), 4))
     # 1.0 and 2.0, then the two zeros with the lowest flat indices (0 and 1, one of them -0.0)
     assert got[1].tolist() == [0, 1, 2, 1] and got[2].tolist() == [0, 3, 4]
+    # A negative product that underflows to -0 (-1e-30 * 1e-20) ties with +0 too: a kernel that computed the
+    # score as fma(f, w, +0) would keep its sign and rank it below every zero.
+    f = torch.tensor([[0.0, 1.0, 0.0], [-1e-30, 0.0, 3.0]], device=device)
+    w = torch.tensor([1e-20, 1.0, 1.0], device=device)
+    for K in (4, 5):
+        got = run(name, ops.batch_topk, f, w, K)
+        assert_same_selection(got, ops.batch_topk_reference(f.cpu(), w.cpu(), K))
+    assert got[1].tolist() == [0, 1, 2, 0, 2]  # 3 and 1, then the zeros at flat 0, 2 and the -0 at flat 3
 
 
 @pytest.mark.parametrize("name", backend_params())

@@ -38,7 +38,10 @@ def _score_keys(f_ptr, w_ptr, row, col0, F, BLOCK: tl.constexpr):
     inside = cols < F
     f = tl.load(f_ptr + row * F + cols, mask=inside, other=0.0)
     w = tl.load(w_ptr + cols, mask=inside, other=0.0)
-    s = f.to(tl.float32) * w + 0.0  # + 0.0 turns -0 into +0 (round to nearest)
+    s = f.to(tl.float32) * w
+    # The two zeros share a key. A select, not `s + 0.0`: the compiler may contract the multiply and that add
+    # into one FMA, which keeps the sign of an underflowed negative product (-0).
+    s = tl.where(s == 0.0, 0.0, s)
     u = s.to(tl.uint32, bitcast=True)
     flip = (u.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True) | 0x80000000
     key = tl.where(s != s, 0xFFFFFFFF, u ^ flip)

@@ -7,6 +7,11 @@
 
 #include <cstdint>
 
+// float32, float16, bfloat16: the dtypes the ops accept (no double instantiations).
+#define CROSSDIFF_DISPATCH_FLOATS(TYPE, NAME, ...)                                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace crossdiff {
 namespace cuda {
 

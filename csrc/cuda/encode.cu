@@ -1,8 +1,10 @@
-// paired_encode on CUDA: one GEMM with K = M*d through cuBLASLt with its fused bias + ReLU epilogue, via ATen's
-// _addmm_activation (relu(b_enc + x [B, M*d] @ W_enc [F, M*d]^T), fp32 accumulation; no TF32 for fp32 inputs
-// unless torch.backends.cuda.matmul.allow_tf32 is set). x is read in place when its models are adjacent in
-// memory (x[b] one [M*d] row); a larger model stride costs one copy of x here (the Triton encoder reads it
-// in place). Reference: crossdiff_ext/ops/encode.py; CPU twin: cpu/encode.cpp.
+// paired_encode on CUDA: one cuBLAS(Lt) GEMM with K = M*d and the bias in its epilogue (at::addmm), then an
+// in-place ReLU: fp32 accumulation; no TF32 for fp32 inputs unless torch.backends.cuda.matmul.allow_tf32 is set.
+// Not cuBLASLt's fused RELU_BIAS epilogue (at::_addmm_activation): it is documented as max(x, 0), which would
+// turn NaN into 0 where torch.relu keeps NaN, and ATen takes it only for some shapes. The ReLU pass costs one
+// read + write of f (cost owed: kernels_bench.kernels_gpu on a GPU). x is read in place when its models are
+// adjacent in memory (x[b] one [M*d] row); a larger model stride costs one copy of x here (the Triton encoder
+// reads it in place). Reference: crossdiff_ext/ops/encode.py; CPU twin: cpu/encode.cpp.
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -18,7 +20,9 @@ at::Tensor paired_encode_cuda(const at::Tensor& x, const at::Tensor& W_enc, cons
   const int64_t B = x.size(0), K = x.size(1) * x.size(2), F = W_enc.size(0);
   const at::Tensor x2 = x.reshape({B, K});  // a view when models are adjacent
   const at::Tensor W2 = W_enc.reshape({F, K});
-  return at::_addmm_activation(b_enc, x2, W2.t(), /*beta=*/1, /*alpha=*/1, /*use_gelu=*/false);
+  at::Tensor f = at::addmm(b_enc, x2, W2.t());
+  f.relu_();
+  return f;
 }
 
 }  // namespace

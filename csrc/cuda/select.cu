@@ -70,7 +70,7 @@ __device__ __forceinline__ void load_tile(const scalar_t* __restrict__ f, const 
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     const float wv = ts.in[v] ? __ldg(w + ts.col + v) : 0.0f;
-    ts.s[v] = to_float(ts.f[v]) * wv;
+    ts.s[v] = __fmul_rn(to_float(ts.f[v]), wv);  // the rounded product, never contracted into an FMA
     ts.key[v] = score_key(ts.s[v]);
   }
 }
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_cuda(const
   const c10::cuda::CUDAGuard guard(f_in.device());
   const at::Tensor f = f_in.contiguous(), w = w_in.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "batch_topk_cuda", [&] {
+  CROSSDIFF_DISPATCH_FLOATS(f.scalar_type(), "batch_topk_cuda", [&] {
     const Tiling tl = make_tiling<scalar_t>(f);
     out = tl.vectorized ? topk_impl<scalar_t, vec16<scalar_t>()>(f, w, K, tl) : topk_impl<scalar_t, 1>(f, w, K, tl);
   });
@@ -337,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_cuda(const at::T
   }
   const at::Tensor unused_state = at::zeros({4}, f.options().dtype(at::kLong));
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "threshold_select_cuda", [&] {
+  CROSSDIFF_DISPATCH_FLOATS(f.scalar_type(), "threshold_select_cuda", [&] {
     const Tiling tl = make_tiling<scalar_t>(f);
     const float th = static_cast<float>(theta);
     out = tl.vectorized ? compact<scalar_t, vec16<scalar_t>(), false>(f, w, unused_state, th, 0, tl)

@@ -12,8 +12,11 @@
 //   sparse_weight_grad  one block per (latent, column span): value * dense[row] summed over the latent's
 //                       entries in row order; column span 0 also writes the value sums (bias gradient).
 // The kernels trust indices and row_ptr (range and order are checked by the CPU kernels and by the tests);
-// codes produced by batch_topk / threshold_select satisfy them by construction.
+// codes produced by batch_topk / threshold_select satisfy them by construction. A latent repeated within one
+// row (not CSR codes) still gets a valid permutation, with the repeats in an unspecified order.
 #include <torch/library.h>
+
+#include <limits>
 
 #include "../checks.h"
 #include "common.cuh"
@@ -192,7 +195,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values_in, const at::Tensor& ind
   at::Tensor out = at::empty({B, W.size(1), W.size(2)}, W.options());
   if (B == 0 || D == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "sparse_decode_cuda", [&] {
+  CROSSDIFF_DISPATCH_FLOATS(W.scalar_type(), "sparse_decode_cuda", [&] {
     constexpr int V = vec16<scalar_t>();
     const bool vec = rows_vectorizable(W.data_ptr(), D, V) && rows_vectorizable(out.data_ptr(), D, V) &&
                      (!bias.defined() || reinterpret_cast<uintptr_t>(bias.data_ptr()) % 16 == 0);
@@ -237,7 +240,9 @@ at::Tensor sparse_values_grad_cuda(const at::Tensor& grad_in, const at::Tensor& 
   if (D == 0) return out.zero_();
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int kWarpsPerBlock = 8;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "sparse_values_grad_cuda", [&] {
+  TORCH_CHECK(ceil_div(nnz, kWarpsPerBlock) <= std::numeric_limits<int32_t>::max(), "sparse_values_grad: nnz = ", nnz,
+              " exceeds the grid limit");
+  CROSSDIFF_DISPATCH_FLOATS(W.scalar_type(), "sparse_values_grad_cuda", [&] {
     constexpr int V = vec16<scalar_t>();
     const bool vec = rows_vectorizable(W.data_ptr(), D, V) && rows_vectorizable(grad.data_ptr(), D, V);
     with_index_ptr(indices, [&](auto* ip) {
@@ -328,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& val
   at::Tensor grad = at::empty({F, dense.size(1), dense.size(2)}, dense.options());
   at::Tensor sums = at::empty({F}, dense.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "sparse_weight_grad_cuda", [&] {
+  CROSSDIFF_DISPATCH_FLOATS(dense.scalar_type(), "sparse_weight_grad_cuda", [&] {
     constexpr int V = vec16<scalar_t>();
     const bool vec = rows_vectorizable(dense.data_ptr(), D, V) && rows_vectorizable(grad.data_ptr(), D, V);
     auto launch = [&](auto vec_tag) {
