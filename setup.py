@@ -68,7 +68,8 @@ def _want_cuda():
 def _extension():
     sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     define = [("CROSSDIFF_SOURCE_HASH", f'"{_load_source_hash()}"')]
-    cxx_flags = ["-O3", "-std=c++17", "-fdiagnostics-color=always"]
+    # -ffp-contract=off: no multiply-add contraction, so every score is the rounded product f * w (score_key.h).
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fdiagnostics-color=always"]
     link_flags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is a header template: without -fopenmp its `omp parallel` is ignored and every CPU
