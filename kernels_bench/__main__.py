@@ -1,19 +1,21 @@
-"""`python -m kernels_bench [BENCH] [options]`: run a benchmark (default: train_step_cpu)."""
+"""`python -m kernels_bench --suite paper|cpu|quick` runs the benchmark suite (kernels_bench/suite.py);
+`python -m kernels_bench BENCH [options]` runs one of the single benchmarks (default: train_step_cpu)."""
+import importlib
 import sys
 
-BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu",
-           "kernels_gpu": "kernels_bench.kernels_gpu"}
+BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu"}
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--suite" or a.startswith("--suite=") for a in argv):
+        importlib.import_module("kernels_bench.suite").main(argv)
+        return
     name = "train_step_cpu"
     if argv and not argv[0].startswith("-"):
         name = argv.pop(0)
     if name not in BENCHES:
-        sys.exit(f"unknown benchmark {name!r}; choose one of {sorted(BENCHES)}")
-    import importlib
-
+        sys.exit(f"unknown benchmark {name!r}; choose one of {sorted(BENCHES)} or --suite paper|cpu|quick")
     importlib.import_module(BENCHES[name]).main(argv)
 
 
