@@ -8,10 +8,14 @@ from . import ops
 from .codes import SparseCodes
 from .crosscoder import CrossCoder, CrossCoderOutput
 from .checkpoints import load_dictionary_learning, to_dictionary_learning
+from .analysis import decoder_cosine, delta_norm
+from .synthetic import planted_dictionary
+from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "available_backends", "backend", "get_backend", "set_backend", "ops", "SparseCodes", "CrossCoder",
-    "CrossCoderOutput", "load_dictionary_learning", "to_dictionary_learning",
+    "CrossCoderOutput", "load_dictionary_learning", "to_dictionary_learning", "decoder_cosine", "delta_norm",
+    "planted_dictionary", "TrainConfig", "TrainResult", "train",
 ]

@@ -1,0 +1,45 @@
+"""Reading a crosscoder from its decoder (SPEC.md, "Reading a crosscoder"): relative norm difference, cosine of
+a latent's decoder rows, and the paper's bands. Latent Scaling lives in its own module."""
+import torch
+
+# Delta_norm bands of the paper: base-only < 0.1, chat-only > 0.9, shared within 0.1 of 0.5, other in between.
+BANDS = ("base_only", "shared", "chat_only", "other")
+
+
+def _decoder(cc_or_W):
+    W = cc_or_W.W_dec if hasattr(cc_or_W, "W_dec") else cc_or_W
+    if W.dim() != 3 or W.shape[1] < 2:
+        raise ValueError(f"W_dec must be [F, M, d] with M >= 2, got {tuple(W.shape)}")
+    return W.detach().float()
+
+
+def delta_norm(cc_or_W, base=0, chat=1):
+    """[F]: 0.5 * ((||W_dec[j, chat]|| - ||W_dec[j, base]||) / max(both) + 1); 0 = base-only, 1 = chat-only.
+    A latent with both rows zero gets 0.5 (it favours neither)."""
+    W = _decoder(cc_or_W)
+    nb = torch.linalg.vector_norm(W[:, base], dim=-1)
+    nc = torch.linalg.vector_norm(W[:, chat], dim=-1)
+    top = torch.maximum(nb, nc)
+    diff = torch.where(top > 0, (nc - nb) / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
+    return 0.5 * (diff + 1.0)
+
+
+def decoder_cosine(cc_or_W, base=0, chat=1):
+    """[F]: cosine similarity of each latent's base and chat decoder rows (0 where a row is zero)."""
+    W = _decoder(cc_or_W)
+    return torch.nn.functional.cosine_similarity(W[:, base], W[:, chat], dim=-1, eps=1e-12)
+
+
+def delta_norm_band(dn):
+    """Band name index per latent: 0 base_only, 1 shared, 2 chat_only, 3 other (see BANDS)."""
+    band = torch.full(dn.shape, 3, dtype=torch.int64, device=dn.device)
+    band[(dn - 0.5).abs() <= 0.1] = 1
+    band[dn < 0.1] = 0
+    band[dn > 0.9] = 2
+    return band
+
+
+def band_counts(cc_or_W, base=0, chat=1):
+    """{band: number of latents} by Delta_norm."""
+    counts = torch.bincount(delta_norm_band(delta_norm(cc_or_W, base, chat)), minlength=len(BANDS))
+    return {name: int(c) for name, c in zip(BANDS, counts.tolist())}

@@ -1,0 +1,105 @@
+"""Batches for training, with a position that a checkpoint can save and restore exactly.
+
+TensorBatches: shuffled batches of an in-memory tensor [N, M, d], a fresh permutation per epoch drawn from
+(seed, epoch) alone, so the batch at any step is a pure function of the seed and the position.
+IterableBatches: batches from any iterable (a generator, a DataLoader); resuming re-iterates and skips the
+batches already consumed (exact when the iterable is deterministic).
+"""
+import torch
+
+
+class TensorBatches:
+    def __init__(self, data, batch_size, *, seed=0, shuffle=True, device=None, pin_memory=False):
+        if not isinstance(data, torch.Tensor) or data.dim() != 3:
+            raise ValueError(f"data must be a tensor [N, M, d], got {type(data).__name__}"
+                             + (f" of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else ""))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if data.shape[0] < batch_size:
+            raise ValueError(f"data has {data.shape[0]} rows, fewer than one batch of batch_size = {batch_size}")
+        self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+        self.device = torch.device(device) if device is not None else data.device
+        self.pin_memory = pin_memory and data.device.type == "cpu" and self.device.type == "cuda"
+        self.batches_per_epoch = data.shape[0] // batch_size  # the last partial batch of an epoch is dropped
+        self.epoch, self.offset = 0, 0
+        self._order = None
+
+    def _permutation(self):
+        if self._order is None or self._order[0] != self.epoch:
+            n = self.data.shape[0]
+            if self.shuffle:
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+                perm = torch.randperm(n, generator=g)
+            else:
+                perm = torch.arange(n)
+            self._order = (self.epoch, perm)
+        return self._order[1]
+
+    def next(self):
+        if self.offset >= self.batches_per_epoch:
+            self.epoch, self.offset = self.epoch + 1, 0
+        rows = self._permutation()[self.offset * self.batch_size:(self.offset + 1) * self.batch_size]
+        self.offset += 1
+        batch = self.data[rows.to(self.data.device)]
+        if self.pin_memory:
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=self.pin_memory)
+
+    def state_dict(self):
+        return dict(kind="tensor", epoch=self.epoch, offset=self.offset, seed=self.seed,
+                    n_rows=int(self.data.shape[0]), batch_size=self.batch_size)
+
+    def load_state_dict(self, state):
+        if state.get("kind") != "tensor":
+            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a tensor")
+        for key in ("seed", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: the checkpoint's data {key} is {state[key]}, now {getattr(self, key)}")
+        if state["n_rows"] != self.data.shape[0]:
+            raise ValueError(f"cannot resume: the checkpoint was trained on {state['n_rows']} rows, the data now has "
+                             f"{self.data.shape[0]}")
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+class IterableBatches:
+    def __init__(self, iterable, *, device=None):
+        self.iterable, self.device = iterable, device
+        self.consumed = 0
+        self._it = None
+
+    def next(self):
+        if self._it is None:
+            self._it = iter(self.iterable)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise RuntimeError(f"the data iterable ended after {self.consumed} batches; train for fewer steps or "
+                               "pass an endless iterable") from None
+        self.consumed += 1
+        if not isinstance(batch, torch.Tensor):
+            raise ValueError(f"batches must be tensors [B, M, d], got {type(batch).__name__}")
+        return batch.to(self.device) if self.device is not None else batch
+
+    def state_dict(self):
+        return dict(kind="iterable", consumed=self.consumed)
+
+    def load_state_dict(self, state):
+        if state.get("kind") != "iterable":
+            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not an iterable")
+        self._it = iter(self.iterable)
+        self.consumed = 0
+        for _ in range(state["consumed"]):  # replay: exact when the iterable is deterministic
+            self.next()
+
+
+def as_batches(data, batch_size, *, seed=0, device=None):
+    """A batch source for `data`: a tensor [N, M, d], an object with next()/state_dict() (passed through), or an
+    iterable of [B, M, d] batches."""
+    if isinstance(data, torch.Tensor):
+        return TensorBatches(data, batch_size, seed=seed, device=device, pin_memory=True)
+    if hasattr(data, "next") and hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
+        return data
+    if hasattr(data, "__iter__"):
+        return IterableBatches(data, device=device)
+    raise ValueError(f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got "
+                     f"{type(data).__name__}")

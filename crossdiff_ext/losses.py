@@ -1,0 +1,85 @@
+"""Training losses of SPEC.md: reconstruction (unsquared L2 by default), the L1 crosscoder's sparsity penalty
+weighted by decoder norms, the auxiliary loss for dead latents, and the dead-latent counters.
+
+Reference-quality PyTorch: the auxiliary loss touches only the dead latents (a GEMM over their encoder rows), so
+it costs little while few latents are dead, and its gradient reaches exactly those latents' encoder and decoder.
+"""
+import torch
+
+RECONSTRUCTIONS = ("l2", "squared")
+
+
+def reconstruction_loss(x, recon, kind="l2"):
+    """Mean over rows and models of ||x[b, m] - recon[b, m]||_2 ("l2", the reference default) or of its square
+    ("squared")."""
+    if kind not in RECONSTRUCTIONS:
+        raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
+    err = (x - recon).float()
+    if kind == "l2":
+        return torch.linalg.vector_norm(err, dim=-1).mean()
+    return err.pow(2).sum(-1).mean()
+
+
+def l1_penalty(codes, w):
+    """mean_b sum_j f[b, j] * w_j over the kept (sparse) codes: the L1 crosscoder's sparsity term."""
+    return (codes.values.float() * w[codes.indices.long()]).sum() / codes.n_rows
+
+
+def fired_latents(codes):
+    """[F] bool: latents that carried a non-zero value in this batch."""
+    fired = torch.zeros(codes.n_latents, dtype=torch.bool, device=codes.values.device)
+    fired[codes.indices.long()[codes.values != 0]] = True
+    return fired
+
+
+def update_dead_counters(tokens_since_fired, codes):
+    """In place: += B for every latent, reset to 0 where the latent fired (SPEC: dead after >= dead_tokens)."""
+    tokens_since_fired.add_(codes.n_rows)
+    tokens_since_fired.masked_fill_(fired_latents(codes), 0)
+    return tokens_since_fired
+
+
+def aux_loss(cc, x, recon, dead, k_aux=None):
+    """SPEC's auxiliary loss for dead latents.
+
+    Per row, the k_aux = min(d/2, n_dead) dead latents with the largest scores s = f * w are decoded from their
+    unscaled f, without the decoder bias: xhat_aux. With e = x - recon detached,
+        L_aux = mean_b ||e - xhat_aux||^2 / mean_b ||e - mean_b e||^2   (norms over all models' coordinates),
+    0 where undefined (no dead latent, or zero variance). The gradient flows into the dead latents' encoder rows,
+    encoder biases and decoder rows only (through xhat_aux; e is a detached target).
+    """
+    dead_ids = torch.nonzero(dead).squeeze(1)
+    n_dead = dead_ids.numel()
+    zero = x.new_zeros((), dtype=torch.float32)
+    if n_dead == 0:
+        return zero
+    k_aux = min(cc.d_model // 2 if k_aux is None else k_aux, n_dead)
+    if k_aux < 1:
+        return zero
+    B = x.shape[0]
+    W_enc = cc.W_enc[dead_ids].reshape(n_dead, -1)
+    pre = x.reshape(B, -1) @ W_enc.T + cc.b_enc[dead_ids]
+    f = torch.relu(pre).float()
+    w = cc.decoder_norm_weights()[dead_ids]
+    top = torch.topk(f.detach() * w, k_aux, dim=1, sorted=False).indices  # selection is not differentiated
+    kept = torch.zeros_like(f).scatter(1, top, f.gather(1, top))
+    xhat_aux = kept @ cc.W_dec[dead_ids].reshape(n_dead, -1).float()
+    e = (x - recon).detach().reshape(B, -1).float()
+    variance = (e - e.mean(0)).pow(2).sum(-1).mean()
+    if not bool(variance > 0):
+        return zero
+    return (e - xhat_aux).pow(2).sum(-1).mean() / variance
+
+
+def geometric_median(points, iters=100, eps=1e-8):
+    """Weiszfeld's algorithm over the rows of points [N, D] (fp32): the point minimising the summed distances."""
+    points = points.float()
+    y = points.mean(0)
+    for _ in range(iters):
+        dist = torch.linalg.vector_norm(points - y, dim=1).clamp_min(eps)
+        inv = 1.0 / dist
+        y_next = (points * inv[:, None]).sum(0) / inv.sum()
+        if torch.linalg.vector_norm(y_next - y) <= eps * max(1.0, float(torch.linalg.vector_norm(y))):
+            return y_next
+        y = y_next
+    return y

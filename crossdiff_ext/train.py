@@ -1,0 +1,286 @@
+"""`cx.train(crosscoder, data, cx.TrainConfig(...))`: SPEC.md's training recipe with checkpoints that resume
+exactly.
+
+Per step: forward in training mode (BatchTopK selection; the crosscoder tracks its inference threshold), the
+reconstruction loss (unsquared L2 by default), plus alpha_aux * the auxiliary loss of the dead latents
+(BatchTopK) or mu * the decoder-norm-weighted L1 penalty (ReLU), backward, gradient clipping, Adam with linear
+warm-up and optional linear decay, dead-latent counters. A non-finite loss stops training with an error before
+the optimizer touches the weights, and the last checkpoint stays as it was.
+
+Checkpoints (every `checkpoint_every` steps and at the end, when `checkpoint_dir` is set) are directories
+step-NNNNNNNN/ holding the model (model.safetensors + config.json, loadable with CrossCoder.from_pretrained) and
+trainer.pt (optimizer, schedule, step, dead counters, data position, RNG states, config), written to a temporary
+directory and renamed into place, so a checkpoint directory either exists whole or not at all. `resume=True`
+continues from the newest one: N steps straight and N/2 + resume + N/2 give identical weights.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import analysis, losses
+from .crosscoder import CrossCoder
+from .data import as_batches
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 2048
+    lr: Optional[float] = None  # None: SPEC's default 2e-4 / sqrt(F / 2^14)
+    seed: int = 0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 1000  # linear warm-up from lr / warmup_steps
+    decay_start: Optional[float] = None  # fraction of `steps` after which lr decays linearly to 0 (None: never)
+    grad_clip: Optional[float] = 1.0  # max global gradient norm (None: no clipping)
+    reconstruction: str = "l2"  # "l2": mean ||x - xhat||_2 (SPEC default); "squared": mean ||x - xhat||^2
+    aux_alpha: float = 1.0 / 32  # BatchTopK auxiliary loss weight
+    dead_tokens: int = 10_000_000  # a latent not selected for this many tokens is dead
+    k_aux: Optional[int] = None  # None: d_model // 2 (SPEC)
+    l1_coefficient: float = 0.041  # mu of the L1 crosscoder (activation "relu")
+    init_b_dec: str = "auto"  # "auto": geometric median of the first batch for BatchTopK, zero for ReLU
+    log_every: int = 100
+    log_path: Optional[str] = None  # JSONL; default <checkpoint_dir>/log.jsonl when checkpoint_dir is set
+    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_dir: Optional[str] = None
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self):
+        for name in ("steps", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup_steps", "checkpoint_every", "dead_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0 or None, got {self.lr}")
+        if self.decay_start is not None and not 0.0 <= self.decay_start < 1.0:
+            raise ValueError(f"TrainConfig.decay_start must be in [0, 1) or None, got {self.decay_start}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.reconstruction not in losses.RECONSTRUCTIONS:
+            raise ValueError(f"TrainConfig.reconstruction must be one of {losses.RECONSTRUCTIONS}, got "
+                             f"{self.reconstruction!r}")
+        if self.init_b_dec not in ("auto", "geometric_median", "zero"):
+            raise ValueError(f"TrainConfig.init_b_dec must be 'auto', 'geometric_median' or 'zero', got "
+                             f"{self.init_b_dec!r}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    def learning_rate(self, dict_size):
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(dict_size / 2**14)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last: dict = field(default_factory=dict)  # the last logged record
+    checkpoint: Optional[str] = None  # the newest checkpoint directory
+
+
+def _schedule(config):
+    decay_from = None if config.decay_start is None else int(config.decay_start * config.steps)
+
+    def factor(step):  # step = number of optimizer steps taken so far
+        f = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        if decay_from is not None and step >= decay_from:
+            f *= max(0.0, (config.steps - step) / max(1, config.steps - decay_from))
+        return f
+
+    return factor
+
+
+def _rng_state():
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def latest_checkpoint(directory):
+    """The newest complete checkpoint directory under `directory`, or None."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
+    return os.path.join(directory, f"step-{steps[-1]:08d}") if steps else None
+
+
+def _save_checkpoint(directory, step, cc, trainer_state, keep):
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, f"step-{step:08d}")
+    tmp = tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=directory)
+    try:
+        cc.save_pretrained(tmp)
+        with open(os.path.join(tmp, "trainer.pt"), "wb") as fh:
+            torch.save(trainer_state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(final):  # a rerun of the same step: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
+    for old in steps[:-keep]:
+        shutil.rmtree(os.path.join(directory, f"step-{old:08d}"), ignore_errors=True)
+    return final
+
+
+def _init_b_dec(cc, x, config):
+    mode = config.init_b_dec
+    if mode == "auto":
+        mode = "geometric_median" if cc.activation == "batch_topk" else "zero"
+    with torch.no_grad():
+        if mode == "zero":
+            cc.b_dec.zero_()
+        else:
+            for m in range(cc.n_models):
+                cc.b_dec[m].copy_(losses.geometric_median(x[:, m]).to(cc.b_dec.dtype))
+
+
+def fraction_of_variance_explained(x, recon):
+    """(overall, [per model]) FVE = 1 - sum ||x - xhat||^2 / sum ||x - mean x||^2 over the batch."""
+    x, recon = x.float(), recon.float()
+    err = (x - recon).pow(2).sum(dim=(0, 2))
+    var = (x - x.mean(0)).pow(2).sum(dim=(0, 2))
+    per_model = (1 - err / var.clamp_min(1e-30)).tolist()
+    return float(1 - err.sum() / var.sum().clamp_min(1e-30)), per_model
+
+
+def train(crosscoder, data, config=None, *, resume=False, until=None):
+    """Train `crosscoder` in place on `data` (a tensor [N, M, d], an activation store or an iterable of batches)
+    for config.steps steps (the schedule's length). `until` stops this call after that step (a checkpoint is
+    written there when checkpoint_dir is set), e.g. to train in sessions; `resume=True` continues from the newest
+    checkpoint. Returns a TrainResult."""
+    config = config or TrainConfig()
+    config.validate()
+    if not isinstance(crosscoder, CrossCoder):
+        raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+    cc = crosscoder
+    device = cc.W_enc.device
+    source = as_batches(data, config.batch_size, seed=config.seed, device=device)
+    params = list(cc.parameters())
+    lr = config.learning_rate(cc.dict_size)
+    opt_kwargs = dict(lr=lr, betas=tuple(config.betas))
+    try:
+        opt = torch.optim.Adam(params, fused=True, **opt_kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.Adam(params, **opt_kwargs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
+    step = 0
+    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
+    if checkpoint:
+        restored = CrossCoder.from_pretrained(checkpoint, device=device, dtype=cc.W_enc.dtype)
+        cc.load_state_dict(restored.state_dict())
+        with open(os.path.join(checkpoint, "trainer.pt"), "rb") as fh:
+            state = torch.load(fh, map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        tokens_since_fired.copy_(state["tokens_since_fired"])
+        source.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        step = state["step"]
+    log_path = config.log_path or (os.path.join(config.checkpoint_dir, "log.jsonl") if config.checkpoint_dir else None)
+    if log_path:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    log = open(log_path, "a") if log_path else None
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
+    last = {}
+    stop = config.steps if until is None else min(int(until), config.steps)
+    try:
+        cc.train()
+        while step < stop:
+            x = source.next()
+            if step == 0:
+                _init_b_dec(cc, x, config)
+            out = cc(x)
+            recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction)
+            terms = dict(reconstruction=recon_loss)
+            if cc.activation == "batch_topk":
+                dead = tokens_since_fired >= config.dead_tokens
+                terms["aux"] = losses.aux_loss(cc, x, out.recon, dead, config.k_aux)
+                loss = recon_loss + config.aux_alpha * terms["aux"]
+            else:
+                terms["l1"] = losses.l1_penalty(out.codes, cc.decoder_norm_weights())
+                loss = recon_loss + config.l1_coefficient * terms["l1"]
+            values = {name: float(t.detach()) for name, t in terms.items()}
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1}: {values}; the weights were not updated"
+                    + (f"; the last good checkpoint is {latest_checkpoint(config.checkpoint_dir)}"
+                       if config.checkpoint_dir else ""))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                         if config.grad_clip is not None else None)
+            opt.step()
+            schedule.step()
+            losses.update_dead_counters(tokens_since_fired, out.codes)
+            step += 1
+            if step % config.log_every == 0 or step == config.steps:
+                fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
+                last = dict(step=step, loss=float(loss.detach()), **values, lr=opt.param_groups[0]["lr"],
+                            grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
+                            fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
+                            dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
+                            threshold=float(cc.threshold), delta_norm_bands=analysis.band_counts(cc))
+                if log:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                if bar:
+                    bar.set_postfix(loss=f"{last['loss']:.4g}", fve=f"{fve:.3f}", l0=f"{last['l0']:.1f}",
+                                    dead=f"{last['dead_fraction']:.2%}")
+            if bar:
+                bar.update(1)
+            if config.checkpoint_dir and (step == stop or
+                                          (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                checkpoint = _save_checkpoint(
+                    config.checkpoint_dir, step, cc,
+                    dict(step=step, optimizer=opt.state_dict(), schedule=schedule.state_dict(),
+                         tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=_rng_state(),
+                         config=dataclasses.asdict(config)),
+                    config.keep_checkpoints)
+    finally:
+        if bar:
+            bar.close()
+        if log:
+            log.close()
+    return TrainResult(steps=step, last=last, checkpoint=checkpoint)
