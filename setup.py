@@ -107,5 +107,6 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors"],
+    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
+    entry_points={"console_scripts": ["crossdiff = crossdiff_ext.cli:main"]},
 )

@@ -44,10 +44,16 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_aux_loss_turns_on_for_dead_latents(tmp_path):
+    # dead_tokens = one batch: a latent that did not fire in the last batch is dead for the next step.
     data = torch.randn(200, 2, 8, generator=rng(32))
     cc = tiny()
-    result = cx.train(cc, data, config(tmp_path, checkpoint_dir=None, log_every=1))
-    assert result.last["dead_fraction"] > 0 and result.last["aux"] > 0
+    cx.train(cc, data, config(tmp_path, checkpoint_dir=None, log_every=1, dead_tokens=16,
+                              log_path=str(tmp_path / "log.jsonl")))
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert any(r["dead_fraction"] > 0 for r in records)
+    assert any(r["aux"] > 0 for r in records)
+    # the aux loss of a step uses the dead set left by the previous step
+    assert all((now["aux"] > 0) == (before["dead_fraction"] > 0) for before, now in zip(records, records[1:]))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -82,7 +88,8 @@ def test_geometric_median_initialises_the_decoder_bias():
     cc = tiny()
     cx.train(cc, data, cx.TrainConfig(steps=1, batch_size=64, lr=1e-12, progress=False, grad_clip=None, warmup_steps=0))
     expected = torch.stack([losses.geometric_median(data[:, m]) for m in range(2)])
-    torch.testing.assert_close(cc.b_dec.detach(), expected, rtol=0, atol=1e-6)
+    # The trainer sees the rows shuffled: the same median up to the summation order of Weiszfeld's sums.
+    torch.testing.assert_close(cc.b_dec.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_topk_recovers_a_planted_dictionary():

@@ -1,0 +1,6 @@
+"""`python -m crossdiff_ext ...` is the `crossdiff` command (crossdiff_ext/cli.py)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
