@@ -97,6 +97,10 @@ def as_batches(data, batch_size, *, seed=0, device=None):
     iterable of [B, M, d] batches."""
     if isinstance(data, torch.Tensor):
         return TensorBatches(data, batch_size, seed=seed, device=device, pin_memory=True)
+    from .store import ActivationStore, StoreBatches
+
+    if isinstance(data, ActivationStore):
+        return StoreBatches(data, batch_size, seed=seed, device=device)
     if hasattr(data, "next") and hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
         return data
     if hasattr(data, "__iter__"):

@@ -228,7 +228,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
     try:
         cc.train()
         while step < stop:
-            x = source.next()
+            x = source.next().to(cc.W_enc.dtype)  # stores may hold a narrower dtype than the model
             if step == 0:
                 _init_b_dec(cc, x, config)
             out = cc(x)
@@ -279,6 +279,8 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                          config=dataclasses.asdict(config)),
                     config.keep_checkpoints)
     finally:
+        if hasattr(source, "close"):
+            source.close()  # stops a store's prefetch thread
         if bar:
             bar.close()
         if log:

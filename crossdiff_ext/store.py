@@ -1,0 +1,314 @@
+"""Paired activation store: sharded numpy memmaps [n, M, d] with JSON metadata, written resumably.
+
+Layout of a store directory:
+  store.json            metadata: n_models, d_model, dtype, shard list (file, rows, bytes), total rows, running
+                        per-model mean/variance (float64, merged per shard), free-form `info` (model names, layer...)
+  shard-00000.npy ...   raw row-major [rows, M, d] arrays (numpy memmaps; bf16 is stored as its uint16 bits)
+  tokens-00000.npy ...  optional int64 token ids per row
+store.json is rewritten atomically (temporary file + rename) after every completed shard, so a crash leaves a
+store that opens at its last completed shard; the writer resumes there and drops the partial shard. A shard whose
+file size disagrees with the metadata (truncated, or overwritten) raises a clear error when the store opens.
+"""
+import json
+import os
+import queue
+import tempfile
+import threading
+
+import numpy as np
+import torch
+
+FORMAT = "crossdiff-activation-store/1"
+DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+          "bfloat16": (np.uint16, torch.bfloat16)}
+
+
+def _write_json_atomic(path, obj):
+    fd, tmp = tempfile.mkstemp(prefix=".store.", suffix=".json.tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class StoreWriter:
+    """Append paired activations [n, M, d] (and optionally token ids [n]); shards of `shard_rows` rows."""
+
+    def __init__(self, path, n_models, d_model, dtype="float16", shard_rows=1 << 18, info=None, resume=False):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.path = os.fspath(path)
+        self.meta_path = os.path.join(self.path, "store.json")
+        if os.path.exists(self.meta_path):
+            if not resume:
+                raise FileExistsError(f"{self.path} already holds a store; pass resume=True to append to it")
+            meta = ActivationStore(self.path).meta
+            if (meta["n_models"], meta["d_model"], meta["dtype"]) != (n_models, d_model, dtype):
+                raise ValueError(f"cannot resume {self.path}: it stores M={meta['n_models']}, d={meta['d_model']}, "
+                                 f"{meta['dtype']}, not M={n_models}, d={d_model}, {dtype}")
+            self.meta = meta
+        else:
+            os.makedirs(self.path, exist_ok=True)
+            self.meta = dict(format=FORMAT, n_models=n_models, d_model=d_model, dtype=dtype, shard_rows=shard_rows,
+                             shards=[], rows=0, info=info or {},
+                             stats=dict(count=0, mean=[[0.0] * d_model for _ in range(n_models)],
+                                        m2=[[0.0] * d_model for _ in range(n_models)]))
+            _write_json_atomic(self.meta_path, self.meta)
+        self.np_dtype, self.torch_dtype = DTYPES[dtype]
+        self._rows, self._tokens = [], []
+        self._pending = 0
+        for name in os.listdir(self.path):  # a shard a crash left half-written never counted: drop it
+            if name.startswith(".shard-") and name.endswith(".tmp"):
+                os.unlink(os.path.join(self.path, name))
+
+    def append(self, x, token_ids=None):
+        M, d = self.meta["n_models"], self.meta["d_model"]
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
+            raise ValueError(f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds non-finite activations; refusing to store them")
+        if token_ids is not None and (token_ids.dim() != 1 or token_ids.shape[0] != x.shape[0]):
+            raise ValueError(f"token_ids must be [n] = [{x.shape[0]}], got {tuple(token_ids.shape)}")
+        x = x.detach().to("cpu", self.torch_dtype)
+        start = 0
+        while start < x.shape[0]:
+            take = min(x.shape[0] - start, self.meta["shard_rows"] - self._pending)
+            self._rows.append(x[start:start + take])
+            if token_ids is not None:
+                self._tokens.append(token_ids[start:start + take].to("cpu", torch.int64))
+            self._pending += take
+            start += take
+            if self._pending == self.meta["shard_rows"]:
+                self._flush_shard()
+
+    def _flush_shard(self):
+        if self._pending == 0:
+            return
+        rows = torch.cat(self._rows)
+        index = len(self.meta["shards"])
+        name = f"shard-{index:05d}.npy"
+        array = rows.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else rows.numpy()
+        tmp = os.path.join(self.path, f".{name}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(np.ascontiguousarray(array).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(self.path, name))
+        entry = dict(file=name, rows=int(rows.shape[0]), bytes=int(array.nbytes))
+        if self._tokens:
+            tokens = torch.cat(self._tokens).numpy()
+            tname = f"tokens-{index:05d}.npy"
+            np.save(os.path.join(self.path, tname), tokens)
+            entry["tokens"] = tname
+        self._merge_stats(rows.double())
+        self.meta["shards"].append(entry)
+        self.meta["rows"] += entry["rows"]
+        _write_json_atomic(self.meta_path, self.meta)  # the shard counts from here on
+        self._rows, self._tokens, self._pending = [], [], 0
+
+    def _merge_stats(self, rows):
+        """Chan's parallel merge of per-model, per-feature mean and M2 (float64)."""
+        s = self.meta["stats"]
+        n_a, n_b = s["count"], rows.shape[0]
+        mean_a, m2_a = torch.tensor(s["mean"], dtype=torch.float64), torch.tensor(s["m2"], dtype=torch.float64)
+        mean_b = rows.mean(0)
+        m2_b = (rows - mean_b).pow(2).sum(0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        s["mean"] = (mean_a + delta * (n_b / n)).tolist()
+        s["m2"] = (m2_a + m2_b + delta.pow(2) * (n_a * n_b / n)).tolist()
+        s["count"] = n
+
+    def close(self):
+        """Write the last (partial) shard and the final metadata."""
+        self._flush_shard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()  # on an error the partial shard is dropped: the store stays at its last whole shard
+
+
+class ActivationStore:
+    """Read-only view of a store directory: len(store) rows, store[rows] -> tensor [n, M, d]."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        meta_path = os.path.join(self.path, "store.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{self.path} is not an activation store (no store.json)")
+        with open(meta_path) as fh:
+            self.meta = json.load(fh)
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: unknown format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.n_models, self.d_model = self.meta["n_models"], self.meta["d_model"]
+        self.np_dtype, self.dtype = DTYPES[self.meta["dtype"]]
+        row_bytes = self.n_models * self.d_model * np.dtype(self.np_dtype).itemsize
+        self._arrays, self._starts = [], [0]
+        for entry in self.meta["shards"]:
+            file = os.path.join(self.path, entry["file"])
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{self.path}: shard {entry['file']} listed in store.json is missing")
+            size = os.path.getsize(file)
+            if size != entry["bytes"] or size != entry["rows"] * row_bytes:
+                raise ValueError(f"{self.path}: shard {entry['file']} has {size} bytes, store.json expects "
+                                 f"{entry['rows']} rows x {row_bytes} bytes = {entry['rows'] * row_bytes} "
+                                 "(truncated or overwritten)")
+            self._arrays.append(np.memmap(file, dtype=self.np_dtype, mode="r",
+                                          shape=(entry["rows"], self.n_models, self.d_model)))
+            self._starts.append(self._starts[-1] + entry["rows"])
+        if self._starts[-1] != self.meta["rows"]:
+            raise ValueError(f"{self.path}: shards hold {self._starts[-1]} rows, store.json says {self.meta['rows']}")
+
+    def __len__(self):
+        return self._starts[-1]
+
+    @property
+    def mean(self):
+        return torch.tensor(self.meta["stats"]["mean"], dtype=torch.float32)
+
+    @property
+    def variance(self):
+        n = max(self.meta["stats"]["count"], 1)
+        return torch.tensor(self.meta["stats"]["m2"], dtype=torch.float64).div(n).float()
+
+    def __getitem__(self, rows):
+        """rows: an int, a slice, or a 1-D integer tensor/array of row ids -> tensor [n, M, d] (store dtype)."""
+        if isinstance(rows, int):
+            return self[torch.tensor([rows])][0]
+        if isinstance(rows, slice):
+            rows = torch.arange(len(self))[rows]
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
+            raise IndexError(f"row ids must be in [0, {len(self)}), got [{int(rows.min())}, {int(rows.max())}]")
+        out = np.empty((rows.numel(), self.n_models, self.d_model), dtype=self.np_dtype)
+        shard = np.searchsorted(np.asarray(self._starts), rows.numpy(), side="right") - 1
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            out[where] = self._arrays[s][rows.numpy()[where] - self._starts[s]]
+        t = torch.from_numpy(out)
+        return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
+
+
+class StoreBatches:
+    """Shuffled batches from an ActivationStore, with a local shuffle window and background prefetch.
+
+    Each epoch visits windows of `window` consecutive rows in a random order and the rows of each window in a
+    random order (both drawn from (seed, epoch)), so reads stay within a window of the memmap while batches mix
+    rows. The position is (epoch, batch) and resumes exactly. A background thread reads `prefetch` batches
+    ahead; batches for a CUDA device go through pinned memory.
+    """
+
+    def __init__(self, store, batch_size, *, seed=0, window=1 << 16, prefetch=2, device=None):
+        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if len(self.store) < batch_size:
+            raise ValueError(f"the store has {len(self.store)} rows, fewer than one batch of {batch_size}")
+        self.batch_size, self.seed, self.window, self.prefetch = batch_size, seed, max(1, int(window)), prefetch
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.batches_per_epoch = len(self.store) // batch_size
+        self.epoch, self.offset = 0, 0
+        self._order = None
+        self._queue = None
+        self._thread = None
+        self._stop = None
+
+    def _epoch_order(self, epoch):
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.store)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+            starts = torch.arange(0, n, self.window)[torch.randperm((n + self.window - 1) // self.window, generator=g)]
+            parts = [s + torch.randperm(min(self.window, n - int(s)), generator=g) for s in starts]
+            self._order = (epoch, torch.cat(parts))
+        return self._order[1]
+
+    def _batch(self, epoch, offset):
+        rows = self._epoch_order(epoch)[offset * self.batch_size:(offset + 1) * self.batch_size]
+        # sorted reads are sequential within the window; the batch keeps the shuffled order
+        order = torch.argsort(rows)
+        batch = torch.empty((rows.numel(), self.store.n_models, self.store.d_model), dtype=self.store.dtype)
+        batch[order] = self.store[rows[order]]
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch
+
+    def _positions(self, epoch, offset):
+        while True:
+            if offset >= self.batches_per_epoch:
+                epoch, offset = epoch + 1, 0
+            yield epoch, offset
+            offset += 1
+
+    def _producer(self, epoch, offset, q, stop):
+        try:
+            for e, o in self._positions(epoch, offset):
+                item = (e, o, self._batch(e, o))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # surfaced to the consumer, never swallowed
+            q.put((None, None, err))
+
+    def _start(self):
+        self._stop_thread()
+        if self.prefetch < 1:
+            return
+        self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        self._thread = threading.Thread(target=self._producer, args=(self.epoch, self.offset, self._queue, self._stop),
+                                        daemon=True)
+        self._thread.start()
+
+    def _stop_thread(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._thread = self._queue = self._stop = None
+
+    def next(self):
+        if self.offset >= self.batches_per_epoch:
+            self.epoch, self.offset = self.epoch + 1, 0
+        if self.prefetch >= 1:
+            if self._thread is None:
+                self._start()
+            epoch, offset, batch = self._queue.get()
+            if epoch is None:
+                raise batch
+            assert (epoch, offset) == (self.epoch, self.offset), "prefetch out of step"
+        else:
+            batch = self._batch(self.epoch, self.offset)
+        self.offset += 1
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def state_dict(self):
+        return dict(kind="store", epoch=self.epoch, offset=self.offset, seed=self.seed, rows=len(self.store),
+                    batch_size=self.batch_size, window=self.window)
+
+    def load_state_dict(self, state):
+        if state.get("kind") != "store":
+            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a store")
+        for key, now in (("seed", self.seed), ("rows", len(self.store)), ("batch_size", self.batch_size),
+                         ("window", self.window)):
+            if state[key] != now:
+                raise ValueError(f"cannot resume: the checkpoint's store {key} is {state[key]}, now {now}")
+        self._stop_thread()
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+    def close(self):
+        self._stop_thread()
