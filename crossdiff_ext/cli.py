@@ -1,5 +1,8 @@
 """The `crossdiff` command line.
 
+  crossdiff collect --base B --chat C --layer L --data FILE --out STORE   paired activations -> activation store
+  crossdiff train --store STORE --out RUN --dict-size F -k K              train a crosscoder on a store
+
   crossdiff demo    the embedded default: plant a dictionary of shared, chat-only, base-only and weak-in-base
                     concepts in paired activations, train a BatchTopK crosscoder on them, and show which latents
                     the decoder-norm metric calls chat-only, base-only or shared against the planted truth.
@@ -51,6 +54,34 @@ def demo(args):
     return 0 if correct == len(rows) else 1
 
 
+def collect(args):
+    from crossdiff_ext import activations
+
+    store = activations.collect(args.base, args.chat, args.layer, args.data, args.out, max_tokens=args.max_tokens,
+                                context_length=args.context_length, batch_size=args.batch_size,
+                                drop_first=args.drop_first, dtype=args.dtype, shard_rows=args.shard_rows,
+                                device=args.device, resume=args.resume, progress=not args.quiet)
+    print(f"{args.out}: {len(store)} tokens of layer {args.layer}, [2, {store.d_model}] each, {store.meta['dtype']}")
+    return 0
+
+
+def train(args):
+    import crossdiff_ext as cx
+    from crossdiff_ext.store import ActivationStore
+
+    store = ActivationStore(args.store)
+    torch.manual_seed(args.seed)
+    cc = cx.CrossCoder(store.d_model, args.dict_size, store.n_models,
+                       k=args.k if args.activation == "batch_topk" else None, activation=args.activation,
+                       device=args.device)
+    config = cx.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
+                            reconstruction=args.reconstruction, progress=not args.quiet)
+    result = cx.train(cc, store, config, resume=args.resume)
+    print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +96,40 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=demo)
+
+    p = sub.add_parser("collect", help="paired activations of a base and a fine-tuned model -> activation store")
+    p.add_argument("--base", required=True, help="base model: directory or hub name")
+    p.add_argument("--chat", required=True, help="fine-tuned model: directory or hub name (its tokenizer is used)")
+    p.add_argument("--layer", type=int, required=True, help="residual stream after this block (0-based)")
+    p.add_argument("--data", required=True, help="JSONL ({'text'} or {'messages'} per line), .txt, or a directory")
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--drop-first", type=int, default=1, help="tokens dropped at the start of every sequence (BOS)")
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--shard-rows", type=int, default=1 << 18)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=collect)
+
+    p = sub.add_parser("train", help="train a crosscoder on an activation store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--dict-size", type=int, required=True)
+    p.add_argument("-k", type=int, default=100)
+    p.add_argument("--activation", default="batch_topk", choices=["batch_topk", "relu"])
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=None, help="default: SPEC's 2e-4 / sqrt(F / 2^14)")
+    p.add_argument("--reconstruction", default="l2", choices=["l2", "squared"])
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=train)
     args = parser.parse_args(argv)
     return args.fn(args)
 

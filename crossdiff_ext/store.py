@@ -63,21 +63,22 @@ class StoreWriter:
                                         m2=[[0.0] * d_model for _ in range(n_models)]))
             _write_json_atomic(self.meta_path, self.meta)
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
-        self._rows, self._tokens = [], []
+        self._rows, self._tokens, self._positions = [], [], []
         self._pending = 0
         for name in os.listdir(self.path):  # a shard a crash left half-written never counted: drop it
             if name.startswith(".shard-") and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.path, name))
 
-    def append(self, x, token_ids=None):
+    def append(self, x, token_ids=None, positions=None):
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
             raise ValueError(f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x holds non-finite activations; refusing to store them")
-        if token_ids is not None and (token_ids.dim() != 1 or token_ids.shape[0] != x.shape[0]):
-            raise ValueError(f"token_ids must be [n] = [{x.shape[0]}], got {tuple(token_ids.shape)}")
+        for name, t in (("token_ids", token_ids), ("positions", positions)):
+            if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
+                raise ValueError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
         x = x.detach().to("cpu", self.torch_dtype)
         start = 0
         while start < x.shape[0]:
@@ -85,6 +86,8 @@ class StoreWriter:
             self._rows.append(x[start:start + take])
             if token_ids is not None:
                 self._tokens.append(token_ids[start:start + take].to("cpu", torch.int64))
+            if positions is not None:
+                self._positions.append(positions[start:start + take].to("cpu", torch.int64))
             self._pending += take
             start += take
             if self._pending == self.meta["shard_rows"]:
@@ -109,11 +112,15 @@ class StoreWriter:
             tname = f"tokens-{index:05d}.npy"
             np.save(os.path.join(self.path, tname), tokens)
             entry["tokens"] = tname
+        if self._positions:  # position of each row's token in its sequence: sequences start where it drops
+            pname = f"positions-{index:05d}.npy"
+            np.save(os.path.join(self.path, pname), torch.cat(self._positions).numpy())
+            entry["positions"] = pname
         self._merge_stats(rows.double())
         self.meta["shards"].append(entry)
         self.meta["rows"] += entry["rows"]
         _write_json_atomic(self.meta_path, self.meta)  # the shard counts from here on
-        self._rows, self._tokens, self._pending = [], [], 0
+        self._rows, self._tokens, self._positions, self._pending = [], [], [], 0
 
     def _merge_stats(self, rows):
         """Chan's parallel merge of per-model, per-feature mean and M2 (float64)."""
@@ -173,6 +180,22 @@ class ActivationStore:
 
     def __len__(self):
         return self._starts[-1]
+
+    def _column(self, key):
+        parts = []
+        for entry in self.meta["shards"]:
+            if key not in entry:
+                return None
+            parts.append(torch.from_numpy(np.load(os.path.join(self.path, entry[key]))))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def token_ids(self):
+        """[rows] int64 token ids, or None when the store was written without them."""
+        return self._column("tokens")
+
+    def positions(self):
+        """[rows] int64 positions of the tokens in their sequences, or None."""
+        return self._column("positions")
 
     @property
     def mean(self):

@@ -1,0 +1,178 @@
+"""Collect paired activations from a base model and its fine-tuned version into an activation store.
+
+The same token ids go through both models: documents are tokenized once, with the fine-tuned (chat) model's
+tokenizer, after checking that both tokenizers have the same vocabulary. Chat data (a list of {"role", "content"}
+messages) gets the chat model's chat template. The activation of layer L is the residual stream after block L
+(hidden_states[L + 1] of a transformers causal LM). Padding is dropped, and optionally the first `drop_first`
+tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every kept token is one row [2, d] of
+the store (model 0 = base, 1 = chat), with its token id and position.
+
+Resumable: with resume=True the collection re-tokenizes the documents (tokenizer only, no model) to skip the
+rows the store already holds, and continues. Deterministic for a given document list.
+"""
+import json
+import os
+
+import torch
+
+from .store import ActivationStore, StoreWriter
+
+
+def read_documents(source):
+    """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
+    non-empty line), a directory of those, or a list of strings / message lists."""
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        docs = []
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".jsonl", ".txt")):
+                docs += read_documents(os.path.join(path, name))
+        return docs
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data {path!r} does not exist")
+    docs = []
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i}: not JSON ({err})") from None
+                if "messages" in record:
+                    docs.append(record["messages"])
+                elif "text" in record:
+                    docs.append(record["text"])
+                else:
+                    raise ValueError(f"{path}:{i}: a record needs 'text' or 'messages', got keys {sorted(record)}")
+            else:
+                docs.append(line)
+    return docs
+
+
+def check_tokenizers(tokenizer_base, tokenizer_chat):
+    """Both models must read the same token ids: the vocabularies must agree."""
+    vb, vc = tokenizer_base.get_vocab(), tokenizer_chat.get_vocab()
+    if vb != vc:
+        only_b, only_c = sorted(set(vb) - set(vc))[:5], sorted(set(vc) - set(vb))[:5]
+        moved = [t for t in vb if t in vc and vb[t] != vc[t]][:5]
+        raise ValueError(f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
+                         f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models")
+
+
+def tokenize(doc, tokenizer, context_length):
+    if isinstance(doc, str):
+        ids = tokenizer(doc)["input_ids"]
+    elif isinstance(doc, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in doc):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat data needs the chat model's tokenizer to have a chat template")
+        ids = tokenizer.apply_chat_template(list(doc), tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:
+        raise ValueError(f"a document must be a string or a list of {{'role', 'content'}} messages, got {doc!r:.80}")
+    return list(ids)[:context_length]
+
+
+def _hidden_size(model):
+    return model.config.hidden_size
+
+
+def _n_layers(model):
+    return model.config.num_hidden_layers
+
+
+def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=1024, batch_size=8, drop_first=0,
+            dtype="float16", shard_rows=1 << 18, device=None, model_dtype=None, resume=False, progress=True):
+    """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
+    base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(spec):
+        if isinstance(spec, tuple):
+            return spec
+        if isinstance(spec, str) and not os.path.exists(spec) and spec.startswith((".", "/")):
+            raise FileNotFoundError(f"model directory {spec!r} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype) if model_dtype else \
+            AutoModelForCausalLM.from_pretrained(spec)
+        return model, AutoTokenizer.from_pretrained(spec)
+
+    (m_base, t_base), (m_chat, t_chat) = load(base), load(chat)
+    check_tokenizers(t_base, t_chat)
+    for name, model in (("base", m_base), ("chat", m_chat)):
+        if not 0 <= layer < _n_layers(model):
+            raise ValueError(f"layer must be in [0, {_n_layers(model)}) for the {name} model, got {layer}")
+    if _hidden_size(m_base) != _hidden_size(m_chat):
+        raise ValueError(f"the models' widths differ: {_hidden_size(m_base)} vs {_hidden_size(m_chat)}")
+    if drop_first < 0 or context_length < 1 or batch_size < 1:
+        raise ValueError("drop_first must be >= 0, context_length and batch_size >= 1")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
+    d = _hidden_size(m_base)
+    info = dict(base=str(base if isinstance(base, str) else type(base[0]).__name__),
+                chat=str(chat if isinstance(chat, str) else type(chat[0]).__name__), layer=layer,
+                drop_first=drop_first, context_length=context_length,
+                hidden_states_index=layer + 1)
+    writer = StoreWriter(out, 2, d, dtype=dtype, shard_rows=shard_rows, info=info,
+                         resume=resume and os.path.exists(os.path.join(os.fspath(out), "store.json")))
+    skip = writer.meta["rows"]
+    pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
+    docs = [tokenize(doc, t_chat, context_length) for doc in read_documents(data)]
+    written = skip
+    limit = max_tokens if max_tokens is not None else float("inf")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None if max_tokens is None else max_tokens, initial=skip, desc="collect", unit="tok")
+    try:
+        batch = []
+        for ids in docs + [None]:
+            if ids is not None:
+                kept = max(0, len(ids) - drop_first)
+                if skip >= kept:  # already in the store (resume)
+                    skip -= kept
+                    continue
+                batch.append((ids, drop_first + skip))  # first position to keep
+                skip = 0
+            if batch and (ids is None or len(batch) == batch_size):
+                rows, tokens, positions = _run(m_base, m_chat, batch, layer, pad, device)
+                if written + rows.shape[0] > limit:
+                    keep = int(limit - written)
+                    rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
+                writer.append(rows, tokens, positions)
+                written += rows.shape[0]
+                if bar:
+                    bar.update(rows.shape[0])
+                batch = []
+                if written >= limit:
+                    break
+        writer.close()
+    finally:
+        if bar:
+            bar.close()
+    return ActivationStore(out)
+
+
+@torch.no_grad()
+def _run(m_base, m_chat, batch, layer, pad, device):
+    """Pad a batch of token lists on the right, run both models, keep the real tokens from their first kept
+    position: (rows [n, 2, d] fp32, token ids [n], positions [n])."""
+    length = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+    keep = torch.zeros(len(batch), length, dtype=torch.bool)
+    attention = torch.zeros(len(batch), length, dtype=torch.long)
+    for i, (ids, first) in enumerate(batch):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        keep[i, first:len(ids)] = True
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    states = [m(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states[layer + 1]
+              for m in (m_base, m_chat)]
+    keep = keep.to(device)
+    rows = torch.stack([s[keep] for s in states], dim=1).float().cpu()
+    positions = torch.arange(length, device=device).expand(len(batch), length)[keep].cpu()
+    return rows, input_ids[keep].cpu(), positions

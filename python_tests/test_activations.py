@@ -1,0 +1,129 @@
+"""Activation collection from two (tiny, random) transformers models: the same token ids into both, chat
+templates, dropped padding and BOS, resume, clear errors, and collect -> train -> reload."""
+import json
+
+import pytest
+import torch
+
+import crossdiff_ext as cx
+from crossdiff_ext import activations
+from crossdiff_ext.store import ActivationStore
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(50)]
+
+
+def make_tokenizer(words=WORDS):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = "<bos> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def make_model(path, seed, words=WORDS):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    make_tokenizer(words).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return make_model(root / "base", 0), make_model(root / "chat", 1)
+
+
+@pytest.fixture
+def data(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    lines = []
+    for i in range(12):
+        words = " ".join(f"w{int(j)}" for j in torch.randint(0, 50, (int(torch.randint(3, 20, (1,), generator=g)),),
+                                                               generator=g))
+        if i % 3 == 0:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": words},
+                                                  {"role": "assistant", "content": "w1 w2"}]}))
+        else:
+            lines.append(json.dumps({"text": "<bos> " + words}))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_collect_feeds_the_same_tokens_and_drops_bos(pair, data, tmp_path):
+    store = activations.collect(*pair, 1, data, tmp_path / "store", drop_first=1, dtype="float32", batch_size=4,
+                                shard_rows=50, device="cpu", progress=False)
+    tok = make_tokenizer()
+    docs = [activations.tokenize(d, tok, 1024) for d in activations.read_documents(data)]
+    assert len(store) == sum(len(d) - 1 for d in docs)
+    assert torch.equal(store.token_ids(), torch.tensor([t for d in docs for t in d[1:]]))
+    assert store.meta["info"]["layer"] == 1 and store.meta["info"]["hidden_states_index"] == 2
+    # the first document, run alone through each model, gives the first rows
+    first = torch.tensor([docs[0]])
+    for m, path in enumerate(pair):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            h = model(input_ids=first, output_hidden_states=True).hidden_states[2][0, 1:]
+        torch.testing.assert_close(store[torch.arange(len(docs[0]) - 1)][:, m], h, rtol=1e-4, atol=1e-5)
+    assert docs[0][:3] == [tok.convert_tokens_to_ids("<bos>"), tok.convert_tokens_to_ids("user"),
+                           tok.convert_tokens_to_ids(":")]  # chat data went through the chat template
+
+
+def test_collect_resumes_to_the_same_store(pair, data, tmp_path):
+    once = activations.collect(*pair, 2, data, tmp_path / "once", dtype="float32", shard_rows=16, device="cpu",
+                               progress=False)
+    activations.collect(*pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, max_tokens=40,
+                        device="cpu", progress=False)
+    assert len(ActivationStore(tmp_path / "twice")) == 40  # a clean stop keeps its last partial shard
+    twice = activations.collect(*pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, resume=True,
+                                device="cpu", progress=False)
+    assert len(twice) == len(once)
+    torch.testing.assert_close(twice[torch.arange(len(once))], once[torch.arange(len(once))], rtol=1e-5, atol=1e-6)
+    assert torch.equal(twice.token_ids(), once.token_ids())
+
+
+def test_collect_errors_are_clear(pair, data, tmp_path):
+    other = make_model(tmp_path / "other", 2, words=WORDS[:-3] + ["x", "y", "z"])
+    with pytest.raises(ValueError, match="tokenizers disagree"):
+        activations.collect(pair[0], other, 1, data, tmp_path / "s1", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 3\)"):
+        activations.collect(*pair, 3, data, tmp_path / "s2", device="cpu", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        activations.collect(*pair, 1, str(tmp_path / "missing.jsonl"), tmp_path / "s3", device="cpu", progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1"}\n')
+    with pytest.raises(ValueError, match="needs 'text' or 'messages'"):
+        activations.collect(*pair, 1, str(bad), tmp_path / "s4", device="cpu", progress=False)
+
+
+def test_collect_train_reload(pair, data, tmp_path):
+    store = activations.collect(*pair, 1, data, tmp_path / "store", drop_first=1, device="cpu", progress=False)
+    cc = cx.CrossCoder(16, 32, 2, k=2)
+    cx.train(cc, store, cx.TrainConfig(steps=5, batch_size=16, warmup_steps=1, progress=False,
+                                       checkpoint_dir=str(tmp_path / "run")))
+    reloaded = cx.CrossCoder.from_pretrained(tmp_path / "run" / "step-00000005")
+    for a, b in zip(cc.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_command_line_collect_and_train(pair, data, tmp_path, capsys):
+    from crossdiff_ext import cli
+
+    assert cli.main(["collect", "--base", pair[0], "--chat", pair[1], "--layer", "1", "--data", data, "--out",
+                     str(tmp_path / "store"), "--device", "cpu", "--quiet"]) == 0
+    assert cli.main(["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--dict-size", "32",
+                     "-k", "2", "--steps", "4", "--batch-size", "16", "--checkpoint-every", "2", "--quiet"]) == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step-")) == [
+        "step-00000002", "step-00000004"]
