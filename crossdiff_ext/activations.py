@@ -3,7 +3,8 @@
 The same token ids go through both models: documents are tokenized once, with the fine-tuned (chat) model's
 tokenizer, after checking that both tokenizers have the same vocabulary. Chat data (a list of {"role", "content"}
 messages) gets the chat model's chat template. The activation of layer L is the residual stream after block L
-(hidden_states[L + 1] of a transformers causal LM). Padding is dropped, and optionally the first `drop_first`
+(hidden_states[L + 1] of a transformers causal LM; for the last block transformers applies the final norm
+there, so use L < n_layers - 1 for the raw residual). Padding is dropped, and optionally the first `drop_first`
 tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every kept token is one row [2, d] of
 the store (model 0 = base, 1 = chat), with its token id and position.
 
@@ -119,6 +120,9 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
     writer = StoreWriter(out, 2, d, dtype=dtype, shard_rows=shard_rows, info=info,
                          resume=resume and os.path.exists(os.path.join(os.fspath(out), "store.json")))
     skip = writer.meta["rows"]
+    if max_tokens is not None and skip >= max_tokens:
+        writer.close()
+        return ActivationStore(out)
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
     docs = [tokenize(doc, t_chat, context_length) for doc in read_documents(data)]
     written = skip
@@ -141,7 +145,7 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
             if batch and (ids is None or len(batch) == batch_size):
                 rows, tokens, positions = _run(m_base, m_chat, batch, layer, pad, device)
                 if written + rows.shape[0] > limit:
-                    keep = int(limit - written)
+                    keep = max(0, int(limit - written))
                     rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
                 writer.append(rows, tokens, positions)
                 written += rows.shape[0]

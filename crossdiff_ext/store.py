@@ -3,7 +3,7 @@
 Layout of a store directory:
   store.json            metadata: n_models, d_model, dtype, shard list (file, rows, bytes), total rows, running
                         per-model mean/variance (float64, merged per shard), free-form `info` (model names, layer...)
-  shard-00000.npy ...   raw row-major [rows, M, d] arrays (numpy memmaps; bf16 is stored as its uint16 bits)
+  shard-00000.bin ...   raw row-major [rows, M, d] arrays, no header (numpy memmaps; bf16 as its uint16 bits)
   tokens-00000.npy ...  optional int64 token ids per row
 store.json is rewritten atomically (temporary file + rename) after every completed shard, so a crash leaves a
 store that opens at its last completed shard; the writer resumes there and drops the partial shard. A shard whose
@@ -23,9 +23,19 @@ DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.
           "bfloat16": (np.uint16, torch.bfloat16)}
 
 
+def _save_npy(path, array):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _write_json_atomic(path, obj):
     fd, tmp = tempfile.mkstemp(prefix=".store.", suffix=".json.tmp", dir=os.path.dirname(path))
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: a store is an ordinary, shareable file set
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=1)
             fh.flush()
@@ -41,6 +51,7 @@ class StoreWriter:
     """Append paired activations [n, M, d] (and optionally token ids [n]); shards of `shard_rows` rows."""
 
     def __init__(self, path, n_models, d_model, dtype="float16", shard_rows=1 << 18, info=None, resume=False):
+        """info: free-form metadata; on resume it must equal the stored info (the rows must mean the same)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if shard_rows < 1:
@@ -54,6 +65,10 @@ class StoreWriter:
             if (meta["n_models"], meta["d_model"], meta["dtype"]) != (n_models, d_model, dtype):
                 raise ValueError(f"cannot resume {self.path}: it stores M={meta['n_models']}, d={meta['d_model']}, "
                                  f"{meta['dtype']}, not M={n_models}, d={d_model}, {dtype}")
+            if info is not None and json.loads(json.dumps(info)) != meta["info"]:
+                changed = sorted(k for k in set(info) | set(meta["info"]) if info.get(k) != meta["info"].get(k))
+                raise ValueError(f"cannot resume {self.path}: its settings differ in {changed} (stored "
+                                 f"{ {k: meta['info'].get(k) for k in changed} }, now { {k: info.get(k) for k in changed} })")
             self.meta = meta
         else:
             os.makedirs(self.path, exist_ok=True)
@@ -74,12 +89,13 @@ class StoreWriter:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
             raise ValueError(f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x holds non-finite activations; refusing to store them")
+        x = x.detach().to("cpu", self.torch_dtype)
+        if not bool(torch.isfinite(x).all()):  # after the cast: a value beyond float16's range becomes inf
+            raise ValueError(f"x holds non-finite activations (or values beyond the range of {self.meta['dtype']}); "
+                             "refusing to store them")
         for name, t in (("token_ids", token_ids), ("positions", positions)):
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
                 raise ValueError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
-        x = x.detach().to("cpu", self.torch_dtype)
         start = 0
         while start < x.shape[0]:
             take = min(x.shape[0] - start, self.meta["shard_rows"] - self._pending)
@@ -98,7 +114,7 @@ class StoreWriter:
             return
         rows = torch.cat(self._rows)
         index = len(self.meta["shards"])
-        name = f"shard-{index:05d}.npy"
+        name = f"shard-{index:05d}.bin"
         array = rows.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else rows.numpy()
         tmp = os.path.join(self.path, f".{name}.tmp")
         with open(tmp, "wb") as fh:
@@ -110,25 +126,26 @@ class StoreWriter:
         if self._tokens:
             tokens = torch.cat(self._tokens).numpy()
             tname = f"tokens-{index:05d}.npy"
-            np.save(os.path.join(self.path, tname), tokens)
+            _save_npy(os.path.join(self.path, tname), tokens)
             entry["tokens"] = tname
         if self._positions:  # position of each row's token in its sequence: sequences start where it drops
             pname = f"positions-{index:05d}.npy"
-            np.save(os.path.join(self.path, pname), torch.cat(self._positions).numpy())
+            _save_npy(os.path.join(self.path, pname), torch.cat(self._positions).numpy())
             entry["positions"] = pname
-        self._merge_stats(rows.double())
+        self._merge_stats(rows)
         self.meta["shards"].append(entry)
         self.meta["rows"] += entry["rows"]
         _write_json_atomic(self.meta_path, self.meta)  # the shard counts from here on
         self._rows, self._tokens, self._positions, self._pending = [], [], [], 0
 
     def _merge_stats(self, rows):
-        """Chan's parallel merge of per-model, per-feature mean and M2 (float64)."""
+        """Chan's parallel merge of per-model, per-feature mean and M2 (float64), in chunks of rows (a whole shard
+        in float64 would be ~10 GB at d = 2304)."""
         s = self.meta["stats"]
         n_a, n_b = s["count"], rows.shape[0]
         mean_a, m2_a = torch.tensor(s["mean"], dtype=torch.float64), torch.tensor(s["m2"], dtype=torch.float64)
-        mean_b = rows.mean(0)
-        m2_b = (rows - mean_b).pow(2).sum(0)
+        mean_b = sum(c.double().sum(0) for c in rows.split(8192)) / n_b
+        m2_b = sum((c.double() - mean_b).pow(2).sum(0) for c in rows.split(8192))
         n = n_a + n_b
         delta = mean_b - mean_a
         s["mean"] = (mean_a + delta * (n_b / n)).tolist()
@@ -287,7 +304,12 @@ class StoreBatches:
                 if stop.is_set():
                     return
         except BaseException as err:  # surfaced to the consumer, never swallowed
-            q.put((None, None, err))
+            while not stop.is_set():
+                try:
+                    q.put((None, None, err), timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     def _start(self):
         self._stop_thread()
@@ -312,6 +334,7 @@ class StoreBatches:
                 self._start()
             epoch, offset, batch = self._queue.get()
             if epoch is None:
+                self._stop_thread()
                 raise batch
             assert (epoch, offset) == (self.epoch, self.offset), "prefetch out of step"
         else:

@@ -40,6 +40,8 @@ def planted_dictionary(n_tokens=20000, d_model=32, n_shared=24, n_chat_only=8, n
     for name, value in list(counts.items()) + [("n_tokens", n_tokens), ("d_model", d_model)]:
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if d_model < 1 or n_tokens < 1:
+        raise ValueError(f"d_model and n_tokens must be >= 1, got {d_model} and {n_tokens}")
     if n_models < 2 or not (0 <= base < n_models and 0 <= chat < n_models and base != chat):
         raise ValueError(f"need n_models >= 2 and distinct base/chat slots in range, got {n_models}, {base}, {chat}")
     if not 0.0 < weak_scale < 1.0:

@@ -77,6 +77,8 @@ class TrainConfig:
         if self.init_b_dec not in ("auto", "geometric_median", "zero"):
             raise ValueError(f"TrainConfig.init_b_dec must be 'auto', 'geometric_median' or 'zero', got "
                              f"{self.init_b_dec!r}")
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
+            raise ValueError(f"TrainConfig.k_aux must be an int >= 1 or None, got {self.k_aux!r}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -203,14 +205,19 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
     checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:
         raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
+    if not resume and latest_checkpoint(config.checkpoint_dir):
+        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
+                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
+                              "or choose a new directory")
     if checkpoint:
         restored = CrossCoder.from_pretrained(checkpoint, device=device, dtype=cc.W_enc.dtype)
         cc.load_state_dict(restored.state_dict())
         with open(os.path.join(checkpoint, "trainer.pt"), "rb") as fh:
-            state = torch.load(fh, map_location=device, weights_only=False)
+            # RNG states must stay CPU byte tensors; the optimizer state is cast to its parameters' device.
+            state = torch.load(fh, map_location="cpu", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        tokens_since_fired.copy_(state["tokens_since_fired"])
+        tokens_since_fired.copy_(state["tokens_since_fired"].to(device))
         source.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         step = state["step"]
@@ -251,13 +258,14 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             loss.backward()
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                          if config.grad_clip is not None else None)
+            lr_used = opt.param_groups[0]["lr"]
             opt.step()
             schedule.step()
             losses.update_dead_counters(tokens_since_fired, out.codes)
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
-                last = dict(step=step, loss=float(loss.detach()), **values, lr=opt.param_groups[0]["lr"],
+                last = dict(step=step, loss=float(loss.detach()), **values, lr=lr_used,
                             grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
                             fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
                             dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),

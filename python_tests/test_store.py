@@ -52,18 +52,23 @@ def test_writer_resumes_at_the_last_whole_shard(tmp_path):
 def test_corrupted_or_missing_shards_are_named(tmp_path):
     with StoreWriter(tmp_path, 2, 4, dtype="float16", shard_rows=10) as w:
         w.append(torch.randn(25, 2, 4))
-    shard = tmp_path / "shard-00001.npy"
+    shard = tmp_path / "shard-00001.bin"
     data = shard.read_bytes()
     shard.write_bytes(data[:-7])
-    with pytest.raises(ValueError, match="shard-00001.npy has .* bytes.*truncated"):
+    with pytest.raises(ValueError, match="shard-00001.bin has .* bytes.*truncated"):
         ActivationStore(tmp_path)
     os.unlink(shard)
-    with pytest.raises(FileNotFoundError, match="shard-00001.npy listed in store.json is missing"):
+    with pytest.raises(FileNotFoundError, match="shard-00001.bin listed in store.json is missing"):
         ActivationStore(tmp_path)
     with pytest.raises(FileNotFoundError, match="not an activation store"):
         ActivationStore(tmp_path / "nothing")
     with pytest.raises(ValueError, match="non-finite"):
         StoreWriter(tmp_path / "b", 2, 4).append(torch.full((3, 2, 4), float("nan")))
+    with pytest.raises(ValueError, match="beyond the range of float16"):
+        StoreWriter(tmp_path / "c", 2, 4, dtype="float16").append(torch.full((3, 2, 4), 1e5))
+    StoreWriter(tmp_path / "d", 2, 4, info=dict(layer=3)).close()
+    with pytest.raises(ValueError, match=r"settings differ in \['layer'\]"):
+        StoreWriter(tmp_path / "d", 2, 4, info=dict(layer=4), resume=True)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])

@@ -41,6 +41,8 @@ def test_resume_continues_exactly(tmp_path):
     assert {"reconstruction", "aux", "fve", "fve_per_model", "l0", "dead_fraction", "threshold", "lr",
             "delta_norm_bands"} <= set(logs[-1])
     assert sorted(os.listdir(tmp_path / "b")) == ["log.jsonl", "step-00000008", "step-00000012"]  # keep 2
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):  # never mix two runs' checkpoints
+        cx.train(tiny(), data, config(tmp_path / "b"))
 
 
 def test_aux_loss_turns_on_for_dead_latents(tmp_path):
@@ -79,6 +81,8 @@ def test_bad_configuration_is_named():
             cx.train(cc, data, cx.TrainConfig(progress=False, **{"batch_size": 16, **kwargs}))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         cx.train(cc, data, cx.TrainConfig(batch_size=16, progress=False, checkpoint_dir="/nonexistent"), resume=True)
+    with pytest.raises(ValueError, match="k_aux"):
+        cx.train(cc, data, cx.TrainConfig(batch_size=16, progress=False, k_aux=0))
     with pytest.raises(ValueError, match="data must be"):
         cx.train(cc, 3.0, cx.TrainConfig(batch_size=16, progress=False))
 
