@@ -11,11 +11,13 @@ from .checkpoints import load_dictionary_learning, to_dictionary_learning
 from .analysis import decoder_cosine, delta_norm
 from .synthetic import planted_dictionary
 from .train import TrainConfig, TrainResult, train
+from .data import MixedBatches
+from .store import ActivationStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "available_backends", "backend", "get_backend", "set_backend", "ops", "SparseCodes", "CrossCoder",
     "CrossCoderOutput", "load_dictionary_learning", "to_dictionary_learning", "decoder_cosine", "delta_norm",
-    "planted_dictionary", "TrainConfig", "TrainResult", "train",
+    "planted_dictionary", "TrainConfig", "TrainResult", "train", "MixedBatches", "ActivationStore",
 ]

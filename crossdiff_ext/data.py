@@ -4,6 +4,7 @@ TensorBatches: shuffled batches of an in-memory tensor [N, M, d], a fresh permut
 (seed, epoch) alone, so the batch at any step is a pure function of the seed and the position.
 IterableBatches: batches from any iterable (a generator, a DataLoader); resuming re-iterates and skips the
 batches already consumed (exact when the iterable is deterministic).
+MixedBatches: several sources (tensors, stores) in fixed proportions per batch.
 """
 import torch
 
@@ -92,6 +93,45 @@ class IterableBatches:
             self.next()
 
 
+class MixedBatches:
+    """Batches that mix several sources in fixed proportions, e.g. half web text and half chat:
+    MixedBatches([(web_store, 0.5), (chat_store, 0.5)], batch_size=2048). Each source contributes
+    round(fraction * batch_size) rows per batch (the last source takes the remainder) from its own shuffled
+    stream (a tensor, a store or a batch source); the position of every stream is saved, so resuming is exact."""
+
+    def __init__(self, sources, batch_size, *, seed=0, device=None):
+        if not sources:
+            raise ValueError("MixedBatches needs at least one (data, fraction) pair")
+        fractions = [float(f) for _, f in sources]
+        if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be > 0 and sum to 1, got {fractions}")
+        counts = [int(round(f * batch_size)) for f in fractions[:-1]]
+        counts.append(batch_size - sum(counts))
+        if any(c < 1 for c in counts):
+            raise ValueError(f"batch_size = {batch_size} gives some source no rows per batch ({counts})")
+        self.batch_size, self.counts = batch_size, counts
+        self.sources = [as_batches(data, c, seed=seed * 7919 + i, device=device)
+                        for i, ((data, _), c) in enumerate(zip(sources, counts))]
+
+    def next(self):
+        return torch.cat([s.next() for s in self.sources])
+
+    def state_dict(self):
+        return dict(kind="mixed", counts=self.counts, sources=[s.state_dict() for s in self.sources])
+
+    def load_state_dict(self, state):
+        if state.get("kind") != "mixed" or state["counts"] != self.counts:
+            raise ValueError(f"cannot resume: the checkpoint's data was {state.get('kind')!r} with rows per source "
+                             f"{state.get('counts')}, now 'mixed' with {self.counts}")
+        for source, sub in zip(self.sources, state["sources"]):
+            source.load_state_dict(sub)
+
+    def close(self):
+        for source in self.sources:
+            if hasattr(source, "close"):
+                source.close()
+
+
 def as_batches(data, batch_size, *, seed=0, device=None):
     """A batch source for `data`: a tensor [N, M, d], an object with next()/state_dict() (passed through), or an
     iterable of [B, M, d] batches."""
@@ -102,6 +142,8 @@ def as_batches(data, batch_size, *, seed=0, device=None):
     if isinstance(data, ActivationStore):
         return StoreBatches(data, batch_size, seed=seed, device=device)
     if hasattr(data, "next") and hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
+        if getattr(data, "batch_size", batch_size) != batch_size:
+            raise ValueError(f"the batch source yields batches of {data.batch_size} rows, but batch_size = {batch_size}")
         return data
     if hasattr(data, "__iter__"):
         return IterableBatches(data, device=device)

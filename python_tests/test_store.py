@@ -109,3 +109,31 @@ def test_training_on_a_store_resumes_exactly(tmp_path):
     cx.train(resumed, store, cfg("b"), resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_mixed_batches_keep_proportions_and_resume(tmp_path):
+    web = torch.zeros(300, 2, 4)
+    chat = torch.ones(200, 2, 4)
+    with StoreWriter(tmp_path / "chat", 2, 4, dtype="float32", shard_rows=64) as w:
+        w.append(chat)
+    store = ActivationStore(tmp_path / "chat")
+    mixed = cx.MixedBatches([(web, 0.75), (store, 0.25)], 16, seed=2)
+    batch = mixed.next()
+    assert batch.shape == (16, 2, 4) and int(batch[:, 0, 0].sum()) == 4  # 12 web rows, 4 chat rows
+    for _ in range(5):
+        mixed.next()
+    state = mixed.state_dict()
+    after = [mixed.next() for _ in range(3)]
+    mixed.close()
+    again = cx.MixedBatches([(web, 0.75), (store, 0.25)], 16, seed=2)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, [again.next() for _ in range(3)]))
+    again.close()
+    with pytest.raises(ValueError, match="sum to 1"):
+        cx.MixedBatches([(web, 0.5), (store, 0.25)], 16)
+    cc = cx.CrossCoder(4, 16, 2, k=2)
+    with pytest.raises(ValueError, match="batches of 16 rows, but batch_size = 32"):
+        cx.train(cc, cx.MixedBatches([(web, 0.5), (store, 0.5)], 16), cx.TrainConfig(batch_size=32, progress=False))
+    result = cx.train(cc, cx.MixedBatches([(web, 0.5), (store, 0.5)], 16),
+                      cx.TrainConfig(steps=3, batch_size=16, warmup_steps=1, progress=False))
+    assert result.steps == 3
