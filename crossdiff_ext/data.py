@@ -9,6 +9,11 @@ MixedBatches: several sources (tensors, stores) in fixed proportions per batch.
 import torch
 
 
+def epoch_generator(seed, epoch):
+    """The generator of one epoch's shuffle: a function of (seed, epoch) alone, so positions resume exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
 class TensorBatches:
     def __init__(self, data, batch_size, *, seed=0, shuffle=True, device=None, pin_memory=False):
         if not isinstance(data, torch.Tensor) or data.dim() != 3:
@@ -29,8 +34,7 @@ class TensorBatches:
         if self._order is None or self._order[0] != self.epoch:
             n = self.data.shape[0]
             if self.shuffle:
-                g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
-                perm = torch.randperm(n, generator=g)
+                perm = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
             else:
                 perm = torch.arange(n)
             self._order = (self.epoch, perm)

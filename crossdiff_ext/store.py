@@ -18,6 +18,8 @@ import threading
 import numpy as np
 import torch
 
+from .data import epoch_generator
+
 FORMAT = "crossdiff-activation-store/1"
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "bfloat16": (np.uint16, torch.bfloat16)}
@@ -268,7 +270,7 @@ class StoreBatches:
     def _epoch_order(self, epoch):
         if self._order is None or self._order[0] != epoch:
             n = len(self.store)
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+            g = epoch_generator(self.seed, epoch)
             starts = torch.arange(0, n, self.window)[torch.randperm((n + self.window - 1) // self.window, generator=g)]
             parts = [s + torch.randperm(min(self.window, n - int(s)), generator=g) for s in starts]
             self._order = (epoch, torch.cat(parts))

@@ -171,6 +171,14 @@ def _init_b_dec(cc, x, config):
                 cc.b_dec[m].copy_(losses.geometric_median(x[:, m]).to(cc.b_dec.dtype))
 
 
+def adam(params, **kwargs):
+    """torch.optim.Adam, fused where this torch and device support it (one kernel per step), foreach otherwise."""
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
 def fraction_of_variance_explained(x, recon):
     """(overall, [per model]) FVE = 1 - sum ||x - xhat||^2 / sum ||x - mean x||^2 over the batch."""
     x, recon = x.float(), recon.float()
@@ -194,11 +202,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
     source = as_batches(data, config.batch_size, seed=config.seed, device=device)
     params = list(cc.parameters())
     lr = config.learning_rate(cc.dict_size)
-    opt_kwargs = dict(lr=lr, betas=tuple(config.betas))
-    try:
-        opt = torch.optim.Adam(params, fused=True, **opt_kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.Adam(params, **opt_kwargs)
+    opt = adam(params, lr=lr, betas=tuple(config.betas))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
@@ -248,8 +252,9 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             else:
                 terms["l1"] = losses.l1_penalty(out.codes, cc.decoder_norm_weights())
                 loss = recon_loss + config.l1_coefficient * terms["l1"]
-            values = {name: float(t.detach()) for name, t in terms.items()}
-            if not math.isfinite(float(loss.detach())):
+            loss_value = float(loss.detach())  # the step's one host sync
+            if not math.isfinite(loss_value):
+                values = {name: float(t.detach()) for name, t in terms.items()}
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1}: {values}; the weights were not updated"
                     + (f"; the last good checkpoint is {latest_checkpoint(config.checkpoint_dir)}"
@@ -265,7 +270,8 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
-                last = dict(step=step, loss=float(loss.detach()), **values, lr=lr_used,
+                values = {name: float(t.detach()) for name, t in terms.items()}
+                last = dict(step=step, loss=loss_value, **values, lr=lr_used,
                             grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
                             fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
                             dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),

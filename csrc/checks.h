@@ -110,4 +110,46 @@ inline void check_rows_dense(const at::Tensor& dense, const char* name, const at
   check_same_device(dense, name, W, "W");
 }
 
+inline void check_sparse_values_grad(const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& row_ptr,
+                                     const at::Tensor& W) {
+  check_rank(indices, 1, "indices", "[nnz]");
+  check_index(indices, "indices");
+  check_rank(row_ptr, 1, "row_ptr", "[B+1]");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr.scalar_type());
+  check_rank(W, 3, "W", "[F, M, d]");
+  check_floating(W, "W");
+  check_rows_dense(grad_out, "grad_out", row_ptr, W);
+  check_same_device(indices, "indices", W, "W");
+  check_same_device(row_ptr, "row_ptr", W, "W");
+}
+
+inline void check_latent_order(const at::Tensor& indices, const at::Tensor& row_ptr, int64_t n_latents) {
+  check_rank(indices, 1, "indices", "[nnz]");
+  check_index(indices, "indices");
+  check_rank(row_ptr, 1, "row_ptr", "[B+1]");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr.scalar_type());
+  TORCH_CHECK(row_ptr.size(0) >= 1, "row_ptr must have B+1 >= 1 entries");
+  TORCH_CHECK(n_latents >= 1, "n_latents must be >= 1, got ", n_latents);
+  check_same_device(indices, "indices", row_ptr, "row_ptr");
+}
+
+inline void check_sparse_weight_grad(const at::Tensor& values, const at::Tensor& dense, const at::Tensor& col_ptr,
+                                     const at::Tensor& perm, const at::Tensor& rows) {
+  check_rank(values, 1, "values", "[nnz]");
+  check_floating(values, "values");
+  check_rank(dense, 3, "dense", "[B, M, d]");
+  check_same_dtype(values, "values", dense, "dense");
+  check_same_device(values, "values", dense, "dense");
+  check_rank(col_ptr, 1, "col_ptr", "[F+1]");
+  TORCH_CHECK(col_ptr.size(0) >= 2, "col_ptr must have F+1 >= 2 entries, got ", col_ptr.size(0));
+  for (const auto& [t, name] : {std::pair{&col_ptr, "col_ptr"}, {&perm, "perm"}, {&rows, "rows"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
+    check_same_device(values, "values", *t, name);
+  }
+  check_rank(perm, 1, "perm", "[nnz]");
+  check_rank(rows, 1, "rows", "[nnz]");
+  TORCH_CHECK(perm.size(0) == values.size(0) && rows.size(0) == values.size(0),
+              "perm and rows must have nnz = ", values.size(0), " entries, got ", perm.size(0), " and ", rows.size(0));
+}
+
 }  // namespace crossdiff

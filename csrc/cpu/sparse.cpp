@@ -98,15 +98,7 @@ void values_grad_rows(const at::Tensor& grad_out, const at::Tensor& indices, con
 
 at::Tensor sparse_values_grad_cpu(const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& row_ptr,
                                   const at::Tensor& W_in) {
-  check_rank(indices, 1, "indices", "[nnz]");
-  check_index(indices, "indices");
-  check_rank(row_ptr, 1, "row_ptr", "[B+1]");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr.scalar_type());
-  check_rank(W_in, 3, "W", "[F, M, d]");
-  check_floating(W_in, "W");
-  check_rows_dense(grad_out, "grad_out", row_ptr, W_in);
-  check_same_device(indices, "indices", W_in, "W");
-  check_same_device(row_ptr, "row_ptr", W_in, "W");
+  check_sparse_values_grad(grad_out, indices, row_ptr, W_in);
   const at::Tensor W = W_in.contiguous(), g = grad_out.contiguous(), idx = indices.contiguous(), rp = row_ptr.contiguous();
   at::Tensor grad_values = at::empty({indices.size(0)}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "sparse_values_grad_cpu", [&] {
@@ -143,13 +135,7 @@ void counting_sort(const at::Tensor& indices, const at::Tensor& row_ptr, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_order_cpu(const at::Tensor& indices, const at::Tensor& row_ptr,
                                                                 int64_t n_latents) {
-  check_rank(indices, 1, "indices", "[nnz]");
-  check_index(indices, "indices");
-  check_rank(row_ptr, 1, "row_ptr", "[B+1]");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr.scalar_type());
-  TORCH_CHECK(row_ptr.size(0) >= 1, "row_ptr must have B+1 >= 1 entries");
-  TORCH_CHECK(n_latents >= 1, "n_latents must be >= 1, got ", n_latents);
-  check_same_device(indices, "indices", row_ptr, "row_ptr");
+  check_latent_order(indices, row_ptr, n_latents);
   const at::Tensor idx = indices.contiguous(), rp = row_ptr.contiguous();
   auto opts = indices.options().dtype(at::kLong);
   at::Tensor col_ptr = at::empty({n_latents + 1}, opts), perm = at::empty({idx.size(0)}, opts),
@@ -197,21 +183,7 @@ void weight_grad_latents(const at::Tensor& values, const at::Tensor& dense, cons
 std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cpu(const at::Tensor& values, const at::Tensor& dense,
                                                           const at::Tensor& col_ptr, const at::Tensor& perm,
                                                           const at::Tensor& rows) {
-  check_rank(values, 1, "values", "[nnz]");
-  check_floating(values, "values");
-  check_rank(dense, 3, "dense", "[B, M, d]");
-  check_same_dtype(values, "values", dense, "dense");
-  check_same_device(values, "values", dense, "dense");
-  check_rank(col_ptr, 1, "col_ptr", "[F+1]");
-  TORCH_CHECK(col_ptr.size(0) >= 2, "col_ptr must have F+1 >= 2 entries, got ", col_ptr.size(0));
-  for (const auto& [t, name] : {std::pair{&col_ptr, "col_ptr"}, {&perm, "perm"}, {&rows, "rows"}}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-    check_same_device(values, "values", *t, name);
-  }
-  check_rank(perm, 1, "perm", "[nnz]");
-  check_rank(rows, 1, "rows", "[nnz]");
-  TORCH_CHECK(perm.size(0) == values.size(0) && rows.size(0) == values.size(0),
-              "perm and rows must have nnz = ", values.size(0), " entries, got ", perm.size(0), " and ", rows.size(0));
+  check_sparse_weight_grad(values, dense, col_ptr, perm, rows);
   const int64_t F = col_ptr.size(0) - 1;
   const at::Tensor v = values.contiguous(), x = dense.contiguous();
   at::Tensor grad_W = at::empty({F, dense.size(1), dense.size(2)}, dense.options());

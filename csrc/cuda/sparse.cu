@@ -174,6 +174,15 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ values, const sc
   if (sums_here) sums[latent] = total;
 }
 
+// Calls fn with std::integral_constant<int, VEC>: the 16-byte width V when `vec`, else 1.
+template <int V, typename Fn>
+void with_vec(bool vec, Fn&& fn) {
+  if (vec)
+    fn(std::integral_constant<int, V>{});
+  else
+    fn(std::integral_constant<int, 1>{});
+}
+
 // Calls fn with an index pointer of the indices tensor's type.
 template <typename Fn>
 void with_index_ptr(const at::Tensor& indices, Fn&& fn) {
@@ -211,10 +220,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values_in, const at::Tensor& ind
             out.data_ptr<scalar_t>(), D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (vec)
-        launch(std::integral_constant<int, V>{});
-      else
-        launch(std::integral_constant<int, 1>{});
+      with_vec<V>(vec, launch);
     });
   });
   return out;
@@ -222,15 +228,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values_in, const at::Tensor& ind
 
 at::Tensor sparse_values_grad_cuda(const at::Tensor& grad_in, const at::Tensor& indices_in, const at::Tensor& row_ptr_in,
                                    const at::Tensor& W_in) {
-  check_rank(indices_in, 1, "indices", "[nnz]");
-  check_index(indices_in, "indices");
-  check_rank(row_ptr_in, 1, "row_ptr", "[B+1]");
-  TORCH_CHECK(row_ptr_in.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr_in.scalar_type());
-  check_rank(W_in, 3, "W", "[F, M, d]");
-  check_floating(W_in, "W");
-  check_rows_dense(grad_in, "grad_out", row_ptr_in, W_in);
-  check_same_device(indices_in, "indices", W_in, "W");
-  check_same_device(row_ptr_in, "row_ptr", W_in, "W");
+  check_sparse_values_grad(grad_in, indices_in, row_ptr_in, W_in);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const at::Tensor W = W_in.contiguous(), grad = grad_in.contiguous(), indices = indices_in.contiguous(),
                    row_ptr = row_ptr_in.contiguous();
@@ -254,10 +252,7 @@ at::Tensor sparse_values_grad_cuda(const at::Tensor& grad_in, const at::Tensor& 
             out.data_ptr<scalar_t>(), nnz, D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (vec)
-        launch(std::integral_constant<int, V>{});
-      else
-        launch(std::integral_constant<int, 1>{});
+      with_vec<V>(vec, launch);
     });
   });
   return out;
@@ -265,13 +260,7 @@ at::Tensor sparse_values_grad_cuda(const at::Tensor& grad_in, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_order_cuda(const at::Tensor& indices_in, const at::Tensor& row_ptr_in,
                                                                  int64_t n_latents) {
-  check_rank(indices_in, 1, "indices", "[nnz]");
-  check_index(indices_in, "indices");
-  check_rank(row_ptr_in, 1, "row_ptr", "[B+1]");
-  TORCH_CHECK(row_ptr_in.scalar_type() == at::kLong, "row_ptr must be int64, got ", row_ptr_in.scalar_type());
-  TORCH_CHECK(row_ptr_in.size(0) >= 1, "row_ptr must have B+1 >= 1 entries");
-  check_same_device(indices_in, "indices", row_ptr_in, "row_ptr");
-  TORCH_CHECK(n_latents >= 1, "n_latents must be >= 1, got ", n_latents);
+  check_latent_order(indices_in, row_ptr_in, n_latents);
   const c10::cuda::CUDAGuard guard(indices_in.device());
   const at::Tensor indices = indices_in.contiguous(), row_ptr = row_ptr_in.contiguous();
   const int64_t B = row_ptr.size(0) - 1, nnz = indices.size(0), F = n_latents;
@@ -309,23 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_order_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& values_in, const at::Tensor& dense_in,
                                                            const at::Tensor& col_ptr_in, const at::Tensor& perm_in,
                                                            const at::Tensor& rows_in) {
-  check_rank(values_in, 1, "values", "[nnz]");
-  check_floating(values_in, "values");
-  check_rank(dense_in, 3, "dense", "[B, M, d]");
-  check_same_dtype(values_in, "values", dense_in, "dense");
-  check_same_device(values_in, "values", dense_in, "dense");
-  auto check_order = [&](const at::Tensor& t, const char* name, const char* shape) {
-    check_rank(t, 1, name, shape);
-    TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
-    check_same_device(values_in, "values", t, name);
-  };
-  check_order(col_ptr_in, "col_ptr", "[F+1]");
-  check_order(perm_in, "perm", "[nnz]");
-  check_order(rows_in, "rows", "[nnz]");
-  TORCH_CHECK(perm_in.size(0) == values_in.size(0) && rows_in.size(0) == values_in.size(0),
-              "perm and rows must have nnz = ", values_in.size(0), " entries, got ", perm_in.size(0), " and ",
-              rows_in.size(0));
-  TORCH_CHECK(col_ptr_in.size(0) >= 2, "col_ptr must have F+1 >= 2 entries");
+  check_sparse_weight_grad(values_in, dense_in, col_ptr_in, perm_in, rows_in);
   const c10::cuda::CUDAGuard guard(dense_in.device());
   const at::Tensor values = values_in.contiguous(), dense = dense_in.contiguous(), col_ptr = col_ptr_in.contiguous(),
                    perm = perm_in.contiguous(), rows = rows_in.contiguous();
@@ -345,10 +318,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& val
           rows.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), sums.data_ptr<float>(), D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec)
-      launch(std::integral_constant<int, V>{});
-    else
-      launch(std::integral_constant<int, 1>{});
+    with_vec<V>(vec, launch);
   });
   return {grad, sums};
 }
