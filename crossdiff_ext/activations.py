@@ -19,11 +19,42 @@ import torch
 from .store import ActivationStore, StoreWriter
 
 
+def _record(record, where):
+    """A document from a JSONL line or a dataset row: its "messages" (chat) or "text"."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, (list, tuple)):
+        return list(record)
+    if hasattr(record, "keys"):
+        if record.get("messages") is not None:
+            return list(record["messages"])
+        if record.get("text") is not None:
+            return record["text"]
+        raise ValueError(f"{where}: a record needs 'text' or 'messages', got keys {sorted(record.keys())}")
+    raise ValueError(f"{where}: a document must be a string, a message list or a record, got {type(record).__name__}")
+
+
+def _hub_dataset(spec):
+    """"hf:NAME[:SPLIT]" -> the rows of datasets.load_dataset(NAME, split=SPLIT or "train")."""
+    name, _, split = spec[3:].partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"data {spec!r} is a Hugging Face dataset and needs the datasets package "
+                          "(pip install datasets)") from None
+    return datasets.load_dataset(name, split=split or "train")
+
+
 def read_documents(source):
     """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
-    non-empty line), a directory of those, or a list of strings / message lists."""
-    if isinstance(source, (list, tuple)):
-        return list(source)
+    non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
+    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset)."""
+    if isinstance(source, str) and source.startswith("hf:"):
+        source = _hub_dataset(source)
+    if not isinstance(source, (str, os.PathLike)):
+        if not hasattr(source, "__iter__"):
+            raise ValueError(f"data must be a path, 'hf:NAME' or an iterable of documents, got {type(source).__name__}")
+        return [_record(r, f"document {i}") for i, r in enumerate(source)]
     path = os.fspath(source)
     if os.path.isdir(path):
         docs = []
@@ -44,12 +75,9 @@ def read_documents(source):
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{i}: not JSON ({err})") from None
-                if "messages" in record:
-                    docs.append(record["messages"])
-                elif "text" in record:
-                    docs.append(record["text"])
-                else:
-                    raise ValueError(f"{path}:{i}: a record needs 'text' or 'messages', got keys {sorted(record)}")
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+                docs.append(_record(record, f"{path}:{i}"))
             else:
                 docs.append(line)
     return docs

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from .crosscoder import CrossCoder
 
-FORMAT, FORMAT_VERSION = "crossdiff_ext", 1
+# Version 2 added target_rms and the input-normalisation buffers; version 1 files read as target_rms=None.
+FORMAT, FORMAT_VERSION = "crossdiff_ext", 2
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CC_ARGS = set(inspect.signature(CrossCoder).parameters) - {"device"}
@@ -214,8 +215,9 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
     path_or_state_dict: a state dict; a hub directory (model.safetensors + config.json); a .safetensors file (a
     config.json beside it is cross-checked when present); or a torch file (.pt/.pth/.bin). A `k` buffer means a
     BatchTopKCrossCoder (activation "batch_topk", its threshold is kept), none the L1 CrossCoder ("relu").
-    dtype defaults to the checkpoint's. Only the CROSSCODER code normalisation and no input normalisation are
-    supported: anything else raises rather than loading a model that would select different latents.
+    dtype defaults to the checkpoint's. Only the CROSSCODER code normalisation is supported, and input
+    normalisation only as the per-model global scale (keep_relative_variance=True, loaded as target_rms): anything
+    else raises rather than loading a model that would select different latents.
     """
     if isinstance(path_or_state_dict, Mapping):
         state, config, source = path_or_state_dict, None, "state dict"
@@ -254,12 +256,23 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
     if "threshold" in state and state["threshold"].numel() != 1:
         raise ValueError(f"{source}: threshold has shape {tuple(state['threshold'].shape)}, expected a scalar; a "
                          f"per-model threshold [M] = [{M}] is the DECOUPLED code normalisation, not supported")
-    # The library's normaliser is a no-op while its mean/std are NaN-filled (the default); real statistics would
-    # mean the crosscoder expects normalised inputs, which we do not apply yet.
-    stats = [k for k in ("activation_mean", "activation_std") if k in state and not torch.isnan(state[k]).any()]
-    if stats:
-        raise ValueError(f"{source}: {', '.join(stats)} hold input-normalisation statistics; input normalisation is "
-                         "not supported yet (only checkpoints trained without it load)")
+    # The library's normaliser is a no-op unless both mean and std are real (its default is NaN-filled); with
+    # them, it maps x -> (x - mean) * global_scale per model (keep_relative_variance=True), as our target_rms.
+    normalizer = None
+    if all(k in state and not torch.isnan(state[k]).any() for k in ("activation_mean", "activation_std")):
+        if config is not None and config.get("keep_relative_variance") is False:
+            raise ValueError(f"{source}: keep_relative_variance=False (per-feature standardisation) is not supported; "
+                             "only the per-model global scale (keep_relative_variance=True) is")
+        for key in ("activation_mean", "activation_std"):
+            _expect_shape(state, key, (M, d), source, "[M, d]")
+        target_rms = float(_scalar(state, "target_rms", source)) if "target_rms" in state else 1.0
+        std = state["activation_std"].double()
+        scale = state.get("activation_global_scale")
+        if scale is None:
+            scale = target_rms / (std.pow(2).sum(-1) + 1e-8).sqrt()
+        _expect_shape(dict(activation_global_scale=scale), "activation_global_scale", (M,), source, "[M]")
+        normalizer = dict(target_rms=target_rms, input_mean=state["activation_mean"], input_std=std,
+                          input_scale=scale)
 
     k = int(_scalar(state, "k", source)) if "k" in state else None
     if config is not None:
@@ -270,11 +283,12 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
         if dtype not in _DTYPES.values():
             raise ValueError(f"{source}: encoder.weight is {dtype}; pass dtype= one of {sorted(_DTYPES)}")
     cc_config = dict(d_model=d, dict_size=F, n_models=M, k=k, activation="batch_topk" if k is not None else "relu",
-                     dtype=_dtype(dtype, "dtype"))
+                     dtype=_dtype(dtype, "dtype"), target_rms=normalizer and normalizer.pop("target_rms"))
     ours = {"W_enc": enc.permute(2, 0, 1), "b_enc": state["encoder.bias"],
             "W_dec": state["decoder.weight"].permute(1, 0, 2), "b_dec": state["decoder.bias"],
             "threshold": state["threshold"].reshape(()) if "threshold" in state else torch.tensor(-1.0),
             "num_batches_tracked": torch.tensor(0)}
+    ours.update(normalizer or {})
     return _build(cc_config, ours, device)
 
 
@@ -295,8 +309,9 @@ def _check_hub_config(config, M, d, F, k, source):
 
 def to_dictionary_learning(model, *, normalizer_buffers=False):
     """The CrossCoder as a dictionary_learning state dict (torch.save it for their CrossCoder /
-    BatchTopKCrossCoder.from_pretrained). Newer versions of the library also expect its (unused, NaN-filled)
-    input-normaliser buffers: pass normalizer_buffers=True for those."""
+    BatchTopKCrossCoder.from_pretrained). A crosscoder with target_rms exports its normaliser as the library's
+    buffers; without one, newer versions of the library still expect the (unused, NaN-filled) normaliser buffers:
+    pass normalizer_buffers=True for those."""
     def own(t):  # a contiguous copy, never a view of the module's storage
         return t.detach().clone(memory_format=torch.contiguous_format)
 
@@ -307,7 +322,10 @@ def to_dictionary_learning(model, *, normalizer_buffers=False):
     if model.activation == "batch_topk":
         state["k"] = torch.tensor(model.k, dtype=torch.int32, device=dev)
         state["threshold"] = own(model.threshold).float()
-    if normalizer_buffers:
+    if model.target_rms is not None:
+        state.update(target_rms=torch.tensor(model.target_rms, device=dev), activation_mean=own(model.input_mean),
+                     activation_std=own(model.input_std), activation_global_scale=own(model.input_scale))
+    elif normalizer_buffers:
         M, d = model.n_models, model.d_model
         state.update(target_rms=torch.tensor(1.0, device=dev), activation_mean=torch.full((M, d), math.nan, device=dev),
                      activation_std=torch.full((M, d), math.nan, device=dev),

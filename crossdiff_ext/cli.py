@@ -65,19 +65,31 @@ def collect(args):
     return 0
 
 
-def train(args):
+def train(args, parser):
     import crossdiff_ext as cx
     from crossdiff_ext.store import ActivationStore
 
-    store = ActivationStore(args.store)
+    if args.mix is not None and len(args.mix) != len(args.store):
+        parser.error(f"--mix needs one fraction per --store ({len(args.store)}), got {len(args.mix)}")
+    stores = [ActivationStore(path) for path in args.store]
+    if len({(s.n_models, s.d_model) for s in stores}) != 1:
+        parser.error(f"the stores' shapes differ: {[(s.path, s.n_models, s.d_model) for s in stores]}")
+    if len(stores) == 1:
+        data = stores[0]
+    else:
+        fractions = args.mix or [1.0 / len(stores)] * len(stores)
+        data = cx.MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed,
+                               device=args.device)
+    store = stores[0]
     torch.manual_seed(args.seed)
     cc = cx.CrossCoder(store.d_model, args.dict_size, store.n_models,
                        k=args.k if args.activation == "batch_topk" else None, activation=args.activation,
-                       device=args.device)
+                       device=args.device, target_rms=args.target_rms)
     config = cx.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
-                            reconstruction=args.reconstruction, progress=not args.quiet)
-    result = cx.train(cc, store, config, resume=args.resume)
+                            reconstruction=args.reconstruction, l1_coefficient=args.l1_coefficient,
+                            mixed_precision=args.mixed_precision, progress=not args.quiet)
+    result = cx.train(cc, data, config, resume=args.resume)
     print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
     return 0
 
@@ -101,7 +113,8 @@ def main(argv=None):
     p.add_argument("--base", required=True, help="base model: directory or hub name")
     p.add_argument("--chat", required=True, help="fine-tuned model: directory or hub name (its tokenizer is used)")
     p.add_argument("--layer", type=int, required=True, help="residual stream after this block (0-based)")
-    p.add_argument("--data", required=True, help="JSONL ({'text'} or {'messages'} per line), .txt, or a directory")
+    p.add_argument("--data", required=True, help="JSONL ({'text'} or {'messages'} per line), .txt, a directory of "
+                   "those, or hf:NAME[:SPLIT] (a Hugging Face dataset; needs the datasets package)")
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--context-length", type=int, default=1024)
@@ -115,7 +128,9 @@ def main(argv=None):
     p.set_defaults(fn=collect)
 
     p = sub.add_parser("train", help="train a crosscoder on an activation store")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, action="append", help="activation store; repeat to mix several")
+    p.add_argument("--mix", type=float, nargs="+", default=None,
+                   help="fraction of every batch per --store, in order (default: equal shares)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--dict-size", type=int, required=True)
     p.add_argument("-k", type=int, default=100)
@@ -124,12 +139,17 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=None, help="default: SPEC's 2e-4 / sqrt(F / 2^14)")
     p.add_argument("--reconstruction", default="l2", choices=["l2", "squared"])
+    p.add_argument("--l1-coefficient", type=float, default=0.041, help="mu of the L1 crosscoder (--activation relu)")
+    p.add_argument("--target-rms", type=float, default=None,
+                   help="normalise each model's inputs to this RMS norm (statistics from the stores; saved)")
+    p.add_argument("--mixed-precision", default=None, choices=["bf16", "fp16"],
+                   help="fp32 master weights, compute in bf16/fp16")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=train)
+    p.set_defaults(fn=lambda args: train(args, p))
     args = parser.parse_args(argv)
     return args.fn(args)
 

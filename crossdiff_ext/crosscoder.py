@@ -53,11 +53,22 @@ class CrossCoder(nn.Module):
     Evaluation-mode encoding keeps f where f * w > threshold. activation="relu" is the L1 crosscoder: every
     positive f is kept; its forward runs the decoder and backward densely when more than `dense_code_density` of
     the batch's [B, F] codes are active (cheaper there), sparsely otherwise.
+
+    Input normalisation (target_rms set): the crosscoder works on x_n[:, m] = (x[:, m] - input_mean[m]) *
+    input_scale[m] with input_scale[m] = target_rms / sqrt(sum_i input_std[m, i]^2), so every model's centred
+    activations have RMS norm target_rms and no model dominates the loss by its scale (the normaliser of the
+    paper's dictionary_learning code, keep_relative_variance=True). encode/forward take raw activations and
+    decode/forward return raw ones (the normalisation is undone); normalized=True skips both maps for inputs
+    already in the normalised space, which is where the trainer computes the loss. The statistics are buffers,
+    saved with the model; set them with set_input_normalization (cx.train does it from the data).
+
+    compute_dtype (an attribute, not saved): when set to a narrower dtype than the parameters', the ops run on
+    copies of the weights cast to it (mixed precision with fp32 master weights) and inputs must have it.
     """
 
     def __init__(self, d_model, dict_size, n_models=2, k=None, activation="batch_topk", *, dtype=torch.float32,
                  device=None, threshold_start_step=1000, threshold_beta=0.999,
-                 dense_code_density=DENSE_CODE_DENSITY):
+                 dense_code_density=DENSE_CODE_DENSITY, target_rms=None):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -75,6 +86,11 @@ class CrossCoder(nn.Module):
             raise ValueError(f"dense_code_density must be in [0, 1], got {dense_code_density}")
         if not 0.0 <= threshold_beta < 1.0:
             raise ValueError(f"threshold_beta must be in [0, 1), got {threshold_beta}")
+        if target_rms is not None and not (isinstance(target_rms, (int, float)) and not isinstance(target_rms, bool)
+                                           and math.isfinite(target_rms) and target_rms > 0):
+            raise ValueError(f"target_rms must be a finite number > 0 or None, got {target_rms!r}")
+        self.target_rms = None if target_rms is None else float(target_rms)
+        self.compute_dtype = None
         self.d_model, self.dict_size, self.n_models = d_model, dict_size, n_models
         self.k, self.activation = k, activation
         self.threshold_start_step, self.threshold_beta = int(threshold_start_step), float(threshold_beta)
@@ -87,13 +103,20 @@ class CrossCoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(n_models, d_model, **factory))
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=device))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.int64, device=device))
+        if self.target_rms is not None:
+            # fp32 whatever the parameters' dtype; identity until set_input_normalization is called.
+            stats = dict(dtype=torch.float32, device=device)
+            self.register_buffer("input_mean", torch.zeros(n_models, d_model, **stats))
+            self.register_buffer("input_std", torch.ones(n_models, d_model, **stats))
+            self.register_buffer("input_scale", torch.ones(n_models, **stats))
         self.reset_parameters()
 
     def config(self):
         """Constructor arguments (what config.json stores)."""
         return dict(d_model=self.d_model, dict_size=self.dict_size, n_models=self.n_models, k=self.k,
                     activation=self.activation, threshold_start_step=self.threshold_start_step,
-                    threshold_beta=self.threshold_beta, dense_code_density=self.dense_code_density, dtype=str(self.W_enc.dtype).removeprefix("torch."))
+                    threshold_beta=self.threshold_beta, dense_code_density=self.dense_code_density,
+                    target_rms=self.target_rms, dtype=str(self.W_enc.dtype).removeprefix("torch."))
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -113,6 +136,57 @@ class CrossCoder(nn.Module):
         self.threshold.fill_(-1.0)
         self.num_batches_tracked.zero_()
 
+    # ------------------------------------------------------------------------------------ input normalisation
+
+    @torch.no_grad()
+    def set_input_normalization(self, mean, variance):
+        """Set the normaliser from the raw activations' per-model, per-feature mean and variance [M, d] (e.g.
+        ActivationStore.mean / .variance): input_scale[m] = target_rms / sqrt(sum_i variance[m, i] + 1e-8)."""
+        if self.target_rms is None:
+            raise ValueError("set_input_normalization needs a crosscoder built with target_rms (e.g. 1.0)")
+        expected = (self.n_models, self.d_model)
+        for name, t in (("mean", mean), ("variance", variance)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a tensor [M, d] = {list(expected)}, got {shape}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds non-finite values")
+        if bool((variance < 0).any()):
+            raise ValueError("variance must be >= 0")
+        variance = variance.to(self.input_std.device, torch.float64)
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(variance.sqrt())
+        self.input_scale.copy_(self.target_rms / (variance.sum(1) + 1e-8).sqrt())
+
+    def normalize(self, x):
+        """Raw activations [B, M, d] -> the crosscoder's input space (x unchanged without target_rms). Computed
+        in fp32, returned in x's dtype."""
+        if self.target_rms is None:
+            return x
+        return ((x.float() - self.input_mean) * self.input_scale[:, None]).to(x.dtype)
+
+    def denormalize(self, y):
+        """Inverse of normalize: [B, M, d] in the crosscoder's space -> raw activations."""
+        if self.target_rms is None:
+            return y
+        return (y.float() / self.input_scale[:, None] + self.input_mean).to(y.dtype)
+
+    # -------------------------------------------------------------------------------------------- precision
+
+    @property
+    def input_dtype(self):
+        """The dtype inputs must have: compute_dtype when set, else the parameters'."""
+        return self.compute_dtype or self.W_enc.dtype
+
+    def _weights(self):
+        """(W_enc, b_enc, W_dec, b_dec) in the compute dtype: differentiable casts of the fp32 master weights
+        under mixed precision, the parameters themselves otherwise."""
+        params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        dtype = self.compute_dtype
+        if dtype is None or dtype == self.W_enc.dtype:
+            return params
+        return tuple(p.to(dtype) for p in params)
+
     def decoder_norm_weights(self):
         """w_j = sum_m ||W_dec[j, m]||_2 in fp32, detached (selection is not differentiated)."""
         return torch.linalg.vector_norm(self.W_dec.detach(), dim=2, dtype=torch.float32).sum(1)
@@ -129,17 +203,19 @@ class CrossCoder(nn.Module):
             raise ValueError(f"x must have shape [B, M, d] = [B, {self.n_models}, {self.d_model}], got {tuple(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError("x must have at least one row (B >= 1)")
-        if x.dtype != self.W_enc.dtype:
-            raise ValueError(f"x must have the crosscoder's dtype {self.W_enc.dtype}, got {x.dtype}")
+        if x.dtype != self.input_dtype:
+            what = "compute dtype" if self.compute_dtype else "dtype"
+            raise ValueError(f"x must have the crosscoder's {what} {self.input_dtype}, got {x.dtype}")
         if x.device != self.W_enc.device:
             raise ValueError(f"x must be on the crosscoder's device {self.W_enc.device}, got {x.device}")
         return x
 
-    def _encode(self, x, use_threshold):
+    def _encode(self, x, use_threshold, weights):
         B, F = x.shape[0], self.dict_size
+        W_enc, b_enc = weights[0], weights[1]
         if self.activation == "relu":
             w = torch.ones(F, dtype=torch.float32, device=x.device)
-            return encode_sparse(x, self.W_enc, self.b_enc, w, "threshold", 0.0)
+            return encode_sparse(x, W_enc, b_enc, w, "threshold", 0.0)
         use_threshold = (not self.training) if use_threshold is None else use_threshold
         w = self.decoder_norm_weights()
         if use_threshold:
@@ -148,10 +224,10 @@ class CrossCoder(nn.Module):
                 raise RuntimeError(
                     "the inference threshold is unset (-1): train in training mode past threshold_start_step "
                     f"({self.threshold_start_step} batches), set cc.threshold, or call encode(x, use_threshold=False)")
-            return encode_sparse(x, self.W_enc, self.b_enc, w, "threshold", theta)
+            return encode_sparse(x, W_enc, b_enc, w, "threshold", theta)
         if not 1 <= self.k <= F:
             raise ValueError(f"k must be in [1, dict_size = {F}] (K = k * B <= B * F), got k = {self.k}")
-        out = encode_sparse(x, self.W_enc, self.b_enc, w, "topk", self.k * B)
+        out = encode_sparse(x, W_enc, b_enc, w, "topk", self.k * B)
         if self.training:
             self._track_threshold(out[3])
         return out
@@ -166,34 +242,47 @@ class CrossCoder(nn.Module):
         self.threshold.copy_(torch.where(keep, self.threshold, new))
         self.num_batches_tracked.add_(1)
 
-    def encode(self, x, use_threshold=None):
+    def encode(self, x, use_threshold=None, *, normalized=False):
         """x [B, M, d] (or a tuple of M [B, d]) -> SparseCodes. use_threshold None: threshold in eval mode,
-        batch top-k in training mode."""
+        batch top-k in training mode. normalized=True: x is already in the normalised space (see class doc)."""
         x = self._as_batch(x)
-        values, indices, row_ptr, _ = self._encode(x, use_threshold)
+        if not normalized:
+            x = self.normalize(x)
+        values, indices, row_ptr, _ = self._encode(x, use_threshold, self._weights())
         return SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
 
-    def decode(self, codes):
-        """SparseCodes -> xhat [B, M, d] = codes W_dec + b_dec."""
+    def decode(self, codes, *, normalized=False):
+        """SparseCodes -> xhat [B, M, d] = codes W_dec + b_dec, mapped back to raw activations unless
+        normalized=True."""
         if codes.n_latents != self.dict_size:
             raise ValueError(f"codes have {codes.n_latents} latents, the crosscoder has {self.dict_size}")
-        return decode_sparse(codes.values, codes.indices, codes.row_ptr, self.W_dec, self.b_dec)
+        return self._decode(codes, self._weights(), normalized)
 
-    def forward(self, x):
+    def _decode(self, codes, weights, normalized):
+        recon = decode_sparse(codes.values, codes.indices, codes.row_ptr, weights[2], weights[3])
+        return recon if normalized else self.denormalize(recon)
+
+    def forward(self, x, *, normalized=False):
+        """x [B, M, d] (raw activations, or normalised ones with normalized=True) -> CrossCoderOutput whose
+        recon is in the same space as x."""
         x = self._as_batch(x)
+        if not normalized:
+            x = self.normalize(x)
+        weights = self._weights()
         if self.activation == "relu":
-            recon, values, indices, row_ptr = relu_crosscoder(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                                              self.dense_code_density)
+            recon, values, indices, row_ptr = relu_crosscoder(x, *weights, self.dense_code_density)
             codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
+            recon = recon if normalized else self.denormalize(recon)
             return CrossCoderOutput(recon, codes, torch.full((), math.inf, device=x.device))
-        values, indices, row_ptr, min_score = self._encode(x, None)
+        values, indices, row_ptr, min_score = self._encode(x, None, weights)
         codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
-        return CrossCoderOutput(self.decode(codes), codes, min_score)
+        return CrossCoderOutput(self._decode(codes, weights, normalized), codes, min_score)
 
     def extra_repr(self):
         k = f", k={self.k}" if self.k is not None else ""
+        rms = f", target_rms={self.target_rms}" if self.target_rms is not None else ""
         return (f"d_model={self.d_model}, dict_size={self.dict_size}, n_models={self.n_models}, "
-                f"activation={self.activation!r}{k}, dtype={self.W_enc.dtype}")
+                f"activation={self.activation!r}{k}{rms}, dtype={self.W_enc.dtype}")
 
     def save_pretrained(self, directory):
         from .checkpoints import save_pretrained

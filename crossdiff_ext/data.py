@@ -136,6 +136,34 @@ class MixedBatches:
                 source.close()
 
 
+def _moments(tensor, chunk=8192):
+    """(mean, population variance) [M, d] in float64 of a tensor [N, M, d], in chunks of rows."""
+    n = tensor.shape[0]
+    mean = sum(c.double().sum(0) for c in tensor.split(chunk)) / n
+    var = sum((c.double() - mean).pow(2).sum(0) for c in tensor.split(chunk)) / n
+    return mean, var
+
+
+def statistics(source):
+    """(mean, variance) [M, d] float64 of everything a batch source draws from, or None when that is unknown
+    (an iterable). A mixture weights each source's moments by its share of every batch."""
+    from .store import StoreBatches
+
+    if isinstance(source, TensorBatches):
+        return _moments(source.data)
+    if isinstance(source, StoreBatches):
+        return source.store.mean.double(), source.store.variance.double()
+    if isinstance(source, MixedBatches):
+        parts = [statistics(s) for s in source.sources]
+        if any(p is None for p in parts):
+            return None
+        weights = [c / source.batch_size for c in source.counts]
+        mean = sum(w * m for w, (m, _) in zip(weights, parts))
+        second = sum(w * (v + m.pow(2)) for w, (m, v) in zip(weights, parts))
+        return mean, (second - mean.pow(2)).clamp_min(0)
+    return None
+
+
 def as_batches(data, batch_size, *, seed=0, device=None):
     """A batch source for `data`: a tensor [N, M, d], an object with next()/state_dict() (passed through), or an
     iterable of [B, M, d] batches."""

@@ -14,7 +14,7 @@ def reconstruction_loss(x, recon, kind="l2"):
     ("squared")."""
     if kind not in RECONSTRUCTIONS:
         raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
-    err = (x - recon).float()
+    err = x.float() - recon.float()  # upcast first: a bf16 difference would lose the small errors
     if kind == "l2":
         return torch.linalg.vector_norm(err, dim=-1).mean()
     return err.pow(2).sum(-1).mean()
@@ -57,14 +57,15 @@ def aux_loss(cc, x, recon, dead, k_aux=None):
     if k_aux < 1:
         return zero
     B = x.shape[0]
-    W_enc = cc.W_enc[dead_ids].reshape(n_dead, -1)
-    pre = x.reshape(B, -1) @ W_enc.T + cc.b_enc[dead_ids]
+    # In x's dtype: under mixed precision the fp32 master rows are cast like the main encoder's weights.
+    W_enc = cc.W_enc[dead_ids].reshape(n_dead, -1).to(x.dtype)
+    pre = x.reshape(B, -1) @ W_enc.T + cc.b_enc[dead_ids].to(x.dtype)
     f = torch.relu(pre).float()
     w = cc.decoder_norm_weights()[dead_ids]
     top = torch.topk(f.detach() * w, k_aux, dim=1, sorted=False).indices  # selection is not differentiated
     kept = torch.zeros_like(f).scatter(1, top, f.gather(1, top))
     xhat_aux = kept @ cc.W_dec[dead_ids].reshape(n_dead, -1).float()
-    e = (x - recon).detach().reshape(B, -1).float()
+    e = (x.float() - recon.float()).detach().reshape(B, -1)
     variance = (e - e.mean(0)).pow(2).sum(-1).mean()
     if not bool(variance > 0):
         return zero

@@ -28,9 +28,10 @@ import torch
 
 from . import analysis, losses
 from .crosscoder import CrossCoder
-from .data import as_batches
+from .data import as_batches, statistics
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -49,6 +50,13 @@ class TrainConfig:
     k_aux: Optional[int] = None  # None: d_model // 2 (SPEC)
     l1_coefficient: float = 0.041  # mu of the L1 crosscoder (activation "relu")
     init_b_dec: str = "auto"  # "auto": geometric median of the first batch for BatchTopK, zero for ReLU
+    # Crosscoders built with target_rms: fit the input normaliser at step 0 from the whole data's statistics
+    # (stores: their running mean/variance; tensors: exact; mixtures: by proportion; iterables: the first batch).
+    # False keeps the statistics already set on the crosscoder.
+    fit_normalization: bool = True
+    # None: compute in the parameters' dtype. "bf16" / "fp16": fp32 master weights (the crosscoder must be fp32),
+    # forward and backward in the narrow dtype; "fp16" adds dynamic loss scaling (torch.amp.GradScaler).
+    mixed_precision: Optional[str] = None
     log_every: int = 100
     log_path: Optional[str] = None  # JSONL; default <checkpoint_dir>/log.jsonl when checkpoint_dir is set
     checkpoint_every: int = 0  # 0: only at the end
@@ -79,6 +87,9 @@ class TrainConfig:
                              f"{self.init_b_dec!r}")
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
             raise ValueError(f"TrainConfig.k_aux must be an int >= 1 or None, got {self.k_aux!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"TrainConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, got "
+                             f"{self.mixed_precision!r}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -171,6 +182,13 @@ def _init_b_dec(cc, x, config):
                 cc.b_dec[m].copy_(losses.geometric_median(x[:, m]).to(cc.b_dec.dtype))
 
 
+def _fit_normalization(cc, source, first_batch):
+    stats = statistics(source)
+    if stats is None:  # an iterable: its first batch is all that can be seen without consuming it
+        stats = (first_batch.double().mean(0), first_batch.double().var(0, unbiased=False))
+    cc.set_input_normalization(*stats)
+
+
 def adam(params, **kwargs):
     """torch.optim.Adam, fused where this torch and device support it (one kernel per step), foreach otherwise."""
     try:
@@ -199,11 +217,17 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
         raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
     cc = crosscoder
     device = cc.W_enc.device
+    compute_dtype = MIXED_PRECISION[config.mixed_precision]
+    if compute_dtype is not None and cc.W_enc.dtype != torch.float32:
+        raise ValueError(f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: the "
+                         f"crosscoder must be float32, got {cc.W_enc.dtype}")
     source = as_batches(data, config.batch_size, seed=config.seed, device=device)
     params = list(cc.parameters())
     lr = config.learning_rate(cc.dict_size)
     opt = adam(params, lr=lr, betas=tuple(config.betas))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
+    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
     checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
@@ -221,6 +245,10 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             state = torch.load(fh, map_location="cpu", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if scaler is not None:
+            if "scaler" not in state:
+                raise ValueError(f"{checkpoint}: was not trained with mixed_precision='fp16' (no loss-scaler state)")
+            scaler.load_state_dict(state["scaler"])
         tokens_since_fired.copy_(state["tokens_since_fired"].to(device))
         source.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
@@ -236,13 +264,19 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
         bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
     last = {}
     stop = config.steps if until is None else min(int(until), config.steps)
+    previous_compute_dtype = cc.compute_dtype
     try:
         cc.train()
+        cc.compute_dtype = compute_dtype
         while step < stop:
-            x = source.next().to(cc.W_enc.dtype)  # stores may hold a narrower dtype than the model
+            x = source.next()
+            if step == 0 and cc.target_rms is not None and config.fit_normalization:
+                _fit_normalization(cc, source, x)
+            # The loss lives in the normalised space: that is what balances the models' scales.
+            x = cc.normalize(x.float()).to(cc.input_dtype) if cc.target_rms is not None else x.to(cc.input_dtype)
             if step == 0:
                 _init_b_dec(cc, x, config)
-            out = cc(x)
+            out = cc(x, normalized=True)
             recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction)
             terms = dict(reconstruction=recon_loss)
             if cc.activation == "batch_topk":
@@ -260,11 +294,19 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                     + (f"; the last good checkpoint is {latest_checkpoint(config.checkpoint_dir)}"
                        if config.checkpoint_dir else ""))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # clip the true gradients; the scaler skips a step whose gradients overflowed
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                          if config.grad_clip is not None else None)
             lr_used = opt.param_groups[0]["lr"]
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             schedule.step()
             losses.update_dead_counters(tokens_since_fired, out.codes)
             step += 1
@@ -290,9 +332,11 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                     config.checkpoint_dir, step, cc,
                     dict(step=step, optimizer=opt.state_dict(), schedule=schedule.state_dict(),
                          tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=_rng_state(),
-                         config=dataclasses.asdict(config)),
+                         config=dataclasses.asdict(config),
+                         **({"scaler": scaler.state_dict()} if scaler is not None else {})),
                     config.keep_checkpoints)
     finally:
+        cc.compute_dtype = previous_compute_dtype
         if hasattr(source, "close"):
             source.close()  # stops a store's prefetch thread
         if bar:

@@ -107,6 +107,33 @@ def test_collect_errors_are_clear(pair, data, tmp_path):
         activations.collect(*pair, 1, str(bad), tmp_path / "s4", device="cpu", progress=False)
 
 
+class RowsLikeADataset:
+    """What a datasets.Dataset is to read_documents: an iterable of dict rows (the package is optional)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_dataset_rows_are_documents(pair, data, tmp_path):
+    from_file = activations.read_documents(data)
+    rows = RowsLikeADataset([{"text": d, "id": i} if isinstance(d, str) else {"messages": d, "text": None}
+                             for i, d in enumerate(from_file)])
+    assert activations.read_documents(rows) == from_file
+    a = activations.collect(*pair, 1, data, tmp_path / "a", device="cpu", progress=False)
+    b = activations.collect(*pair, 1, rows, tmp_path / "b", device="cpu", progress=False)
+    assert torch.equal(a[:], b[:]) and torch.equal(a.token_ids(), b.token_ids())
+    with pytest.raises(ValueError, match=r"document 1: a record needs 'text' or 'messages', got keys \['prompt'\]"):
+        activations.read_documents([{"text": "w1"}, {"prompt": "w2"}])
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs the datasets package"):
+            activations.read_documents("hf:some/dataset:train")
+
+
 def test_collect_train_reload(pair, data, tmp_path):
     store = activations.collect(*pair, 1, data, tmp_path / "store", drop_first=1, device="cpu", progress=False)
     cc = cx.CrossCoder(16, 32, 2, k=2)
@@ -127,3 +154,11 @@ def test_command_line_collect_and_train(pair, data, tmp_path, capsys):
     assert "trained 4 steps" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step-")) == [
         "step-00000002", "step-00000004"]
+    # Two stores mixed half and half, with input normalisation and bf16 mixed precision.
+    assert cli.main(["train", "--store", str(tmp_path / "store"), "--store", str(tmp_path / "store"), "--mix", "0.5",
+                     "0.5", "--out", str(tmp_path / "run2"), "--dict-size", "32", "-k", "2", "--steps", "3",
+                     "--batch-size", "16", "--target-rms", "1", "--mixed-precision", "bf16", "--quiet"]) == 0
+    cc = cx.CrossCoder.from_pretrained(tmp_path / "run2" / "step-00000003")
+    assert cc.target_rms == 1.0 and cc.W_enc.dtype == torch.float32 and not torch.equal(cc.input_scale, torch.ones(2))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--store", "a", "--store", "b", "--mix", "1", "--out", "r", "--dict-size", "8"])

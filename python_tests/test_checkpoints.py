@@ -78,7 +78,7 @@ def test_round_trip(tmp_path, activation, M, dtype):
     cc.save_pretrained(tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["format"] == "crossdiff_ext" and config["format_version"] == 1
+    assert config["format"] == "crossdiff_ext" and config["format_version"] == 2
     assert config["dtype"] == str(dtype).removeprefix("torch.")
 
     loaded = cx.CrossCoder.from_pretrained(tmp_path / "ckpt")
@@ -153,8 +153,8 @@ def test_from_pretrained_errors(tmp_path):
     config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "format"}))
     with pytest.raises(ValueError, match="config.json.*not a crossdiff_ext checkpoint"):
         cx.CrossCoder.from_pretrained(tmp_path)
-    config_path.write_text(json.dumps(dict(config, format_version=2)))
-    with pytest.raises(ValueError, match="format_version 2"):
+    config_path.write_text(json.dumps(dict(config, format_version=3)))
+    with pytest.raises(ValueError, match="format_version 3"):
         cx.CrossCoder.from_pretrained(tmp_path)
     config_path.write_text(json.dumps(dict(config, bogus=1)))
     with pytest.raises(ValueError, match="bogus"):
@@ -310,9 +310,8 @@ def with_(sd, **changes):
     (dict(W_aux=torch.randn(3)), r"unknown keys \['W_aux'\]"),
     (dict(k=torch.tensor([1, 2])), r"k must be a scalar tensor, got \(2,\)"),
     (dict(k=torch.tensor(F + 1)), "k must be an int in"),
-    (dict(activation_mean=torch.randn(2, D), activation_std=torch.rand(2, D) + 0.5, target_rms=torch.tensor(1.0)),
-     "activation_mean, activation_std hold input-normalisation"),
-    (dict(activation_mean=torch.randn(2, D)), "activation_mean hold input-normalisation"),
+    (dict(activation_mean=torch.randn(2, D + 1), activation_std=torch.rand(2, D + 1) + 0.5),
+     r"activation_mean has shape \(2, 9\), expected \(2, 8\)"),
 ])
 def test_dictionary_learning_errors(changes, match):
     with pytest.raises(ValueError, match=match):
