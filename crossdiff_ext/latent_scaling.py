@@ -1,0 +1,217 @@
+"""Latent Scaling (SPEC.md, "Reading a crosscoder"): how much each latent explains each model, for every latent
+in one streaming pass.
+
+For latent j with probe direction d_j (the chat decoder row by default) and a per-model target y[n, m],
+    beta_j(target, m) = <d_j, sum_n f_j(n) y[n, m]> / (||d_j||^2 * sum_n f_j(n)^2),
+targets "reconstruction" (y = xhat[n, m], with bias) and "error" (y = x[n, m] - xhat[n, m] + f_j(n) W_dec[j, m],
+the residual with latent j's own contribution added back, whose last term sums to <d_j, W_dec[j, m]> * C_j).
+nu_error = beta_error(base) / beta_error(chat), nu_reconstruction likewise.
+
+How: the probe is contracted before anything is reduced. Per batch, one per-entry dot (the sparse_values_grad
+op, the decoder backward's kernel) gives p[e] = <y[row(e), m], d_j(e)> for every kept code e, and the by-latent
+sums of f * p, f^2, f and 1 over a counting-sort order of the codes (the latent_order op, as in the decoder
+weight gradient) are prefix sums in float64, so they are deterministic. Memory is O(F) per (target, model): no
+[latents, tokens, d] tensor, nothing grows with the number of latents scored.
+
+All of it happens in the crosscoder's input space (normalised when the crosscoder has target_rms), where its
+decoder rows live; codes are the inference-mode codes (threshold for BatchTopK, ReLU for L1).
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import ops
+
+TARGETS = ("reconstruction", "error")
+
+
+@dataclass
+class LatentScalingResult:
+    """beta[(target, m)] [n] for every target and model index m (0 = base, 1 = chat); nu_error and
+    nu_reconstruction [n] (NaN where a target was not computed or a latent never fired); `latents` [n] the ids
+    scored (all F by default); activation_count [n] tokens where the latent fired; activation_sum [n] the sum of
+    its f; tokens the number of tokens seen; probe the model index whose decoder row was the probe."""
+
+    beta: dict
+    nu_error: torch.Tensor
+    nu_reconstruction: torch.Tensor
+    latents: torch.Tensor
+    activation_count: torch.Tensor
+    activation_sum: torch.Tensor
+    tokens: int
+    probe: int
+    base: int = 0
+    chat: int = 1
+    targets: tuple = field(default_factory=tuple)
+
+    @property
+    def firing_frequency(self):
+        return self.activation_count.double() / max(self.tokens, 1)
+
+    @property
+    def mean_activation(self):
+        """Mean f over the tokens where the latent fired (NaN if it never did)."""
+        count = self.activation_count.double()
+        return torch.where(count > 0, self.activation_sum / count.clamp_min(1), torch.full_like(count, math.nan))
+
+
+def _batches(data, batch_size, device):
+    """Sequential [B, M, d] batches of a tensor, an activation store or an iterable of batches."""
+    from .store import ActivationStore
+
+    if isinstance(data, (torch.Tensor, ActivationStore)):
+        n = data.shape[0] if isinstance(data, torch.Tensor) else len(data)
+        if n < 1:
+            raise ValueError("data holds no tokens")
+        for start in range(0, n, batch_size):
+            yield data[start:start + batch_size].to(device)
+    elif hasattr(data, "__iter__"):
+        for i, batch in enumerate(data):
+            if not isinstance(batch, torch.Tensor):
+                raise ValueError(f"batch {i} of data is a {type(batch).__name__}, expected a tensor [B, M, d]")
+            yield batch.to(device)
+    else:
+        raise ValueError(f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got "
+                         f"{type(data).__name__}")
+
+
+def _segment_sums(q, col_ptr, perm):
+    """Per-latent sums of the columns of q [nnz, Q] (entries in row order) over the latent order: float64 prefix
+    sums taken at the segment ends, so the result does not depend on thread scheduling."""
+    prefix = torch.cumsum(q[perm].double(), dim=0)
+    prefix = torch.cat([prefix.new_zeros(1, q.shape[1]), prefix])
+    return prefix[col_ptr[1:]] - prefix[col_ptr[:-1]]
+
+
+def _model_index(name, value, n_models):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_models:
+        raise ValueError(f"{name} must be a model index in [0, {n_models}), got {value!r}")
+    return value
+
+
+@torch.inference_mode()
+def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, batch_size=4096, base=0, chat=1,
+                   progress=False):
+    """Latent Scaling of every latent of `cc` (or of `latents`, a 1-D tensor/list of ids) over `data` (a tensor
+    [N, M, d] of raw activations, an activation store, or an iterable of such batches). probe: "chat" (the
+    paper), "base", or a model index. Returns a LatentScalingResult."""
+    from .crosscoder import CrossCoder
+
+    if not isinstance(cc, CrossCoder):
+        raise ValueError(f"cc must be a crossdiff_ext.CrossCoder, got {type(cc).__name__}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
+        raise ValueError(f"targets must be distinct names from {TARGETS}, got {targets!r}")
+    base, chat = _model_index("base", base, cc.n_models), _model_index("chat", chat, cc.n_models)
+    if base == chat:
+        raise ValueError(f"base and chat must be different models, got {base} for both")
+    probe_m = {"chat": chat, "base": base}.get(probe, probe)
+    probe_m = _model_index("probe ('chat', 'base' or a model index)", probe_m, cc.n_models)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    F, M, device = cc.dict_size, cc.n_models, cc.W_enc.device
+    if latents is not None:
+        latents = torch.as_tensor(latents, dtype=torch.int64).flatten()
+        if latents.numel() and (int(latents.min()) < 0 or int(latents.max()) >= F):
+            raise ValueError(f"latents must be ids in [0, {F}), got range [{int(latents.min())}, {int(latents.max())}]")
+    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
+        raise ValueError("the crosscoder's inference threshold is unset (-1): Latent Scaling needs the "
+                         "inference-mode codes; train past threshold_start_step or set cc.threshold")
+
+    was_training = cc.training
+    cc.eval()
+    W_dec = cc.W_dec.detach().float()
+    probe_rows = W_dec[:, probe_m].contiguous()  # [F, d]
+    probe_W = probe_rows[:, None, :]  # [F, 1, d]: the per-entry dot over one model's coordinates
+    columns = [(t, m) for t in targets for m in range(M)]
+    sums = torch.zeros(F, len(columns) + 3, dtype=torch.float64, device=device)  # f*p per column, f^2, f, 1
+    tokens = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="latent scaling", unit="tok", dynamic_ncols=True)
+    try:
+        for x in _batches(data, batch_size, device):
+            if x.dim() != 3 or tuple(x.shape[1:]) != (M, cc.d_model):
+                raise ValueError(f"batches must be [B, M, d] = [B, {M}, {cc.d_model}], got {tuple(x.shape)}")
+            xn = cc.normalize(x.float()).to(cc.input_dtype)
+            codes = cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True)
+            recon = cc.decode(codes, normalized=True).float()
+            f = codes.values.float()
+            col_ptr, perm, _ = ops.latent_order(codes.indices, codes.row_ptr, F)
+            q = []
+            for target, m in columns:
+                y = recon[:, m] if target == "reconstruction" else xn[:, m].float() - recon[:, m]
+                p = ops.sparse_values_grad(y[:, None, :].contiguous(), codes.indices, codes.row_ptr, probe_W)
+                q.append(f * p)
+            q += [f * f, f, (f != 0).float()]
+            sums += _segment_sums(torch.stack(q, dim=1), col_ptr, perm)
+            tokens += x.shape[0]
+            if bar:
+                bar.update(x.shape[0])
+    finally:
+        if bar:
+            bar.close()
+        cc.train(was_training)
+    if tokens == 0:
+        raise ValueError("data yielded no batches")
+
+    C = sums[:, len(columns)]
+    norm2 = probe_rows.double().pow(2).sum(-1)
+    denom = norm2 * C
+    fired = denom > 0
+    beta = {}
+    for i, (target, m) in enumerate(columns):
+        numer = sums[:, i]
+        if target == "error":  # f_j W_dec[j, m] added back: <d_j, W_dec[j, m]> * C_j
+            numer = numer + (probe_rows.double() * W_dec[:, m].double()).sum(-1) * C
+        b = torch.where(fired, numer / torch.where(fired, denom, torch.ones_like(denom)),
+                        torch.full_like(denom, math.nan))
+        beta[(target, m)] = b
+    nan = torch.full((F,), math.nan, dtype=torch.float64, device=device)
+
+    def ratio(target):
+        if target not in targets:
+            return nan
+        return beta[(target, base)] / beta[(target, chat)]
+
+    nu_error, nu_reconstruction = ratio("error"), ratio("reconstruction")
+    count, f_sum = sums[:, -1].round().to(torch.int64), sums[:, -2]
+    ids = torch.arange(F, device=device) if latents is None else latents.to(device)
+    pick = (lambda t: t[ids].cpu())
+    return LatentScalingResult(beta={k: pick(v) for k, v in beta.items()}, nu_error=pick(nu_error),
+                               nu_reconstruction=pick(nu_reconstruction), latents=ids.cpu(),
+                               activation_count=pick(count), activation_sum=pick(f_sum), tokens=tokens, probe=probe_m,
+                               base=base, chat=chat, targets=targets)
+
+
+def latent_scaling_reference(cc, x, targets=TARGETS, probe=1, latents=None):
+    """The closed form written out per latent with dense tensors, as the paper's code computes it (a
+    [latents, tokens, d] tensor): for tests on small inputs only."""
+    with torch.no_grad():
+        cc.eval()
+        xn = cc.normalize(x.float()).to(cc.input_dtype)
+        f = cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True).to_dense().double()
+        recon = cc.decode(cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True),
+                          normalized=True).double()
+        W = cc.W_dec.detach().double()
+        ids = range(cc.dict_size) if latents is None else [int(j) for j in latents]
+        out = {}
+        for target in targets:
+            for m in range(cc.n_models):
+                betas = []
+                for j in ids:
+                    d = W[j, probe]
+                    fj = f[:, j]
+                    if target == "reconstruction":
+                        y = recon[:, m]
+                    else:
+                        y = xn[:, m].double() - recon[:, m] + fj[:, None] * W[j, m]
+                    model = fj[:, None] * d  # [N, d]: beta * f_j d_j is the prediction
+                    den = model.pow(2).sum()
+                    betas.append(float((y * model).sum() / den) if den > 0 else math.nan)
+                out[(target, m)] = torch.tensor(betas, dtype=torch.float64)
+        return out
