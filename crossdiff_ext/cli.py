@@ -2,6 +2,8 @@
 
   crossdiff collect --base B --chat C --layer L --data FILE --out STORE   paired activations -> activation store
   crossdiff train --store STORE --out RUN --dict-size F -k K              train a crosscoder on a store
+  crossdiff scale --checkpoint RUN/step-N --store STORE --out latents.csv  Latent Scaling + the latent table
+  crossdiff report --checkpoint RUN/step-N --store STORE --out report.html the HTML report (and the table)
 
   crossdiff demo    the embedded default: plant a dictionary of shared, chat-only, base-only and weak-in-base
                     concepts in paired activations, train a BatchTopK crosscoder on them, and show which latents
@@ -94,6 +96,69 @@ def train(args, parser):
     return 0
 
 
+def _scaled_table(args):
+    import itertools
+
+    import crossdiff_ext as cx
+    from crossdiff_ext.store import ActivationStore
+
+    cc = cx.CrossCoder.from_pretrained(args.checkpoint, device=args.device)
+    stores = [ActivationStore(path) for path in args.store]
+    data = stores[0] if len(stores) == 1 else itertools.chain.from_iterable(
+        (s[i:i + args.batch_size] for i in range(0, len(s), args.batch_size)) for s in stores)
+    scaling = cx.latent_scaling(cc, data, probe=args.probe, batch_size=args.batch_size, progress=not args.quiet)
+    return cc, stores, scaling, cx.latent_table(cc, scaling)
+
+
+def scale(args):
+    import crossdiff_ext as cx
+
+    _, _, scaling, table = _scaled_table(args)
+    cx.write_table(table, args.out)
+    counts = {c: table["class"].count(c) for c in sorted(set(table["class"]))}
+    print(f"{args.out}: {len(table['latent'])} latents scaled over {scaling.tokens} tokens; classes: {counts}")
+    return 0
+
+
+def _tokenizer(spec, store):
+    """The tokenizer named by --tokenizer, else the store's chat model when it is a local directory, else None
+    (the report then shows token ids)."""
+    import os
+
+    spec = spec or store.meta.get("info", {}).get("chat")
+    if not spec or (spec.startswith((".", "/")) and not os.path.isdir(spec)):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        print(f"note: no tokenizer for {spec!r} ({err}); the report shows token ids")
+        return None
+
+
+def report(args):
+    import os
+
+    import crossdiff_ext as cx
+    from crossdiff_ext import examples as ex
+    from crossdiff_ext import report as rp
+
+    cc, stores, scaling, table = _scaled_table(args)
+    table_path = os.path.splitext(args.out)[0] + ".csv"
+    cx.write_table(table, table_path)
+    chosen = rp.fine_tuned_latents(table, args.top)
+    found = None
+    if stores[0].token_ids() is not None and stores[0].positions() is not None:
+        found = ex.max_activating_examples(cc, stores[0], chosen, progress=not args.quiet)
+    meta = dict(checkpoint=args.checkpoint, tokens=scaling.tokens, latents=cc.dict_size,
+                activation=cc.activation, probe=args.probe)
+    rp.write_report(args.out, table, title=args.title, examples=found, tokenizer=_tokenizer(args.tokenizer, stores[0]),
+                    top=args.top, meta=meta)
+    print(f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,7 +214,23 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=lambda args: train(args, p))
+    p.set_defaults(fn=lambda args, p=p: train(args, p))
+
+    for name, fn, what in (("scale", scale, "Latent Scaling of every latent -> the latent table (CSV / Parquet)"),
+                           ("report", report, "Latent Scaling, latent table and max-activating examples -> HTML")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--checkpoint", required=True, help="a crosscoder directory (save_pretrained / a step-N dir)")
+        p.add_argument("--store", required=True, action="append", help="activation store(s) to score on")
+        p.add_argument("--out", required=True, help="latents.csv / .parquet" if name == "scale" else "report.html")
+        p.add_argument("--probe", default="chat", choices=["chat", "base"])
+        p.add_argument("--batch-size", type=int, default=4096)
+        p.add_argument("--device", default=None)
+        p.add_argument("--quiet", action="store_true")
+        if name == "report":
+            p.add_argument("--tokenizer", default=None, help="default: the store's chat model, when local")
+            p.add_argument("--top", type=int, default=20, help="fine-tuned-specific latents listed")
+            p.add_argument("--title", default="crossdiff_ext: which concepts did fine-tuning introduce?")
+        p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,106 @@
+"""Max-activating examples: for chosen latents, the tokens where they fire most (and samples at activation
+quantiles), each with its surrounding tokens from the same sequence, read from a paired activation store that
+holds token ids and positions (what `crossdiff collect` writes)."""
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Example:
+    latent: int
+    activation: float
+    row: int  # row of the store (the token)
+    tokens: list  # token ids of the context window
+    focus: int  # index of the token itself within `tokens`
+    quantile: float = None  # None for a top example; the activation quantile it was drawn at otherwise
+
+
+@dataclass
+class LatentExamples:
+    latent: int
+    count: int  # tokens where the latent fired
+    top: list = field(default_factory=list)
+    quantiles: list = field(default_factory=list)
+
+
+def sequence_starts(positions):
+    """[rows] bool: True where a new sequence starts (the position does not continue the previous row's)."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[1:] = positions[1:] != positions[:-1] + 1
+    return starts
+
+
+@torch.inference_mode()
+def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0.75), before=10, after=3,
+                            batch_size=4096, progress=False):
+    """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
+    and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
+    sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
+    from .latent_scaling import _batches
+    from .store import ActivationStore
+
+    if not isinstance(store, ActivationStore):
+        raise ValueError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
+    token_ids, positions = store.token_ids(), store.positions()
+    if token_ids is None or positions is None:
+        raise ValueError(f"{store.path}: the store has no token ids/positions; examples need a store written by "
+                         "`crossdiff collect`")
+    latents = [int(j) for j in latents]
+    bad = [j for j in latents if not 0 <= j < cc.dict_size]
+    if bad:
+        raise ValueError(f"latents must be ids in [0, {cc.dict_size}), got {bad}")
+    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
+        raise ValueError("the crosscoder's inference threshold is unset (-1); set cc.threshold or train longer")
+    if not latents:
+        return {}
+    wanted = torch.zeros(cc.dict_size, dtype=torch.bool, device=cc.W_enc.device)
+    wanted[torch.tensor(latents, device=wanted.device)] = True
+    found_latent, found_value, found_row = [], [], []
+    was_training = cc.training
+    cc.eval()
+    offset = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(store), desc="examples", unit="tok", dynamic_ncols=True)
+    try:
+        for x in _batches(store, batch_size, cc.W_enc.device):
+            codes = cc.encode(cc.normalize(x.float()).to(cc.input_dtype), normalized=True,
+                              use_threshold=cc.activation == "batch_topk")
+            idx = codes.indices.long()
+            keep = wanted[idx] & (codes.values != 0)
+            found_latent.append(idx[keep].cpu())
+            found_value.append(codes.values[keep].float().cpu())
+            found_row.append(codes.rows()[keep].cpu() + offset)
+            offset += x.shape[0]
+            if bar:
+                bar.update(x.shape[0])
+    finally:
+        if bar:
+            bar.close()
+        cc.train(was_training)
+    lat, val, row = torch.cat(found_latent), torch.cat(found_value), torch.cat(found_row)
+    seq_id = torch.cumsum(sequence_starts(positions).long(), 0)
+
+    def example(j, value, r, q=None):
+        lo, hi = max(0, r - before), min(len(store), r + after + 1)
+        same = (seq_id[lo:hi] == seq_id[r]).nonzero().squeeze(1) + lo
+        lo, hi = int(same.min()), int(same.max()) + 1
+        return Example(j, float(value), int(r), token_ids[lo:hi].tolist(), int(r - lo), q)
+
+    out = {}
+    for j in latents:
+        mine = lat == j
+        v, r = val[mine], row[mine]
+        result = LatentExamples(j, int(v.numel()))
+        if v.numel():
+            order = torch.argsort(v, descending=True, stable=True)
+            result.top = [example(j, v[i], r[i]) for i in order[:n].tolist()]
+            ascending = order.flip(0)
+            for q in quantiles:
+                i = ascending[min(int(q * v.numel()), v.numel() - 1)]
+                result.quantiles.append(example(j, v[i], r[i], q))
+        out[j] = result
+    return out

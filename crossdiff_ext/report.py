@@ -1,0 +1,159 @@
+"""`crossdiff report`: one self-contained HTML page about a crosscoder's latents (plots embedded as PNG).
+
+Sections: the Delta_norm histogram with the paper's bands; nu_error vs nu_reconstruction of the chat-only latents
+coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; and the most
+fine-tuned-specific latents with their max-activating contexts. The page needs no network and no script.
+"""
+import base64
+import html
+import io
+import math
+import os
+
+COLOURS = {"chat_specific": "#d62728", "complete_shrinkage": "#1f77b4", "latent_decoupling": "#2ca02c",
+           "shrinkage_and_decoupling": "#9467bd", "never_fired": "#7f7f7f"}
+
+
+def _png(fig):
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figures(table):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.hist(table["delta_norm"], bins=50, range=(0, 1), color="#555555")
+    for edge in (0.1, 0.4, 0.6, 0.9):
+        ax.axvline(edge, color="#d62728", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("Delta_norm (0 = base-only, 0.5 = shared, 1 = chat-only)")
+    ax.set_ylabel("latents")
+    figs["delta_norm"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    # Clipped: a rounded cosine of 1.0000001 would fall outside the histogram's range and vanish.
+    cosines = [min(1.0, max(-1.0, c)) for c in table["decoder_cosine"] if not math.isnan(c)]
+    ax.hist(cosines, bins=50, range=(-1, 1), color="#555555")
+    ax.set_yscale("log")
+    ax.set_xlabel("cosine of the base and chat decoder rows")
+    ax.set_ylabel("latents")
+    figs["cosine"] = _png(fig)
+
+    if "nu_error" in table:
+        fig, ax = plt.subplots(figsize=(5.2, 4.4))
+        for verdict, colour in COLOURS.items():
+            pts = [(e, r) for e, r, c in zip(table["nu_error"], table["nu_reconstruction"], table["class"])
+                   if c == verdict and not (math.isnan(e) or math.isnan(r))]
+            if pts:
+                ax.scatter(*zip(*pts), s=10, color=colour, label=f"{verdict} ({len(pts)})", alpha=0.8)
+        ax.axvline(0.2, color="#444", lw=0.8, ls="--")
+        ax.axhline(0.5, color="#444", lw=0.8, ls="--")
+        ax.set_xlabel("nu_error (base / chat)")
+        ax.set_ylabel("nu_reconstruction (base / chat)")
+        ax.set_title("chat-only latents (Delta_norm > 0.9)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        figs["nu"] = _png(fig)
+    return figs
+
+
+def _context_html(example, decode):
+    parts = []
+    for i, token in enumerate(example.tokens):
+        text = html.escape(decode(token)).replace("\n", "\u21b5")
+        parts.append(f'<span class="focus">{text}</span>' if i == example.focus else text)
+    return "".join(parts)
+
+
+def _decoder(tokenizer):
+    if tokenizer is None:
+        return lambda token: f"[{token}]"
+    return lambda token: tokenizer.decode([token])
+
+
+def render(table, *, title="crosscoder report", examples=None, tokenizer=None, top=20, meta=None):
+    """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot); examples:
+    {latent: LatentExamples} for the latents to show; tokenizer: turns token ids into text (ids otherwise)."""
+    figs = _figures(table)
+    decode = _decoder(tokenizer)
+    classes = {}
+    for c in table["class"]:
+        classes[c] = classes.get(c, 0) + 1
+    F = len(table["latent"])
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+           "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
+           ".focus{background:#ffb347;font-weight:bold}.ctx{font-family:monospace;font-size:12px}"
+           "img{max-width:100%}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    if meta:
+        out.append("<p>" + "; ".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}"
+                                     for k, v in meta.items()) + "</p>")
+    out.append(f"<h2>Latent classes</h2><table><tr><th>class</th><th>latents</th><th>share</th></tr>")
+    for name, count in sorted(classes.items(), key=lambda kv: -kv[1]):
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{count}</td><td>{count / F:.1%}</td></tr>")
+    out.append("</table>")
+    out.append("<h2>Delta_norm</h2><p>Relative decoder norm difference; dashed lines: the paper's bands (base-only "
+               "&lt; 0.1, shared 0.4-0.6, chat-only &gt; 0.9).</p>"
+               f"<img alt='Delta_norm histogram' src='data:image/png;base64,{figs['delta_norm']}'>")
+    if "nu" in figs:
+        out.append("<h2>Latent Scaling</h2><p>nu = beta(base) / beta(chat) per chat-only latent. Low nu_error and "
+                   "nu_reconstruction (bottom-left box: nu_error &lt; 0.2, nu_reconstruction &lt; 0.5): genuinely "
+                   "chat-specific. High nu_error: Complete Shrinkage; high nu_reconstruction: Latent "
+                   "Decoupling.</p>"
+                   f"<img alt='nu scatter' src='data:image/png;base64,{figs['nu']}'>")
+    out.append(f"<h2>Decoder cosine</h2><img alt='cosine histogram' src='data:image/png;base64,{figs['cosine']}'>")
+
+    ranked = fine_tuned_latents(table, top)
+    out.append(f"<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th><th>Delta_norm</th>"
+               "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th><th>max-activating contexts</th></tr>")
+    for j in ranked:
+        nu_e = table.get("nu_error", [math.nan] * F)[j]
+        nu_r = table.get("nu_reconstruction", [math.nan] * F)[j]
+        freq = table.get("firing_frequency", [math.nan] * F)[j]
+        ctx = ""
+        if examples and j in examples:
+            ex = examples[j]
+            ctx = "<br>".join(f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, decode)}</span>"
+                              for e in ex.top[:5])
+        out.append(f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
+                   f"<td>{nu_e:.3f}</td><td>{nu_r:.3f}</td><td>{freq:.2e}</td><td>{ctx}</td></tr>")
+    out.append("</table></body></html>")
+    return "\n".join(out)
+
+
+def write_report(path, table, **kwargs):
+    """render(...) written to `path` atomically."""
+    text = render(table, **kwargs)
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def fine_tuned_latents(table, top=20):
+    """The latent ids the report lists: chat-specific (or, without Latent Scaling, chat-only) latents, lowest
+    nu_error first."""
+    ranked = [j for j, c in enumerate(table["class"]) if c in ("chat_specific", "chat_only")]
+    if "nu_error" in table:
+        ranked.sort(key=lambda j: (table["nu_error"][j], -table["delta_norm"][j]))
+    else:
+        ranked.sort(key=lambda j: -table["delta_norm"][j])
+    return ranked[:top]
