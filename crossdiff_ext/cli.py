@@ -5,6 +5,9 @@
   crossdiff scale --checkpoint RUN/step-N --store STORE --out latents.csv  Latent Scaling + the latent table
   crossdiff report --checkpoint RUN/step-N --store STORE --out report.html the HTML report (and the table)
 
+  crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary,
+                                  Delta_norm's chat-only latents against the truth, Latent Scaling's verdicts
+
   crossdiff demo    the embedded default: plant a dictionary of shared, chat-only, base-only and weak-in-base
                     concepts in paired activations, train a BatchTopK crosscoder on them, and show which latents
                     the decoder-norm metric calls chat-only, base-only or shared against the planted truth.
@@ -159,6 +162,21 @@ def report(args):
     return 0
 
 
+def miniature(args):
+    from crossdiff_ext import miniature as mini
+
+    summary = mini.run(args.out, steps=args.steps, seed=args.seed, l1_coefficient=args.l1_coefficient,
+                       progress=not args.quiet)
+    for r in summary["results"]:
+        print(f"{r['model']:>9}: FVE {r['fve']:.3f}, L0 {r['l0']}; Delta_norm > 0.9: {r['chat_only_by_delta_norm']} "
+              f"latents, {r['of_which_not_chat_only']} of them not a planted chat-only concept "
+              f"{r['false_chat_only_kinds']}; Latent Scaling on those: {r['latent_scaling_verdicts_on_false']}; "
+              f"nu_error of weak-in-base latents (planted {summary['planted']['weak_scale']}): "
+              f"{r['weak_in_base_nu_error']}")
+    print(f"{args.out}/summary.json, {args.out}/miniature.png")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +191,14 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=demo)
+
+    p = sub.add_parser("miniature", help="L1 vs BatchTopK on a planted dictionary: the paper's finding in miniature")
+    p.add_argument("--out", default="miniature")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l1-coefficient", type=float, default=0.1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=miniature)
 
     p = sub.add_parser("collect", help="paired activations of a base and a fine-tuned model -> activation store")
     p.add_argument("--base", required=True, help="base model: directory or hub name")
