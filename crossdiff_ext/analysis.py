@@ -122,9 +122,11 @@ def latent_table(cc, scaling=None, *, base=0, chat=1, **thresholds):
 def write_table(table, path):
     """Write a latent_table to `path`: Parquet when it ends in .parquet (needs pyarrow), CSV otherwise; written to
     a temp file and renamed, so a reader never sees half a table."""
+    from .checkpoints import _atomic_write
+
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+
+    def write(tmp):
         if path.endswith(".parquet"):
             try:
                 import pyarrow
@@ -138,10 +140,6 @@ def write_table(table, path):
                 columns = list(table)
                 writer.writerow(columns)
                 writer.writerows(zip(*(table[c] for c in columns)))
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    os.replace(_atomic_write(path, write), path)  # temp file beside `path`, fsynced, then renamed
     return path

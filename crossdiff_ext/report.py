@@ -133,18 +133,16 @@ def render(table, *, title="crosscoder report", examples=None, tokenizer=None, t
 
 def write_report(path, table, **kwargs):
     """render(...) written to `path` atomically."""
+    from .checkpoints import _atomic_write
+
     text = render(table, **kwargs)
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+
+    def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    os.replace(_atomic_write(path, write), path)
     return path
 
 
