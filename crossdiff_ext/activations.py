@@ -159,7 +159,9 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=None if max_tokens is None else max_tokens, initial=skip, desc="collect", unit="tok")
+        total = sum(max(0, len(ids) - drop_first) for ids in docs)
+        bar = tqdm(total=total if max_tokens is None else min(total, max_tokens), initial=skip, desc="collect",
+                   unit="tok")
     try:
         batch = []
         for ids in docs + [None]:
@@ -177,14 +179,14 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
                     rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
                 writer.append(rows, tokens, positions)
                 written += rows.shape[0]
-                if bar:
+                if bar is not None:
                     bar.update(rows.shape[0])
                 batch = []
                 if written >= limit:
                     break
         writer.close()
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     return ActivationStore(out)
 
@@ -208,3 +210,20 @@ def _run(m_base, m_chat, batch, layer, pad, device):
     rows = torch.stack([s[keep] for s in states], dim=1).float().cpu()
     positions = torch.arange(length, device=device).expand(len(batch), length)[keep].cpu()
     return rows, input_ids[keep].cpu(), positions
+
+
+def template_token_ids(tokenizer):
+    """The ids the chat template adds around the messages: a two-turn conversation rendered with the template,
+    minus the ids of its contents tokenized alone (with and without a leading space). For a template whose markup
+    shares tokens with ordinary text (a newline, a role name), those tokens count as template tokens everywhere."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template")
+    contents = ["alpha", "omega"]
+    messages = [{"role": "user", "content": contents[0]}, {"role": "assistant", "content": contents[1]}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    content_ids = set()
+    for text in contents:
+        for variant in (text, " " + text):
+            content_ids |= set(tokenizer(variant, add_special_tokens=False)["input_ids"])
+    return sorted(set(ids) - content_ids)

@@ -8,9 +8,12 @@
   crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary,
                                   Delta_norm's chat-only latents against the truth, Latent Scaling's verdicts
 
-  crossdiff demo    the embedded default: plant a dictionary of shared, chat-only, base-only and weak-in-base
-                    concepts in paired activations, train a BatchTopK crosscoder on them, and show which latents
-                    the decoder-norm metric calls chat-only, base-only or shared against the planted truth.
+  crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair (built once, cached),
+                    paired activations, BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports;
+                    --base NAME --chat NAME --layer L runs it on real models
+  crossdiff planted plant a dictionary of shared, chat-only, base-only and weak-in-base concepts in paired
+                    activations, train a BatchTopK crosscoder on them, and check the decoder-norm bands against
+                    the planted truth
 """
 import argparse
 import json
@@ -21,6 +24,26 @@ import torch
 
 
 def demo(args):
+    from crossdiff_ext import demo as dm
+
+    config = dm.DemoConfig(out=args.out, base=args.base, chat=args.chat, layer=args.layer,
+                           text_documents=args.text_documents, chat_documents=args.chat_documents,
+                           max_tokens=args.max_tokens, dict_size=args.dict_size, k=args.k, steps=args.steps,
+                           batch_size=args.batch_size, l1_coefficient=args.l1_coefficient, seed=args.seed,
+                           device=args.device, progress=not args.quiet)
+    try:
+        config.validate()
+    except ValueError as err:
+        args.parser.error(str(err))
+    summary = dm.run(config)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print("\n".join(dm.describe(summary)))
+    return 0
+
+
+def planted(args):
     import crossdiff_ext as cx
     from crossdiff_ext import analysis, synthetic
 
@@ -100,17 +123,14 @@ def train(args, parser):
 
 
 def _scaled_table(args):
-    import itertools
-
     import crossdiff_ext as cx
+    from crossdiff_ext.report import scaled_table
     from crossdiff_ext.store import ActivationStore
 
     cc = cx.CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     stores = [ActivationStore(path) for path in args.store]
-    data = stores[0] if len(stores) == 1 else itertools.chain.from_iterable(
-        (s[i:i + args.batch_size] for i in range(0, len(s), args.batch_size)) for s in stores)
-    scaling = cx.latent_scaling(cc, data, probe=args.probe, batch_size=args.batch_size, progress=not args.quiet)
-    return cc, stores, scaling, cx.latent_table(cc, scaling)
+    scaling, table = scaled_table(cc, stores, probe=args.probe, batch_size=args.batch_size, progress=not args.quiet)
+    return cc, stores, scaling, table
 
 
 def scale(args):
@@ -141,23 +161,15 @@ def _tokenizer(spec, store):
 
 
 def report(args):
-    import os
-
     import crossdiff_ext as cx
-    from crossdiff_ext import examples as ex
-    from crossdiff_ext import report as rp
+    from crossdiff_ext.report import report_crosscoder
+    from crossdiff_ext.store import ActivationStore
 
-    cc, stores, scaling, table = _scaled_table(args)
-    table_path = os.path.splitext(args.out)[0] + ".csv"
-    cx.write_table(table, table_path)
-    chosen = rp.fine_tuned_latents(table, args.top)
-    found = None
-    if stores[0].token_ids() is not None and stores[0].positions() is not None:
-        found = ex.max_activating_examples(cc, stores[0], chosen, progress=not args.quiet)
-    meta = dict(checkpoint=args.checkpoint, tokens=scaling.tokens, latents=cc.dict_size,
-                activation=cc.activation, probe=args.probe)
-    rp.write_report(args.out, table, title=args.title, examples=found, tokenizer=_tokenizer(args.tokenizer, stores[0]),
-                    top=args.top, meta=meta)
+    cc = cx.CrossCoder.from_pretrained(args.checkpoint, device=args.device)
+    stores = [ActivationStore(path) for path in args.store]
+    _, _, table_path, chosen, _ = report_crosscoder(
+        cc, stores, args.out, probe=args.probe, top=args.top, tokenizer=_tokenizer(args.tokenizer, stores[0]),
+        title=args.title, meta=dict(checkpoint=args.checkpoint), batch_size=args.batch_size, progress=not args.quiet)
     print(f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}")
     return 0
 
@@ -180,7 +192,29 @@ def miniature(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train on a planted dictionary and check what the diffing metric finds")
+    p = sub.add_parser("demo", help="the whole diffing job on a tiny base/chat pair (or real models): collect, "
+                       "train BatchTopK and L1, Latent Scaling, reports")
+    p.add_argument("--out", default="crossdiff_demo", help="output directory (store, checkpoints, reports, "
+                   "summary.json)")
+    p.add_argument("--base", default=None, help="base model (directory or hub name); default: the embedded toy pair")
+    p.add_argument("--chat", default=None, help="fine-tuned model (directory or hub name)")
+    p.add_argument("--layer", type=int, default=None, help="residual stream after this block (default for the "
+                   "toy pair: the middle one; required with --base/--chat)")
+    p.add_argument("--text-documents", type=int, default=1200, help="generated plain-text documents to collect on")
+    p.add_argument("--chat-documents", type=int, default=1200, help="generated conversations to collect on")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--dict-size", type=int, default=None, help="default: 8 x the model width")
+    p.add_argument("-k", type=int, default=None, help="BatchTopK k (default: max(8, width / 24))")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--l1-coefficient", type=float, default=0.041, help="mu of the L1 crosscoder (squared error, as in the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=demo, parser=p)
+
+    p = sub.add_parser("planted", help="train on a planted dictionary and check what the diffing metric finds")
     p.add_argument("--tokens", type=int, default=30000)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--dict-size", type=int, default=96)
@@ -190,7 +224,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="checkpoint directory (default: none)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=demo)
+    p.set_defaults(fn=planted)
 
     p = sub.add_parser("miniature", help="L1 vs BatchTopK on a planted dictionary: the paper's finding in miniature")
     p.add_argument("--out", default="miniature")

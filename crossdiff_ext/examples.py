@@ -75,10 +75,10 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
             found_value.append(codes.values[keep].float().cpu())
             found_row.append(codes.rows()[keep].cpu() + offset)
             offset += x.shape[0]
-            if bar:
+            if bar is not None:
                 bar.update(x.shape[0])
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
         cc.train(was_training)
     lat, val, row = torch.cat(found_latent), torch.cat(found_value), torch.cat(found_row)
@@ -104,3 +104,34 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
                 result.quantiles.append(example(j, v[i], r[i], q))
         out[j] = result
     return out
+
+
+@torch.inference_mode()
+def token_share(cc, store, token_ids, *, batch_size=4096):
+    """[F] float64: the share of each latent's total inference-mode activation over the store that falls on tokens
+    whose id is in `token_ids` (e.g. the chat template's tokens); NaN for latents that never fire. One pass."""
+    from .latent_scaling import _batches
+    from .store import ActivationStore
+
+    if not isinstance(store, ActivationStore) or store.token_ids() is None:
+        raise ValueError("store must be an ActivationStore with token ids (written by `crossdiff collect`)")
+    ids = store.token_ids()
+    chosen = torch.zeros(int(max(ids.max().item(), max(token_ids, default=0))) + 1, dtype=torch.bool)
+    chosen[torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)] = True
+    device = cc.W_enc.device
+    on, total = (torch.zeros(cc.dict_size, dtype=torch.float64, device=device) for _ in range(2))
+    was_training = cc.training
+    cc.eval()
+    offset = 0
+    try:
+        for x in _batches(store, batch_size, device):
+            codes = cc.encode(cc.normalize(x.float()).to(cc.input_dtype), normalized=True,
+                              use_threshold=cc.activation == "batch_topk")
+            idx, values = codes.indices.long(), codes.values.double()
+            hit = chosen[ids[offset:offset + x.shape[0]]].to(device)[codes.rows()]
+            total.index_add_(0, idx, values)
+            on.index_add_(0, idx, values * hit)
+            offset += x.shape[0]
+    finally:
+        cc.train(was_training)
+    return torch.where(total > 0, on / total.clamp_min(1e-300), torch.full_like(total, float("nan"))).cpu()

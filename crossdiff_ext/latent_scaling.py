@@ -132,7 +132,8 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="latent scaling", unit="tok", dynamic_ncols=True)
+        total = data.shape[0] if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else None
+        bar = tqdm(total=total, desc="latent scaling", unit="tok", dynamic_ncols=True)
     try:
         for x in _batches(data, batch_size, device):
             if x.dim() != 3 or tuple(x.shape[1:]) != (M, cc.d_model):
@@ -150,10 +151,10 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
             q += [f * f, f, (f != 0).float()]
             sums += _segment_sums(torch.stack(q, dim=1), col_ptr, perm)
             tokens += x.shape[0]
-            if bar:
+            if bar is not None:
                 bar.update(x.shape[0])
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
         cc.train(was_training)
     if tokens == 0:

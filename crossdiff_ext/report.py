@@ -155,3 +155,37 @@ def fine_tuned_latents(table, top=20):
     else:
         ranked.sort(key=lambda j: -table["delta_norm"][j])
     return ranked[:top]
+
+
+def scaled_table(cc, stores, *, probe="chat", batch_size=4096, progress=False):
+    """Latent Scaling of every latent over the stores (one after the other), and the latent table."""
+    import itertools
+
+    from .analysis import latent_table
+    from .latent_scaling import latent_scaling
+
+    data = stores[0] if len(stores) == 1 else itertools.chain.from_iterable(
+        (s[i:i + batch_size] for i in range(0, len(s), batch_size)) for s in stores)
+    scaling = latent_scaling(cc, data, probe=probe, batch_size=batch_size, progress=progress)
+    return scaling, latent_table(cc, scaling)
+
+
+def report_crosscoder(cc, stores, out, *, probe="chat", top=20, tokenizer=None, title="crosscoder report",
+                      meta=None, batch_size=4096, progress=False):
+    """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
+    max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
+    ids), and the HTML page at `out`. Returns (scaling, table, table_path, chosen latents, examples)."""
+    from .analysis import write_table
+    from .examples import max_activating_examples
+
+    scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    table_path = os.path.splitext(os.fspath(out))[0] + ".csv"
+    write_table(table, table_path)
+    chosen = fine_tuned_latents(table, top)
+    found = None
+    if stores[0].token_ids() is not None and stores[0].positions() is not None:
+        found = max_activating_examples(cc, stores[0], chosen, batch_size=batch_size, progress=progress)
+    meta = dict(dict(tokens=scaling.tokens, latents=cc.dict_size, activation=cc.activation, probe=probe),
+                **(meta or {}))
+    write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta)
+    return scaling, table, table_path, chosen, found

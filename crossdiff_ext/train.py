@@ -321,10 +321,10 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                 if log:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
-                if bar:
+                if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4g}", fve=f"{fve:.3f}", l0=f"{last['l0']:.1f}",
                                     dead=f"{last['dead_fraction']:.2%}")
-            if bar:
+            if bar is not None:
                 bar.update(1)
             if config.checkpoint_dir and (step == stop or
                                           (config.checkpoint_every and step % config.checkpoint_every == 0)):
@@ -339,7 +339,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
         cc.compute_dtype = previous_compute_dtype
         if hasattr(source, "close"):
             source.close()  # stops a store's prefetch thread
-        if bar:
+        if bar is not None:
             bar.close()
         if log:
             log.close()

@@ -1,0 +1,191 @@
+"""The demo's model pair: a tiny Llama trained on the generated language's plain text (base), then fine-tuned on
+its chat conversations (chat), built on the CPU in about two minutes (110 s measured on the 2-core CI machine) and cached, so later runs load it.
+
+The cache directory is $CROSSDIFF_CACHE, else $XDG_CACHE_HOME/crossdiff_ext, else ~/.cache/crossdiff_ext; a pair
+lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the recipe, so a changed recipe builds a
+new pair. The pair is built in a temporary directory beside it and renamed into place: an interrupted build
+leaves no half-written pair behind.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import toy_language as tl
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PairRecipe:
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    layers: int = 4
+    heads: int = 4
+    context_length: int = 96
+    pretrain_steps: int = 800
+    pretrain_documents: int = 4000
+    finetune_steps: int = 800
+    finetune_conversations: int = 4000
+    batch_size: int = 32
+    lr: float = 3e-3
+    finetune_lr: float = 2e-3
+    seed: int = 0
+
+    def key(self):
+        blob = json.dumps(dict(asdict(self), version=RECIPE_VERSION), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cache_root():
+    if os.environ.get("CROSSDIFF_CACHE"):
+        return os.environ["CROSSDIFF_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "crossdiff_ext")
+
+
+def _encode(docs, tokenizer, context_length):
+    from .activations import tokenize
+
+    return [tokenize(doc, tokenizer, context_length) for doc in docs]
+
+
+def _batch(seqs, pad):
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    attention = (ids != pad).long()
+    labels = ids.masked_fill(attention == 0, -100)
+    return ids, attention, labels
+
+
+def _fit(model, seqs, steps, batch_size, lr, pad, seed, desc, progress):
+    """Next-token loss on the sequences, AdamW with a linear warmup (5%) and linear decay; returns the mean loss
+    of the last 10% of steps."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / steps)))
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, unit="step")
+    tail = []
+    for step in range(steps):
+        ids, attention, labels = _batch(rng.sample(seqs, batch_size), pad)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def behaviour(model, tokenizer, *, n=12, seed=12345, max_new_tokens=14):
+    """{kind: fraction of n fresh prompts of that kind whose greedy answer is exactly the expected one} for the
+    kinds of tl.exchange: question, recipe, harmful (refused), false (corrected), true; plus "refuses_benign":
+    the fraction of non-harmful prompts answered with the refusal."""
+    rng = random.Random(seed)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    scores, refused_benign, benign = {}, 0, 0
+    for kind in ("question", "recipe", "harmful", "false", "true"):
+        right = 0
+        for _ in range(n):
+            _, user, answer = tl.exchange(rng, kind)
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
+                                                   add_generation_prompt=True)
+            prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+            out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=end, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            if end in out:
+                out = out[:out.index(end)]
+            said = " ".join(tokenizer.convert_ids_to_tokens(out))
+            right += said == answer
+            if kind != "harmful":
+                benign += 1
+                refused_benign += said == tl.REFUSAL
+        scores[kind] = right / n
+    scores["refuses_benign"] = refused_benign / benign
+    return scores
+
+
+def _new_model(recipe, vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.hidden_size,
+                      intermediate_size=recipe.intermediate_size, num_hidden_layers=recipe.layers,
+                      num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+                      max_position_embeddings=2 * recipe.context_length, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def build_pair(directory, recipe=PairRecipe(), *, progress=True):
+    """Train the base model on plain text and fine-tune a copy on chat; save both (with the tokenizer) under
+    directory/base and directory/chat, and what was measured in directory/pair.json. Returns that record."""
+    import copy
+
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    tokenizer = tl.make_tokenizer()
+    pad = tokenizer.pad_token_id
+    rng = random.Random(recipe.seed)
+    text = _encode([tl.text_document(rng) for _ in range(recipe.pretrain_documents)], tokenizer,
+                   recipe.context_length)
+    chat = _encode([tl.conversation(rng) for _ in range(recipe.finetune_conversations)], tokenizer,
+                   recipe.context_length)
+    base = _new_model(recipe, len(tokenizer))
+    base_loss = _fit(base, text, recipe.pretrain_steps, recipe.batch_size, recipe.lr, pad, recipe.seed,
+                     "pretrain base", progress)
+    chat_model = copy.deepcopy(base)
+    chat_loss = _fit(chat_model, chat, recipe.finetune_steps, recipe.batch_size, recipe.finetune_lr, pad,
+                     recipe.seed + 1, "fine-tune chat", progress)
+    record = dict(recipe=asdict(recipe), key=recipe.key(), base_text_loss=round(base_loss, 4),
+                  chat_finetune_loss=round(chat_loss, 4),
+                  behaviour=dict(base=behaviour(base, tokenizer), chat=behaviour(chat_model, tokenizer)),
+                  seconds=round(time.perf_counter() - t0, 1), torch=torch.__version__)
+    for name, model in (("base", base), ("chat", chat_model)):
+        model.save_pretrained(os.path.join(directory, name))
+        tokenizer.save_pretrained(os.path.join(directory, name))
+    with open(os.path.join(directory, "pair.json"), "w") as fh:
+        json.dump(record, fh, indent=2)
+    return record
+
+
+def toy_pair(recipe=PairRecipe(), *, root=None, progress=True):
+    """(base_dir, chat_dir, record): the cached pair for `recipe`, built first if it is not there."""
+    root = root or cache_root()
+    final = os.path.join(root, f"toy-pair-{recipe.key()}")
+    if not os.path.exists(os.path.join(final, "pair.json")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".toy-pair-", dir=root)
+        try:
+            build_pair(tmp, recipe, progress=progress)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process finished first: keep its pair
+                if not os.path.exists(os.path.join(final, "pair.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    with open(os.path.join(final, "pair.json")) as fh:
+        record = json.load(fh)
+    return os.path.join(final, "base"), os.path.join(final, "chat"), record
