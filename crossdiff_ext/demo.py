@@ -227,7 +227,7 @@ def describe(summary):
     pair = summary.get("pair")
     if pair:
         b, c = pair["behaviour"]["base"], pair["behaviour"]["chat"]
-        lines.append("model pair (tiny Llama, cached): greedy answers exactly as planted, base -> chat: " + ", ".join(
+        lines.append("model pair (tiny Llama): greedy answers exactly as planted, base -> chat: " + ", ".join(
             f"{kind} {b[kind]:.0%} -> {c[kind]:.0%}" for kind in ("question", "harmful", "false", "true")))
     lines.append(f"{summary['tokens']} paired activations of layer {summary['layer']}; template tokens "
                  f"{summary['template_tokens']}")
@@ -239,7 +239,7 @@ def describe(summary):
                      f"{r['chat_specific']:>8} {r['not_chat_specific']:>9} {on:>11}")
     lines.append("chat-only: Delta_norm > 0.9; specific: Latent Scaling confirms (nu_error < 0.2, nu_reconstruction "
                  "< 0.5); artifacts: the rest (shrinkage, decoupling or never fired); on template: chat-specific "
-                 "latents with most of their activation on chat-template tokens.")
+                 "latents most of whose 20 max-activating examples are chat-template tokens.")
     for name, r in summary["crosscoders"].items():
         lines.append(f"{name}: {r['report']} ({r['table']}); chat-specific latents:")
         for d in r["chat_specific_latents"]:

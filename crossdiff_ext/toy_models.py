@@ -1,5 +1,5 @@
 """The demo's model pair: a tiny Llama trained on the generated language's plain text (base), then fine-tuned on
-its chat conversations (chat), built on the CPU in about two minutes (110 s measured on the 2-core CI machine) and cached, so later runs load it.
+its chat conversations (chat), built on the CPU in 101-110 s (measured on the 2-core CI machine) and cached, so later runs load it.
 
 The cache directory is $CROSSDIFF_CACHE, else $XDG_CACHE_HOME/crossdiff_ext, else ~/.cache/crossdiff_ext; a pair
 lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the recipe, so a changed recipe builds a
