@@ -4,7 +4,7 @@ Rank r holds the selection scores s = f * w of its contiguous block of latents, 
 (rank 0 holds the lowest latent ids). The result must equal the single-process selection: the K = k * B largest
 scores of the whole [B, F] matrix, ties broken by the lower global flat index b * F + j (ops.select's rule).
 
-How, with five small collectives whatever the data (no bisection), after one all-reduce of the shard sizes:
+How, with five small collectives whatever the data (no bisection), the first an all-reduce of the shard sizes:
   1. the scores become order-preserving 32-bit keys (csrc/score_key.h's map: -0 == +0, NaN highest);
   2. a 65536-bin histogram of the keys' high 16 bits, all-reduced, locates the bin holding the K-th largest key;
   3. a 65536-bin histogram of the low 16 bits inside that bin, all-reduced, gives the K-th largest key t exactly,
