@@ -136,10 +136,15 @@ def _build(config, state, device):
 
 
 def from_pretrained(directory, *, device=None, dtype=None):
-    """Load a CrossCoder written by save_pretrained. `dtype` (torch dtype or name) overrides the stored one."""
+    """Load a CrossCoder written by save_pretrained, or the whole crosscoder of a latent-parallel checkpoint
+    (distributed.train's step directories). `dtype` (torch dtype or name) overrides the stored one."""
     directory = os.fspath(directory)
     if os.path.isfile(directory) and os.path.basename(directory) == WEIGHTS_NAME:
         directory = os.path.dirname(directory) or "."
+    if os.path.isfile(os.path.join(directory, "sharding.json")):  # a latent-parallel checkpoint: merge its shards
+        from .distributed.checkpoints import load_merged
+
+        return load_merged(directory, device=device, dtype=dtype)
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     config = _read_config(config_path)
     if config.pop("format", None) != FORMAT:

@@ -9,6 +9,13 @@ MixedBatches: several sources (tensors, stores) in fixed proportions per batch.
 import torch
 
 
+def part_of(rows, part):
+    """The rows of one data-parallel rank: part = (index, count) splits a batch into count equal blocks."""
+    index, count = part
+    n = rows.shape[0] // count
+    return rows[index * n:(index + 1) * n]
+
+
 def epoch_generator(seed, epoch):
     """The generator of one epoch's shuffle: a function of (seed, epoch) alone, so positions resume exactly."""
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
@@ -28,6 +35,7 @@ class TensorBatches:
         self.pin_memory = pin_memory and data.device.type == "cpu" and self.device.type == "cuda"
         self.batches_per_epoch = data.shape[0] // batch_size  # the last partial batch of an epoch is dropped
         self.epoch, self.offset = 0, 0
+        self.part = (0, 1)  # (index, count): read only this block of every batch (data parallelism)
         self._order = None
 
     def _permutation(self):
@@ -44,6 +52,7 @@ class TensorBatches:
         if self.offset >= self.batches_per_epoch:
             self.epoch, self.offset = self.epoch + 1, 0
         rows = self._permutation()[self.offset * self.batch_size:(self.offset + 1) * self.batch_size]
+        rows = part_of(rows, self.part)
         self.offset += 1
         batch = self.data[rows.to(self.data.device)]
         if self.pin_memory:

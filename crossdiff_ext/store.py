@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import torch
 
-from .data import epoch_generator
+from .data import epoch_generator, part_of
 
 FORMAT = "crossdiff-activation-store/1"
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
@@ -262,6 +262,7 @@ class StoreBatches:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.batches_per_epoch = len(self.store) // batch_size
         self.epoch, self.offset = 0, 0
+        self.part = (0, 1)  # (index, count): read only this block of every batch (data parallelism)
         self._order = None
         self._queue = None
         self._thread = None
@@ -277,7 +278,7 @@ class StoreBatches:
         return self._order[1]
 
     def _batch(self, epoch, offset):
-        rows = self._epoch_order(epoch)[offset * self.batch_size:(offset + 1) * self.batch_size]
+        rows = part_of(self._epoch_order(epoch)[offset * self.batch_size:(offset + 1) * self.batch_size], self.part)
         # sorted reads are sequential within the window; the batch keeps the shuffled order
         order = torch.argsort(rows)
         batch = torch.empty((rows.numel(), self.store.n_models, self.store.d_model), dtype=self.store.dtype)

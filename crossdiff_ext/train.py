@@ -238,11 +238,12 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                               f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
                               "or choose a new directory")
     if checkpoint:
-        restored = CrossCoder.from_pretrained(checkpoint, device=device, dtype=cc.W_enc.dtype)
-        cc.load_state_dict(restored.state_dict())
-        with open(os.path.join(checkpoint, "trainer.pt"), "rb") as fh:
-            # RNG states must stay CPU byte tensors; the optimizer state is cast to its parameters' device.
-            state = torch.load(fh, map_location="cpu", weights_only=False)
+        from .distributed.checkpoints import read_training_state
+
+        # Any layout: a sharded run's checkpoint is merged into the whole crosscoder's state. RNG states stay CPU
+        # byte tensors; load_state_dict casts the rest to the parameters' device and dtype.
+        weights, state = read_training_state(checkpoint)
+        cc.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if scaler is not None:

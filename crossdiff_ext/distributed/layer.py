@@ -1,0 +1,146 @@
+"""ShardedCrossCoder: one rank's block of latents of a crosscoder on a 2-D mesh, used like the CrossCoder layer.
+
+Forward on a rank (its rows x [b, M, d], its latents [first, end)):
+  local paired encode -> exact batch top-k over the whole mesh (batch_topk_sharded: a few small all-reduces) ->
+  local sparse decode of its kept codes -> one all-reduce (SUM) of the partial reconstructions over the latent
+  group -> + b_dec (replicated).
+Backward needs no collective for the weight gradients: each rank's kept codes only touch its own rows of W_enc,
+b_enc, W_dec, and b_dec's gradient is the same on every latent rank. Replicas of a shard (the data dimension)
+see different rows; the trainer sums their gradients (distributed.train).
+"""
+import math
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..checkpoints import _build
+from ..codes import SparseCodes
+from ..crosscoder import CrossCoder, CrossCoderOutput
+from ..ops import _validate
+from ..ops.autograd import EncodeSparse, decode_sparse, encode_sparse
+from .batch_topk import batch_topk_sharded
+from .collectives import replicate_to_shards, sum_over_shards
+
+_SLICED = ("W_enc", "b_enc", "W_dec")  # split along the latent dimension; every other tensor is replicated
+
+
+class _EncodeSharded(EncodeSparse):
+    """EncodeSparse whose selection is the mesh-wide exact batch top-k; backward is EncodeSparse's (local)."""
+
+    @staticmethod
+    def forward(x, W_enc, b_enc, w, K, groups, backend):
+        f = backends.kernels(backend).paired_encode(x, W_enc, b_enc)
+        return batch_topk_sharded(f, w, K, *groups)
+
+
+def slice_state(state, first, end):
+    """A crosscoder state dict (or anything keyed like one) restricted to latents [first, end)."""
+    return {name: t[first:end] if name in _SLICED else t for name, t in state.items()}
+
+
+def shard_config(config, n_latents):
+    """CrossCoder.config() of a full crosscoder -> that of a shard holding n_latents latents."""
+    if config.get("k") is not None and config["k"] > n_latents:
+        raise ValueError(f"a latent shard of {n_latents} latents cannot hold a crosscoder with k = {config['k']} "
+                         "(k must be <= the shard size); use fewer latent shards")
+    return dict(config, dict_size=n_latents)
+
+
+def _module_args(config):
+    from ..checkpoints import _dtype
+
+    return dict(config, dtype=_dtype(config["dtype"], "config"))
+
+
+def merge_states(states):
+    """State dicts of consecutive shards -> the full crosscoder's. Replicated tensors must agree across shards."""
+    merged = {}
+    for name, first in states[0].items():
+        if name in _SLICED:
+            merged[name] = torch.cat([s[name] for s in states])
+        else:
+            for i, s in enumerate(states[1:], 1):
+                if not torch.equal(s[name], first):
+                    raise ValueError(f"shards 0 and {i} disagree on the replicated tensor {name!r}")
+            merged[name] = first
+    return merged
+
+
+class ShardedCrossCoder(nn.Module):
+    """The latents [first, end) of a crosscoder of dict_size latents, on `mesh` (distributed.make_mesh).
+
+    `shard` is a CrossCoder holding those latents (its dict_size is the shard's size); the encoder, selection
+    and decoder run on its backend like the layer's. Every rank of the mesh must call forward together (it runs
+    collectives). forward(x) takes this rank's rows and returns their full reconstruction; the codes index the
+    shard's latents (add `first` for global ids); min_score is the mesh-wide smallest kept score.
+    """
+
+    def __init__(self, shard, mesh, dict_size):
+        super().__init__()
+        if not isinstance(shard, CrossCoder):
+            raise ValueError(f"shard must be a CrossCoder, got {type(shard).__name__}")
+        self.first, self.end = mesh.latent_range(dict_size)
+        if shard.dict_size != self.end - self.first:
+            raise ValueError(f"latent rank {mesh.latent_rank} of {mesh.latent_size} holds latents [{self.first}, "
+                             f"{self.end}) of {dict_size}, but the shard has {shard.dict_size}")
+        self.shard, self.mesh, self.dict_size = shard, mesh, dict_size
+
+    @classmethod
+    def from_crosscoder(cls, cc, mesh):
+        """This rank's shard of a full crosscoder (e.g. one built with the same seed on every rank)."""
+        first, end = mesh.latent_range(cc.dict_size)
+        config = _module_args(shard_config(cc.config(), end - first))
+        state = slice_state(cc.state_dict(), first, end)
+        shard = _build(config, state, cc.W_enc.device)
+        shard.compute_dtype = cc.compute_dtype
+        return cls(shard, mesh, cc.dict_size)
+
+    def full_config(self):
+        """CrossCoder.config() of the whole crosscoder."""
+        return dict(self.shard.config(), dict_size=self.dict_size)
+
+    def gather(self):
+        """The whole crosscoder on every rank (an all-gather of the shards over the latent group)."""
+        import torch.distributed as dist
+
+        states = [None] * self.mesh.latent_size
+        local = {name: t.detach().cpu() for name, t in self.shard.state_dict().items()}
+        dist.all_gather_object(states, local, group=self.mesh.latent_group)
+        return _build(_module_args(self.full_config()), merge_states(states), self.shard.W_enc.device)
+
+    def forward(self, x, *, normalized=False, use_threshold=None):
+        cc, mesh = self.shard, self.mesh
+        x = cc._as_batch(x)
+        if not normalized:
+            x = cc.normalize(x)
+        W_enc, b_enc, W_dec, b_dec = cc._weights()
+        x_in = replicate_to_shards(x, mesh.latent_group)
+        min_score = torch.full((), math.inf, dtype=torch.float32, device=x.device)
+        if cc.activation == "relu":
+            w = torch.ones(cc.dict_size, dtype=torch.float32, device=x.device)
+            values, indices, row_ptr, _ = encode_sparse(x_in, W_enc, b_enc, w, "threshold", 0.0)
+        else:
+            w = cc.decoder_norm_weights()
+            use_threshold = (not self.training) if use_threshold is None else use_threshold
+            if use_threshold:
+                if float(cc.threshold) < 0:
+                    raise RuntimeError("the inference threshold is unset (-1): train past threshold_start_step "
+                                       "first, or call forward(x, use_threshold=False)")
+                values, indices, row_ptr, _ = encode_sparse(x_in, W_enc, b_enc, w, "threshold", float(cc.threshold))
+            else:
+                _validate.encode_selection(x_in, W_enc, b_enc, w, "threshold", 0.0)  # shapes, dtypes, devices
+                K = cc.k * x.shape[0] * mesh.data_size
+                values, indices, row_ptr, min_score = _EncodeSharded.apply(
+                    x_in, W_enc, b_enc, w, K, (mesh.latent_group, mesh.data_group), backends.resolve(x.device))
+                if self.training:
+                    cc._track_threshold(min_score)
+        partial = decode_sparse(values, indices, row_ptr, W_dec, None)
+        recon = sum_over_shards(partial, mesh.latent_group) + b_dec
+        codes = SparseCodes(values, indices, row_ptr, x.shape[0], cc.dict_size)
+        return CrossCoderOutput(recon if normalized else cc.denormalize(recon), codes, min_score)
+
+    def extra_repr(self):
+        return (f"latents [{self.first}, {self.end}) of {self.dict_size}, latent rank {self.mesh.latent_rank}/"
+                f"{self.mesh.latent_size}, data rank {self.mesh.data_rank}/{self.mesh.data_size}")
+

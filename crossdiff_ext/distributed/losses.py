@@ -1,0 +1,65 @@
+"""The training losses of SPEC.md on a mesh: each rank returns its rows' share of the global loss (summed over
+the data group by the gradient all-reduce), identical on every rank of a latent group."""
+import torch
+import torch.distributed as dist
+
+from .. import losses
+from .collectives import all_reduce_, sum_over_shards
+
+
+def reconstruction_loss(x, recon, kind, total_rows):
+    """This rank's rows' share of the mean over all rows: sum_local / total_rows."""
+    return losses.reconstruction_loss(x, recon, kind) * (x.shape[0] / total_rows)
+
+
+def l1_penalty(codes, w, mesh, total_rows):
+    """The L1 crosscoder's penalty, summed over the latent shards (differentiably), this rank's rows' share."""
+    local = (codes.values.float() * w[codes.indices.long()]).sum() / total_rows
+    return sum_over_shards(local, mesh.latent_group)
+
+
+def aux_loss(cc, x, recon, dead, mesh, total_rows, k_aux=None):
+    """losses.aux_loss over latents split by `mesh`: per row, the k_aux dead latents with the largest scores over
+    every shard (each rank's best k_aux candidates per row, all-gathered over the latent group; ties at the k-th
+    score go to lower latent ranks first), decoded locally and summed with one all-reduce. The variance term uses
+    the whole batch (two all-reduces over the data group). Costs b * k_aux * 4 bytes per rank and step, only
+    while some latent is dead."""
+    zero = x.new_zeros((), dtype=torch.float32)
+    n_local = int(dead.sum())
+    n_dead = int(all_reduce_(torch.tensor([n_local], device=x.device), [mesh.latent_group])[0])
+    if n_dead == 0:
+        return zero
+    k_aux = min(cc.d_model // 2 if k_aux is None else k_aux, n_dead)
+    if k_aux < 1:
+        return zero
+    b = x.shape[0]
+    e = (x.float() - recon.float()).detach().reshape(b, -1)
+    mean = all_reduce_(e.sum(0), [mesh.data_group]) / total_rows
+    variance = all_reduce_((e - mean).pow(2).sum().reshape(1), [mesh.data_group])[0] / total_rows
+    if not bool(variance > 0):
+        return zero
+    dead_ids = torch.nonzero(dead).squeeze(1)
+    candidates = torch.full((b, k_aux), -torch.inf, device=x.device)
+    if n_local:
+        W_enc = cc.W_enc[dead_ids].reshape(n_local, -1).to(x.dtype)
+        f = torch.relu(x.reshape(b, -1) @ W_enc.T + cc.b_enc[dead_ids].to(x.dtype)).float()
+        s = f.detach() * cc.decoder_norm_weights()[dead_ids]
+        top = torch.topk(s, min(k_aux, n_local), dim=1).values
+        candidates[:, :top.shape[1]] = top
+    gathered = [torch.empty_like(candidates) for _ in range(mesh.latent_size)]
+    dist.all_gather(gathered, candidates, group=mesh.latent_group)
+    kth = torch.topk(torch.cat(gathered, 1), k_aux, dim=1).values[:, -1:]  # [b, 1] the k_aux-th best score
+    xhat = torch.zeros(b, x.shape[1] * x.shape[2], device=x.device)
+    if n_local:
+        above, tie = s > kth, s == kth
+        counts = torch.zeros(mesh.latent_size, 2, b, dtype=torch.int64, device=x.device)
+        counts[mesh.latent_rank, 0], counts[mesh.latent_rank, 1] = above.sum(1), tie.sum(1)
+    else:
+        counts = torch.zeros(mesh.latent_size, 2, b, dtype=torch.int64, device=x.device)
+    all_reduce_(counts, [mesh.latent_group])
+    if n_local:
+        need = k_aux - counts[:, 0].sum(0) - counts[:mesh.latent_rank, 1].sum(0)  # ties left for this rank
+        keep = above | (tie & (torch.cumsum(tie.to(torch.int64), 1) <= need[:, None]))
+        xhat = torch.where(keep, f, torch.zeros_like(f)) @ cc.W_dec[dead_ids].reshape(n_local, -1).float()
+    xhat = sum_over_shards(xhat, mesh.latent_group)
+    return (e - xhat).pow(2).sum(-1).sum() / total_rows / variance
