@@ -2,6 +2,7 @@
 
   crossdiff collect --base B --chat C --layer L --data FILE --out STORE   paired activations -> activation store
   crossdiff train --store STORE --out RUN --dict-size F -k K              train a crosscoder on a store
+  torchrun --nproc-per-node 8 -m crossdiff_ext train ... --latent-parallel 4   the same on a 2 x 4 mesh
   crossdiff scale --checkpoint RUN/step-N --store STORE --out latents.csv  Latent Scaling + the latent table
   crossdiff report --checkpoint RUN/step-N --store STORE --out report.html the HTML report (and the table)
 
@@ -17,6 +18,7 @@
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -97,11 +99,19 @@ def train(args, parser):
     import crossdiff_ext as cx
     from crossdiff_ext.store import ActivationStore
 
+    if args.latent_parallel < 1 or (args.data_parallel is not None and args.data_parallel < 1):
+        parser.error("--latent-parallel and --data-parallel must be >= 1")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.latent_parallel > 1 or args.data_parallel
+    if distributed and "RANK" not in os.environ:
+        parser.error("--latent-parallel / --data-parallel need a torchrun launch, e.g. torchrun --nproc-per-node 8 "
+                     "-m crossdiff_ext train ...")
     if args.mix is not None and len(args.mix) != len(args.store):
         parser.error(f"--mix needs one fraction per --store ({len(args.store)}), got {len(args.mix)}")
     stores = [ActivationStore(path) for path in args.store]
     if len({(s.n_models, s.d_model) for s in stores}) != 1:
         parser.error(f"the stores' shapes differ: {[(s.path, s.n_models, s.d_model) for s in stores]}")
+    if distributed:
+        args.device = _init_distributed(args, parser)
     if len(stores) == 1:
         data = stores[0]
     else:
@@ -110,16 +120,53 @@ def train(args, parser):
                                device=args.device)
     store = stores[0]
     torch.manual_seed(args.seed)
+    # A sharded run builds the whole initial crosscoder on the CPU of every rank (the same seed gives the same
+    # weights everywhere) and keeps its shard.
     cc = cx.CrossCoder(store.d_model, args.dict_size, store.n_models,
                        k=args.k if args.activation == "batch_topk" else None, activation=args.activation,
-                       device=args.device, target_rms=args.target_rms)
+                       device="cpu" if distributed else args.device, target_rms=args.target_rms)
     config = cx.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
                             reconstruction=args.reconstruction, l1_coefficient=args.l1_coefficient,
                             mixed_precision=args.mixed_precision, progress=not args.quiet)
-    result = cx.train(cc, data, config, resume=args.resume)
-    print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
+    if not distributed:
+        result = cx.train(cc, data, config, resume=args.resume)
+        print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
+        return 0
+    import torch.distributed as dist
+    from crossdiff_ext import distributed as cxd
+
+    try:
+        mesh = cxd.make_mesh(args.latent_parallel)
+        model = cxd.ShardedCrossCoder.from_crosscoder(cc, mesh).to(args.device)
+        del cc
+        result = cxd.train(model, data, config, resume=args.resume)
+        if dist.get_rank() == 0:
+            print(f"trained {result.steps} steps on {mesh.data_size} data x {mesh.latent_size} latent ranks; "
+                  f"last log: {result.last}; checkpoint: {result.checkpoint}")
+    finally:
+        dist.destroy_process_group()
     return 0
+
+
+def _init_distributed(args, parser):
+    """Join the torchrun job (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % args.latent_parallel:
+        parser.error(f"--latent-parallel {args.latent_parallel} must divide the number of processes {world}")
+    if args.data_parallel and args.data_parallel * args.latent_parallel != world:
+        parser.error(f"--data-parallel {args.data_parallel} x --latent-parallel {args.latent_parallel} must equal "
+                     f"the number of processes {world}")
+    device = args.device
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def _scaled_table(args):
@@ -271,8 +318,14 @@ def main(argv=None):
                    help="fp32 master weights, compute in bf16/fp16")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default=None, help="under torchrun: default cuda:LOCAL_RANK, or cpu without GPUs")
+    p.add_argument("--latent-parallel", type=int, default=1,
+                   help="under torchrun: split the latents over this many ranks (exact batch top-k across them)")
+    p.add_argument("--data-parallel", type=int, default=None,
+                   help="under torchrun: replicas of the latent shards, each reading 1/D of every batch "
+                        "(default: processes / --latent-parallel)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, whatever "
+                   "layout (one process or sharded) wrote it")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=lambda args, p=p: train(args, p))
 

@@ -162,3 +162,37 @@ def test_checkpoints_cross_layouts(tmp_path):
     straight = run_single(tmp_path, "random", 4, 8)
     resumed["log"] = straight["log"][:5] + resumed["log"]  # the resumed run logged steps 6..8
     assert_same_run(resumed, straight)
+
+
+def test_cli_train_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 4 -m crossdiff_ext train --latent-parallel 2` (a 2 x 2 mesh) on a store writes
+    sharded checkpoints equal to those of `crossdiff train` in one process."""
+    import subprocess
+    import sys
+
+    from crossdiff_ext import cli
+    from crossdiff_ext.store import StoreWriter
+
+    _, x = random_case(6)
+    with StoreWriter(tmp_path / "store", 2, D_MODEL, dtype="float32", shard_rows=200) as w:
+        w.append(x)
+    common = ["train", "--store", str(tmp_path / "store"), "--dict-size", str(F), "-k", str(K), "--steps", "4",
+              "--batch-size", "48", "--lr", "3e-3", "--checkpoint-every", "2", "--target-rms", "1", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                    "-m", "crossdiff_ext", *common, "--out", str(tmp_path / "sharded"), "--latent-parallel", "2"],
+                   check=True, env=env, timeout=300)
+    assert cli.main(common + ["--out", str(tmp_path / "single")]) == 0
+    for step in ("step-00000002", "step-00000004"):
+        assert distributed.is_sharded(tmp_path / "sharded" / step)
+        sharded = cx.CrossCoder.from_pretrained(tmp_path / "sharded" / step).state_dict()
+        single = cx.CrossCoder.from_pretrained(tmp_path / "single" / step).state_dict()
+        for name, ref in single.items():
+            torch.testing.assert_close(sharded[name], ref, rtol=1e-4, atol=2e-5, msg=lambda m: f"{step} {name}: {m}")
+
+
+def test_cli_latent_parallel_needs_torchrun(capsys):
+    from crossdiff_ext import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--store", "nowhere", "--out", "nowhere", "--dict-size", "8", "--latent-parallel", "2"])
