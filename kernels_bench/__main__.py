@@ -3,7 +3,8 @@
 import importlib
 import sys
 
-BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu"}
+BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu",
+           "scaling": "kernels_bench.scaling"}
 
 
 def main(argv=None):

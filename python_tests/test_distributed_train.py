@@ -196,3 +196,55 @@ def test_cli_latent_parallel_needs_torchrun(capsys):
 
     with pytest.raises(SystemExit):
         cli.main(["train", "--store", "nowhere", "--out", "nowhere", "--dict-size", "8", "--latent-parallel", "2"])
+
+
+def _count_worker(rank, world, init, latent, dead_tokens, out):
+    """Payload bytes of every collective, per (group, kind), of train steps 1..n for n = 1 and 2."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        mesh = distributed.make_mesh(latent)
+        counted = {}
+        originals = dist.all_reduce, dist.all_gather
+
+        def group_name(group):
+            return "latent" if group is mesh.latent_group else "data" if group is mesh.data_group else repr(group)
+
+        def all_reduce(t, *args, group=None, **kwargs):
+            key = (group_name(group), "all_reduce")
+            counted[key] = counted.get(key, 0) + t.numel() * t.element_size()
+            return originals[0](t, *args, group=group, **kwargs)
+
+        def all_gather(parts, t, *args, group=None, **kwargs):
+            key = (group_name(group), "all_gather")
+            counted[key] = counted.get(key, 0) + sum(p.numel() * p.element_size() for p in parts)
+            return originals[1](parts, t, *args, group=group, **kwargs)
+
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        totals = []
+        try:
+            for until in (1, 2):
+                counted.clear()
+                cc, x = random_case(7)
+                model = distributed.ShardedCrossCoder.from_crosscoder(cc, mesh)
+                distributed.train(model, x, config(10, log_every=100, dead_tokens=dead_tokens), until=until)
+                totals.append(dict(counted))
+        finally:
+            dist.all_reduce, dist.all_gather = originals
+        if rank == 0:
+            torch.save(totals, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dead_tokens", [10**9, 0], ids=["no dead latents", "all latents dead"])
+def test_collective_bytes_match_the_scaling_model(tmp_path, dead_tokens):
+    """kernels_bench.scaling.collective_bytes (the README's scaling note) counts what a real step sends."""
+    from kernels_bench.scaling import collective_bytes
+
+    out = str(tmp_path / "counts.pt")
+    mp.spawn(_count_worker, args=(4, f"file://{tmp_path / 'rendezvous'}", 2, dead_tokens, out), nprocs=4, join=True)
+    one, two = torch.load(out)
+    step2 = {key: two[key] - one.get(key, 0) for key in two if two[key] - one.get(key, 0)}
+    expected = collective_bytes(48, 2, D_MODEL, F, 2, 2, elt=4, dead=dead_tokens == 0, k_aux=D_MODEL // 2)
+    assert step2 == expected
