@@ -39,6 +39,15 @@ def update_dead_counters(tokens_since_fired, codes):
     return tokens_since_fired
 
 
+def dead_codes(cc, x, dead_ids):
+    """(f, s) [B, n_dead] fp32 of the latents dead_ids: their ReLU codes (differentiable) and their selection
+    scores f * w (detached)."""
+    # In x's dtype: under mixed precision the fp32 master rows are cast like the main encoder's weights.
+    W_enc = cc.W_enc[dead_ids].reshape(dead_ids.numel(), -1).to(x.dtype)
+    f = torch.relu(x.reshape(x.shape[0], -1) @ W_enc.T + cc.b_enc[dead_ids].to(x.dtype)).float()
+    return f, f.detach() * cc.decoder_norm_weights()[dead_ids]
+
+
 def aux_loss(cc, x, recon, dead, k_aux=None):
     """SPEC's auxiliary loss for dead latents.
 
@@ -57,12 +66,8 @@ def aux_loss(cc, x, recon, dead, k_aux=None):
     if k_aux < 1:
         return zero
     B = x.shape[0]
-    # In x's dtype: under mixed precision the fp32 master rows are cast like the main encoder's weights.
-    W_enc = cc.W_enc[dead_ids].reshape(n_dead, -1).to(x.dtype)
-    pre = x.reshape(B, -1) @ W_enc.T + cc.b_enc[dead_ids].to(x.dtype)
-    f = torch.relu(pre).float()
-    w = cc.decoder_norm_weights()[dead_ids]
-    top = torch.topk(f.detach() * w, k_aux, dim=1, sorted=False).indices  # selection is not differentiated
+    f, s = dead_codes(cc, x, dead_ids)
+    top = torch.topk(s, k_aux, dim=1, sorted=False).indices  # selection is not differentiated
     kept = torch.zeros_like(f).scatter(1, top, f.gather(1, top))
     xhat_aux = kept @ cc.W_dec[dead_ids].reshape(n_dead, -1).float()
     e = (x.float() - recon.float()).detach().reshape(B, -1)

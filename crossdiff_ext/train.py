@@ -170,6 +170,52 @@ def _save_checkpoint(directory, step, cc, trainer_state, keep):
     return final
 
 
+def resume_checkpoint(config, resume):
+    """The checkpoint to resume from (None for a fresh run), after checking the request against the directory."""
+    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
+    if not resume and latest_checkpoint(config.checkpoint_dir):
+        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
+                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
+                              "or choose a new directory")
+    return checkpoint
+
+
+class Progress:
+    """A run's JSONL log (config.log_path, default <checkpoint_dir>/log.jsonl) and tqdm bar; both off when
+    enabled is False (ranks other than 0)."""
+
+    def __init__(self, config, initial, enabled=True):
+        self.log = self.bar = None
+        path = config.log_path or (os.path.join(config.checkpoint_dir, "log.jsonl") if config.checkpoint_dir else None)
+        if enabled and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.log = open(path, "a")
+        if enabled and config.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.steps, initial=initial, desc="train", dynamic_ncols=True)
+
+    def record(self, last):
+        if self.log:
+            self.log.write(json.dumps(last) + "\n")
+            self.log.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{last['loss']:.4g}", fve=f"{last['fve']:.3f}", l0=f"{last['l0']:.1f}",
+                                 dead=f"{last['dead_fraction']:.2%}")
+
+    def tick(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.log:
+            self.log.close()
+
+
 def _init_b_dec(cc, x, config):
     mode = config.init_b_dec
     if mode == "auto":
@@ -230,13 +276,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
-    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
-    if not resume and latest_checkpoint(config.checkpoint_dir):
-        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
-                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
-                              "or choose a new directory")
+    checkpoint = resume_checkpoint(config, resume)
     if checkpoint:
         from .distributed.checkpoints import read_training_state
 
@@ -254,15 +294,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
         source.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         step = state["step"]
-    log_path = config.log_path or (os.path.join(config.checkpoint_dir, "log.jsonl") if config.checkpoint_dir else None)
-    if log_path:
-        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    log = open(log_path, "a") if log_path else None
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
+    progress = Progress(config, step)
     last = {}
     stop = config.steps if until is None else min(int(until), config.steps)
     previous_compute_dtype = cc.compute_dtype
@@ -319,14 +351,8 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                             fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
                             dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
                             threshold=float(cc.threshold), delta_norm_bands=analysis.band_counts(cc))
-                if log:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4g}", fve=f"{fve:.3f}", l0=f"{last['l0']:.1f}",
-                                    dead=f"{last['dead_fraction']:.2%}")
-            if bar is not None:
-                bar.update(1)
+                progress.record(last)
+            progress.tick()
             if config.checkpoint_dir and (step == stop or
                                           (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 checkpoint = _save_checkpoint(
@@ -340,8 +366,5 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
         cc.compute_dtype = previous_compute_dtype
         if hasattr(source, "close"):
             source.close()  # stops a store's prefetch thread
-        if bar is not None:
-            bar.close()
-        if log:
-            log.close()
+        progress.close()
     return TrainResult(steps=step, last=last, checkpoint=checkpoint)

@@ -100,13 +100,13 @@ def read_training_state(checkpoint):
     return model, trainer
 
 
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _save_torch(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    os.replace(ours._atomic_write(path, lambda tmp: torch.save(obj, tmp)), path)
 
 
 def save_sharded(directory, step, model, shard_state, shared_state, keep):
@@ -143,10 +143,9 @@ def save_sharded(directory, step, model, shard_state, shared_state, keep):
         ranges = [latent_range(model.dict_size, r, mesh.latent_size) for r in range(mesh.latent_size)]
         sharding = dict(dict_size=model.dict_size, shards=[dict(dir=shard_dir_name(r, mesh.latent_size), first=a, end=b)
                                                            for r, (a, b) in enumerate(ranges)])
-        with open(os.path.join(tmp, SHARDING_NAME), "w", encoding="utf-8") as f:
-            json.dump(sharding, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        text = json.dumps(sharding, indent=2) + "\n"
+        path = os.path.join(tmp, SHARDING_NAME)
+        os.replace(ours._atomic_write(path, lambda t: _write_text(t, text)), path)
         _save_torch(shared_state, os.path.join(tmp, TRAINER_NAME))
         if os.path.exists(final):  # a rerun of the same step: replace it whole
             shutil.rmtree(final)

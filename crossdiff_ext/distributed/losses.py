@@ -41,9 +41,7 @@ def aux_loss(cc, x, recon, dead, mesh, total_rows, k_aux=None):
     dead_ids = torch.nonzero(dead).squeeze(1)
     candidates = torch.full((b, k_aux), -torch.inf, device=x.device)
     if n_local:
-        W_enc = cc.W_enc[dead_ids].reshape(n_local, -1).to(x.dtype)
-        f = torch.relu(x.reshape(b, -1) @ W_enc.T + cc.b_enc[dead_ids].to(x.dtype)).float()
-        s = f.detach() * cc.decoder_norm_weights()[dead_ids]
+        f, s = losses.dead_codes(cc, x, dead_ids)
         top = torch.topk(s, min(k_aux, n_local), dim=1).values
         candidates[:, :top.shape[1]] = top
     gathered = [torch.empty_like(candidates) for _ in range(mesh.latent_size)]

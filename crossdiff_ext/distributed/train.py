@@ -9,9 +9,7 @@ local shard; dead-latent counters from the latents fired anywhere in the global 
 flags over the data group). Logging, progress and the shared checkpoint state come from global rank 0.
 """
 import dataclasses
-import json
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -19,8 +17,8 @@ import torch.distributed as dist
 from .. import analysis
 from .. import losses as single
 from ..data import as_batches, statistics
-from ..train import (MIXED_PRECISION, TrainConfig, TrainResult, _init_b_dec, _rng_state, _schedule, _set_rng_state,
-                     adam, latest_checkpoint)
+from ..train import (MIXED_PRECISION, Progress, TrainConfig, TrainResult, _init_b_dec, _rng_state, _schedule,
+                     _set_rng_state, adam, latest_checkpoint, resume_checkpoint)
 from . import losses
 from .checkpoints import read_training_state, save_sharded, slice_optimizer_state
 from .collectives import all_reduce_
@@ -86,13 +84,7 @@ def train(model, data, config=None, *, resume=False, until=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
-    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
-    if not resume and latest_checkpoint(config.checkpoint_dir):
-        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
-                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
-                              "or choose a new directory")
+    checkpoint = resume_checkpoint(config, resume)
     if checkpoint:
         weights, state = read_training_state(checkpoint)
         if weights["W_enc"].shape[0] != model.dict_size:
@@ -105,16 +97,7 @@ def train(model, data, config=None, *, resume=False, until=None):
         source.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         step = state["step"]
-    main = dist.get_rank() == 0
-    log_path = config.log_path or (os.path.join(config.checkpoint_dir, "log.jsonl") if config.checkpoint_dir else None)
-    log = bar = None
-    if main and log_path:
-        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-        log = open(log_path, "a")
-    if main and config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
+    progress = Progress(config, step, enabled=dist.get_rank() == 0)
     last = {}
     stop = config.steps if until is None else min(int(until), config.steps)
     previous_compute_dtype = cc.compute_dtype
@@ -170,14 +153,8 @@ def train(model, data, config=None, *, resume=False, until=None):
             if step % config.log_every == 0 or step == config.steps:
                 last = _record(model, x, out, tokens_since_fired, config, total_rows, step, loss_value, values,
                                lr_used, grad_norm)
-                if log:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4g}", fve=f"{last['fve']:.3f}", l0=f"{last['l0']:.1f}",
-                                    dead=f"{last['dead_fraction']:.2%}")
-            if bar is not None:
-                bar.update(1)
+                progress.record(last)
+            progress.tick()
             if config.checkpoint_dir and (step == stop or
                                           (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 checkpoint = save_sharded(
@@ -190,10 +167,7 @@ def train(model, data, config=None, *, resume=False, until=None):
         cc.compute_dtype = previous_compute_dtype
         if hasattr(source, "close"):
             source.close()
-        if bar is not None:
-            bar.close()
-        if log:
-            log.close()
+        progress.close()
     return TrainResult(steps=step, last=last, checkpoint=checkpoint)
 
 
