@@ -10,7 +10,6 @@
      chat-specific ones fire mainly on chat-template tokens (most of their 20 max-activating examples are template
      tokens). Written to OUT/summary.json.
 """
-import json
 import os
 import shutil
 import time
@@ -120,22 +119,20 @@ def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n
 def evaluate(cc, store, batch_size=4096):
     """Inference-mode FVE (1 - sum ||x - xhat||^2 / sum ||x - mean||^2, both models pooled, in the normalised space)
     and mean L0 over the whole store."""
-    from .latent_scaling import _batches
+    from .latent_scaling import inference_pass
 
-    was_training = cc.training
-    cc.eval()
-    err = total = sq = l0 = 0.0
+    err = sq = l0 = 0.0
     s1 = None
     n = 0
-    for x in _batches(store, batch_size, cc.W_enc.device):
-        xn = cc.normalize(x.float())
-        out = cc(xn.to(cc.input_dtype), normalized=True)
-        err += float((xn - out.recon.float()).double().pow(2).sum())
-        s1 = xn.double().sum(0) if s1 is None else s1 + xn.double().sum(0)
-        sq += float(xn.double().pow(2).sum())
-        l0 += float(out.codes.active_per_row().sum())
-        n += x.shape[0]
-    cc.train(was_training)
+    with inference_pass(cc, store, batch_size) as batches:
+        for x in batches:
+            xn = cc.normalize(x.float())
+            out = cc(xn.to(cc.input_dtype), normalized=True)
+            err += float((xn - out.recon.float()).double().pow(2).sum())
+            s1 = xn.double().sum(0) if s1 is None else s1 + xn.double().sum(0)
+            sq += float(xn.double().pow(2).sum())
+            l0 += float(out.codes.active_per_row().sum())
+            n += x.shape[0]
     variance = sq - float(s1.pow(2).sum()) / n
     return dict(fve=round(1 - err / variance, 4), l0=round(l0 / n, 2))
 
@@ -149,7 +146,6 @@ def run(config=DemoConfig()):
     from .activations import collect, template_token_ids
     from .examples import token_share
     from .report import report_crosscoder
-    from .store import ActivationStore
 
     config.validate()
     if not config.progress:

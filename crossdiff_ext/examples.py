@@ -37,7 +37,7 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
     """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
     sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
-    from .latent_scaling import _batches
+    from .latent_scaling import inference_pass
     from .store import ActivationStore
 
     if not isinstance(store, ActivationStore):
@@ -57,16 +57,9 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
     wanted = torch.zeros(cc.dict_size, dtype=torch.bool, device=cc.W_enc.device)
     wanted[torch.tensor(latents, device=wanted.device)] = True
     found_latent, found_value, found_row = [], [], []
-    was_training = cc.training
-    cc.eval()
     offset = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(store), desc="examples", unit="tok", dynamic_ncols=True)
-    try:
-        for x in _batches(store, batch_size, cc.W_enc.device):
+    with inference_pass(cc, store, batch_size, desc="examples" if progress else None) as batches:
+        for x in batches:
             codes = cc.encode(cc.normalize(x.float()).to(cc.input_dtype), normalized=True,
                               use_threshold=cc.activation == "batch_topk")
             idx = codes.indices.long()
@@ -75,12 +68,6 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
             found_value.append(codes.values[keep].float().cpu())
             found_row.append(codes.rows()[keep].cpu() + offset)
             offset += x.shape[0]
-            if bar is not None:
-                bar.update(x.shape[0])
-    finally:
-        if bar is not None:
-            bar.close()
-        cc.train(was_training)
     lat, val, row = torch.cat(found_latent), torch.cat(found_value), torch.cat(found_row)
     seq_id = torch.cumsum(sequence_starts(positions).long(), 0)
 
@@ -110,7 +97,7 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
 def token_share(cc, store, token_ids, *, batch_size=4096):
     """[F] float64: the share of each latent's total inference-mode activation over the store that falls on tokens
     whose id is in `token_ids` (e.g. the chat template's tokens); NaN for latents that never fire. One pass."""
-    from .latent_scaling import _batches
+    from .latent_scaling import inference_pass
     from .store import ActivationStore
 
     if not isinstance(store, ActivationStore) or store.token_ids() is None:
@@ -120,11 +107,9 @@ def token_share(cc, store, token_ids, *, batch_size=4096):
     chosen[torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)] = True
     device = cc.W_enc.device
     on, total = (torch.zeros(cc.dict_size, dtype=torch.float64, device=device) for _ in range(2))
-    was_training = cc.training
-    cc.eval()
     offset = 0
-    try:
-        for x in _batches(store, batch_size, device):
+    with inference_pass(cc, store, batch_size) as batches:
+        for x in batches:
             codes = cc.encode(cc.normalize(x.float()).to(cc.input_dtype), normalized=True,
                               use_threshold=cc.activation == "batch_topk")
             idx, values = codes.indices.long(), codes.values.double()
@@ -132,6 +117,4 @@ def token_share(cc, store, token_ids, *, batch_size=4096):
             total.index_add_(0, idx, values)
             on.index_add_(0, idx, values * hit)
             offset += x.shape[0]
-    finally:
-        cc.train(was_training)
     return torch.where(total > 0, on / total.clamp_min(1e-300), torch.full_like(total, float("nan"))).cpu()

@@ -16,9 +16,9 @@ weight gradient) are prefix sums in float64, so they are deterministic. Memory i
 All of it happens in the crosscoder's input space (normalised when the crosscoder has target_rms), where its
 decoder rows live; codes are the inference-mode codes (threshold for BatchTopK, ReLU for L1).
 """
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -77,6 +77,34 @@ def _batches(data, batch_size, device):
                          f"{type(data).__name__}")
 
 
+@contextlib.contextmanager
+def inference_pass(cc, data, batch_size, *, desc=None):
+    """One read of `data` for inference: yields an iterator of its sequential batches on cc's device while cc is
+    in eval mode (its mode is restored afterwards, also on errors), with a tqdm bar over tokens when `desc` is
+    given."""
+    was_training = cc.training
+    cc.eval()
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        total = data.shape[0] if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else None
+        bar = tqdm(total=total, desc=desc, unit="tok", dynamic_ncols=True)
+
+    def batches():
+        for x in _batches(data, batch_size, cc.W_enc.device):
+            yield x
+            if bar is not None:
+                bar.update(x.shape[0])
+
+    try:
+        yield batches()
+    finally:
+        if bar is not None:
+            bar.close()
+        cc.train(was_training)
+
+
 def _segment_sums(q, col_ptr, perm):
     """Per-latent sums of the columns of q [nnz, Q] (entries in row order) over the latent order: float64 prefix
     sums taken at the segment ends, so the result does not depend on thread scheduling."""
@@ -120,22 +148,14 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
         raise ValueError("the crosscoder's inference threshold is unset (-1): Latent Scaling needs the "
                          "inference-mode codes; train past threshold_start_step or set cc.threshold")
 
-    was_training = cc.training
-    cc.eval()
     W_dec = cc.W_dec.detach().float()
     probe_rows = W_dec[:, probe_m].contiguous()  # [F, d]
     probe_W = probe_rows[:, None, :]  # [F, 1, d]: the per-entry dot over one model's coordinates
     columns = [(t, m) for t in targets for m in range(M)]
     sums = torch.zeros(F, len(columns) + 3, dtype=torch.float64, device=device)  # f*p per column, f^2, f, 1
     tokens = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = data.shape[0] if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else None
-        bar = tqdm(total=total, desc="latent scaling", unit="tok", dynamic_ncols=True)
-    try:
-        for x in _batches(data, batch_size, device):
+    with inference_pass(cc, data, batch_size, desc="latent scaling" if progress else None) as batches:
+        for x in batches:
             if x.dim() != 3 or tuple(x.shape[1:]) != (M, cc.d_model):
                 raise ValueError(f"batches must be [B, M, d] = [B, {M}, {cc.d_model}], got {tuple(x.shape)}")
             xn = cc.normalize(x.float()).to(cc.input_dtype)
@@ -151,12 +171,6 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
             q += [f * f, f, (f != 0).float()]
             sums += _segment_sums(torch.stack(q, dim=1), col_ptr, perm)
             tokens += x.shape[0]
-            if bar is not None:
-                bar.update(x.shape[0])
-    finally:
-        if bar is not None:
-            bar.close()
-        cc.train(was_training)
     if tokens == 0:
         raise ValueError("data yielded no batches")
 
