@@ -100,25 +100,40 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# "auto" on CUDA tensors: the backend that runs each op. It should be the faster of "cuda" and "triton" by
-# kernels_bench/results/<device>-kernels.json; no GPU measurement exists yet (no GPU has been lent to the sessions
-# that wrote the kernels), so every op takes "triton", whose kernels the CPU suite checks under Triton's
-# interpreter. Replace this table with measured choices and cite the result file here.
+# "auto" on CUDA tensors: per GPU model (torch.cuda.get_device_name) and op, the faster of "cuda" and "triton"
+# in the kernels_bench result file that AUTO_GPU_SOURCES names for that model. The block between the markers is
+# written by `python -m kernels_bench auto_table kernels_bench/results/<device>.json --write`, never by hand.
+# BEGIN AUTO_GPU_TABLES
+AUTO_GPU_TABLES = {}
+AUTO_GPU_SOURCES = {}
+# END AUTO_GPU_TABLES
+
+# A GPU model with no measured table takes AUTO_GPU_TABLE: "triton" for every op, whose kernels the CPU suite
+# checks under Triton's interpreter (no GPU had been lent to the sessions that wrote the kernels when this was
+# written, so no measurement backs either choice).
 AUTO_GPU = "auto-gpu"
 AUTO_GPU_TABLE = {op: "triton" for op in ("paired_encode", "batch_topk", "threshold_select", "sparse_decode",
                                           "sparse_values_grad", "latent_order", "sparse_weight_grad")}
-AUTO_GPU_SOURCE = None  # the result file the table comes from
+AUTO_GPU_SOURCE = None  # the result file AUTO_GPU_TABLE comes from (none: see above)
 
 
 def _gpu_backends():
     return [n for n in ("triton", "cuda") if _unavailable_reason(n) is None and (n != "triton" or torch.cuda.is_available())]
 
 
+def auto_gpu_table(device_name=None):
+    """{op: backend} that "auto" runs on a GPU model (default: the current CUDA device's): its measured table,
+    else AUTO_GPU_TABLE."""
+    if device_name is None:
+        device_name = torch.cuda.get_device_name(torch.cuda.current_device())
+    return AUTO_GPU_TABLES.get(device_name, AUTO_GPU_TABLE)
+
+
 def _auto_gpu_kernels():
     built = _gpu_backends()
     if not built:
         raise RuntimeError(f"backend 'auto' has no GPU kernels in this build (available: {available()})")
-    chosen = {op: name if name in built else built[0] for op, name in AUTO_GPU_TABLE.items()}
+    chosen = {op: name if name in built else built[0] for op, name in auto_gpu_table().items()}
     return SimpleNamespace(**{op: getattr(kernels(name), op) for op, name in chosen.items()})
 
 

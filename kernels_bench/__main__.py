@@ -4,7 +4,7 @@ import importlib
 import sys
 
 BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu",
-           "scaling": "kernels_bench.scaling"}
+           "scaling": "kernels_bench.scaling", "auto_table": "kernels_bench.auto_table"}
 
 
 def main(argv=None):

@@ -27,11 +27,12 @@ import os
 import platform
 import re
 import sys
+import time
 import types
 
 import torch
 
-from . import floors, timing
+from . import breakdown, floors, timing
 from .dense_crosscoder import DenseBatchTopKCrossCoder
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -250,7 +251,7 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
     from crossdiff_ext import ops
 
     cc, x = build(cx, shape, device, dtype)
-    B, F, K = x.shape[0], cc.dict_size, cc.k * x.shape[0]
+    F, K = cc.dict_size, cc.k * x.shape[0]
     W, b = cc.W_enc.detach(), cc.b_enc.detach()
     w = cc.decoder_norm_weights()
     f = ops.paired_encode_reference(x, W, b)
@@ -274,24 +275,67 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
             gv = ops.sparse_values_grad(grad_out, indices, row_ptr, W)
             return gv, ops.sparse_weight_grad(values, grad_out, *ops.latent_order(indices, row_ptr, F))
 
+        order = ops.latent_order(indices, row_ptr, F)
+        # One case per op of backends.AUTO_GPU_TABLE (kernels_bench/auto_table.py picks from them), plus the
+        # decoder's whole backward (values grad + latent order + weight grad) for the summary.
         timed = {"paired_encode": lambda: ops.paired_encode(x, W, b),
                  "batch_topk": lambda: ops.batch_topk(f, w, K),
                  "threshold_select": lambda: ops.threshold_select(f, w, theta),
                  "sparse_decode": lambda: ops.sparse_decode(values, indices, row_ptr, W, None),
-                 "decoder_backward": decoder_backward,
-                 "latent_order": lambda: ops.latent_order(indices, row_ptr, F)}
+                 "sparse_values_grad": lambda: ops.sparse_values_grad(grad_out, indices, row_ptr, W),
+                 "latent_order": lambda: ops.latent_order(indices, row_ptr, F),
+                 "sparse_weight_grad": lambda: ops.sparse_weight_grad(values, grad_out, *order),
+                 "decoder_backward": decoder_backward}
         for op, fn in timed.items():
             run_case(cases, op, "crossdiff_ext", name, in_backend(fn), timer, device)
 
 
-def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag=None):
+def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_batches=2):
+    """Latent Scaling (every latent, both targets, the chat probe) against the inference forward pass over the same
+    n_batches * B tokens, batch by batch; the goal (issue 7) is at least half the forward's token throughput."""
+    cc, _ = build(cx, shape, device, dtype)
+    B = shape["batch"]
+    tokens = torch.randn(n_batches * B, shape["n_models"], shape["d_model"], device=device).to(dtype)
+    with torch.no_grad():  # an inference threshold that keeps about k latents per row, as training would set it
+        f = cc.encode(tokens[:B], use_threshold=False)
+        cc.threshold.fill_(float((f.values.float() * cc.decoder_norm_weights()[f.indices]).min()))
+    cc.eval()
+
+    def forward():
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], B):
+                cc(tokens[start:start + B])
+
+    out = {}
+    for name in backends:
+        def in_backend(fn):
+            def call():
+                with cx.backend(name):
+                    return fn()
+            return call
+
+        fwd = run_case(cases, "inference_forward", "crossdiff_ext CrossCoder (eval)", name, in_backend(forward), timer,
+                       device, tokens=tokens.shape[0])
+        ls = run_case(cases, "latent_scaling", "crossdiff_ext.latent_scaling", name,
+                      in_backend(lambda: cx.latent_scaling(cc, tokens, batch_size=B)), timer, device,
+                      tokens=tokens.shape[0])
+        if "median_ms" in fwd and "median_ms" in ls:
+            out[name] = fwd["median_ms"] / ls["median_ms"]
+    return out
+
+
+def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag=None, breakdowns=None):
+    """The training step for every backend and the peers; with `breakdowns` (a dict), also where each backend's
+    step time goes (kernels_bench/breakdown.py)."""
     extra = dict(shape=dict(shape)) if tag else {}
     for name in backends:
         cc, x = build(cx, shape, device, dtype)
         dense = check_agreement(cx, cc, x, name) if peers else None
-        run_case(cases, "train_step", "crossdiff_ext CrossCoder", name, ours_step(cx, cc, x, name), timer, device,
-                 **extra)
-        del cc
+        step = ours_step(cx, cc, x, name)
+        case = run_case(cases, "train_step", "crossdiff_ext CrossCoder", name, step, timer, device, **extra)
+        if breakdowns is not None and "median_ms" in case:
+            breakdowns[name] = breakdown.profile_step(step, device, case["median_ms"])
+        del cc, step
     if not peers:
         return
     for compiled in (False, True):
@@ -343,6 +387,7 @@ def fmt(v, spec=".3f"):
 def markdown(result):
     sh, ce = result["shape"], result["ceilings"]
     lines = [f"# crossdiff_ext benchmark suite `{result['suite']}` on {result['device']}", "",
+             *([] if result.get("complete", True) else ["**Partial result: the run did not finish.**", ""]),
              f"{result['date']}; commit {result['commit']}" + (f" (+ uncommitted: {', '.join(result['dirty'])})"
                                                                if result.get("dirty") else "")
              + f"; torch {result['torch']}; triton {result['triton']}; dtype {result['dtype']}", "",
@@ -368,6 +413,12 @@ def markdown(result):
               "(params + grads + Adam moments + one [B, F] buffer).", "", "## Summary (best backend per case)", "",
               "| key | value |", "|---|---:|"]
     lines += [f"| {k} | {fmt(v, '.3f')} |" for k, v in result["summary"].items()]
+    ls = result.get("latent_scaling_throughput_vs_forward") or {}
+    if ls:
+        lines += ["", "Latent Scaling's token throughput over the inference forward's (same tokens, every latent, "
+                  "both targets; goal >= 0.5): " + ", ".join(f"{b} {v:.2f}" for b, v in ls.items()) + "."]
+    for name, b in (result.get("breakdown") or {}).items():
+        lines += [""] + breakdown.markdown(b, f"Where our training step's time goes ({name})")
     sweep = [c for c in result["cases"] if "shape" in c]
     if sweep:
         lines += ["", "## Training-step sweeps", "", "| F | k | impl | backend | median ms | peak GiB |",
@@ -376,6 +427,9 @@ def markdown(result):
             t = fmt(c.get("median_ms")) or c.get("error") or c.get("skipped")
             lines.append(f"| {c['shape']['dict_size']} | {c['shape']['k']} | {c['impl']} | {c['backend']} | {t} | "
                          f"{fmt(c.get('peak_mem_gb'), '.2f')} |")
+    if result.get("sweeps_skipped"):
+        lines += ["", "Not run (time budget): " + "; ".join(f"F={c['dict_size']} k={c['k']}"
+                                                           for c in result["sweeps_skipped"]) + "."]
     if result.get("plot"):
         lines += ["", f"![time vs F]({os.path.basename(result['plot'])})"]
     return "\n".join(lines) + "\n"
@@ -423,8 +477,13 @@ def main(argv=None):
     p.add_argument("--backends", nargs="*", help="backends to time (default: every kernel backend for the device)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per case on the CPU (GPU: do_bench's budget)")
     p.add_argument("--no-sweeps", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown of the training step")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no further sweep shape after this many minutes (the result so far is written after "
+                        "the main shape and after every sweep shape, so a run cut off still leaves its numbers)")
     p.add_argument("--out", help="result stem (default: results/<device> for the paper and cpu suites)")
     args = p.parse_args(argv)
+    started = time.monotonic()
     suite = SUITES[args.suite]
     device = torch.device(suite["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -444,17 +503,9 @@ def main(argv=None):
     print(f"  ceilings: GEMM {ceilings['matmul']['median_ms']:.3f} ms ({ceilings['matmul']['tflops']:.2f} TFLOP/s), "
           f"copy {ceilings['copy']['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     elt = torch.empty((), dtype=dtype).element_size()
-    cases = []
-    op_cases(cx, shape, device, dtype, backends, timer, cases)
-    step_cases(cx, shape, device, dtype, backends, timer, cases)
-    if not args.no_sweeps:
-        for F in suite["f_sweep"]:
-            step_cases(cx, dict(shape, dict_size=F), device, dtype, backends, timer, cases, tag="F")
-        for k in suite["k_sweep"]:
-            if k != shape["k"]:
-                step_cases(cx, dict(shape, k=k), device, dtype, backends, timer, cases, tag="k")
     import triton
 
+    cases, breakdowns = [], {}
     result = dict(suite=args.suite, device=device_name(device), date=timing.machine_info()["date"],
                   commit=timing.git_commit(), dirty=timing.git_dirty_paths(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(),
@@ -462,16 +513,36 @@ def main(argv=None):
                   floors_ms=floors.time_floors_ms(shape, elt, ceilings["matmul"]["median_ms"],
                                                   ceilings["copy"]["bytes_per_s"]),
                   memory_floor_gb=floors.memory_floor_bytes(shape, elt) / 2**30, cases=cases,
+                  breakdown=breakdowns, complete=False,
                   command="python -m kernels_bench " + " ".join(sys.argv[1:] if argv is None else argv))
-    summarize(result, backends)
     stem = args.out or (None if args.suite == "quick" else os.path.join(
         RESULTS_DIR, slug(device_name(device)) if device.type == "cuda" else "cpu-" + slug(device_name(device))))
-    if stem:
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        result["plot"] = plot(result, stem + ".png")
-        timing.write_json_atomic(stem + ".json", result)
-        timing.write_atomic(stem + ".md", markdown(result))
-        print(f"wrote {stem}.json, {stem}.md" + (f", {result['plot']}" if result["plot"] else ""))
+
+    def save(final=False):
+        result["complete"] = final
+        summarize(result, backends)
+        if stem:
+            os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+            result["plot"] = plot(result, stem + ".png") if final else None
+            timing.write_json_atomic(stem + ".json", result)
+            timing.write_atomic(stem + ".md", markdown(result))
+            print(f"wrote {stem}.json, {stem}.md" + (f", {result['plot']}" if result["plot"] else ""), flush=True)
+
+    op_cases(cx, shape, device, dtype, backends, timer, cases)
+    step_cases(cx, shape, device, dtype, backends, timer, cases, breakdowns=None if args.no_profile else breakdowns)
+    result["latent_scaling_throughput_vs_forward"] = latent_scaling_cases(cx, shape, device, dtype, backends, timer,
+                                                                          cases)
+    save()
+    sweeps = [] if args.no_sweeps else ([dict(shape, dict_size=F) for F in suite["f_sweep"]]
+                                        + [dict(shape, k=k) for k in suite["k_sweep"] if k != shape["k"]])
+    for i, sweep_shape in enumerate(sweeps):
+        if args.budget_min is not None and time.monotonic() - started > 60 * args.budget_min:
+            result["sweeps_skipped"] = [dict(s) for s in sweeps[i:]]
+            print(f"  budget of {args.budget_min} min spent: {len(sweeps) - i} sweep shapes not run", flush=True)
+            break
+        step_cases(cx, sweep_shape, device, dtype, backends, timer, cases, tag="sweep")
+        save()
+    save(final=True)
     print(markdown(result))
     return result
 

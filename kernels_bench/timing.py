@@ -68,7 +68,10 @@ def cpu_model():
 
 
 def git_commit(cwd=None):
-    """HEAD's commit hash, or None (no git, no commits yet)."""
+    """HEAD's commit hash, or None (no git, no commits yet). CROSSDIFF_COMMIT names it where the tree is a copy
+    without .git (the GPU machine: kernels_bench/gpu_session.sh)."""
+    if os.environ.get("CROSSDIFF_COMMIT"):
+        return os.environ["CROSSDIFF_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=cwd)
     except (OSError, subprocess.SubprocessError):

@@ -1,4 +1,6 @@
 """Backend selection: explicit choices, context manager, and clear errors instead of silent fallbacks."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -70,3 +72,21 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     f = torch.rand(3, 5)
     with pytest.raises(RuntimeError, match="crossdiff_triton::batch_topk got CPU tensors"):
         torch.ops.crossdiff_triton.batch_topk(f, torch.ones(5), 2)
+
+
+def test_auto_picks_the_measured_table_of_the_current_gpu_model(monkeypatch):
+    # Simulated GPU: both GPU backends "built", a measured table for one model, none for another.
+    monkeypatch.setattr(backends, "_gpu_backends", lambda: ["triton", "cuda"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    triton_table = SimpleNamespace(**{op: ("triton", op) for op in backends.AUTO_GPU_TABLE})
+    cuda_table = SimpleNamespace(**{op: ("cuda", op) for op in backends.AUTO_GPU_TABLE})
+    real_kernels = backends.kernels
+    monkeypatch.setattr(backends, "kernels", lambda name: {"triton": triton_table, "cuda": cuda_table}.get(name)
+                        or real_kernels(name))
+    measured = dict(backends.AUTO_GPU_TABLE, batch_topk="cuda", sparse_decode="cuda")
+    monkeypatch.setattr(backends, "AUTO_GPU_TABLES", {"GPU A": measured})
+    for model, table in [("GPU A", measured), ("GPU B", backends.AUTO_GPU_TABLE)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, model=model: model)
+        assert backends.auto_gpu_table() == table
+        chosen = real_kernels(backends.AUTO_GPU)
+        assert {op: getattr(chosen, op) for op in table} == {op: (b, op) for op, b in table.items()}

@@ -47,3 +47,114 @@ def test_summary_has_exactly_the_issue_keys_and_uses_the_main_shape():
     assert math.isclose(s["decoder_fwd_over_byte_floor"], 0.5 / result["floors_ms"]["sparse_decode"])
     text = suite.markdown(result)
     assert "train_step_speedup_vs_dense | 4.000" in text and "## Training-step sweeps" in text
+
+
+def gpu_result():
+    """A finished paper-suite result with both GPU backends timed on every op of the auto table."""
+    from crossdiff_ext import backends
+
+    cases = []
+    for i, op in enumerate(backends.AUTO_GPU_TABLE):
+        cuda_ms, triton_ms = (1.0, 2.0) if i % 2 else (3.0, 0.5)
+        cases += [dict(name=op, impl="crossdiff_ext", backend="cuda", median_ms=cuda_ms),
+                  dict(name=op, impl="crossdiff_ext", backend="triton", median_ms=triton_ms),
+                  dict(name=op, impl="crossdiff_ext", backend="cuda", median_ms=0.01, shape=SHAPE)]  # a sweep: ignored
+    cases.append(dict(name="batch_topk", impl="torch.topk(flattened scores)", backend="torch", median_ms=0.001))
+    return dict(suite="paper", device="NVIDIA H100 80GB HBM3", commit="abc", backends=["triton", "cuda"],
+                complete=True, cases=cases)
+
+
+def test_auto_table_picks_the_faster_backend_per_op_at_the_main_shape():
+    from crossdiff_ext import backends
+    from kernels_bench import auto_table
+
+    chosen = auto_table.choose(gpu_result())
+    assert list(chosen) == list(backends.AUTO_GPU_TABLE)
+    for i, (op, (backend, times)) in enumerate(chosen.items()):
+        assert backend == ("cuda" if i % 2 else "triton"), (op, times)
+        assert set(times) == {"cuda", "triton"}
+
+
+def test_auto_table_refuses_partial_cpu_or_incomplete_results():
+    import pytest
+
+    from kernels_bench import auto_table
+
+    for change, message in [(dict(complete=False), "partial"), (dict(suite="cpu", backends=["cpu"]), "GPU suite")]:
+        with pytest.raises(ValueError, match=message):
+            auto_table.choose(dict(gpu_result(), **change))
+    result = gpu_result()
+    result["cases"] = [c for c in result["cases"] if c["name"] != "latent_order" or "shape" in c]
+    with pytest.raises(ValueError, match="latent_order"):
+        auto_table.choose(result)
+
+
+def test_auto_table_rewrites_only_its_block_of_backends_py():
+    import ast
+
+    from kernels_bench import auto_table
+
+    with open(auto_table.BACKENDS_PY) as fh:
+        text = fh.read()
+    tables, sources = auto_table.read_block(text)  # the real file holds a readable block
+    table = {op: b for op, (b, _) in auto_table.choose(gpu_result()).items()}
+    first = auto_table.update_text(text, "GPU A", table, "kernels_bench/results/a.json")
+    second = auto_table.update_text(first, "GPU B", dict(table, batch_topk="cuda"), "b.json")
+    tables2, sources2 = auto_table.read_block(second)
+    assert tables2 == dict(tables, **{"GPU A": table, "GPU B": dict(table, batch_topk="cuda")})
+    assert sources2 == dict(sources, **{"GPU A": "kernels_bench/results/a.json", "GPU B": "b.json"})
+    ast.parse(second)  # still Python
+    start, stop = text.index(auto_table.BEGIN), text.index(auto_table.END) + len(auto_table.END)
+    assert second[:start] == text[:start] and second.endswith(text[stop:])
+    assert auto_table.read_block(auto_table.update_text(second, "GPU A", table, "c.json"))[1]["GPU A"] == "c.json"
+
+
+def test_breakdown_groups_our_ops_and_leaves_the_rest_as_other():
+    import torch
+
+    import crossdiff_ext as cx
+    from kernels_bench import breakdown
+
+    cc, x = suite.build(cx, dict(batch=64, n_models=2, d_model=16, dict_size=256, k=4), torch.device("cpu"),
+                        torch.float32)
+    step = suite.ours_step(cx, cc, x, "cpu")
+    step()
+    b = breakdown.profile_step(step, "cpu", step_ms=1e6, steps=2)
+    assert {"paired_encode", "batch_topk", "sparse_decode", "sparse_values_grad", "sparse_weight_grad",
+            "optimizer"} <= set(b["groups_ms"])
+    assert all(ms > 0 for ms in b["groups_ms"].values())
+    assert math.isclose(b["other_ms"], 1e6 - sum(b["groups_ms"].values()))
+    assert b["top"] and b["top"][0]["self_ms"] >= b["top"][-1]["self_ms"]
+    text = "\n".join(breakdown.markdown(b, "t"))
+    assert "| batch_topk |" in text and "other" in text
+
+
+def test_quick_suite_runs_end_to_end_and_writes_its_result(tmp_path, monkeypatch):
+    # The whole suite at a tiny CPU shape: every case, the breakdown, Latent Scaling and one sweep shape (the
+    # paper suite is the same code on a GPU); then a run whose budget is spent before the sweeps.
+    import json
+
+    import torch
+
+    tiny = dict(batch=64, n_models=2, d_model=16, dict_size=256, k=4)
+    monkeypatch.setitem(suite.SUITES, "quick", dict(device="cpu", dtype=torch.float32, shape=tiny, f_sweep=[512],
+                                                    k_sweep=[4]))
+    result = suite.main(["--suite", "quick", "--reps", "1", "--out", str(tmp_path / "q")])
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["complete"] and saved["summary"] == result["summary"] and tuple(saved["summary"]) == suite.SUMMARY_KEYS
+    names = {(c["name"], c["backend"]) for c in saved["cases"] if "median_ms" in c and "shape" not in c}
+    for op in ("paired_encode", "batch_topk", "threshold_select", "sparse_decode", "sparse_values_grad",
+               "latent_order", "sparse_weight_grad", "decoder_backward", "train_step", "inference_forward",
+               "latent_scaling"):
+        assert (op, "cpu") in names, op
+    sweep = [(c["shape"]["dict_size"], c["impl"]) for c in saved["cases"] if "shape" in c and "median_ms" in c]
+    assert sweep == [(512, "crossdiff_ext CrossCoder"), (512, "dense PyTorch (paper code)"),
+                     (512, "dense PyTorch (paper code) + torch.compile")]
+    assert saved["latent_scaling_throughput_vs_forward"]["cpu"] > 0
+    assert "batch_topk" in saved["breakdown"]["cpu"]["groups_ms"]
+    text = (tmp_path / "q.md").read_text()
+    assert "Where our training step's time goes (cpu)" in text and "Partial result" not in text
+    suite.main(["--suite", "quick", "--reps", "1", "--no-profile", "--budget-min", "0", "--out", str(tmp_path / "b")])
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["sweeps_skipped"] == [dict(tiny, dict_size=512)] and not saved["breakdown"]
+    assert "Not run (time budget): F=512 k=4." in (tmp_path / "b.md").read_text()
