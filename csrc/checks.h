@@ -30,6 +30,13 @@ inline void check_index(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// Codes need rows: with B = 0 every entry would belong to no row, and the GPU kernels (which do not read
+// row_ptr[B] back to the host) would index row 0 of an empty tensor. Checked from sizes alone: no sync.
+inline void check_rows_for_codes(const at::Tensor& row_ptr, int64_t nnz, const char* name) {
+  TORCH_CHECK(row_ptr.size(0) >= 2 || nnz == 0, name, " has nnz = ", nnz,
+              " entries but row_ptr has B+1 = 1 entry (B = 0 rows); codes of an empty batch have nnz = 0");
+}
+
 // CSR codes: values [nnz], indices [nnz] (latent ids), row_ptr [B+1] int64.
 inline void check_codes(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& row_ptr) {
   check_rank(values, 1, "values", "[nnz]");
@@ -42,6 +49,7 @@ inline void check_codes(const at::Tensor& values, const at::Tensor& indices, con
               values.size(0), " and ", indices.size(0));
   check_same_device(values, "values", indices, "indices");
   check_same_device(values, "values", row_ptr, "row_ptr");
+  check_rows_for_codes(row_ptr, indices.size(0), "indices");
 }
 
 inline void check_paired_encode(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc) {
@@ -121,6 +129,7 @@ inline void check_sparse_values_grad(const at::Tensor& grad_out, const at::Tenso
   check_rows_dense(grad_out, "grad_out", row_ptr, W);
   check_same_device(indices, "indices", W, "W");
   check_same_device(row_ptr, "row_ptr", W, "W");
+  check_rows_for_codes(row_ptr, indices.size(0), "indices");
 }
 
 inline void check_latent_order(const at::Tensor& indices, const at::Tensor& row_ptr, int64_t n_latents) {
@@ -131,6 +140,7 @@ inline void check_latent_order(const at::Tensor& indices, const at::Tensor& row_
   TORCH_CHECK(row_ptr.size(0) >= 1, "row_ptr must have B+1 >= 1 entries");
   TORCH_CHECK(n_latents >= 1, "n_latents must be >= 1, got ", n_latents);
   check_same_device(indices, "indices", row_ptr, "row_ptr");
+  check_rows_for_codes(row_ptr, indices.size(0), "indices");
 }
 
 inline void check_sparse_weight_grad(const at::Tensor& values, const at::Tensor& dense, const at::Tensor& col_ptr,
@@ -150,6 +160,8 @@ inline void check_sparse_weight_grad(const at::Tensor& values, const at::Tensor&
   check_rank(rows, 1, "rows", "[nnz]");
   TORCH_CHECK(perm.size(0) == values.size(0) && rows.size(0) == values.size(0),
               "perm and rows must have nnz = ", values.size(0), " entries, got ", perm.size(0), " and ", rows.size(0));
+  TORCH_CHECK(dense.size(0) >= 1 || values.size(0) == 0, "values has nnz = ", values.size(0),
+              " entries but dense has B = 0 rows; codes of an empty batch have nnz = 0");
 }
 
 }  // namespace crossdiff

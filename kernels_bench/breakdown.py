@@ -1,11 +1,12 @@
 """Where a training step's time goes: torch.profiler over a few steps, grouped by crossdiff op.
 
 Groups are the ops' inclusive times (each crossdiff op with the kernels it launches: device time on a GPU, CPU
-time on the CPU), plus the optimizer step (`Optimizer.step#...` range); "other" is the measured step time minus
-the groups (the loss and its backward, elementwise ops, autograd and launch gaps). The heaviest single entries by
+time on the CPU), plus the optimizer step (`Optimizer.step#...` range); "other" is the profiled steps' wall time
+minus the groups (the loss and its backward, elementwise ops, autograd, launch gaps and profiler overhead). The heaviest single entries by
 self time (kernels on a GPU, ops on the CPU) come with it, so a miss can be traced to one kernel.
 """
 import re
+import time
 
 import torch
 
@@ -27,17 +28,20 @@ def _times(event, on_gpu):
 def profile_step(step, device, step_ms, steps=3, top=12):
     """Profile `steps` calls of `step` (already warmed up) and group the time per step.
 
-    step_ms: the step's measured median (ms), against which "other" is taken. Returns
-    dict(steps, step_ms, groups_ms={op: ms}, other_ms, top=[{name, self_ms, calls}])."""
+    step_ms: the step's median timed without the profiler (recorded beside). "other" is the profiled step's wall
+    time (which includes the profiler's overhead) minus the groups. Returns dict(steps, step_ms, profiled_step_ms,
+    groups_ms={op: ms}, other_ms, time, top=[{name, self_ms, calls}])."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         if on_gpu:
             torch.cuda.synchronize(device)
+        profiled_ms = (time.perf_counter() - start) * 1e3 / steps
     groups, heaviest = {}, []
     for event in prof.key_averages():
         total, own = _times(event, on_gpu)
@@ -50,16 +54,17 @@ def profile_step(step, device, step_ms, steps=3, top=12):
             heaviest.append(dict(name=event.key[:120], self_ms=own / steps, calls=event.count / steps))
     heaviest.sort(key=lambda r: r["self_ms"], reverse=True)
     groups = dict(sorted(groups.items(), key=lambda kv: kv[1], reverse=True))
-    return dict(steps=steps, step_ms=step_ms, groups_ms=groups, other_ms=step_ms - sum(groups.values()),
-                time="device" if on_gpu else "cpu", top=heaviest[:top])
+    return dict(steps=steps, step_ms=step_ms, profiled_step_ms=profiled_ms, groups_ms=groups,
+                other_ms=profiled_ms - sum(groups.values()), time="device" if on_gpu else "cpu", top=heaviest[:top])
 
 
 def markdown(breakdown, title):
     """Markdown lines of one breakdown."""
-    step = breakdown["step_ms"]
+    step = breakdown["profiled_step_ms"]
     share = lambda ms: f"{100 * ms / step:.0f}%" if step else ""
-    lines = [f"## {title}", "", f"torch.profiler, {breakdown['time']} time per step over {breakdown['steps']} steps; "
-             f"step median {step:.3f} ms.", "", "| part | ms | share |", "|---|---:|---:|"]
+    lines = [f"## {title}", "", f"torch.profiler, {breakdown['time']} time per step over {breakdown['steps']} steps: "
+             f"{step:.3f} ms per profiled step (median {breakdown['step_ms']:.3f} ms without the profiler).", "",
+             "| part | ms | share |", "|---|---:|---:|"]
     lines += [f"| {name} | {ms:.3f} | {share(ms)} |" for name, ms in breakdown["groups_ms"].items()]
     lines += [f"| other (loss, elementwise, autograd, gaps) | {breakdown['other_ms']:.3f} | "
               f"{share(breakdown['other_ms'])} |", "", "Heaviest entries by self time:", "",

@@ -302,7 +302,7 @@ def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_bat
     cc.eval()
 
     def forward():
-        with torch.no_grad():
+        with torch.inference_mode():  # as latent_scaling runs
             for start in range(0, tokens.shape[0], B):
                 cc(tokens[start:start + B])
 

@@ -40,6 +40,12 @@ def bad_calls():
         ("sparse_values_grad", (x[:2], i, r, W), "grad_out must have B"),
         ("latent_order", (i, r, 0), "n_latents must be >= 1"),
         ("sparse_weight_grad", (v, x, r, r, r), "perm and rows must have nnz"),
+        # Codes without rows (B = 0, nnz > 0): the GPU kernels would read row 0 of an empty batch.
+        ("sparse_decode", (v, i, r[:1], W, bias), r"B = 0 rows"),
+        ("sparse_values_grad", (x[:0], i, r[:1], W), r"B = 0 rows"),
+        ("latent_order", (i, r[:1], 5), r"B = 0 rows"),
+        ("sparse_weight_grad", (v, x[:0], torch.zeros(6, dtype=torch.int64), torch.arange(v.shape[0]),
+                                torch.zeros(v.shape[0], dtype=torch.int64)), r"B = 0 rows"),
     ]
 
 

@@ -208,3 +208,12 @@ def test_batch_topk_large_inputs_take_every_radix_path(name, kind, poison):
                 finally:
                     torch.set_num_threads(previous)
                 assert_same_selection(got, expected)
+
+
+@pytest.mark.parametrize("name", backend_params())
+@pytest.mark.parametrize("B,F", [(0, 37), (4, 0), (0, 0)])
+def test_threshold_select_of_an_empty_batch(name, B, F, poison):
+    device = backend_device(name)
+    f, w = torch.rand(B, F, device=device), torch.rand(F, device=device) + 0.5
+    got = run(name, ops.threshold_select, f, w, 0.0)
+    assert_same_selection(got, ops.threshold_select_reference(f.cpu(), w.cpu(), 0.0))

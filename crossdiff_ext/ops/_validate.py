@@ -112,6 +112,13 @@ def row_pointers(row_ptr):
         _fail("row_ptr must have B+1 >= 1 entries")
 
 
+def rows_for_codes(row_ptr, nnz, name="indices"):
+    """Codes need rows (the GPU kernels would index row 0 of an empty batch); from sizes alone, no sync."""
+    if row_ptr.shape[0] < 2 and nnz != 0:
+        _fail(f"{name} has nnz = {nnz} entries but row_ptr has B+1 = 1 entry (B = 0 rows); codes of an empty batch "
+              "have nnz = 0")
+
+
 def latent_ids(indices):
     tensor(indices, "indices", 1, "[nnz]")
     index(indices, "indices")
@@ -125,6 +132,7 @@ def codes(values, indices, row_ptr):
         _fail(f"values and indices must have the same length (nnz), got {values.shape[0]} and {indices.shape[0]}")
     same_device(values, "values", indices, "indices")
     same_device(values, "values", row_ptr, "row_ptr")
+    rows_for_codes(row_ptr, indices.shape[0])
 
 
 def dictionary(values, W, name="W"):
@@ -176,6 +184,7 @@ def sparse_values_grad(grad_out, indices, row_ptr, W):
     rows_dense(grad_out, "grad_out", row_ptr, W)
     same_device(indices, "indices", W, "W")
     same_device(row_ptr, "row_ptr", W, "W")
+    rows_for_codes(row_ptr, indices.shape[0])
 
 
 def latent_order(indices, row_ptr, n_latents):
@@ -184,6 +193,7 @@ def latent_order(indices, row_ptr, n_latents):
     same_device(indices, "indices", row_ptr, "row_ptr")
     if n_latents < 1:
         _fail(f"n_latents must be >= 1, got {n_latents}")
+    rows_for_codes(row_ptr, indices.shape[0])
 
 
 def sparse_weight_grad(values, dense, col_ptr, perm, rows):
@@ -199,3 +209,6 @@ def sparse_weight_grad(values, dense, col_ptr, perm, rows):
         same_device(values, "values", t, name)
     if perm.shape[0] != values.shape[0] or rows.shape[0] != values.shape[0]:
         _fail(f"perm and rows must have nnz = {values.shape[0]} entries, got {perm.shape[0]} and {rows.shape[0]}")
+    if dense.shape[0] < 1 and values.shape[0] != 0:
+        _fail(f"values has nnz = {values.shape[0]} entries but dense has B = 0 rows; codes of an empty batch have "
+              "nnz = 0")

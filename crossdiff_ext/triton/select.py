@@ -194,8 +194,10 @@ def batch_topk(f, w, K):
     tiling = _tiling(B, F, f.device)
     block, n_col_tiles, n_tiles, tiles_per_chunk, n_chunks = tiling
     warps = _launch.select_warps(block)
-    # (prefix, shift, need, done); built on the host and copied once (no sync).
-    radix = torch.tensor([0, 32, K, 0], dtype=torch.int64).to(f.device, non_blocking=True)
+    # (prefix, shift, need, done), filled on the device: no sync, and no copy from pageable host memory, which a
+    # CUDA graph capture (torch.compile mode="reduce-overhead") refuses.
+    radix = torch.zeros(4, dtype=torch.int64, device=f.device)
+    radix[1], radix[2] = 32, K
     hist = torch.empty(RADIX_PASSES, 1 << RADIX_BITS, dtype=torch.int64, device=f.device)
     hist.zero_()
     for p in range(RADIX_PASSES):
@@ -216,6 +218,9 @@ def batch_topk(f, w, K):
 def threshold_select(f, w, theta):
     f, w = f.contiguous(), w.contiguous()
     B, F = f.shape
+    if B * F == 0:  # no tiles to launch (and _tiling would divide by zero): empty codes, B + 1 zero row pointers
+        return (f.new_empty(0), torch.empty(0, dtype=_csr.index_dtype(F), device=f.device),
+                torch.zeros(B + 1, dtype=torch.int64, device=f.device))
     tiling = _tiling(B, F, f.device)
     block, n_col_tiles, n_tiles, tiles_per_chunk, n_chunks = tiling
     above = torch.empty(n_chunks, dtype=torch.int64, device=f.device)

@@ -290,9 +290,11 @@ template <typename scalar_t, int VEC>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_impl(const at::Tensor& f, const at::Tensor& w,
                                                                      int64_t K, const Tiling& tl) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  // (prefix, shift, need, done), built on the host and copied once: no sync.
-  at::Tensor state =
-      at::tensor({int64_t{0}, int64_t{32}, K, int64_t{0}}, at::kLong).to(f.options().dtype(at::kLong), /*non_blocking=*/true);
+  // (prefix, shift, need, done), filled on the device: no sync, and no copy from pageable host memory, which a
+  // CUDA graph capture (torch.compile mode="reduce-overhead") refuses.
+  at::Tensor state = at::zeros({4}, f.options().dtype(at::kLong));
+  state.select(0, kShift).fill_(32);
+  state.select(0, kNeed).fill_(K);
   at::Tensor hist = at::zeros({kPasses, kMaxBins}, f.options().dtype(at::kLong));
   auto* hp = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   for (int pass = 0; pass < kPasses; ++pass) {
