@@ -247,6 +247,14 @@ def run_case(cases, name, impl, backend, fn, timer, device, **extra):
     return case
 
 
+def in_backend(cx, name, fn):
+    """fn as a call that runs on backend `name`."""
+    def call():
+        with cx.backend(name):
+            return fn()
+    return call
+
+
 def op_cases(cx, shape, device, dtype, backends, timer, cases):
     from crossdiff_ext import ops
 
@@ -261,13 +269,7 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
     run_case(cases, "batch_topk", "torch.topk(flattened scores)", "torch",
              lambda: (f.float() * w).flatten().topk(K, sorted=False), timer, device)
     for name in backends:
-        def in_backend(fn):
-            def call():
-                with cx.backend(name):
-                    return fn()
-            return call
-
-        got = in_backend(lambda: ops.batch_topk(f, w, K))()
+        got = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))()
         if not torch.equal(got[1], indices) or not torch.equal(got[2], row_ptr):
             raise SystemExit(f"{name}: batch_topk disagrees with the reference; refusing to time")
 
@@ -287,7 +289,7 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
                  "sparse_weight_grad": lambda: ops.sparse_weight_grad(values, grad_out, *order),
                  "decoder_backward": decoder_backward}
         for op, fn in timed.items():
-            run_case(cases, op, "crossdiff_ext", name, in_backend(fn), timer, device)
+            run_case(cases, op, "crossdiff_ext", name, in_backend(cx, name, fn), timer, device)
 
 
 def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_batches=2):
@@ -308,16 +310,10 @@ def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_bat
 
     out = {}
     for name in backends:
-        def in_backend(fn):
-            def call():
-                with cx.backend(name):
-                    return fn()
-            return call
-
-        fwd = run_case(cases, "inference_forward", "crossdiff_ext CrossCoder (eval)", name, in_backend(forward), timer,
-                       device, tokens=tokens.shape[0])
+        fwd = run_case(cases, "inference_forward", "crossdiff_ext CrossCoder (eval)", name,
+                       in_backend(cx, name, forward), timer, device, tokens=tokens.shape[0])
         ls = run_case(cases, "latent_scaling", "crossdiff_ext.latent_scaling", name,
-                      in_backend(lambda: cx.latent_scaling(cc, tokens, batch_size=B)), timer, device,
+                      in_backend(cx, name, lambda: cx.latent_scaling(cc, tokens, batch_size=B)), timer, device,
                       tokens=tokens.shape[0])
         if "median_ms" in fwd and "median_ms" in ls:
             out[name] = fwd["median_ms"] / ls["median_ms"]
