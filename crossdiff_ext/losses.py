@@ -48,6 +48,11 @@ def dead_codes(cc, x, dead_ids):
     return f, f.detach() * cc.decoder_norm_weights()[dead_ids]
 
 
+def aux_k(cc, k_aux, n_dead):
+    """Dead latents decoded per row by the aux loss: k_aux (default d/2), at most the n_dead there are."""
+    return min(cc.d_model // 2 if k_aux is None else k_aux, n_dead)
+
+
 def aux_loss(cc, x, recon, dead, k_aux=None):
     """SPEC's auxiliary loss for dead latents.
 
@@ -62,7 +67,7 @@ def aux_loss(cc, x, recon, dead, k_aux=None):
     zero = x.new_zeros((), dtype=torch.float32)
     if n_dead == 0:
         return zero
-    k_aux = min(cc.d_model // 2 if k_aux is None else k_aux, n_dead)
+    k_aux = aux_k(cc, k_aux, n_dead)
     if k_aux < 1:
         return zero
     B = x.shape[0]

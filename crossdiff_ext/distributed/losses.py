@@ -29,7 +29,7 @@ def aux_loss(cc, x, recon, dead, mesh, total_rows, k_aux=None):
     n_dead = int(all_reduce_(torch.tensor([n_local], device=x.device), [mesh.latent_group])[0])
     if n_dead == 0:
         return zero
-    k_aux = min(cc.d_model // 2 if k_aux is None else k_aux, n_dead)
+    k_aux = losses.aux_k(cc, k_aux, n_dead)
     if k_aux < 1:
         return zero
     b = x.shape[0]
