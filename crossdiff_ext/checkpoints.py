@@ -144,7 +144,7 @@ def from_pretrained(directory, *, device=None, dtype=None):
     if os.path.isfile(os.path.join(directory, "sharding.json")):  # a latent-parallel checkpoint: merge its shards
         from .distributed.checkpoints import load_merged
 
-        return load_merged(directory, device=device, dtype=dtype)
+        return load_merged(directory, device=device, dtype=dtype).eval()
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     config = _read_config(config_path)
     if config.pop("format", None) != FORMAT:
@@ -162,7 +162,7 @@ def from_pretrained(directory, *, device=None, dtype=None):
         raise FileNotFoundError(f"{weights_path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
     tensors = load_file(weights_path, device="cpu")
     _check_state(tensors, CrossCoder(**config, device="meta").state_dict(), weights_path)
-    return _build(config, tensors, device)
+    return _build(config, tensors, device).eval()
 
 
 def _dtype(value, source):
@@ -294,7 +294,7 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
             "threshold": state["threshold"].reshape(()) if "threshold" in state else torch.tensor(-1.0),
             "num_batches_tracked": torch.tensor(0)}
     ours.update(normalizer or {})
-    return _build(cc_config, ours, device)
+    return _build(cc_config, ours, device).eval()
 
 
 def _check_hub_config(config, M, d, F, k, source):

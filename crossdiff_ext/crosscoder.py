@@ -11,6 +11,9 @@ from .ops.autograd import decode_sparse, encode_sparse
 from .ops.relu_crosscoder import relu_crosscoder
 
 ACTIVATIONS = ("batch_topk", "relu")
+# "independent": each model's encoder rows drawn on their own, as in the paper's released runs; "shared": one draw
+# copied to every model, so every latent starts out shared.
+INITS = ("independent", "shared")
 # Code density above which the ReLU crosscoder decodes densely (see ops/relu_crosscoder.py). Measured on the
 # 2-core CPU at B=2048, d=256, F=16384 (kernels_bench/results/cpu-relu-density.md): sparse/dense step time 0.73 at
 # density 0.06 and 1.14 at 0.124, so the crossover is near 0.1. GPU backends will want their own measurement.
@@ -62,13 +65,16 @@ class CrossCoder(nn.Module):
     already in the normalised space, which is where the trainer computes the loss. The statistics are buffers,
     saved with the model; set them with set_input_normalization (cx.train does it from the data).
 
+    init: "independent" (default) draws every model's encoder rows on their own, as the paper's runs did;
+    "shared" gives every model the same rows, so every latent starts out shared (see reset_parameters).
+
     compute_dtype (an attribute, not saved): when set to a narrower dtype than the parameters', the ops run on
     copies of the weights cast to it (mixed precision with fp32 master weights) and inputs must have it.
     """
 
     def __init__(self, d_model, dict_size, n_models=2, k=None, activation="batch_topk", *, dtype=torch.float32,
                  device=None, threshold_start_step=1000, threshold_beta=0.999,
-                 dense_code_density=DENSE_CODE_DENSITY, target_rms=None):
+                 dense_code_density=DENSE_CODE_DENSITY, target_rms=None, init="independent"):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -80,6 +86,8 @@ class CrossCoder(nn.Module):
                 raise ValueError(f"k must be an int in [1, dict_size = {dict_size}] for batch_topk, got {k!r}")
         elif k is not None:
             raise ValueError(f"k is only used by activation='batch_topk'; got k={k!r} with activation={activation!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if not 0.0 <= dense_code_density <= 1.0:
@@ -92,7 +100,7 @@ class CrossCoder(nn.Module):
         self.target_rms = None if target_rms is None else float(target_rms)
         self.compute_dtype = None
         self.d_model, self.dict_size, self.n_models = d_model, dict_size, n_models
-        self.k, self.activation = k, activation
+        self.k, self.activation, self.init = k, activation, init
         self.threshold_start_step, self.threshold_beta = int(threshold_start_step), float(threshold_beta)
         self.dense_code_density = float(dense_code_density)
         shape = (dict_size, n_models, d_model)
@@ -116,19 +124,25 @@ class CrossCoder(nn.Module):
         return dict(d_model=self.d_model, dict_size=self.dict_size, n_models=self.n_models, k=self.k,
                     activation=self.activation, threshold_start_step=self.threshold_start_step,
                     threshold_beta=self.threshold_beta, dense_code_density=self.dense_code_density,
-                    target_rms=self.target_rms, dtype=str(self.W_enc.dtype).removeprefix("torch."))
+                    target_rms=self.target_rms, init=self.init, dtype=str(self.W_enc.dtype).removeprefix("torch."))
 
     @torch.no_grad()
     def reset_parameters(self):
-        """SPEC init: Kaiming-uniform encoder shared by all models, decoder = encoder (our layout is already the
-        transpose of the reference's); BatchTopK scales every [latent, model] row to unit norm as the reference
-        code does (norm_init_scale=1). Biases 0; b_dec is later set to a geometric median by the trainer."""
-        base = torch.empty(self.d_model, self.dict_size, dtype=torch.float32, device=self.W_enc.device)
-        nn.init.kaiming_uniform_(base)
-        rows = base.T  # [F, d]
+        """Init of the paper's runs: a Kaiming-uniform encoder, drawn independently for every model
+        (init="independent") or once and copied to all (init="shared"); decoder = encoder (our layout is already
+        the transpose of the reference's); BatchTopK scales every [latent, model] row to unit norm as the reference
+        code does (norm_init_scale=1), L1 keeps the Kaiming scale. Each model's draw is a [d, F] matrix (fan-in F)
+        in both modes, so the two differ only in independence. Biases 0; the trainer later sets b_dec to a
+        geometric median."""
+        draws = 1 if self.init == "shared" else self.n_models
+        rows = []
+        for _ in range(draws):
+            base = torch.empty(self.d_model, self.dict_size, dtype=torch.float32, device=self.W_enc.device)
+            nn.init.kaiming_uniform_(base)
+            rows.append(base.T)  # [F, d]
+        full = torch.stack(rows, dim=1).expand(-1, self.n_models, -1)  # [F, M, d]
         if self.activation == "batch_topk":
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        full = rows[:, None, :].expand(-1, self.n_models, -1)
+            full = full / full.norm(dim=2, keepdim=True).clamp_min(1e-12)
         self.W_enc.copy_(full)
         self.W_dec.copy_(full)
         self.b_enc.zero_()

@@ -33,7 +33,10 @@ def fired_latents(codes):
 
 
 def update_dead_counters(tokens_since_fired, codes):
-    """In place: += B for every latent, reset to 0 where the latent fired (SPEC: dead after >= dead_tokens)."""
+    """In place: += B for every latent, reset to 0 where the latent fired (SPEC: dead after >= dead_tokens).
+
+    The trainers call it with the current batch BEFORE the aux loss, as the paper's trainer does, so a latent
+    selected in this batch is never dead."""
     tokens_since_fired.add_(codes.n_rows)
     tokens_since_fired.masked_fill_(fired_latents(codes), 0)
     return tokens_since_fired

@@ -312,6 +312,8 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             out = cc(x, normalized=True)
             recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction)
             terms = dict(reconstruction=recon_loss)
+            # Counted with this batch first (the paper's order): a latent selected now is never dead.
+            losses.update_dead_counters(tokens_since_fired, out.codes)
             if cc.activation == "batch_topk":
                 dead = tokens_since_fired >= config.dead_tokens
                 terms["aux"] = losses.aux_loss(cc, x, out.recon, dead, config.k_aux)
@@ -341,7 +343,6 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                 scaler.step(opt)
                 scaler.update()
             schedule.step()
-            losses.update_dead_counters(tokens_since_fired, out.codes)
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())

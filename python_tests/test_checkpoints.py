@@ -61,6 +61,7 @@ def assert_converted(cc, sd):
     assert torch.equal(cc.W_dec, sd["decoder.weight"].permute(1, 0, 2))
     assert torch.equal(cc.b_enc, sd["encoder.bias"]) and torch.equal(cc.b_dec, sd["decoder.bias"])
     assert cc.W_enc.is_contiguous() and cc.W_dec.is_contiguous()
+    assert not cc.training  # loaded for inference, like transformers' from_pretrained
     if "k" in sd:
         assert cc.activation == "batch_topk" and cc.k == int(sd["k"])
         assert torch.equal(cc.threshold, sd["threshold"])
@@ -84,14 +85,25 @@ def test_round_trip(tmp_path, activation, M, dtype):
     loaded = cx.CrossCoder.from_pretrained(tmp_path / "ckpt")
     assert_same(cc, loaded)
     assert all(p.is_contiguous() and p.requires_grad for p in loaded.parameters())
+    assert not loaded.training  # eval mode: cc(x) uses the threshold and leaves it alone
     x = torch.randn(16, M, D).to(dtype)
-    cc.eval(), loaded.eval()
-    a, b = cc(x), loaded(x)
+    threshold = loaded.threshold.clone()
+    b = loaded(x)
+    assert torch.equal(loaded.threshold, threshold)
+    cc.eval()
+    a = cc(x)
     assert torch.equal(a.recon, b.recon) and torch.equal(a.codes.to_dense(), b.codes.to_dense())
     if activation == "batch_topk":  # training mode: batch top-k, and the threshold tracking state carried over
         cc.train(), loaded.train()
         assert torch.equal(cc(x).recon, loaded(x).recon)
         assert torch.equal(cc.threshold, loaded.threshold)
+
+
+def test_init_mode_is_saved(tmp_path):
+    cc = make(init="shared")
+    cc.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["init"] == "shared"
+    assert cx.CrossCoder.from_pretrained(tmp_path).init == "shared"
 
 
 def test_dtype_override_and_file_path(tmp_path):

@@ -124,13 +124,24 @@ def test_threshold_tracks_min_selected_score_after_start_step():
 
 
 def test_init_follows_spec():
-    cc = cx.CrossCoder(16, 40, 3, k=4)
+    torch.manual_seed(0)
+    cc = cx.CrossCoder(16, 40, 3, k=4)  # init="independent": every model's rows drawn on their own
+    assert cc.init == "independent" and cc.config()["init"] == "independent"
     assert torch.equal(cc.W_enc, cc.W_dec)
-    assert torch.equal(cc.W_enc[:, 0], cc.W_enc[:, 2])
+    cos = torch.nn.functional.cosine_similarity(cc.W_enc[:, 0], cc.W_enc[:, 2], dim=1).detach()
+    assert float(cos.abs().max()) < 0.99  # 40 independent pairs in 16 dims: none (anti)parallel
     torch.testing.assert_close(cc.W_dec.norm(dim=2), torch.ones(40, 3))
     assert cc.b_enc.abs().sum() == 0 and cc.b_dec.abs().sum() == 0 and float(cc.threshold) == -1.0
-    l1 = cx.CrossCoder(16, 40, 2, activation="relu")
-    assert float(l1.W_enc.detach().abs().max()) <= (6 / 40) ** 0.5 and torch.equal(l1.W_enc, l1.W_dec)
+    torch.manual_seed(0)
+    shared = cx.CrossCoder(16, 40, 3, k=4, init="shared")
+    assert torch.equal(shared.W_enc[:, 0], shared.W_enc[:, 2]) and torch.equal(shared.W_enc, shared.W_dec)
+    assert torch.equal(shared.W_enc[:, 1], cc.W_enc[:, 0])  # the same first draw, copied to every model
+    for init in ("independent", "shared"):
+        l1 = cx.CrossCoder(16, 40, 2, activation="relu", init=init)
+        assert float(l1.W_enc.detach().abs().max()) <= (6 / 40) ** 0.5 and torch.equal(l1.W_enc, l1.W_dec)
+        assert float(l1.W_enc.detach().norm(dim=2).min()) < 0.9  # L1 rows keep the Kaiming scale, not unit norm
+    with pytest.raises(ValueError, match="init must be one of"):
+        cx.CrossCoder(16, 40, 2, k=4, init="zeros")
 
 
 def test_tuple_input_equals_stacked_input():

@@ -114,3 +114,51 @@ def test_batch_topk_recovers_a_planted_dictionary():
     assert all(v < 0.1 for v in found("base_only")), found("base_only")
     assert all(abs(v - 0.5) < 0.1 for v in found("shared")), found("shared")
     assert all(0.6 < v < 0.9 for v in found("weak_in_base")), found("weak_in_base")
+
+
+def test_dead_latents_are_counted_with_the_current_batch(monkeypatch):
+    """The paper's order: the counters take in this batch before the aux loss, so every latent the batch selected
+    is alive for it, and a latent becomes dead in the step where its counter reaches dead_tokens."""
+    seen = []
+    original = losses.aux_loss
+
+    def recording(cc, x, recon, dead, k_aux=None):
+        with torch.no_grad():  # the same selection the step made (no threshold tracking before step 100)
+            out = cc(x, normalized=True)
+        seen.append((dead.clone(), losses.fired_latents(out.codes)))
+        return original(cc, x, recon, dead, k_aux)
+
+    monkeypatch.setattr(losses, "aux_loss", recording)
+    data = torch.randn(160, 2, 8, generator=rng(36))
+    # dead_tokens = one batch: a latent is dead in any step it was not selected in.
+    torch.manual_seed(0)
+    cc = cx.CrossCoder(8, 32, 2, k=2, threshold_start_step=100)
+    cx.train(cc, data, cx.TrainConfig(steps=4, batch_size=16, dead_tokens=16, progress=False, seed=3))
+    assert len(seen) == 4
+    for step, (dead, fired) in enumerate(seen, 1):
+        assert not (dead & fired).any(), f"step {step}: a latent selected in this batch was counted dead"
+        assert torch.equal(dead, ~fired), f"step {step}: dead must be exactly the latents this batch left out"
+
+
+def test_a_latent_selected_in_the_batch_gets_no_aux_gradient():
+    g = rng(37)
+    cc = tiny()
+    x = torch.randn(16, 2, 8, generator=g)
+    out = cc(x)
+    counters = torch.full((cc.dict_size,), 10**6, dtype=torch.int64)  # every latent at the dead limit before
+    dead = losses.update_dead_counters(counters, out.codes) >= 10**6
+    fired = losses.fired_latents(out.codes)
+    assert fired.any() and dead.any() and torch.equal(dead, ~fired)
+    losses.aux_loss(cc, x, out.recon.detach(), dead).backward()
+    assert float(cc.W_enc.grad[fired].abs().max()) == 0.0 and float(cc.W_dec.grad[fired].abs().max()) == 0.0
+    assert float(cc.W_enc.grad[dead].abs().sum()) > 0 and float(cc.W_dec.grad[dead].abs().sum()) > 0
+
+
+def test_loaded_crosscoder_is_in_eval_mode_and_training_puts_it_back(tmp_path):
+    cc = tiny()
+    cc.save_pretrained(tmp_path)
+    loaded = cx.CrossCoder.from_pretrained(tmp_path)
+    assert not loaded.training
+    cx.train(loaded, torch.randn(64, 2, 8, generator=rng(38)), cx.TrainConfig(steps=2, batch_size=16,
+                                                                              progress=False))
+    assert loaded.training and int(loaded.num_batches_tracked) == 2  # the steps ran the batch top-k

@@ -61,7 +61,7 @@ def load_merged(directory, *, device=None, dtype=None):
                              f"{s['end'] - s['first']}")
     config = dict(shards[0].config(), dict_size=sharding["dict_size"])
     config["dtype"] = ours._dtype(config["dtype"], directory)
-    return ours._build(config, merge_states([cc.state_dict() for cc in shards]), device)
+    return ours._build(config, merge_states([cc.state_dict() for cc in shards]), device).eval()
 
 
 def merge_optimizer_states(states):

@@ -118,6 +118,11 @@ def train(model, data, config=None, *, resume=False, until=None):
             out = model(x, normalized=True)
             recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction, total_rows)
             terms = dict(reconstruction=recon_loss)
+            # Counted with this batch first (the paper's order): a latent selected anywhere in it is never dead.
+            fired = single.fired_latents(out.codes).to(torch.int32)
+            all_reduce_(fired, [mesh.data_group], dist.ReduceOp.MAX)
+            tokens_since_fired.add_(total_rows)
+            tokens_since_fired.masked_fill_(fired.bool(), 0)
             if cc.activation == "batch_topk":
                 dead = tokens_since_fired >= config.dead_tokens
                 terms["aux"] = losses.aux_loss(cc, x, out.recon, dead, mesh, total_rows, config.k_aux)
@@ -145,10 +150,6 @@ def train(model, data, config=None, *, resume=False, until=None):
             lr_used = opt.param_groups[0]["lr"]
             opt.step()
             schedule.step()
-            fired = single.fired_latents(out.codes).to(torch.int32)
-            all_reduce_(fired, [mesh.data_group], dist.ReduceOp.MAX)
-            tokens_since_fired.add_(total_rows)
-            tokens_since_fired.masked_fill_(fired.bool(), 0)
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 last = _record(model, x, out, tokens_since_fired, config, total_rows, step, loss_value, values,
