@@ -104,6 +104,8 @@ setup(
     version="0.1.0",
     description="Fast crosscoders for model diffing: fused kernels, BatchTopK, Latent Scaling",
     packages=find_packages(include=["crossdiff_ext", "crossdiff_ext.*"]),
+    # backend "auto"'s measured per-GPU tables (written by `python -m kernels_bench auto_table --write`)
+    package_data={"crossdiff_ext": ["auto_tables.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
     python_requires=">=3.10",

@@ -3,9 +3,13 @@
 "reference": plain PyTorch (dense where simplest), the ground truth for tests; "cpu": the C++ kernels;
 "cuda": the CUDA kernels of csrc/cuda; "triton": the Triton kernels; "auto": the fastest built backend for the
 tensors' device. A backend that is asked for and not built raises; nothing falls back silently.
+
+This module imports no op: the modules that implement the ops register their kernel tables here (register), so
+the backend choice sits below everything that dispatches through it.
 """
 import contextlib
 import importlib.util
+import json
 import os
 from types import SimpleNamespace
 
@@ -14,6 +18,9 @@ import torch
 from . import _extension
 
 NAMES = ("auto", "reference", "cpu", "triton", "cuda")
+# The crossdiff ops every backend implements (the schemas are declared in csrc/ops.cpp).
+OPS = ("paired_encode", "batch_topk", "threshold_select", "sparse_decode", "sparse_values_grad", "latent_order",
+       "sparse_weight_grad")
 _C = _extension.load()
 _current = ["auto"]
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: resolve() runs inside compiled code
@@ -101,24 +108,42 @@ def triton_interpreted():
 
 
 # "auto" on CUDA tensors: per GPU model (torch.cuda.get_device_name) and op, the faster of "cuda" and "triton"
-# in the kernels_bench result file that AUTO_GPU_SOURCES names for that model. The block between the markers is
-# written by `python -m kernels_bench auto_table kernels_bench/results/<device>.json --write`, never by hand.
-# BEGIN AUTO_GPU_TABLES
-AUTO_GPU_TABLES = {}
-AUTO_GPU_SOURCES = {}
-# END AUTO_GPU_TABLES
+# as measured by kernels_bench. The tables live in the package data file auto_tables.json, written by
+# `python -m kernels_bench auto_table kernels_bench/results/<device>.json --write`, never by hand.
+AUTO_TABLES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_tables.json")
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def read_auto_tables(path=AUTO_TABLES_PATH):
+    """({device name: {op: backend}}, {device name: the result file it was measured in}) from an auto tables file;
+    a malformed file raises (a wrong table would silently pick other kernels)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the measured auto tables are missing (package data of crossdiff_ext; "
+                                f"reinstall the package)") from None
+    if not isinstance(data, dict) or set(data) != {"tables", "sources"} or set(data["tables"]) != set(data["sources"]):
+        raise ValueError(f"{path}: expected {{\"tables\": {{device: {{op: backend}}}}, \"sources\": {{device: file}}}} "
+                         "with the same devices in both")
+    for device, table in data["tables"].items():
+        if set(table) != set(OPS) or not set(table.values()) <= set(GPU_BACKENDS):
+            raise ValueError(f"{path}: the table of {device!r} must name one of {GPU_BACKENDS} for each of {OPS}, "
+                             f"got {table}")
+    return data["tables"], data["sources"]
+
+
+AUTO_GPU_TABLES, AUTO_GPU_SOURCES = read_auto_tables()
 
 # A GPU model with no measured table takes AUTO_GPU_TABLE: "triton" for every op, whose kernels the CPU suite
-# checks under Triton's interpreter (no GPU had been lent to the sessions that wrote the kernels when this was
-# written, so no measurement backs either choice).
+# checks under Triton's interpreter (no measurement backs either choice until a table is written).
 AUTO_GPU = "auto-gpu"
-AUTO_GPU_TABLE = {op: "triton" for op in ("paired_encode", "batch_topk", "threshold_select", "sparse_decode",
-                                          "sparse_values_grad", "latent_order", "sparse_weight_grad")}
+AUTO_GPU_TABLE = {op: "triton" for op in OPS}
 AUTO_GPU_SOURCE = None  # the result file AUTO_GPU_TABLE comes from (none: see above)
 
 
 def _gpu_backends():
-    return [n for n in ("triton", "cuda") if _unavailable_reason(n) is None and (n != "triton" or torch.cuda.is_available())]
+    return [n for n in GPU_BACKENDS if _unavailable_reason(n) is None and (n != "triton" or torch.cuda.is_available())]
 
 
 def auto_gpu_table(device_name=None):
@@ -137,32 +162,28 @@ def _auto_gpu_kernels():
     return SimpleNamespace(**{op: getattr(kernels(name), op) for op, name in chosen.items()})
 
 
+# backend name -> its kernel table; filled by the modules that implement the ops (crossdiff_ext.ops registers
+# "reference", "cpu" and "cuda" (the C++ ops through the dispatcher) and "triton").
+_REGISTRY = {}
+
+
+def register(names, table):
+    """Register `table` (a namespace with one callable per name in OPS) as the kernels of each backend in `names`."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    missing = [op for op in OPS if not callable(getattr(table, op, None))]
+    if missing:
+        raise ValueError(f"the kernel table of {names} lacks {missing}")
+    for name in names:
+        if name not in NAMES or name == "auto":
+            raise ValueError(f"cannot register kernels for {name!r}: backends are {NAMES[1:]}")
+        _REGISTRY[name] = table
+
+
 def kernels(name):
     """The op implementations of a concrete backend, as a namespace of callables."""
     if name == AUTO_GPU:
         return _auto_gpu_kernels()
-    if name == "reference":
-        from .ops import reference
-
-        return reference.KERNELS
-    if name in ("cpu", "cuda"):
-        return DISPATCHER_KERNELS
-    if name == "triton":
-        from .ops import triton_ops
-
-        return triton_ops.KERNELS
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     _require(name)
-    raise RuntimeError(f"backend {name!r} has no kernel table")
-
-
-# The C++ ops: the dispatcher picks the CPU or CUDA kernel by the tensors' device.
-_ops = torch.ops.crossdiff
-DISPATCHER_KERNELS = SimpleNamespace(
-    paired_encode=_ops.paired_encode,
-    batch_topk=_ops.batch_topk,
-    threshold_select=_ops.threshold_select,
-    sparse_decode=_ops.sparse_decode,
-    sparse_values_grad=_ops.sparse_values_grad,
-    latent_order=_ops.latent_order,
-    sparse_weight_grad=_ops.sparse_weight_grad,
-)
+    raise RuntimeError(f"backend {name!r} has no kernel table (none was registered: import crossdiff_ext.ops)")

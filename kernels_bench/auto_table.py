@@ -3,27 +3,24 @@ from the suite's measured op cases.
 
 For every op of backends.AUTO_GPU_TABLE the backend ("cuda" or "triton") with the lower median at the suite's
 main shape wins. A result that lacks a measured case of some op, or comes from a CPU or partial run, is refused:
-a table is only ever written whole, from one finished GPU run. --write replaces the marked block in
-crossdiff_ext/backends.py (AUTO_GPU_TABLES / AUTO_GPU_SOURCES, keyed by the result's device name), keeping the
-tables of other GPU models; without it the block is printed.
+a table is only ever written whole, from one finished GPU run. --write rewrites the package data file
+crossdiff_ext/auto_tables.json (atomically), replacing the tables of the results' device names and keeping those
+of other GPU models; without it the updated file is printed.
 """
 import argparse
-import ast
 import json
 import os
 import sys
 
-from . import timing
+from crossdiff_ext import atomic, backends
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS_PY = os.path.join(REPO_ROOT, "crossdiff_ext", "backends.py")
-BEGIN, END = "# BEGIN AUTO_GPU_TABLES\n", "# END AUTO_GPU_TABLES\n"
-GPU_BACKENDS = ("cuda", "triton")
+# The source tree's copy (what a commit ships), not an installed package's.
+AUTO_TABLES_JSON = os.path.join(REPO_ROOT, "crossdiff_ext", os.path.basename(backends.AUTO_TABLES_PATH))
+GPU_BACKENDS = backends.GPU_BACKENDS
 
 
 def ops():
-    from crossdiff_ext import backends
-
     return tuple(backends.AUTO_GPU_TABLE)
 
 
@@ -50,54 +47,30 @@ def choose(result, op_names=None):
     return chosen
 
 
-def read_block(text):
-    """(AUTO_GPU_TABLES, AUTO_GPU_SOURCES) of backends.py's marked block."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"backends.py must hold exactly one block between {BEGIN.strip()!r} and {END.strip()!r}")
-    block = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
-    values = {}
-    for node in ast.parse(block).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ValueError("the AUTO_GPU_TABLES block holds something other than the two assignments")
-        values[node.targets[0].id] = ast.literal_eval(node.value)
-    return values.get("AUTO_GPU_TABLES", {}), values.get("AUTO_GPU_SOURCES", {})
+def read_tables(path=None):
+    """(AUTO_GPU_TABLES, AUTO_GPU_SOURCES) of an auto tables file (default: the source tree's), checked as backends
+    reads it."""
+    return backends.read_auto_tables(path or AUTO_TABLES_JSON)
 
 
-def render_block(tables, sources):
-    out = [BEGIN]
-    if tables:
-        out.append("AUTO_GPU_TABLES = {\n")
-        for device in sorted(tables):
-            out.append(f"    {device!r}: {{\n")
-            out += [f"        {op!r}: {backend!r},\n" for op, backend in tables[device].items()]
-            out.append("    },\n")
-        out.append("}\n")
-    else:
-        out.append("AUTO_GPU_TABLES = {}\n")
-    if sources:
-        out += ["AUTO_GPU_SOURCES = {\n"] + [f"    {d!r}: {sources[d]!r},\n" for d in sorted(sources)] + ["}\n"]
-    else:
-        out.append("AUTO_GPU_SOURCES = {}\n")
-    out.append(END)
-    return "".join(out)
+def render(tables, sources):
+    """The auto tables file's text: devices sorted, each table in the ops' order."""
+    data = dict(tables={device: {op: tables[device][op] for op in ops()} for device in sorted(tables)},
+                sources={device: sources[device] for device in sorted(sources)})
+    return json.dumps(data, indent=2) + "\n"
 
 
-def update_text(text, device, table, source):
-    """backends.py's text with `device`'s table and source replaced (other devices kept)."""
-    tables, sources = read_block(text)
-    tables, sources = dict(tables), dict(sources)
-    tables[device], sources[device] = dict(table), source
-    start, stop = text.index(BEGIN), text.index(END) + len(END)
-    return text[:start] + render_block(tables, sources) + text[stop:]
+def update(tables, sources, device, table, source):
+    """The tables and sources with `device`'s replaced (other devices kept)."""
+    return dict(tables, **{device: dict(table)}), dict(sources, **{device: source})
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m kernels_bench auto_table", description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="suite result files (kernels_bench/results/<device>.json)")
-    p.add_argument("--write", action="store_true", help=f"rewrite the table block in {BACKENDS_PY}")
+    p.add_argument("--write", action="store_true", help=f"rewrite {AUTO_TABLES_JSON}")
     args = p.parse_args(argv)
-    with open(BACKENDS_PY) as fh:
-        text = fh.read()
+    tables, sources = read_tables()
     for path in args.results:
         with open(path) as fh:
             result = json.load(fh)
@@ -109,12 +82,13 @@ def main(argv=None):
         print(f"{result['device']} from {source}:")
         for op, (backend, times) in chosen.items():
             print(f"  {op:20s} {backend:7s} " + "  ".join(f"{b} {ms:.4f} ms" for b, ms in sorted(times.items())))
-        text = update_text(text, result["device"], {op: b for op, (b, _) in chosen.items()}, source)
+        tables, sources = update(tables, sources, result["device"], {op: b for op, (b, _) in chosen.items()}, source)
+    text = render(tables, sources)
     if args.write:
-        timing.write_atomic(BACKENDS_PY, text)
-        print(f"wrote {BACKENDS_PY}")
+        atomic.write_text(AUTO_TABLES_JSON, text)
+        print(f"wrote {AUTO_TABLES_JSON}")
     else:
-        print(text[text.index(BEGIN):text.index(END) + len(END)], end="")
+        print(text, end="")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmark suite's bookkeeping (no timing here): floors by hand, the summary's exact keys, the report."""
 import math
+import os
 
 from kernels_bench import floors, suite
 
@@ -89,24 +90,45 @@ def test_auto_table_refuses_partial_cpu_or_incomplete_results():
         auto_table.choose(result)
 
 
-def test_auto_table_rewrites_only_its_block_of_backends_py():
-    import ast
+def test_auto_table_rewrites_only_its_devices_in_the_data_file(tmp_path, monkeypatch):
+    import json
 
+    from crossdiff_ext import backends
     from kernels_bench import auto_table
 
-    with open(auto_table.BACKENDS_PY) as fh:
-        text = fh.read()
-    tables, sources = auto_table.read_block(text)  # the real file holds a readable block
+    tables, sources = auto_table.read_tables()  # the real file holds readable tables
+    assert (tables, sources) == (backends.AUTO_GPU_TABLES, backends.AUTO_GPU_SOURCES)
     table = {op: b for op, (b, _) in auto_table.choose(gpu_result()).items()}
-    first = auto_table.update_text(text, "GPU A", table, "kernels_bench/results/a.json")
-    second = auto_table.update_text(first, "GPU B", dict(table, batch_topk="cuda"), "b.json")
-    tables2, sources2 = auto_table.read_block(second)
+    first = auto_table.update(tables, sources, "GPU A", table, "kernels_bench/results/a.json")
+    tables2, sources2 = auto_table.update(*first, "GPU B", dict(table, batch_topk="cuda"), "b.json")
     assert tables2 == dict(tables, **{"GPU A": table, "GPU B": dict(table, batch_topk="cuda")})
     assert sources2 == dict(sources, **{"GPU A": "kernels_bench/results/a.json", "GPU B": "b.json"})
-    ast.parse(second)  # still Python
-    start, stop = text.index(auto_table.BEGIN), text.index(auto_table.END) + len(auto_table.END)
-    assert second[:start] == text[:start] and second.endswith(text[stop:])
-    assert auto_table.read_block(auto_table.update_text(second, "GPU A", table, "c.json"))[1]["GPU A"] == "c.json"
+    assert auto_table.update(tables2, sources2, "GPU A", table, "c.json")[1]["GPU A"] == "c.json"
+    # --write: the whole file rewritten atomically, readable by backends, other devices' tables kept
+    path = tmp_path / "auto_tables.json"
+    path.write_text(auto_table.render(tables2, sources2))
+    assert backends.read_auto_tables(str(path)) == (tables2, sources2)
+    result_path = tmp_path / "result.json"
+    result_path.write_text(json.dumps(dict(gpu_result(), device="GPU B")))
+    monkeypatch.setattr(auto_table, "AUTO_TABLES_JSON", str(path))
+    auto_table.main([str(result_path), "--write"])
+    tables3, sources3 = backends.read_auto_tables(str(path))
+    assert tables3 == dict(tables2, **{"GPU B": table}) and sources3["GPU A"] == "kernels_bench/results/a.json"
+    assert sources3["GPU B"].endswith("(commit abc)") and sorted(os.listdir(tmp_path)) == ["auto_tables.json",
+                                                                                          "result.json"]
+
+
+def test_auto_tables_file_is_package_data():
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "setup.py")) as fh:
+        tree = ast.parse(fh.read())
+    package_data = [ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                    for k in node.keywords if k.arg == "package_data"]
+    assert package_data and "auto_tables.json" in package_data[0]["crossdiff_ext"]
+    with open(os.path.join(root, "MANIFEST.in")) as fh:
+        assert "crossdiff_ext/auto_tables.json" in fh.read().split()
 
 
 def test_breakdown_groups_our_ops_and_leaves_the_rest_as_other():

@@ -6,7 +6,9 @@ from .sparse import (latent_order, latent_order_reference, sparse_decode, sparse
                      sparse_values_grad, sparse_values_grad_reference, sparse_weight_grad,
                      sparse_weight_grad_reference)
 from .autograd import decode_sparse, encode_sparse
-from . import triton_ops  # registers the crossdiff_triton ops (triton itself is imported on first launch)
+# The kernel tables register themselves with backends: the references, the C++ ops, and the crossdiff_triton ops
+# (triton itself is imported on the first launch).
+from . import native, reference, triton_ops  # noqa: F401
 
 __all__ = [
     "paired_encode", "paired_encode_reference", "batch_topk", "batch_topk_reference", "selection_scores",

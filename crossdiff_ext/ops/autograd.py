@@ -11,7 +11,7 @@ import math
 import torch
 
 from .. import backends
-from . import _validate
+from . import validate
 from .sparse import decode_backward
 
 
@@ -84,7 +84,7 @@ class SparseDecode(torch.autograd.Function):
 
 def encode_sparse(x, W_enc, b_enc, w, mode, param):
     """Encoder + selection on the current backend; differentiable in x, W_enc, b_enc through the kept values."""
-    _validate.encode_selection(x, W_enc, b_enc, w, mode, param)
+    validate.encode_selection(x, W_enc, b_enc, w, mode, param)
     name = backends.resolve(x.device)
     if name == "reference":
         return _encode_select(backends.kernels(name), x, W_enc, b_enc, w, mode, param)
@@ -93,7 +93,7 @@ def encode_sparse(x, W_enc, b_enc, w, mode, param):
 
 def decode_sparse(values, indices, row_ptr, W, bias):
     """Sparse decoder on the current backend, differentiable in values, W and bias."""
-    _validate.sparse_decode(values, indices, row_ptr, W, bias)
+    validate.sparse_decode(values, indices, row_ptr, W, bias)
     name = backends.resolve(W.device)
     if name == "reference":
         return backends.kernels(name).sparse_decode(values, indices, row_ptr, W, bias)

@@ -5,7 +5,7 @@ Reference, fake kernel, autograd formula and the backend-dispatching entry point
 import torch
 
 from .. import backends
-from . import _validate
+from . import validate
 
 
 def paired_encode_reference(x, W_enc, b_enc):
@@ -15,8 +15,8 @@ def paired_encode_reference(x, W_enc, b_enc):
 
 
 @torch.library.register_fake("crossdiff::paired_encode")
-def _paired_encode_fake(x, W_enc, b_enc):
-    _validate.paired_encode(x, W_enc, b_enc)  # also catches meta tensors mixed with real ones
+def paired_encode_fake(x, W_enc, b_enc):
+    validate.paired_encode(x, W_enc, b_enc)  # also catches meta tensors mixed with real ones
     return x.new_empty(x.shape[0], W_enc.shape[0])
 
 
@@ -46,5 +46,9 @@ register_encode_autograd("crossdiff::paired_encode")
 
 def paired_encode(x, W_enc, b_enc):
     """x [B, M, d], W_enc [F, M, d], b_enc [F] -> f [B, F] in x's dtype (fp32 accumulation)."""
-    _validate.paired_encode(x, W_enc, b_enc)
+    validate.paired_encode(x, W_enc, b_enc)
     return backends.kernels(backends.resolve(x.device)).paired_encode(x, W_enc, b_enc)
+
+
+# op -> its fake (meta) kernel, shared with the crossdiff_triton ops (ops/triton_ops.py)
+FAKES = {"paired_encode": paired_encode_fake}

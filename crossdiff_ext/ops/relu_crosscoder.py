@@ -11,7 +11,7 @@ math (the tests check both against the reference); only the memory and time diff
 import torch
 
 from .. import backends
-from . import _csr, _validate
+from . import csr, validate
 from .autograd import decode_sparse, encode_sparse
 
 
@@ -52,7 +52,7 @@ class ReluCrossCoder(torch.autograd.Function):
         grad_b_dec = g.sum(0) if needs_b_dec else None
         if ctx.dense:
             grad_f = g.reshape(B, -1) @ W_dec.reshape(F, -1).T
-            rows = _csr.rows_of(row_ptr, values.shape[0])
+            rows = csr.rows_of(row_ptr, values.shape[0])
             grad_f = grad_f.index_put((rows, indices.long()), grad_values, accumulate=True)
             grad_pre = torch.where(f > 0, grad_f, torch.zeros((), dtype=grad_f.dtype, device=grad_f.device))
             grad_W_dec = (f.T @ g.reshape(B, -1)).view(W_dec.shape) if needs_W_dec else None
@@ -76,8 +76,8 @@ class ReluCrossCoder(torch.autograd.Function):
 
 def relu_crosscoder(x, W_enc, b_enc, W_dec, b_dec, dense_density):
     """The ReLU crosscoder layer on the current backend: (recon, values, indices, row_ptr)."""
-    _validate.paired_encode(x, W_enc, b_enc)
-    _validate.decoder(W_enc, W_dec, b_dec)
+    validate.paired_encode(x, W_enc, b_enc)
+    validate.decoder(W_enc, W_dec, b_dec)
     name = backends.resolve(x.device)
     if name == "reference":  # plain differentiable PyTorch: the shared encode/decode path is the whole layer
         ones = torch.ones(W_enc.shape[0], dtype=torch.float32, device=x.device)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .. import backends
-from . import _csr, _validate
+from . import csr, validate
 
 
 def selection_scores(f, w):
@@ -24,8 +24,8 @@ def batch_topk_reference(f, w, K):
     score = s[flat]
     positive = score > 0
     values = torch.where(positive, f.flatten()[flat], torch.zeros((), dtype=f.dtype, device=f.device))
-    indices = (flat % F).to(_csr.index_dtype(F))
-    row_ptr = _csr.row_ptr_from_rows(flat // F, B)
+    indices = (flat % F).to(csr.index_dtype(F))
+    row_ptr = csr.row_ptr_from_rows(flat // F, B)
     min_score = torch.where(positive, score, torch.full_like(score, math.inf)).min()
     return values, indices, row_ptr, min_score
 
@@ -34,30 +34,30 @@ def threshold_select_reference(f, w, theta):
     B, F = f.shape
     flat = torch.nonzero(selection_scores(f, w).flatten() > theta).squeeze(1)
     values = f.flatten()[flat]
-    indices = (flat % F).to(_csr.index_dtype(F))
-    return values, indices, _csr.row_ptr_from_rows(flat // F, B)
+    indices = (flat % F).to(csr.index_dtype(F))
+    return values, indices, csr.row_ptr_from_rows(flat // F, B)
 
 
 @torch.library.register_fake("crossdiff::batch_topk")
-def _batch_topk_fake(f, w, K):
-    _validate.selection(f, w)  # also catches meta tensors mixed with real ones
+def batch_topk_fake(f, w, K):
+    validate.selection(f, w)  # also catches meta tensors mixed with real ones
     B, F = f.shape
-    return (f.new_empty(K), f.new_empty(K, dtype=_csr.index_dtype(F)), f.new_empty(B + 1, dtype=torch.int64),
+    return (f.new_empty(K), f.new_empty(K, dtype=csr.index_dtype(F)), f.new_empty(B + 1, dtype=torch.int64),
             f.new_empty((), dtype=torch.float32))
 
 
 @torch.library.register_fake("crossdiff::threshold_select")
-def _threshold_select_fake(f, w, theta):
-    _validate.threshold_select(f, w, theta)
+def threshold_select_fake(f, w, theta):
+    validate.threshold_select(f, w, theta)
     B, F = f.shape
     nnz = torch.library.get_ctx().new_dynamic_size()
-    return f.new_empty(nnz), f.new_empty(nnz, dtype=_csr.index_dtype(F)), f.new_empty(B + 1, dtype=torch.int64)
+    return f.new_empty(nnz), f.new_empty(nnz, dtype=csr.index_dtype(F)), f.new_empty(B + 1, dtype=torch.int64)
 
 
 def _scatter_to_f(f_shape, grad_values, values, indices, row_ptr, gate):
     # Standalone use only: the gradient w.r.t. f is dense by nature. The CrossCoder avoids it (EncodeSparse).
     B, F = f_shape
-    rows = _csr.rows_of(row_ptr, values.shape[0])
+    rows = csr.rows_of(row_ptr, values.shape[0])
     g = torch.where(gate, grad_values, torch.zeros((), dtype=grad_values.dtype, device=grad_values.device))
     return grad_values.new_zeros(B, F).index_put((rows, indices.long()), g)
 
@@ -92,11 +92,15 @@ register_selection_autograd("crossdiff")
 
 def batch_topk(f, w, K):
     """Exact top K of s = f * w over all of f [B, F]: (values [K], indices [K], row_ptr [B+1], min_score)."""
-    _validate.batch_topk(f, w, K)
+    validate.batch_topk(f, w, K)
     return backends.kernels(backends.resolve(f.device)).batch_topk(f, w, K)
 
 
 def threshold_select(f, w, theta):
     """Entries with s = f * w > theta (theta >= 0): (values [nnz], indices [nnz], row_ptr [B+1])."""
-    _validate.threshold_select(f, w, theta)
+    validate.threshold_select(f, w, theta)
     return backends.kernels(backends.resolve(f.device)).threshold_select(f, w, float(theta))
+
+
+# op -> its fake (meta) kernel, shared with the crossdiff_triton ops (ops/triton_ops.py)
+FAKES = {"batch_topk": batch_topk_fake, "threshold_select": threshold_select_fake}

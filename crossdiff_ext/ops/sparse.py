@@ -7,12 +7,12 @@ decoder's autograd formula and the backend-dispatching entry points.
 import torch
 
 from .. import backends
-from . import _csr, _validate
+from . import csr, native, validate
 
 
 def sparse_decode_reference(values, indices, row_ptr, W, bias):
     F = W.shape[0]
-    dense = _csr.to_dense(values.float(), indices, row_ptr, F)
+    dense = csr.to_dense(values.float(), indices, row_ptr, F)
     out = dense @ W.reshape(F, -1).float()
     if bias is not None:
         out = out + bias.reshape(1, -1).float()
@@ -21,21 +21,21 @@ def sparse_decode_reference(values, indices, row_ptr, W, bias):
 
 def sparse_values_grad_reference(grad_out, indices, row_ptr, W):
     B, F = grad_out.shape[0], W.shape[0]
-    rows = _csr.rows_of(row_ptr, indices.shape[0])
+    rows = csr.rows_of(row_ptr, indices.shape[0])
     g = grad_out.reshape(B, -1).float()[rows]
     return (g * W.reshape(F, -1).float()[indices.long()]).sum(-1).to(W.dtype)
 
 
 def latent_order_reference(indices, row_ptr, n_latents):
-    rows = _csr.rows_of(row_ptr, indices.shape[0])
+    rows = csr.rows_of(row_ptr, indices.shape[0])
     perm = torch.sort(indices.long(), stable=True).indices  # entries are in row order: rows stay ascending
-    col_ptr = _csr.row_ptr_from_rows(indices.long(), n_latents)
+    col_ptr = csr.row_ptr_from_rows(indices.long(), n_latents)
     return col_ptr, perm, rows[perm]
 
 
 def sparse_weight_grad_reference(values, dense, col_ptr, perm, rows):
     F, B = col_ptr.shape[0] - 1, dense.shape[0]
-    latent = _csr.rows_of(col_ptr, perm.shape[0])
+    latent = csr.rows_of(col_ptr, perm.shape[0])
     v = values[perm].float()
     grad = torch.zeros(F, dense[0].numel(), dtype=torch.float32, device=dense.device)
     grad.index_add_(0, latent, v[:, None] * dense.reshape(B, -1).float()[rows])
@@ -44,28 +44,28 @@ def sparse_weight_grad_reference(values, dense, col_ptr, perm, rows):
 
 
 @torch.library.register_fake("crossdiff::sparse_decode")
-def _sparse_decode_fake(values, indices, row_ptr, W, bias):
-    _validate.sparse_decode(values, indices, row_ptr, W, bias)  # also catches meta tensors mixed with real ones
+def sparse_decode_fake(values, indices, row_ptr, W, bias):
+    validate.sparse_decode(values, indices, row_ptr, W, bias)  # also catches meta tensors mixed with real ones
     return W.new_empty(row_ptr.shape[0] - 1, W.shape[1], W.shape[2])
 
 
 @torch.library.register_fake("crossdiff::sparse_values_grad")
-def _sparse_values_grad_fake(grad_out, indices, row_ptr, W):
-    _validate.sparse_values_grad(grad_out, indices, row_ptr, W)
+def sparse_values_grad_fake(grad_out, indices, row_ptr, W):
+    validate.sparse_values_grad(grad_out, indices, row_ptr, W)
     return W.new_empty(indices.shape[0])
 
 
 @torch.library.register_fake("crossdiff::latent_order")
-def _latent_order_fake(indices, row_ptr, n_latents):
-    _validate.latent_order(indices, row_ptr, n_latents)
+def latent_order_fake(indices, row_ptr, n_latents):
+    validate.latent_order(indices, row_ptr, n_latents)
     nnz = indices.shape[0]
     return (indices.new_empty(n_latents + 1, dtype=torch.int64), indices.new_empty(nnz, dtype=torch.int64),
             indices.new_empty(nnz, dtype=torch.int64))
 
 
 @torch.library.register_fake("crossdiff::sparse_weight_grad")
-def _sparse_weight_grad_fake(values, dense, col_ptr, perm, rows):
-    _validate.sparse_weight_grad(values, dense, col_ptr, perm, rows)
+def sparse_weight_grad_fake(values, dense, col_ptr, perm, rows):
+    validate.sparse_weight_grad(values, dense, col_ptr, perm, rows)
     F = col_ptr.shape[0] - 1
     return dense.new_empty(F, dense.shape[1], dense.shape[2]), dense.new_empty(F, dtype=torch.float32)
 
@@ -101,28 +101,32 @@ def register_decode_autograd(qualname, kernels):
     torch.library.register_autograd(qualname, backward, setup_context=_setup_decode)
 
 
-register_decode_autograd("crossdiff::sparse_decode", lambda: backends.DISPATCHER_KERNELS)
+register_decode_autograd("crossdiff::sparse_decode", lambda: native.KERNELS)
 
 
 def sparse_decode(values, indices, row_ptr, W, bias=None):
     """out[b] = sum_{e in row b} values[e] W[indices[e]] (+ bias): [B, M, d] in W's dtype."""
-    _validate.sparse_decode(values, indices, row_ptr, W, bias)
+    validate.sparse_decode(values, indices, row_ptr, W, bias)
     return backends.kernels(backends.resolve(W.device)).sparse_decode(values, indices, row_ptr, W, bias)
 
 
 def sparse_values_grad(grad_out, indices, row_ptr, W):
     """grad_values[e] = <grad_out[row(e)], W[indices[e]]>: [nnz] in W's dtype."""
-    _validate.sparse_values_grad(grad_out, indices, row_ptr, W)
+    validate.sparse_values_grad(grad_out, indices, row_ptr, W)
     return backends.kernels(backends.resolve(W.device)).sparse_values_grad(grad_out, indices, row_ptr, W)
 
 
 def latent_order(indices, row_ptr, n_latents):
     """Counting sort of the codes by latent: (col_ptr [F+1], perm [nnz], rows [nnz])."""
-    _validate.latent_order(indices, row_ptr, n_latents)
+    validate.latent_order(indices, row_ptr, n_latents)
     return backends.kernels(backends.resolve(indices.device)).latent_order(indices, row_ptr, n_latents)
 
 
 def sparse_weight_grad(values, dense, col_ptr, perm, rows):
     """codes^T @ dense by latent: (grad_W [F, M, d] in dense's dtype, value_sums [F] fp32)."""
-    _validate.sparse_weight_grad(values, dense, col_ptr, perm, rows)
+    validate.sparse_weight_grad(values, dense, col_ptr, perm, rows)
     return backends.kernels(backends.resolve(dense.device)).sparse_weight_grad(values, dense, col_ptr, perm, rows)
+
+
+# op -> its fake (meta) kernel, shared with the crossdiff_triton ops (ops/triton_ops.py)
+FAKES = {"sparse_decode": sparse_decode_fake, "sparse_values_grad": sparse_values_grad_fake, "latent_order": latent_order_fake, "sparse_weight_grad": sparse_weight_grad_fake}

@@ -11,20 +11,16 @@ from types import SimpleNamespace
 
 import torch
 
-from . import encode, select, sparse
 from .. import backends
+from . import encode, select, sparse
 
 NAMESPACE = "crossdiff_triton"
-# op -> (module of crossdiff_ext.triton that launches it, its fake kernel)
-OPS = {
-    "paired_encode": ("encode", encode._paired_encode_fake),
-    "batch_topk": ("select", select._batch_topk_fake),
-    "threshold_select": ("select", select._threshold_select_fake),
-    "sparse_decode": ("sparse", sparse._sparse_decode_fake),
-    "sparse_values_grad": ("sparse", sparse._sparse_values_grad_fake),
-    "latent_order": ("sparse", sparse._latent_order_fake),
-    "sparse_weight_grad": ("sparse", sparse._sparse_weight_grad_fake),
-}
+# op -> (module of crossdiff_ext.triton that launches it, its fake kernel): the op family's module name is the
+# same in ops/ and triton/.
+OPS = {op: (family.__name__.rsplit(".", 1)[1], fake) for family in (encode, select, sparse)
+       for op, fake in family.FAKES.items()}
+if set(OPS) != set(backends.OPS):
+    raise RuntimeError(f"the Triton ops {sorted(OPS)} differ from the crossdiff ops {sorted(backends.OPS)}")
 
 
 def _launcher(name, module):
@@ -57,3 +53,4 @@ sparse.register_decode_autograd(f"{NAMESPACE}::sparse_decode", lambda: KERNELS)
 
 _ops = getattr(torch.ops, NAMESPACE)
 KERNELS = SimpleNamespace(**{name: getattr(_ops, name) for name in OPS})
+backends.register("triton", KERNELS)

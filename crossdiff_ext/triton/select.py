@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _csr
+from ..ops import csr
 from . import _launch
 
 RADIX_BITS = 8  # 256 bins: Triton's histogram lowering costs grow with the bin count
@@ -179,7 +179,7 @@ def _compact(f, w, state, theta, nnz, topk, tiling):
     B, F = f.shape
     block, n_col_tiles, n_tiles, tiles_per_chunk, n_chunks = tiling
     values = torch.empty(nnz, dtype=f.dtype, device=f.device)
-    indices = torch.empty(nnz, dtype=_csr.index_dtype(F), device=f.device)
+    indices = torch.empty(nnz, dtype=csr.index_dtype(F), device=f.device)
     row_counts = torch.zeros(B + 1, dtype=torch.int64, device=f.device)
     above, ties = state["above"], state["ties"]
     _write_kernel[(n_chunks,)](f, w, state["radix"], _exclusive_scan(above), _exclusive_scan(ties), values, indices,
@@ -219,7 +219,7 @@ def threshold_select(f, w, theta):
     f, w = f.contiguous(), w.contiguous()
     B, F = f.shape
     if B * F == 0:  # no tiles to launch (and _tiling would divide by zero): empty codes, B + 1 zero row pointers
-        return (f.new_empty(0), torch.empty(0, dtype=_csr.index_dtype(F), device=f.device),
+        return (f.new_empty(0), torch.empty(0, dtype=csr.index_dtype(F), device=f.device),
                 torch.zeros(B + 1, dtype=torch.int64, device=f.device))
     tiling = _tiling(B, F, f.device)
     block, n_col_tiles, n_tiles, tiles_per_chunk, n_chunks = tiling

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _csr
+from ..ops import csr
 from . import _launch
 
 
@@ -143,7 +143,7 @@ def sparse_values_grad(grad_out, indices, row_ptr, W):
     nnz, D = indices.shape[0], _width(W)
     out = torch.empty(nnz, dtype=W.dtype, device=W.device)
     if nnz > 0:
-        rows = _csr.rows_of(row_ptr, nnz)
+        rows = csr.rows_of(row_ptr, nnz)
         block_e = _launch.ENTRY_BLOCK
         _values_grad_kernel[(triton.cdiv(nnz, block_e),)](grad_out, indices.contiguous(), rows, W, out, nnz, D,
                                                            BLOCK_E=block_e, BLOCK_D=_launch.dot_block(D),
