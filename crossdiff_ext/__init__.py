@@ -5,16 +5,14 @@ Importing the package loads the C++ extension (crossdiff_ext._C), which register
 from .backends import available as available_backends
 from .backends import backend, get_backend, set_backend
 from . import ops
-from .codes import SparseCodes
-from .crosscoder import CrossCoder, CrossCoderOutput
-from .checkpoints import load_dictionary_learning, to_dictionary_learning
-from .analysis import (classify_latents, decoder_cosine, delta_norm, encoder_cosine, encoder_delta_norm,
-                       latent_table, write_table)
-from .latent_scaling import LatentScalingResult, latent_scaling
-from .synthetic import planted_dictionary
-from .train import TrainConfig, TrainResult, train
-from .data import MixedBatches
-from .store import ActivationStore
+from .layer import (CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning,
+                    to_dictionary_learning)
+from .diffing import (LatentScalingResult, classify_latents, decoder_cosine, delta_norm, encoder_cosine,
+                      encoder_delta_norm, latent_scaling, latent_table, write_table)
+from .training import TrainConfig, TrainResult, train
+from .data import ActivationStore, MixedBatches
+# The public face re-exports the planted dictionaries of demo/ (the core itself never imports demo/).
+from .demo.synthetic import planted_dictionary
 
 __version__ = "0.1.0"
 

@@ -24,9 +24,20 @@ import time
 
 import torch
 
+from . import distributed as cxd
+from . import training
+from .data import MixedBatches, activations
+from .data.store import ActivationStore
+from .demo import demo as dm
+from .demo import miniature as mini
+from .demo import synthetic
+from .diffing import analysis
+from .diffing.report import report_crosscoder, scaled_table
+from .layer import CrossCoder
+from .training import TrainConfig
+
 
 def demo(args):
-    from crossdiff_ext import demo as dm
 
     config = dm.DemoConfig(out=args.out, base=args.base, chat=args.chat, layer=args.layer,
                            text_documents=args.text_documents, chat_documents=args.chat_documents,
@@ -46,16 +57,14 @@ def demo(args):
 
 
 def planted(args):
-    import crossdiff_ext as cx
-    from crossdiff_ext import analysis, synthetic
 
     t0 = time.perf_counter()
     # 34 concepts in 64 dimensions, ~3 per token: the setting the test suite checks recovery in.
     planted = synthetic.planted_dictionary(n_tokens=args.tokens, d_model=args.d_model, n_shared=16, n_chat_only=6,
                                            n_base_only=6, n_weak_in_base=6, seed=args.seed)
     torch.manual_seed(args.seed)
-    cc = cx.CrossCoder(args.d_model, args.dict_size, 2, k=args.k, threshold_start_step=100)
-    cx.train(cc, planted.x, cx.TrainConfig(steps=args.steps, batch_size=256, lr=1e-3, warmup_steps=100,
+    cc = CrossCoder(args.d_model, args.dict_size, 2, k=args.k, threshold_start_step=100)
+    training.train(cc, planted.x, TrainConfig(steps=args.steps, batch_size=256, lr=1e-3, warmup_steps=100,
                                            decay_start=0.8, dead_tokens=12800, progress=not args.quiet,
                                            log_every=500, seed=args.seed, checkpoint_dir=args.out))
     latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
@@ -85,7 +94,6 @@ def planted(args):
 
 
 def collect(args):
-    from crossdiff_ext import activations
 
     store = activations.collect(args.base, args.chat, args.layer, args.data, args.out, max_tokens=args.max_tokens,
                                 context_length=args.context_length, batch_size=args.batch_size,
@@ -96,8 +104,6 @@ def collect(args):
 
 
 def train(args, parser):
-    import crossdiff_ext as cx
-    from crossdiff_ext.store import ActivationStore
 
     if args.latent_parallel < 1 or (args.data_parallel is not None and args.data_parallel < 1):
         parser.error("--latent-parallel and --data-parallel must be >= 1")
@@ -116,25 +122,24 @@ def train(args, parser):
         data = stores[0]
     else:
         fractions = args.mix or [1.0 / len(stores)] * len(stores)
-        data = cx.MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed,
+        data = MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed,
                                device=args.device)
     store = stores[0]
     torch.manual_seed(args.seed)
     # A sharded run builds the whole initial crosscoder on the CPU of every rank (the same seed gives the same
     # weights everywhere) and keeps its shard.
-    cc = cx.CrossCoder(store.d_model, args.dict_size, store.n_models,
+    cc = CrossCoder(store.d_model, args.dict_size, store.n_models,
                        k=args.k if args.activation == "batch_topk" else None, activation=args.activation,
                        device="cpu" if distributed else args.device, target_rms=args.target_rms)
-    config = cx.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
                             reconstruction=args.reconstruction, l1_coefficient=args.l1_coefficient,
                             mixed_precision=args.mixed_precision, progress=not args.quiet)
     if not distributed:
-        result = cx.train(cc, data, config, resume=args.resume)
+        result = training.train(cc, data, config, resume=args.resume)
         print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
         return 0
     import torch.distributed as dist
-    from crossdiff_ext import distributed as cxd
 
     try:
         mesh = cxd.make_mesh(args.latent_parallel)
@@ -170,21 +175,17 @@ def _init_distributed(args, parser):
 
 
 def _scaled_table(args):
-    import crossdiff_ext as cx
-    from crossdiff_ext.report import scaled_table
-    from crossdiff_ext.store import ActivationStore
 
-    cc = cx.CrossCoder.from_pretrained(args.checkpoint, device=args.device)
+    cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     stores = [ActivationStore(path) for path in args.store]
     scaling, table = scaled_table(cc, stores, probe=args.probe, batch_size=args.batch_size, progress=not args.quiet)
     return cc, stores, scaling, table
 
 
 def scale(args):
-    import crossdiff_ext as cx
 
     _, _, scaling, table = _scaled_table(args)
-    cx.write_table(table, args.out)
+    analysis.write_table(table, args.out)
     counts = {c: table["class"].count(c) for c in sorted(set(table["class"]))}
     print(f"{args.out}: {len(table['latent'])} latents scaled over {scaling.tokens} tokens; classes: {counts}")
     return 0
@@ -193,8 +194,6 @@ def scale(args):
 def _tokenizer(spec, store):
     """The tokenizer named by --tokenizer, else the store's chat model when it is a local directory, else None
     (the report then shows token ids)."""
-    import os
-
     spec = spec or store.meta.get("info", {}).get("chat")
     if not spec or (spec.startswith((".", "/")) and not os.path.isdir(spec)):
         return None
@@ -208,11 +207,8 @@ def _tokenizer(spec, store):
 
 
 def report(args):
-    import crossdiff_ext as cx
-    from crossdiff_ext.report import report_crosscoder
-    from crossdiff_ext.store import ActivationStore
 
-    cc = cx.CrossCoder.from_pretrained(args.checkpoint, device=args.device)
+    cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     stores = [ActivationStore(path) for path in args.store]
     _, _, table_path, chosen, _ = report_crosscoder(
         cc, stores, args.out, probe=args.probe, top=args.top, tokenizer=_tokenizer(args.tokenizer, stores[0]),
@@ -222,7 +218,6 @@ def report(args):
 
 
 def miniature(args):
-    from crossdiff_ext import miniature as mini
 
     summary = mini.run(args.out, steps=args.steps, seed=args.seed, l1_coefficient=args.l1_coefficient,
                        progress=not args.quiet)

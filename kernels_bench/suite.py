@@ -118,7 +118,7 @@ def lr_for(F):
 
 
 def adam(params, device, F):
-    from crossdiff_ext.train import adam as make_adam  # the trainer's choice, so the step timed is the one trained
+    from crossdiff_ext.training.loop import adam as make_adam  # the trainer's choice, so the step timed is the one trained
 
     return make_adam(params, lr=lr_for(F), betas=(0.9, 0.999))
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import activations
-from crossdiff_ext.store import ActivationStore
+from crossdiff_ext.data import activations
+from crossdiff_ext.data.store import ActivationStore
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -9,7 +9,8 @@ import safetensors.torch
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import checkpoints
+from crossdiff_ext import atomic
+from crossdiff_ext.layer import checkpoints
 
 from conftest import DTYPES, close, grid_tensor
 
@@ -110,7 +111,7 @@ def test_dtype_override_and_file_path(tmp_path):
     cc = make(dtype=torch.float32)
     checkpoints.save_pretrained(cc, tmp_path)
     for dtype in (torch.bfloat16, "float16"):
-        loaded = checkpoints.from_pretrained(tmp_path / "model.safetensors", dtype=dtype)
+        loaded = checkpoints.from_pretrained(cx.CrossCoder, tmp_path / "model.safetensors", dtype=dtype)
         want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         assert loaded.W_enc.dtype == want and loaded.threshold.dtype == torch.float32
         assert torch.equal(loaded.W_dec, cc.W_dec.to(want))
@@ -132,7 +133,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, victim):
             boom()
         monkeypatch.setattr(checkpoints, "save_file", half_written)
     else:
-        monkeypatch.setattr(checkpoints.os, "replace", boom)
+        monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         make(M=3).save_pretrained(tmp_path)
     monkeypatch.undo()

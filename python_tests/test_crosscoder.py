@@ -154,7 +154,7 @@ def test_tuple_input_equals_stacked_input():
 
 
 def test_tuple_of_slices_of_one_buffer_is_read_without_a_copy():
-    from crossdiff_ext.crosscoder import _stack_models
+    from crossdiff_ext.layer.crosscoder import _stack_models
 
     g = rng(4)
     store = torch.randn(9, 2, 8, generator=g)

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import activations, cli, examples
-from crossdiff_ext import demo as dm
-from crossdiff_ext import toy_language as tl
-from crossdiff_ext import toy_models as tm
-from crossdiff_ext.store import StoreWriter
+from crossdiff_ext import cli
+from crossdiff_ext.data import activations
+from crossdiff_ext.diffing import examples
+from crossdiff_ext.demo import demo as dm
+from crossdiff_ext.demo import toy_language as tl
+from crossdiff_ext.demo import toy_models as tm
+from crossdiff_ext.data.store import StoreWriter
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")

@@ -171,7 +171,7 @@ def test_cli_train_under_torchrun_equals_one_process(tmp_path):
     import sys
 
     from crossdiff_ext import cli
-    from crossdiff_ext.store import StoreWriter
+    from crossdiff_ext.data.store import StoreWriter
 
     _, x = random_case(6)
     with StoreWriter(tmp_path / "store", 2, D_MODEL, dtype="float32", shard_rows=200) as w:

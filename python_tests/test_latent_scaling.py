@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext.latent_scaling import latent_scaling_reference
+from crossdiff_ext.diffing.latent_scaling import latent_scaling_reference
 
 from conftest import backend_device, backend_params, rng
 
@@ -51,7 +51,7 @@ def test_matches_the_dense_closed_form(backend, activation, probe):
 
 
 def test_streaming_inputs_agree_and_subsets(tmp_path):
-    from crossdiff_ext.store import StoreWriter
+    from crossdiff_ext.data.store import StoreWriter
 
     cc = random_cc("batch_topk", M=3, seed=4)
     x = torch.randn(150, 3, 12, generator=rng(72))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import losses
-from crossdiff_ext.codes import SparseCodes
+from crossdiff_ext.training import losses
+from crossdiff_ext.layer.codes import SparseCodes
 
 from conftest import rng
 

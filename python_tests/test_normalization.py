@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext.store import StoreWriter
+from crossdiff_ext.data.store import StoreWriter
 
 from conftest import rng
 
@@ -68,7 +68,8 @@ def test_normaliser_is_saved_with_the_model(tmp_path):
     back = cx.CrossCoder.from_pretrained(tmp_path / "cc")
     for name in ("input_mean", "input_std", "input_scale"):
         assert torch.equal(getattr(back, name), getattr(cc, name)), name
-    torch.testing.assert_close(back(x).recon, cc(x).recon)
+    # from_pretrained returns eval mode; cc is fresh (training mode, no threshold yet): compare in the same mode
+    torch.testing.assert_close(back.train()(x).recon, cc(x).recon)
     # Version-1 files (before normalisation existed) still load, without a normaliser.
     plain = cx.CrossCoder(D, F, 2, k=3)
     plain.save_pretrained(tmp_path / "v1")
@@ -85,7 +86,7 @@ def test_dictionary_learning_normaliser_round_trip():
     cc.set_input_normalization(x.double().mean(0), x.double().var(0))
     sd = cx.to_dictionary_learning(cc)
     assert {"target_rms", "activation_mean", "activation_std", "activation_global_scale"} <= set(sd)
-    back = cx.load_dictionary_learning(sd)
+    back = cx.load_dictionary_learning(sd).train()  # loaded in eval mode; cc (no threshold yet) runs in training mode
     assert back.target_rms == 1.0
     torch.testing.assert_close(back(x).recon, cc(x).recon)
     # The library's constructor derives the global scale from std; a state without it gets the same scale.
@@ -93,7 +94,7 @@ def test_dictionary_learning_normaliser_round_trip():
     torch.testing.assert_close(cx.load_dictionary_learning(sd).input_scale, cc.input_scale)
     # The library's normaliser applied by hand, then the plain crosscoder, then its denormaliser.
     plain = cx.load_dictionary_learning({k: v for k, v in sd.items()
-                                         if k not in ("activation_mean", "activation_std", "target_rms")})
+                                         if k not in ("activation_mean", "activation_std", "target_rms")}).train()
     scale = cc.input_scale[:, None]
     xn = (x - sd["activation_mean"]) * scale
     torch.testing.assert_close(cc(x).recon, plain(xn).recon / scale + sd["activation_mean"], rtol=1e-5, atol=1e-3)

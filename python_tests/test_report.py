@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import activations, examples, report
-from crossdiff_ext.store import StoreWriter
+from crossdiff_ext.data import activations
+from crossdiff_ext.diffing import examples, report
+from crossdiff_ext.data.store import StoreWriter
 
 from test_activations import data, make_model, pair  # noqa: F401  (fixtures)
 

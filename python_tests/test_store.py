@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext.store import ActivationStore, StoreBatches, StoreWriter
+from crossdiff_ext.data.store import ActivationStore, StoreBatches, StoreWriter
 
 from conftest import rng
 

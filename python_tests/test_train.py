@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import analysis, losses, synthetic
+from crossdiff_ext.demo import synthetic
+from crossdiff_ext.diffing import analysis
+from crossdiff_ext.training import losses
 
 from conftest import rng
 

@@ -8,17 +8,8 @@ MixedBatches: several sources (tensors, stores) in fixed proportions per batch.
 """
 import torch
 
-
-def part_of(rows, part):
-    """The rows of one data-parallel rank: part = (index, count) splits a batch into count equal blocks."""
-    index, count = part
-    n = rows.shape[0] // count
-    return rows[index * n:(index + 1) * n]
-
-
-def epoch_generator(seed, epoch):
-    """The generator of one epoch's shuffle: a function of (seed, epoch) alone, so positions resume exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+from .sampling import epoch_generator, part_of
+from .store import ActivationStore, StoreBatches
 
 
 class TensorBatches:
@@ -156,8 +147,6 @@ def _moments(tensor, chunk=8192):
 def statistics(source):
     """(mean, variance) [M, d] float64 of everything a batch source draws from, or None when that is unknown
     (an iterable). A mixture weights each source's moments by its share of every batch."""
-    from .store import StoreBatches
-
     if isinstance(source, TensorBatches):
         return _moments(source.data)
     if isinstance(source, StoreBatches):
@@ -178,8 +167,6 @@ def as_batches(data, batch_size, *, seed=0, device=None):
     iterable of [B, M, d] batches."""
     if isinstance(data, torch.Tensor):
         return TensorBatches(data, batch_size, seed=seed, device=device, pin_memory=True)
-    from .store import ActivationStore, StoreBatches
-
     if isinstance(data, ActivationStore):
         return StoreBatches(data, batch_size, seed=seed, device=device)
     if hasattr(data, "next") and hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):

@@ -12,13 +12,13 @@ file size disagrees with the metadata (truncated, or overwritten) raises a clear
 import json
 import os
 import queue
-import tempfile
 import threading
 
 import numpy as np
 import torch
 
-from .data import epoch_generator, part_of
+from .. import atomic
+from .sampling import epoch_generator, part_of
 
 FORMAT = "crossdiff-activation-store/1"
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
@@ -26,27 +26,11 @@ DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.
 
 
 def _save_npy(path, array):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as fh:  # a handle: np.save would append .npy to the temporary name
+            np.save(fh, array)
 
-
-def _write_json_atomic(path, obj):
-    fd, tmp = tempfile.mkstemp(prefix=".store.", suffix=".json.tmp", dir=os.path.dirname(path))
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: a store is an ordinary, shareable file set
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.save(path, write)
 
 
 class StoreWriter:
@@ -78,7 +62,7 @@ class StoreWriter:
                              shards=[], rows=0, info=info or {},
                              stats=dict(count=0, mean=[[0.0] * d_model for _ in range(n_models)],
                                         m2=[[0.0] * d_model for _ in range(n_models)]))
-            _write_json_atomic(self.meta_path, self.meta)
+            atomic.write_json(self.meta_path, self.meta, indent=1)
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
         self._rows, self._tokens, self._positions = [], [], []
         self._pending = 0
@@ -118,12 +102,7 @@ class StoreWriter:
         index = len(self.meta["shards"])
         name = f"shard-{index:05d}.bin"
         array = rows.view(torch.uint16).numpy() if self.torch_dtype == torch.bfloat16 else rows.numpy()
-        tmp = os.path.join(self.path, f".{name}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(np.ascontiguousarray(array).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, os.path.join(self.path, name))
+        atomic.write_bytes(os.path.join(self.path, name), np.ascontiguousarray(array).tobytes())
         entry = dict(file=name, rows=int(rows.shape[0]), bytes=int(array.nbytes))
         if self._tokens:
             tokens = torch.cat(self._tokens).numpy()
@@ -137,7 +116,7 @@ class StoreWriter:
         self._merge_stats(rows)
         self.meta["shards"].append(entry)
         self.meta["rows"] += entry["rows"]
-        _write_json_atomic(self.meta_path, self.meta)  # the shard counts from here on
+        atomic.write_json(self.meta_path, self.meta, indent=1)  # the shard counts from here on
         self._rows, self._tokens, self._positions, self._pending = [], [], [], 0
 
     def _merge_stats(self, rows):

@@ -18,6 +18,16 @@ from typing import Optional
 
 import torch
 
+from .. import atomic, training
+from ..data.activations import collect, template_token_ids
+from ..diffing.examples import max_activating_examples, token_share
+from ..diffing.latent_scaling import inference_pass
+from ..diffing.report import report_crosscoder
+from ..layer import CrossCoder
+from ..training import TrainConfig
+from . import toy_language as tl
+from .toy_models import toy_pair
+
 
 @dataclass
 class DemoConfig:
@@ -65,12 +75,6 @@ def _clear(directory, owned):
     shutil.rmtree(directory)
 
 
-def _write_json(path, obj):
-    from .store import _write_json_atomic
-
-    _write_json_atomic(path, obj)
-
-
 def _verdicts(table, on_template):
     """The paper's numbers for one crosscoder from its latent table; on_template: {latent: bool} for the
     chat-specific latents (does it fire mainly on chat-template tokens)."""
@@ -89,8 +93,6 @@ def _verdicts(table, on_template):
 def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n=20, template_majority=0.5):
     """For each latent: its numbers, the tokens its n max-activating examples sit on, one context, and whether
     more than `template_majority` of those examples are chat-template tokens ("fires mainly on the template")."""
-    from .examples import max_activating_examples
-
     found = max_activating_examples(cc, store, latents, n=n, quantiles=())
     template = set(template)
     out = []
@@ -119,8 +121,6 @@ def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n
 def evaluate(cc, store, batch_size=4096):
     """Inference-mode FVE (1 - sum ||x - xhat||^2 / sum ||x - mean||^2, both models pooled, in the normalised space)
     and mean L0 over the whole store."""
-    from .latent_scaling import inference_pass
-
     err = sq = l0 = 0.0
     s1 = None
     n = 0
@@ -139,13 +139,7 @@ def evaluate(cc, store, batch_size=4096):
 
 def run(config=DemoConfig()):
     """Run the demo; returns the summary (also written to OUT/summary.json)."""
-    import crossdiff_ext as cx
     from transformers import AutoTokenizer
-
-    from . import toy_language as tl
-    from .activations import collect, template_token_ids
-    from .examples import token_share
-    from .report import report_crosscoder
 
     config.validate()
     if not config.progress:
@@ -157,8 +151,6 @@ def run(config=DemoConfig()):
     os.makedirs(config.out, exist_ok=True)
     pair = None
     if config.base is None:
-        from .toy_models import toy_pair
-
         base, chat, pair = toy_pair(progress=config.progress)
         layer = config.layer if config.layer is not None else pair["recipe"]["layers"] // 2
     else:
@@ -185,12 +177,12 @@ def run(config=DemoConfig()):
     for name, activation in (("batchtopk", "batch_topk"), ("l1", "relu")):
         t = time.perf_counter()
         torch.manual_seed(config.seed)
-        cc = cx.CrossCoder(d, dict_size, 2, k=k if activation == "batch_topk" else None, activation=activation,
+        cc = CrossCoder(d, dict_size, 2, k=k if activation == "batch_topk" else None, activation=activation,
                            device=device, target_rms=1.0, threshold_start_step=min(100, config.steps // 2))
         run_dir = os.path.join(config.out, name)
         _clear(run_dir, ["step-*", "log.jsonl", "report.html", "report.csv", ".*"])
         # The L1 crosscoder as in the paper: squared error (its sparsity trade-off depends on it) and mu.
-        train = cx.train(cc, store, cx.TrainConfig(
+        train = training.train(cc, store, TrainConfig(
             steps=config.steps, batch_size=config.batch_size, lr=1e-3, warmup_steps=100, decay_start=0.8,
             reconstruction="squared" if activation == "relu" else "l2", l1_coefficient=config.l1_coefficient, dead_tokens=50 * config.batch_size, seed=config.seed,
             checkpoint_dir=run_dir, checkpoint_every=config.steps, keep_checkpoints=1, log_every=max(1, config.steps // 10),
@@ -213,7 +205,7 @@ def run(config=DemoConfig()):
     summary = dict(config=asdict(config), base=base, chat=chat, layer=layer, tokens=len(store),
                    template_tokens=tokenizer.convert_ids_to_tokens(template), pair=pair, crosscoders=results,
                    seconds=timings, device=str(device), torch=torch.__version__)
-    _write_json(os.path.join(config.out, "summary.json"), summary)
+    atomic.write_json(os.path.join(config.out, "summary.json"), summary, indent=1)
     return summary
 
 

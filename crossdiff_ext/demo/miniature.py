@@ -7,16 +7,17 @@ A learned latent is matched to the planted concept whose concatenated decoder di
 (cosine > 0.9, else "unmatched"). Everything is drawn from one seed; the JSON summary and figures are written
 to --out.
 """
-import json
 import os
 import time
 
 import torch
 
-from . import analysis, synthetic
-from .crosscoder import CrossCoder
-from .latent_scaling import latent_scaling
-from .train import TrainConfig, train
+from .. import atomic
+from ..diffing import analysis
+from ..diffing.latent_scaling import latent_scaling
+from ..layer import CrossCoder
+from ..training import TrainConfig, train
+from . import synthetic
 
 WEAK_SCALE = 0.3
 
@@ -101,9 +102,6 @@ def run(out, *, steps=3000, seed=0, l1_coefficient=0.1, progress=True):
                                 d_model=64, dict_size=96, tokens=30000, steps=steps, seed=seed,
                                 l1_coefficient=l1_coefficient),
                    results=[r[0] for r in results])
-    tmp = os.path.join(out, ".summary.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=2)
-    os.replace(tmp, os.path.join(out, "summary.json"))
+    atomic.write_json(os.path.join(out, "summary.json"), summary, indent=2)
     _figure(os.path.join(out, "miniature.png"), results)
     return summary

@@ -11,12 +11,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import atomic
+from ..data.activations import tokenize
 from . import toy_language as tl
 
 RECIPE_VERSION = 1
@@ -50,8 +51,6 @@ def cache_root():
 
 
 def _encode(docs, tokenizer, context_length):
-    from .activations import tokenize
-
     return [tokenize(doc, tokenizer, context_length) for doc in docs]
 
 
@@ -176,11 +175,11 @@ def toy_pair(recipe=PairRecipe(), *, root=None, progress=True):
     final = os.path.join(root, f"toy-pair-{recipe.key()}")
     if not os.path.exists(os.path.join(final, "pair.json")):
         os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".toy-pair-", dir=root)
+        tmp = atomic.temp_dir(root, os.path.basename(final))
         try:
             build_pair(tmp, recipe, progress=progress)
             try:
-                os.rename(tmp, final)
+                atomic.replace_dir(tmp, final, replace=False)
             except OSError:  # another process finished first: keep its pair
                 if not os.path.exists(os.path.join(final, "pair.json")):
                     raise

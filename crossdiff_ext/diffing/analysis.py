@@ -1,65 +1,19 @@
 """Reading a crosscoder from its decoder (SPEC.md, "Reading a crosscoder"): relative norm difference, cosine of
 a latent's decoder rows (and the encoder counterparts), the paper's bands, the classification that Latent Scaling
-refines, and the per-latent table. Latent Scaling itself lives in latent_scaling.py."""
+refines, and the per-latent table. The measures themselves live in layer/norms.py (training logs their bands);
+Latent Scaling lives in latent_scaling.py."""
 import csv
 import math
 import os
 
 import torch
 
-# Delta_norm bands of the paper: base-only < 0.1, chat-only > 0.9, shared within 0.1 of 0.5, other in between.
-BANDS = ("base_only", "shared", "chat_only", "other")
+from .. import atomic
+from ..layer.norms import (BANDS, band_counts, decoder_cosine, delta_norm, delta_norm_band, encoder_cosine,
+                          encoder_delta_norm, rows_of)
 
-
-def _decoder(cc_or_W, attr="W_dec"):
-    W = getattr(cc_or_W, attr) if hasattr(cc_or_W, attr) else cc_or_W
-    if W.dim() != 3 or W.shape[1] < 2:
-        raise ValueError(f"W_dec must be [F, M, d] with M >= 2, got {tuple(W.shape)}")
-    return W.detach().float()
-
-
-def delta_norm(cc_or_W, base=0, chat=1):
-    """[F]: 0.5 * ((||W_dec[j, chat]|| - ||W_dec[j, base]||) / max(both) + 1); 0 = base-only, 1 = chat-only.
-    A latent with both rows zero gets 0.5 (it favours neither)."""
-    W = _decoder(cc_or_W)
-    nb = torch.linalg.vector_norm(W[:, base], dim=-1)
-    nc = torch.linalg.vector_norm(W[:, chat], dim=-1)
-    top = torch.maximum(nb, nc)
-    diff = torch.where(top > 0, (nc - nb) / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
-    return 0.5 * (diff + 1.0)
-
-
-def decoder_cosine(cc_or_W, base=0, chat=1):
-    """[F]: cosine similarity of each latent's base and chat decoder rows (0 where a row is zero)."""
-    W = _decoder(cc_or_W)
-    return torch.nn.functional.cosine_similarity(W[:, base], W[:, chat], dim=-1, eps=1e-12)
-
-
-def encoder_delta_norm(cc, base=0, chat=1):
-    """delta_norm of the encoder rows W_enc[j, m]."""
-    return delta_norm(_decoder(cc, "W_enc"), base, chat)
-
-
-def encoder_cosine(cc, base=0, chat=1):
-    """decoder_cosine of the encoder rows W_enc[j, m]."""
-    return decoder_cosine(_decoder(cc, "W_enc"), base, chat)
-
-
-def delta_norm_band(dn, *, chat_only=0.9, base_only=0.1, shared_width=0.1):
-    """Band name index per latent: 0 base_only (< base_only), 1 shared (within shared_width of 0.5), 2 chat_only
-    (> chat_only), 3 other (see BANDS; defaults are the paper's)."""
-    band = torch.full(dn.shape, 3, dtype=torch.int64, device=dn.device)
-    band[(dn - 0.5).abs() <= shared_width] = 1
-    band[dn < base_only] = 0
-    band[dn > chat_only] = 2
-    return band
-
-
-def band_counts(cc_or_W, base=0, chat=1):
-    """{band: number of latents} by Delta_norm."""
-    counts = torch.bincount(delta_norm_band(delta_norm(cc_or_W, base, chat)), minlength=len(BANDS))
-    return {name: int(c) for name, c in zip(BANDS, counts.tolist())}
-
+__all__ = ["BANDS", "VERDICTS", "band_counts", "classify_latents", "decoder_cosine", "delta_norm", "delta_norm_band",
+           "encoder_cosine", "encoder_delta_norm", "latent_table", "write_table"]
 
 # Latent Scaling's verdicts on a chat-only latent (SPEC: low nu = genuinely chat-specific; high nu_error = Complete
 # Shrinkage; high nu_reconstruction = Latent Decoupling; the paper's notebooks keep nu_error < 0.2, nu_recon < 0.5).
@@ -97,7 +51,7 @@ def latent_table(cc, scaling=None, *, base=0, chat=1, **thresholds):
     """{column: list} with one row per latent: decoder and encoder norms per model, delta_norm, cosines,
     class, and with a LatentScalingResult of all latents the betas, nu values, firing frequency and mean
     activation. write_table saves it as CSV (or Parquet)."""
-    W_dec, W_enc = _decoder(cc, "W_dec"), _decoder(cc, "W_enc")
+    W_dec, W_enc = rows_of(cc, "W_dec"), rows_of(cc, "W_enc")
     F = W_dec.shape[0]
     table = {"latent": list(range(F))}
     for name, W in (("dec", W_dec), ("enc", W_enc)):
@@ -122,8 +76,6 @@ def latent_table(cc, scaling=None, *, base=0, chat=1, **thresholds):
 def write_table(table, path):
     """Write a latent_table to `path`: Parquet when it ends in .parquet (needs pyarrow), CSV otherwise; written to
     a temp file and renamed, so a reader never sees half a table."""
-    from .checkpoints import _atomic_write
-
     path = os.fspath(path)
 
     def write(tmp):
@@ -141,5 +93,4 @@ def write_table(table, path):
                 writer.writerow(columns)
                 writer.writerows(zip(*(table[c] for c in columns)))
 
-    os.replace(_atomic_write(path, write), path)  # temp file beside `path`, fsynced, then renamed
-    return path
+    return atomic.save(path, write)

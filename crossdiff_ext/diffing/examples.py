@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.store import ActivationStore
+from .latent_scaling import inference_pass
+
 
 @dataclass
 class Example:
@@ -37,9 +40,6 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
     """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
     sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
-    from .latent_scaling import inference_pass
-    from .store import ActivationStore
-
     if not isinstance(store, ActivationStore):
         raise ValueError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
     token_ids, positions = store.token_ids(), store.positions()
@@ -97,9 +97,6 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
 def token_share(cc, store, token_ids, *, batch_size=4096):
     """[F] float64: the share of each latent's total inference-mode activation over the store that falls on tokens
     whose id is in `token_ids` (e.g. the chat template's tokens); NaN for latents that never fire. One pass."""
-    from .latent_scaling import inference_pass
-    from .store import ActivationStore
-
     if not isinstance(store, ActivationStore) or store.token_ids() is None:
         raise ValueError("store must be an ActivationStore with token ids (written by `crossdiff collect`)")
     ids = store.token_ids()

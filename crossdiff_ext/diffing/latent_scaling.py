@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from .. import ops
+from ..data.store import ActivationStore
+from ..layer.crosscoder import CrossCoder
 
 TARGETS = ("reconstruction", "error")
 
@@ -59,8 +61,6 @@ class LatentScalingResult:
 
 def _batches(data, batch_size, device):
     """Sequential [B, M, d] batches of a tensor, an activation store or an iterable of batches."""
-    from .store import ActivationStore
-
     if isinstance(data, (torch.Tensor, ActivationStore)):
         n = data.shape[0] if isinstance(data, torch.Tensor) else len(data)
         if n < 1:
@@ -125,8 +125,6 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
     """Latent Scaling of every latent of `cc` (or of `latents`, a 1-D tensor/list of ids) over `data` (a tensor
     [N, M, d] of raw activations, an activation store, or an iterable of such batches). probe: "chat" (the
     paper), "base", or a model index. Returns a LatentScalingResult."""
-    from .crosscoder import CrossCoder
-
     if not isinstance(cc, CrossCoder):
         raise ValueError(f"cc must be a crossdiff_ext.CrossCoder, got {type(cc).__name__}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)

@@ -7,8 +7,14 @@ fine-tuned-specific latents with their max-activating contexts. The page needs n
 import base64
 import html
 import io
+import itertools
 import math
 import os
+
+from .. import atomic
+from .analysis import latent_table, write_table
+from .examples import max_activating_examples
+from .latent_scaling import latent_scaling
 
 COLOURS = {"chat_specific": "#d62728", "complete_shrinkage": "#1f77b4", "latent_decoupling": "#2ca02c",
            "shrinkage_and_decoupling": "#9467bd", "never_fired": "#7f7f7f"}
@@ -133,17 +139,7 @@ def render(table, *, title="crosscoder report", examples=None, tokenizer=None, t
 
 def write_report(path, table, **kwargs):
     """render(...) written to `path` atomically."""
-    from .checkpoints import _atomic_write
-
-    text = render(table, **kwargs)
-    path = os.fspath(path)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    os.replace(_atomic_write(path, write), path)
-    return path
+    return atomic.write_text(os.fspath(path), render(table, **kwargs))
 
 
 def fine_tuned_latents(table, top=20):
@@ -159,11 +155,6 @@ def fine_tuned_latents(table, top=20):
 
 def scaled_table(cc, stores, *, probe="chat", batch_size=4096, progress=False):
     """Latent Scaling of every latent over the stores (one after the other), and the latent table."""
-    import itertools
-
-    from .analysis import latent_table
-    from .latent_scaling import latent_scaling
-
     data = stores[0] if len(stores) == 1 else itertools.chain.from_iterable(
         (s[i:i + batch_size] for i in range(0, len(s), batch_size)) for s in stores)
     scaling = latent_scaling(cc, data, probe=probe, batch_size=batch_size, progress=progress)
@@ -175,9 +166,6 @@ def report_crosscoder(cc, stores, out, *, probe="chat", top=20, tokenizer=None, 
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
     ids), and the HTML page at `out`. Returns (scaling, table, table_path, chosen latents, examples)."""
-    from .analysis import write_table
-    from .examples import max_activating_examples
-
     scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
     table_path = os.path.splitext(os.fspath(out))[0] + ".csv"
     write_table(table, table_path)

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..ops import _csr
+from ..ops import csr
 
 BINS = 1 << 16
 
@@ -108,8 +108,8 @@ def batch_topk_sharded(f, w, K, group=None, data_group=None):
     score = s.flatten()[flat]
     positive = score > 0
     values = torch.where(positive, f.flatten()[flat], torch.zeros((), dtype=f.dtype, device=f.device))
-    indices = (flat % F_local).to(_csr.index_dtype(F_local))
-    row_ptr = _csr.row_ptr_from_rows(flat // F_local, B)
+    indices = (flat % F_local).to(csr.index_dtype(F_local))
+    row_ptr = csr.row_ptr_from_rows(flat // F_local, B)
     local_min = torch.where(positive, score, torch.full_like(score, math.inf)).min() if flat.numel() else \
         torch.tensor(math.inf, device=f.device)
     min_score = _all_reduce(local_min.reshape(1).clone(), groups, dist.ReduceOp.MIN)[0]

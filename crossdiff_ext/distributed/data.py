@@ -1,6 +1,9 @@
 """Sharded data loading: every data-parallel rank draws the same global batch order (seeded as in one process)
 and reads only its block of rows of each batch."""
 import torch
+import torch.distributed as dist
+
+from ..data.sampling import part_of
 
 
 class _SlicedBatches:
@@ -10,8 +13,6 @@ class _SlicedBatches:
         self.source, self.part = source, (index, count)
 
     def next(self):
-        from ..data import part_of
-
         batch = self.source.next()
         if batch.shape[0] % self.part[1]:
             raise ValueError(f"a batch of {batch.shape[0]} rows cannot be split over {self.part[1]} data-parallel "
@@ -45,8 +46,6 @@ def shard_source(source, index, count):
 
 def gather_rows(x, group, size):
     """The global batch from every data rank's rows, in rank order (used once, at step 0)."""
-    import torch.distributed as dist
-
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]

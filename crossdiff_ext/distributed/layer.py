@@ -13,16 +13,18 @@ import math
 import torch
 from torch import nn
 
+import torch.distributed as dist
+
 from .. import backends
-from ..checkpoints import _build
-from ..codes import SparseCodes
-from ..crosscoder import CrossCoder, CrossCoderOutput
-from ..ops import _validate
+from ..layer import checkpoints
+from ..layer.codes import SparseCodes
+from ..layer.crosscoder import CrossCoder, CrossCoderOutput
+from ..layer.sharded import merge_states, slice_state
+from ..ops import validate
 from ..ops.autograd import EncodeSparse, decode_sparse, encode_sparse
 from .batch_topk import batch_topk_sharded
 from .collectives import replicate_to_shards, sum_over_shards
 
-_SLICED = ("W_enc", "b_enc", "W_dec")  # split along the latent dimension; every other tensor is replicated
 
 
 class _EncodeSharded(EncodeSparse):
@@ -34,11 +36,6 @@ class _EncodeSharded(EncodeSparse):
         return batch_topk_sharded(f, w, K, *groups)
 
 
-def slice_state(state, first, end):
-    """A crosscoder state dict (or anything keyed like one) restricted to latents [first, end)."""
-    return {name: t[first:end] if name in _SLICED else t for name, t in state.items()}
-
-
 def shard_config(config, n_latents):
     """CrossCoder.config() of a full crosscoder -> that of a shard holding n_latents latents."""
     if config.get("k") is not None and config["k"] > n_latents:
@@ -48,23 +45,7 @@ def shard_config(config, n_latents):
 
 
 def _module_args(config):
-    from ..checkpoints import _dtype
-
-    return dict(config, dtype=_dtype(config["dtype"], "config"))
-
-
-def merge_states(states):
-    """State dicts of consecutive shards -> the full crosscoder's. Replicated tensors must agree across shards."""
-    merged = {}
-    for name, first in states[0].items():
-        if name in _SLICED:
-            merged[name] = torch.cat([s[name] for s in states])
-        else:
-            for i, s in enumerate(states[1:], 1):
-                if not torch.equal(s[name], first):
-                    raise ValueError(f"shards 0 and {i} disagree on the replicated tensor {name!r}")
-            merged[name] = first
-    return merged
+    return dict(config, dtype=checkpoints.torch_dtype(config["dtype"], "config"))
 
 
 class ShardedCrossCoder(nn.Module):
@@ -92,7 +73,7 @@ class ShardedCrossCoder(nn.Module):
         first, end = mesh.latent_range(cc.dict_size)
         config = _module_args(shard_config(cc.config(), end - first))
         state = slice_state(cc.state_dict(), first, end)
-        shard = _build(config, state, cc.W_enc.device)
+        shard = checkpoints.build(CrossCoder, config, state, cc.W_enc.device)
         shard.compute_dtype = cc.compute_dtype
         return cls(shard, mesh, cc.dict_size)
 
@@ -102,12 +83,11 @@ class ShardedCrossCoder(nn.Module):
 
     def gather(self):
         """The whole crosscoder on every rank (an all-gather of the shards over the latent group)."""
-        import torch.distributed as dist
-
         states = [None] * self.mesh.latent_size
         local = {name: t.detach().cpu() for name, t in self.shard.state_dict().items()}
         dist.all_gather_object(states, local, group=self.mesh.latent_group)
-        return _build(_module_args(self.full_config()), merge_states(states), self.shard.W_enc.device)
+        return checkpoints.build(CrossCoder, _module_args(self.full_config()), merge_states(states),
+                                 self.shard.W_enc.device)
 
     def forward(self, x, *, normalized=False, use_threshold=None):
         cc, mesh = self.shard, self.mesh
@@ -129,7 +109,7 @@ class ShardedCrossCoder(nn.Module):
                                        "first, or call forward(x, use_threshold=False)")
                 values, indices, row_ptr, _ = encode_sparse(x_in, W_enc, b_enc, w, "threshold", float(cc.threshold))
             else:
-                _validate.encode_selection(x_in, W_enc, b_enc, w, "threshold", 0.0)  # shapes, dtypes, devices
+                validate.encode_selection(x_in, W_enc, b_enc, w, "threshold", 0.0)  # shapes, dtypes, devices
                 K = cc.k * x.shape[0] * mesh.data_size
                 values, indices, row_ptr, min_score = _EncodeSharded.apply(
                     x_in, W_enc, b_enc, w, K, (mesh.latent_group, mesh.data_group), backends.resolve(x.device))

@@ -3,7 +3,7 @@ the data group by the gradient all-reduce), identical on every rank of a latent 
 import torch
 import torch.distributed as dist
 
-from .. import losses
+from ..training import losses
 from .collectives import all_reduce_, sum_over_shards
 
 

@@ -14,16 +14,18 @@ import math
 import torch
 import torch.distributed as dist
 
-from .. import analysis
-from .. import losses as single
 from ..data import as_batches, statistics
-from ..train import (MIXED_PRECISION, Progress, TrainConfig, TrainResult, _init_b_dec, _rng_state, _schedule,
-                     _set_rng_state, adam, latest_checkpoint, resume_checkpoint)
+from ..layer.norms import band_counts
+from ..layer.sharded import slice_optimizer_state, slice_state
+from ..training import losses as single
+from ..training.checkpointing import latest_checkpoint, resume_checkpoint, rng_state, set_rng_state
+from ..training.config import MIXED_PRECISION, TrainConfig, TrainResult
+from ..training.loop import Progress, adam, init_b_dec, lr_factor
 from . import losses
-from .checkpoints import read_training_state, save_sharded, slice_optimizer_state
+from .checkpoints import read_training_state, save_sharded
 from .collectives import all_reduce_
 from .data import gather_rows, shard_source
-from .layer import ShardedCrossCoder, slice_state
+from .layer import ShardedCrossCoder
 
 
 def _clip_grad_norm(cc, max_norm, mesh):
@@ -81,7 +83,7 @@ def train(model, data, config=None, *, resume=False, until=None):
                           mesh.data_size)
     params = list(cc.parameters())
     opt = adam(params, lr=config.learning_rate(model.dict_size), betas=tuple(config.betas))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config))
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
     checkpoint = resume_checkpoint(config, resume)
@@ -95,7 +97,7 @@ def train(model, data, config=None, *, resume=False, until=None):
         schedule.load_state_dict(state["schedule"])
         tokens_since_fired.copy_(state["tokens_since_fired"][model.first:model.end].to(device))
         source.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step = state["step"]
     progress = Progress(config, step, enabled=dist.get_rank() == 0)
     last = {}
@@ -114,7 +116,7 @@ def train(model, data, config=None, *, resume=False, until=None):
                 cc.set_input_normalization(*stats)
             x = cc.normalize(x.float()).to(cc.input_dtype) if cc.target_rms is not None else x.to(cc.input_dtype)
             if step == 0:
-                _init_b_dec(cc, gather_rows(x, mesh.data_group, mesh.data_size), config)
+                init_b_dec(cc, gather_rows(x, mesh.data_group, mesh.data_size), config)
             out = model(x, normalized=True)
             recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction, total_rows)
             terms = dict(reconstruction=recon_loss)
@@ -161,7 +163,7 @@ def train(model, data, config=None, *, resume=False, until=None):
                 checkpoint = save_sharded(
                     config.checkpoint_dir, step, model,
                     dict(optimizer=opt.state_dict(), tokens_since_fired=tokens_since_fired.cpu()),
-                    dict(step=step, schedule=schedule.state_dict(), data=source.state_dict(), rng=_rng_state(),
+                    dict(step=step, schedule=schedule.state_dict(), data=source.state_dict(), rng=rng_state(),
                          config=dataclasses.asdict(config), mesh=dict(latent=mesh.latent_size, data=mesh.data_size)),
                     config.keep_checkpoints)
     finally:
@@ -176,7 +178,7 @@ def _record(model, x, out, tokens_since_fired, config, total_rows, step, loss_va
     """The log record of cx.train, over the global batch and the whole dictionary."""
     cc, mesh = model.shard, model.mesh
     fve, fve_models = _fve(x, out.recon.detach(), mesh, total_rows)
-    bands = analysis.band_counts(cc)
+    bands = band_counts(cc)
     counts = torch.tensor([out.codes.nnz, int((tokens_since_fired >= config.dead_tokens).sum())] + list(bands.values()),
                           dtype=torch.int64, device=x.device)
     all_reduce_(counts[:1], [mesh.data_group])  # codes differ per data rank; the rest is the same on replicas

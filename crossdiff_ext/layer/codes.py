@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import _csr
+from ..ops import csr
 
 
 @dataclass
@@ -26,11 +26,11 @@ class SparseCodes:
 
     def rows(self):
         """Row id of every entry, [nnz] int64."""
-        return _csr.rows_of(self.row_ptr, self.nnz)
+        return csr.rows_of(self.row_ptr, self.nnz)
 
     def to_dense(self):
         """[B, F] dense codes (differentiable in values)."""
-        return _csr.to_dense(self.values, self.indices, self.row_ptr, self.n_latents)
+        return csr.to_dense(self.values, self.indices, self.row_ptr, self.n_latents)
 
     def active_per_row(self):
         """Number of entries with a non-zero value in each row (the row's L0), [B] int64."""

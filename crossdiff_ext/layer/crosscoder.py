@@ -6,9 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.autograd import decode_sparse, encode_sparse
+from ..ops.relu_crosscoder import relu_crosscoder
+from . import checkpoints
 from .codes import SparseCodes
-from .ops.autograd import decode_sparse, encode_sparse
-from .ops.relu_crosscoder import relu_crosscoder
 
 ACTIVATIONS = ("batch_topk", "relu")
 # "independent": each model's encoder rows drawn on their own, as in the paper's released runs; "shared": one draw
@@ -299,12 +300,8 @@ class CrossCoder(nn.Module):
                 f"activation={self.activation!r}{k}{rms}, dtype={self.W_enc.dtype}")
 
     def save_pretrained(self, directory):
-        from .checkpoints import save_pretrained
-
-        save_pretrained(self, directory)
+        checkpoints.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, *, device=None, dtype=None):
-        from .checkpoints import from_pretrained
-
-        return from_pretrained(directory, device=device, dtype=dtype)
+        return checkpoints.from_pretrained(cls, directory, device=device, dtype=dtype)

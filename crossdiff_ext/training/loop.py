@@ -17,94 +17,18 @@ import dataclasses
 import json
 import math
 import os
-import random
-import re
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from . import analysis, losses
-from .crosscoder import CrossCoder
-from .data import as_batches, statistics
-
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
-MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 2048
-    lr: Optional[float] = None  # None: SPEC's default 2e-4 / sqrt(F / 2^14)
-    seed: int = 0
-    betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 1000  # linear warm-up from lr / warmup_steps
-    decay_start: Optional[float] = None  # fraction of `steps` after which lr decays linearly to 0 (None: never)
-    grad_clip: Optional[float] = 1.0  # max global gradient norm (None: no clipping)
-    reconstruction: str = "l2"  # "l2": mean ||x - xhat||_2 (SPEC default); "squared": mean ||x - xhat||^2
-    aux_alpha: float = 1.0 / 32  # BatchTopK auxiliary loss weight
-    dead_tokens: int = 10_000_000  # a latent not selected for this many tokens is dead
-    k_aux: Optional[int] = None  # None: d_model // 2 (SPEC)
-    l1_coefficient: float = 0.041  # mu of the L1 crosscoder (activation "relu")
-    init_b_dec: str = "auto"  # "auto": geometric median of the first batch for BatchTopK, zero for ReLU
-    # Crosscoders built with target_rms: fit the input normaliser at step 0 from the whole data's statistics
-    # (stores: their running mean/variance; tensors: exact; mixtures: by proportion; iterables: the first batch).
-    # False keeps the statistics already set on the crosscoder.
-    fit_normalization: bool = True
-    # None: compute in the parameters' dtype. "bf16" / "fp16": fp32 master weights (the crosscoder must be fp32),
-    # forward and backward in the narrow dtype; "fp16" adds dynamic loss scaling (torch.amp.GradScaler).
-    mixed_precision: Optional[str] = None
-    log_every: int = 100
-    log_path: Optional[str] = None  # JSONL; default <checkpoint_dir>/log.jsonl when checkpoint_dir is set
-    checkpoint_every: int = 0  # 0: only at the end
-    checkpoint_dir: Optional[str] = None
-    keep_checkpoints: int = 2
-    progress: bool = True  # tqdm progress bar
-
-    def validate(self):
-        for name in ("steps", "batch_size", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every", "dead_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0 or None, got {self.lr}")
-        if self.decay_start is not None and not 0.0 <= self.decay_start < 1.0:
-            raise ValueError(f"TrainConfig.decay_start must be in [0, 1) or None, got {self.decay_start}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.reconstruction not in losses.RECONSTRUCTIONS:
-            raise ValueError(f"TrainConfig.reconstruction must be one of {losses.RECONSTRUCTIONS}, got "
-                             f"{self.reconstruction!r}")
-        if self.init_b_dec not in ("auto", "geometric_median", "zero"):
-            raise ValueError(f"TrainConfig.init_b_dec must be 'auto', 'geometric_median' or 'zero', got "
-                             f"{self.init_b_dec!r}")
-        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
-            raise ValueError(f"TrainConfig.k_aux must be an int >= 1 or None, got {self.k_aux!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"TrainConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, got "
-                             f"{self.mixed_precision!r}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-
-    def learning_rate(self, dict_size):
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(dict_size / 2**14)
+from ..data import as_batches, statistics
+from ..layer import CrossCoder, checkpoints
+from ..layer.norms import band_counts
+from . import losses
+from .checkpointing import latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import MIXED_PRECISION, TrainConfig, TrainResult
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    last: dict = field(default_factory=dict)  # the last logged record
-    checkpoint: Optional[str] = None  # the newest checkpoint directory
-
-
-def _schedule(config):
+def lr_factor(config):
     decay_from = None if config.decay_start is None else int(config.decay_start * config.steps)
 
     def factor(step):  # step = number of optimizer steps taken so far
@@ -114,72 +38,6 @@ def _schedule(config):
         return f
 
     return factor
-
-
-def _rng_state():
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-
-
-def latest_checkpoint(directory):
-    """The newest complete checkpoint directory under `directory`, or None."""
-    if not directory or not os.path.isdir(directory):
-        return None
-    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
-    return os.path.join(directory, f"step-{steps[-1]:08d}") if steps else None
-
-
-def _save_checkpoint(directory, step, cc, trainer_state, keep):
-    os.makedirs(directory, exist_ok=True)
-    final = os.path.join(directory, f"step-{step:08d}")
-    tmp = tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=directory)
-    try:
-        cc.save_pretrained(tmp)
-        with open(os.path.join(tmp, "trainer.pt"), "wb") as fh:
-            torch.save(trainer_state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.exists(final):  # a rerun of the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
-    for old in steps[:-keep]:
-        shutil.rmtree(os.path.join(directory, f"step-{old:08d}"), ignore_errors=True)
-    return final
-
-
-def resume_checkpoint(config, resume):
-    """The checkpoint to resume from (None for a fresh run), after checking the request against the directory."""
-    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
-    if not resume and latest_checkpoint(config.checkpoint_dir):
-        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
-                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
-                              "or choose a new directory")
-    return checkpoint
 
 
 class Progress:
@@ -216,7 +74,7 @@ class Progress:
             self.log.close()
 
 
-def _init_b_dec(cc, x, config):
+def init_b_dec(cc, x, config):
     mode = config.init_b_dec
     if mode == "auto":
         mode = "geometric_median" if cc.activation == "batch_topk" else "zero"
@@ -271,18 +129,16 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
     params = list(cc.parameters())
     lr = config.learning_rate(cc.dict_size)
     opt = adam(params, lr=lr, betas=tuple(config.betas))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config))
     # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
     checkpoint = resume_checkpoint(config, resume)
     if checkpoint:
-        from .distributed.checkpoints import read_training_state
-
         # Any layout: a sharded run's checkpoint is merged into the whole crosscoder's state. RNG states stay CPU
         # byte tensors; load_state_dict casts the rest to the parameters' device and dtype.
-        weights, state = read_training_state(checkpoint)
+        weights, state = checkpoints.read_training_state(CrossCoder, checkpoint)
         cc.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -292,7 +148,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             scaler.load_state_dict(state["scaler"])
         tokens_since_fired.copy_(state["tokens_since_fired"].to(device))
         source.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step = state["step"]
     progress = Progress(config, step)
     last = {}
@@ -308,7 +164,7 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
             # The loss lives in the normalised space: that is what balances the models' scales.
             x = cc.normalize(x.float()).to(cc.input_dtype) if cc.target_rms is not None else x.to(cc.input_dtype)
             if step == 0:
-                _init_b_dec(cc, x, config)
+                init_b_dec(cc, x, config)
             out = cc(x, normalized=True)
             recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction)
             terms = dict(reconstruction=recon_loss)
@@ -351,15 +207,15 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
                             grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
                             fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
                             dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
-                            threshold=float(cc.threshold), delta_norm_bands=analysis.band_counts(cc))
+                            threshold=float(cc.threshold), delta_norm_bands=band_counts(cc))
                 progress.record(last)
             progress.tick()
             if config.checkpoint_dir and (step == stop or
                                           (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                checkpoint = _save_checkpoint(
+                checkpoint = save_checkpoint(
                     config.checkpoint_dir, step, cc,
                     dict(step=step, optimizer=opt.state_dict(), schedule=schedule.state_dict(),
-                         tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=_rng_state(),
+                         tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=rng_state(),
                          config=dataclasses.asdict(config),
                          **({"scaler": scaler.state_dict()} if scaler is not None else {})),
                     config.keep_checkpoints)

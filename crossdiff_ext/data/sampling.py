@@ -1,0 +1,15 @@
+"""The row arithmetic every batch source shares: one data-parallel rank's block of a batch, and the shuffle
+generator of an epoch (a function of the seed and the epoch alone, so positions resume exactly)."""
+import torch
+
+
+def part_of(rows, part):
+    """The rows of one data-parallel rank: part = (index, count) splits a batch into count equal blocks."""
+    index, count = part
+    n = rows.shape[0] // count
+    return rows[index * n:(index + 1) * n]
+
+
+def epoch_generator(seed, epoch):
+    """The generator of one epoch's shuffle: a function of (seed, epoch) alone, so positions resume exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))

@@ -1,0 +1,93 @@
+"""The trainers' checkpoints: step directories that exist whole or not at all, the newest one to resume from, and
+the RNG states a resumed run restores.
+
+A one-process run writes step-NNNNNNNN/ holding the model (model.safetensors + config.json, loadable with
+CrossCoder.from_pretrained) and trainer.pt (optimizer, schedule, step, dead counters, data position, RNG states,
+config); a latent-parallel run writes the sharded layout of layer/sharded.py under the same name.
+"""
+import os
+import random
+import re
+import shutil
+
+import torch
+
+from .. import atomic
+from ..layer import sharded
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def rng_state():
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def latest_checkpoint(directory):
+    """The newest complete checkpoint directory under `directory`, or None."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
+    return os.path.join(directory, f"step-{steps[-1]:08d}") if steps else None
+
+
+def step_dir_name(step):
+    return f"step-{step:08d}"
+
+
+def prune(directory, keep):
+    """Delete all but the newest `keep` step directories."""
+    steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
+    for old in steps[:-keep]:
+        shutil.rmtree(os.path.join(directory, step_dir_name(old)), ignore_errors=True)
+
+
+def save_torch(obj, path):
+    """torch.save(obj) to `path` atomically."""
+    atomic.save(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_checkpoint(directory, step, cc, trainer_state, keep):
+    """Write step-NNNNNNNN/ (the model and trainer.pt) whole: built in a temporary directory, renamed into place."""
+    final = os.path.join(directory, step_dir_name(step))
+    tmp = atomic.temp_dir(directory, step_dir_name(step))
+    try:
+        cc.save_pretrained(tmp)
+        save_torch(trainer_state, os.path.join(tmp, sharded.TRAINER_NAME))
+        atomic.replace_dir(tmp, final)  # a rerun of the same step replaces it whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(directory, keep)
+    return final
+
+
+def resume_checkpoint(config, resume):
+    """The checkpoint to resume from (None for a fresh run), after checking the request against the directory."""
+    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
+    if not resume and latest_checkpoint(config.checkpoint_dir):
+        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
+                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
+                              "or choose a new directory")
+    return checkpoint
