@@ -1,5 +1,5 @@
 """`cx.train(crosscoder, data, cx.TrainConfig(...))`: SPEC.md's training recipe with checkpoints that resume
-exactly.
+exactly. The step loop (run) is also distributed.train's: a Runtime says what differs between process layouts.
 
 Per step: forward in training mode (BatchTopK selection; the crosscoder tracks its inference threshold), the
 reconstruction loss (unsquared L2 by default), plus alpha_aux * the auxiliary loss of the dead latents
@@ -86,13 +86,6 @@ def init_b_dec(cc, x, config):
                 cc.b_dec[m].copy_(losses.geometric_median(x[:, m]).to(cc.b_dec.dtype))
 
 
-def _fit_normalization(cc, source, first_batch):
-    stats = statistics(source)
-    if stats is None:  # an iterable: its first batch is all that can be seen without consuming it
-        stats = (first_batch.double().mean(0), first_batch.double().var(0, unbiased=False))
-    cc.set_input_normalization(*stats)
-
-
 def adam(params, **kwargs):
     """torch.optim.Adam, fused where this torch and device support it (one kernel per step), foreach otherwise."""
     try:
@@ -110,28 +103,117 @@ def fraction_of_variance_explained(x, recon):
     return float(1 - err.sum() / var.sum().clamp_min(1e-30)), per_model
 
 
-def train(crosscoder, data, config=None, *, resume=False, until=None):
-    """Train `crosscoder` in place on `data` (a tensor [N, M, d], an activation store or an iterable of batches)
-    for config.steps steps (the schedule's length). `until` stops this call after that step (a checkpoint is
-    written there when checkpoint_dir is set), e.g. to train in sessions; `resume=True` continues from the newest
-    checkpoint. Returns a TrainResult."""
-    config = config or TrainConfig()
-    config.validate()
-    if not isinstance(crosscoder, CrossCoder):
-        raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
-    cc = crosscoder
+class Runtime:
+    """What the step loop asks of the process layout it runs in: one process here; distributed.train's
+    ShardedRuntime overrides these methods for a mesh of latent shards x data replicas (selection over the
+    shards inside the model, gradient all-reduce over the replicas, global-norm clipping, dead latents fired
+    anywhere, statistics over the mesh, sharded checkpoints). Only one process scales fp16 losses."""
+
+    main = True  # this process writes the log and shows progress
+
+    def __init__(self, crosscoder, config):
+        if not isinstance(crosscoder, CrossCoder):
+            raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+        self.model = self.cc = crosscoder  # the module called in the loop; the CrossCoder holding the parameters
+        self.dict_size = crosscoder.dict_size
+        self.check(config)
+        device = self.cc.W_enc.device
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
+
+    def check(self, config):
+        if MIXED_PRECISION[config.mixed_precision] is not None and self.cc.W_enc.dtype != torch.float32:
+            raise ValueError(f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: "
+                             f"the crosscoder must be float32, got {self.cc.W_enc.dtype}")
+
+    def batches(self, source):
+        """The batches this process reads of the global batch source."""
+        return source
+
+    def load(self, checkpoint, weights, state, opt, tokens_since_fired):
+        """This process's part of a whole crosscoder's training state (any layout wrote it)."""
+        self.cc.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            if "scaler" not in state:
+                raise ValueError(f"{checkpoint}: was not trained with mixed_precision='fp16' (no loss-scaler state)")
+            self.scaler.load_state_dict(state["scaler"])
+        tokens_since_fired.copy_(state["tokens_since_fired"].to(tokens_since_fired.device))
+
+    def input_statistics(self, source, first_batch):
+        """(mean, variance) of the data for the input normaliser, fitted at step 0."""
+        stats = statistics(source)
+        if stats is None:  # an iterable: its first batch is all that can be seen without consuming it
+            stats = (first_batch.double().mean(0), first_batch.double().var(0, unbiased=False))
+        return stats
+
+    def global_rows(self, x):
+        """The whole global batch (b_dec's step-0 initialisation sees what one process would)."""
+        return x
+
+    def reconstruction_loss(self, x, recon, kind):
+        return losses.reconstruction_loss(x, recon, kind)
+
+    def count_fired(self, tokens_since_fired, codes):
+        losses.update_dead_counters(tokens_since_fired, codes)
+
+    def aux_loss(self, x, recon, dead, k_aux):
+        return losses.aux_loss(self.cc, x, recon, dead, k_aux)
+
+    def l1_penalty(self, codes, w):
+        return losses.l1_penalty(codes, w)
+
+    def loss_values(self, loss, terms):
+        """(loss as a float, {term: float} or None to read the terms only when they are logged)."""
+        return float(loss.detach()), None  # the step's one host sync
+
+    def backward(self, loss, opt):
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)  # clip the true gradients; the scaler skips a step whose gradients overflowed
+
+    def clip(self, params, max_norm):
+        """The gradients' global norm (None when not clipping), clipped to max_norm."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm is not None else None
+
+    def optimizer_step(self, opt):
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
+
+    def record(self, x, out, tokens_since_fired, config, **values):
+        """The log record of a step: `values` (step, loss, the loss terms, lr, grad_norm) plus batch statistics."""
+        fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
+        grad_norm = values.pop("grad_norm")
+        lr = values.pop("lr")
+        return dict(**values, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
+                    fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
+                    dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
+                    threshold=float(self.cc.threshold), delta_norm_bands=band_counts(self.cc))
+
+    def save(self, config, step, opt, schedule, tokens_since_fired, source):
+        return save_checkpoint(
+            config.checkpoint_dir, step, self.cc,
+            dict(step=step, optimizer=opt.state_dict(), schedule=schedule.state_dict(),
+                 tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=rng_state(),
+                 config=dataclasses.asdict(config),
+                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})),
+            config.keep_checkpoints)
+
+
+def run(runtime, data, config, *, resume=False, until=None):
+    """The step loop of both trainers (see the module docstring), in `runtime`'s process layout."""
+    cc = runtime.cc
     device = cc.W_enc.device
     compute_dtype = MIXED_PRECISION[config.mixed_precision]
-    if compute_dtype is not None and cc.W_enc.dtype != torch.float32:
-        raise ValueError(f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: the "
-                         f"crosscoder must be float32, got {cc.W_enc.dtype}")
-    source = as_batches(data, config.batch_size, seed=config.seed, device=device)
+    source = runtime.batches(as_batches(data, config.batch_size, seed=config.seed, device=device))
     params = list(cc.parameters())
-    lr = config.learning_rate(cc.dict_size)
-    opt = adam(params, lr=lr, betas=tuple(config.betas))
+    opt = adam(params, lr=config.learning_rate(runtime.dict_size), betas=tuple(config.betas))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config))
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     tokens_since_fired = torch.zeros(cc.dict_size, dtype=torch.int64, device=device)
     step = 0
     checkpoint = resume_checkpoint(config, resume)
@@ -139,89 +221,74 @@ def train(crosscoder, data, config=None, *, resume=False, until=None):
         # Any layout: a sharded run's checkpoint is merged into the whole crosscoder's state. RNG states stay CPU
         # byte tensors; load_state_dict casts the rest to the parameters' device and dtype.
         weights, state = checkpoints.read_training_state(CrossCoder, checkpoint)
-        cc.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
+        runtime.load(checkpoint, weights, state, opt, tokens_since_fired)
         schedule.load_state_dict(state["schedule"])
-        if scaler is not None:
-            if "scaler" not in state:
-                raise ValueError(f"{checkpoint}: was not trained with mixed_precision='fp16' (no loss-scaler state)")
-            scaler.load_state_dict(state["scaler"])
-        tokens_since_fired.copy_(state["tokens_since_fired"].to(device))
         source.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step = state["step"]
-    progress = Progress(config, step)
+    progress = Progress(config, step, enabled=runtime.main)
     last = {}
     stop = config.steps if until is None else min(int(until), config.steps)
     previous_compute_dtype = cc.compute_dtype
     try:
-        cc.train()
+        runtime.model.train()
         cc.compute_dtype = compute_dtype
         while step < stop:
             x = source.next()
             if step == 0 and cc.target_rms is not None and config.fit_normalization:
-                _fit_normalization(cc, source, x)
+                cc.set_input_normalization(*runtime.input_statistics(source, x))
             # The loss lives in the normalised space: that is what balances the models' scales.
             x = cc.normalize(x.float()).to(cc.input_dtype) if cc.target_rms is not None else x.to(cc.input_dtype)
             if step == 0:
-                init_b_dec(cc, x, config)
-            out = cc(x, normalized=True)
-            recon_loss = losses.reconstruction_loss(x, out.recon, config.reconstruction)
+                init_b_dec(cc, runtime.global_rows(x), config)
+            out = runtime.model(x, normalized=True)
+            recon_loss = runtime.reconstruction_loss(x, out.recon, config.reconstruction)
             terms = dict(reconstruction=recon_loss)
             # Counted with this batch first (the paper's order): a latent selected now is never dead.
-            losses.update_dead_counters(tokens_since_fired, out.codes)
+            runtime.count_fired(tokens_since_fired, out.codes)
             if cc.activation == "batch_topk":
                 dead = tokens_since_fired >= config.dead_tokens
-                terms["aux"] = losses.aux_loss(cc, x, out.recon, dead, config.k_aux)
+                terms["aux"] = runtime.aux_loss(x, out.recon, dead, config.k_aux)
                 loss = recon_loss + config.aux_alpha * terms["aux"]
             else:
-                terms["l1"] = losses.l1_penalty(out.codes, cc.decoder_norm_weights())
+                terms["l1"] = runtime.l1_penalty(out.codes, cc.decoder_norm_weights())
                 loss = recon_loss + config.l1_coefficient * terms["l1"]
-            loss_value = float(loss.detach())  # the step's one host sync
+            loss_value, values = runtime.loss_values(loss, terms)
             if not math.isfinite(loss_value):
-                values = {name: float(t.detach()) for name, t in terms.items()}
+                values = values if values is not None else {name: float(t.detach()) for name, t in terms.items()}
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1}: {values}; the weights were not updated"
                     + (f"; the last good checkpoint is {latest_checkpoint(config.checkpoint_dir)}"
                        if config.checkpoint_dir else ""))
             opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)  # clip the true gradients; the scaler skips a step whose gradients overflowed
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                         if config.grad_clip is not None else None)
+            runtime.backward(loss, opt)
+            grad_norm = runtime.clip(params, config.grad_clip)
             lr_used = opt.param_groups[0]["lr"]
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
+            runtime.optimizer_step(opt)
             schedule.step()
             step += 1
             if step % config.log_every == 0 or step == config.steps:
-                fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
-                values = {name: float(t.detach()) for name, t in terms.items()}
-                last = dict(step=step, loss=loss_value, **values, lr=lr_used,
-                            grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
-                            fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
-                            dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
-                            threshold=float(cc.threshold), delta_norm_bands=band_counts(cc))
+                values = values if values is not None else {name: float(t.detach()) for name, t in terms.items()}
+                last = runtime.record(x, out, tokens_since_fired, config, step=step, loss=loss_value, **values,
+                                      lr=lr_used, grad_norm=grad_norm)
                 progress.record(last)
             progress.tick()
             if config.checkpoint_dir and (step == stop or
                                           (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                checkpoint = save_checkpoint(
-                    config.checkpoint_dir, step, cc,
-                    dict(step=step, optimizer=opt.state_dict(), schedule=schedule.state_dict(),
-                         tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=rng_state(),
-                         config=dataclasses.asdict(config),
-                         **({"scaler": scaler.state_dict()} if scaler is not None else {})),
-                    config.keep_checkpoints)
+                checkpoint = runtime.save(config, step, opt, schedule, tokens_since_fired, source)
     finally:
         cc.compute_dtype = previous_compute_dtype
         if hasattr(source, "close"):
             source.close()  # stops a store's prefetch thread
         progress.close()
     return TrainResult(steps=step, last=last, checkpoint=checkpoint)
+
+
+def train(crosscoder, data, config=None, *, resume=False, until=None):
+    """Train `crosscoder` in place on `data` (a tensor [N, M, d], an activation store or an iterable of batches)
+    for config.steps steps (the schedule's length). `until` stops this call after that step (a checkpoint is
+    written there when checkpoint_dir is set), e.g. to train in sessions; `resume=True` continues from the newest
+    checkpoint. Returns a TrainResult."""
+    config = config or TrainConfig()
+    config.validate()
+    return run(Runtime(crosscoder, config), data, config, resume=resume, until=until)
