@@ -2,19 +2,18 @@
 from types import SimpleNamespace
 
 from .. import backends
+from . import encode, select, sparse
 
-from .encode import paired_encode_reference
-from .select import batch_topk_reference, threshold_select_reference
-from .sparse import (latent_order_reference, sparse_decode_reference, sparse_values_grad_reference,
-                     sparse_weight_grad_reference)
 
-KERNELS = SimpleNamespace(
-    paired_encode=paired_encode_reference,
-    batch_topk=batch_topk_reference,
-    threshold_select=threshold_select_reference,
-    sparse_decode=sparse_decode_reference,
-    sparse_values_grad=sparse_values_grad_reference,
-    latent_order=latent_order_reference,
-    sparse_weight_grad=sparse_weight_grad_reference,
-)
+def _reference(op):
+    """`<op>_reference` of the op family that defines it."""
+    found = [getattr(family, f"{op}_reference") for family in (encode, select, sparse)
+             if hasattr(family, f"{op}_reference")]
+    if len(found) != 1:
+        raise RuntimeError(f"op {op!r} needs exactly one reference implementation in crossdiff_ext.ops, found "
+                           f"{len(found)}")
+    return found[0]
+
+
+KERNELS = SimpleNamespace(**{op: _reference(op) for op in backends.OPS})
 backends.register("reference", KERNELS)
