@@ -6,9 +6,10 @@ minus the groups (the loss and its backward, elementwise ops, autograd, launch g
 self time (kernels on a GPU, ops on the CPU) come with it, so a miss can be traced to one kernel.
 """
 import re
-import time
 
 import torch
+
+from . import common
 
 OP_NAME = re.compile(r"^crossdiff(?:_triton)?::(\w+)$")
 OPTIMIZER = re.compile(r"^Optimizer\.step#")
@@ -31,19 +32,10 @@ def profile_step(step, device, step_ms, steps=3, top=12):
     step_ms: the step's median timed without the profiler (recorded beside). "other" is the profiled step's wall
     time (which includes the profiler's overhead) minus the groups. Returns dict(steps, step_ms, profiled_step_ms,
     groups_ms={op: ms}, other_ms, time, top=[{name, self_ms, calls}])."""
-    from torch.profiler import ProfilerActivity, profile
-
     on_gpu = torch.device(device).type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        profiled_ms = (time.perf_counter() - start) * 1e3 / steps
+    events, profiled_ms = common.profile(step, device, steps)
     groups, heaviest = {}, []
-    for event in prof.key_averages():
+    for event in events:
         total, own = _times(event, on_gpu)
         name = OP_NAME.match(event.key)
         if name:

@@ -22,7 +22,6 @@ trainer's own dependencies (datasets, schedulefree) are not needed.
 import argparse
 import importlib
 import importlib.util
-import math
 import os
 import platform
 import re
@@ -33,6 +32,7 @@ import types
 import torch
 
 from . import breakdown, floors, timing
+from .common import adam, lr_for, recon_loss
 from .dense_crosscoder import DenseBatchTopKCrossCoder
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -113,20 +113,6 @@ def measure_ceilings(device, dtype, shape, timer):
                           what=f"dst.copy_(src), {n_bytes >> 20} MiB, read + write"))
 
 
-def lr_for(F):
-    return 2e-4 / math.sqrt(F / 2**14)  # SPEC's default
-
-
-def adam(params, device, F):
-    from crossdiff_ext.training.loop import adam as make_adam  # the trainer's choice, so the step timed is the one trained
-
-    return make_adam(params, lr=lr_for(F), betas=(0.9, 0.999))
-
-
-def recon_loss(x, recon):
-    return torch.linalg.vector_norm((x - recon).float(), dim=-1).mean()
-
-
 def build(cx, shape, device, dtype, seed=0):
     torch.manual_seed(seed)
     B, M, d, F, k = (shape[n] for n in ("batch", "n_models", "d_model", "dict_size", "k"))
@@ -139,7 +125,7 @@ def build(cx, shape, device, dtype, seed=0):
 
 
 def ours_step(cx, cc, x, backend):
-    opt = adam(cc.parameters(), x.device, cc.dict_size)
+    opt = adam(cc.parameters(), lr_for(cc.dict_size))
 
     def step():
         with cx.backend(backend):
@@ -154,7 +140,7 @@ def ours_step(cx, cc, x, backend):
 
 
 def dense_step(dense, x, compiled):
-    opt = adam(dense.parameters(), x.device, dense.dict_size)
+    opt = adam(dense.parameters(), lr_for(dense.dict_size))
     forward = torch.compile(dense) if compiled else dense
 
     def step():
@@ -202,7 +188,7 @@ def sparsify_step(shape, x):
         return None, f"sparsify is not installed ({err})"
     B, M, d, F, k = (shape[n] for n in ("batch", "n_models", "d_model", "dict_size", "k"))
     sae = SparseCoder(M * d, SparseCoderConfig(num_latents=F, k=k), device=x.device, dtype=x.dtype)
-    opt = adam(sae.parameters(), x.device, F)
+    opt = adam(sae.parameters(), lr_for(F))
     flat = x.reshape(B, M * d)
 
     def step():
@@ -294,7 +280,7 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
 
 def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_batches=2):
     """Latent Scaling (every latent, both targets, the chat probe) against the inference forward pass over the same
-    n_batches * B tokens, batch by batch; the goal (issue 7) is at least half the forward's token throughput."""
+    n_batches * B tokens, batch by batch; the goal is at least half the forward's token throughput."""
     cc, _ = build(cx, shape, device, dtype)
     B = shape["batch"]
     tokens = torch.randn(n_batches * B, shape["n_models"], shape["d_model"], device=device).to(dtype)
@@ -460,10 +446,12 @@ def plot(result, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from crossdiff_ext import atomic
+
+    try:
+        atomic.save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -1,11 +1,10 @@
 """Timing and reporting helpers shared by the benchmarks: wall-clock timers, percentiles, machine facts and
-atomic result files. Standard library + torch only."""
+atomic result files (through crossdiff_ext.atomic). Standard library + torch only at import."""
 import datetime
 import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 
 import torch
@@ -112,23 +111,11 @@ def machine_info():
 
 
 def write_atomic(path, text):
-    """Write text to path through a temporary file in the same directory and os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; result files are ordinary repository files
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write text to path (its directory created if needed) with crossdiff_ext's atomic writer."""
+    from crossdiff_ext import atomic  # here, not at the top: the benchmarks import crossdiff_ext when they run
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic.write_text(path, text)
 
 
 def write_json_atomic(path, obj):

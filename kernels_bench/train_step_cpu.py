@@ -17,14 +17,14 @@ no gradient clipping in either step. Optimiser: torch.optim.Adam, betas (0.9, 0.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
 
-from . import timing
+from . import common, timing
+from .common import recon_loss
 from .dense_crosscoder import DenseBatchTopKCrossCoder
 
 DEFAULT_SHAPE = dict(batch=2048, n_models=2, d_model=256, dict_size=16384, k=32)
@@ -39,7 +39,7 @@ GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-5
 
 
 def import_crossdiff(retries=0, wait_s=60):
-    """Import crossdiff_ext; optionally retry (another engineer may be mid-way through adding a module)."""
+    """Import crossdiff_ext; optionally retry (the package may be mid-way through a rebuild)."""
     for attempt in range(retries + 1):
         try:
             import crossdiff_ext
@@ -52,22 +52,6 @@ def import_crossdiff(retries=0, wait_s=60):
             for name in [m for m in sys.modules if m == "crossdiff_ext" or m.startswith("crossdiff_ext.")]:
                 del sys.modules[name]
             time.sleep(wait_s)
-
-
-def recon_loss(x, recon):
-    """Mean over rows and models of the unsquared L2 norm of the reconstruction error (SPEC.md)."""
-    return torch.linalg.vector_norm(x - recon, dim=-1).mean()
-
-
-def adam_kwargs():
-    """Adam settings shared by every case: fused on CPU where this torch supports it, else foreach."""
-    probe = torch.nn.Parameter(torch.zeros(4))
-    probe.grad = torch.ones(4)
-    try:
-        torch.optim.Adam([probe], lr=1e-3, betas=(0.9, 0.999), fused=True).step()
-        return dict(betas=(0.9, 0.999), fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return dict(betas=(0.9, 0.999), foreach=True)
 
 
 def make_step(model, opt, x):
@@ -147,7 +131,7 @@ def check_correctness(cx, cc, dense, x):
     return report
 
 
-def floor_cases(cc, x, opt_kwargs, lr):
+def floor_cases(cc, x, lr):
     """(a) the encoder GEMM alone; (b) one Adam step alone over parameters of our sizes with gradients present."""
     B, F = x.shape[0], cc.dict_size
     x2 = x.view(B, -1)
@@ -168,7 +152,7 @@ def floor_cases(cc, x, opt_kwargs, lr):
     params = [torch.nn.Parameter(p.detach().clone()) for p in cc.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    adam = torch.optim.Adam(params, lr=lr, **opt_kwargs)
+    adam = common.adam(params, lr)
 
     def adam_step():
         adam.step()
@@ -202,14 +186,10 @@ def phase_breakdown(cx, cc, opt, x, reps):
 
 def profile_ops(step, steps, top):
     """Self CPU time per op (ms per step), heaviest first, from torch.profiler over `steps` steps."""
-    from torch.profiler import ProfilerActivity, profile
-
     step()  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
+    events, _ = common.profile(step, "cpu", steps)
     rows = []
-    for ev in prof.key_averages():
+    for ev in events:
         rows.append(dict(op=ev.key, self_ms=ev.self_cpu_time_total / 1e3 / steps,
                          total_ms=ev.cpu_time_total / 1e3 / steps, calls=ev.count / steps))
     rows.sort(key=lambda r: r["self_ms"], reverse=True)
@@ -363,9 +343,8 @@ def main(argv=None):
     cx = import_crossdiff(args.import_retries)
     shape = args.shape
     B, M, d, F, k = (shape[n] for n in ("batch", "n_models", "d_model", "dict_size", "k"))
-    lr = 2e-4 / math.sqrt(F / 2 ** 14)  # SPEC default learning rate
-    opt_kwargs = adam_kwargs()
-    optimizer = "Adam(" + ", ".join(f"{n}={v}" for n, v in opt_kwargs.items()) + f", lr={lr:.3g})"
+    lr = common.lr_for(F)
+    optimizer = common.describe_adam(common.adam([torch.nn.Parameter(torch.zeros(1))], lr))
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     print(f"shape B={B} M={M} d={d} F={F} k={k}; threads {torch.get_num_threads()}; {optimizer}", flush=True)
@@ -376,8 +355,8 @@ def main(argv=None):
           f"grad max|diff| {check['grad_max_abs_diff']}, selection mismatches {check['selection_mismatches']}",
           flush=True)
 
-    opt_ours = torch.optim.Adam(cc.parameters(), lr=lr, **opt_kwargs)
-    opt_dense = torch.optim.Adam(dense.parameters(), lr=lr, **opt_kwargs)
+    opt_ours = common.adam(cc.parameters(), lr)
+    opt_dense = common.adam(dense.parameters(), lr)
     step_ours_raw = make_step(cc, opt_ours, x)
 
     def step_ours():
@@ -385,7 +364,7 @@ def main(argv=None):
             return step_ours_raw()
 
     step_dense = make_step(dense, opt_dense, x)
-    encoder_gemm, encoder_gemm_reused, adam_step, _floor_params = floor_cases(cc, x, opt_kwargs, lr)
+    encoder_gemm, encoder_gemm_reused, adam_step, _floor_params = floor_cases(cc, x, lr)
 
     cases = {"ours": step_ours, "dense": step_dense, "encoder_gemm": encoder_gemm, "adam": adam_step,
              "encoder_gemm_reused_out": encoder_gemm_reused}
