@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from . import distributed as cxd
 from . import training
@@ -139,8 +140,6 @@ def train(args, parser):
         result = training.train(cc, data, config, resume=args.resume)
         print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
         return 0
-    import torch.distributed as dist
-
     try:
         mesh = cxd.make_mesh(args.latent_parallel)
         model = cxd.ShardedCrossCoder.from_crosscoder(cc, mesh).to(args.device)
@@ -156,8 +155,6 @@ def train(args, parser):
 
 def _init_distributed(args, parser):
     """Join the torchrun job (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % args.latent_parallel:
         parser.error(f"--latent-parallel {args.latent_parallel} must divide the number of processes {world}")

@@ -10,6 +10,7 @@
      chat-specific ones fire mainly on chat-template tokens (most of their 20 max-activating examples are template
      tokens). Written to OUT/summary.json.
 """
+import fnmatch
 import os
 import shutil
 import time
@@ -64,8 +65,6 @@ class DemoConfig:
 def _clear(directory, owned):
     """Remove a previous run's output directory, if everything in it is something the demo writes (names matching
     `owned`); refuse otherwise, so a mistyped --out never deletes a user's files."""
-    import fnmatch
-
     if not os.path.exists(directory):
         return
     strangers = [n for n in os.listdir(directory) if not any(fnmatch.fnmatch(n, p) for p in owned)]

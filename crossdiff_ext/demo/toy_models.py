@@ -6,6 +6,7 @@ lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the rec
 new pair. The pair is built in a temporary directory beside it and renamed into place: an interrupted build
 leaves no half-written pair behind.
 """
+import copy
 import hashlib
 import json
 import os
@@ -140,8 +141,6 @@ def _new_model(recipe, vocab_size):
 def build_pair(directory, recipe=PairRecipe(), *, progress=True):
     """Train the base model on plain text and fine-tune a copy on chat; save both (with the tokenizer) under
     directory/base and directory/chat, and what was measured in directory/pair.json. Returns that record."""
-    import copy
-
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     tokenizer = tl.make_tokenizer()
