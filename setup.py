@@ -30,8 +30,8 @@ def _load_source_hash():
 
 
 def _find_cuda_home():
-    """A CUDA toolkit root with nvcc, headers and libcudart. `nvcc` on the PATH may be a wrapper script
-    (/usr/local/bin/nvcc here), so its parent directory is only the last guess."""
+    """A CUDA toolkit root with nvcc, headers and libcudart. `nvcc` on the PATH may be a wrapper script, so its
+    parent directory is only the last guess."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:

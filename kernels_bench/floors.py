@@ -14,8 +14,8 @@ run. A floor is a lower bound under stated assumptions, not a model of our kerne
                      m, v for every parameter)
 Bytes move at the measured copy bandwidth (bytes read + bytes written per second).
 Memory floor of a training step: parameters + gradients + Adam's two moments + one [B, F] activation buffer
-(ISSUE 5 names params + Adam state + [B, F]; gradients are added here because Adam reads them: without a fused
-optimizer-in-backward they must exist at the same time as the state).
+(gradients count because Adam reads them: without a fused optimizer-in-backward they must exist at the same time
+as the state).
 """
 
 

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The checks a lent GPU owes this project (issues 4 and 5; the Latent Scaling goal of issue 7), in calls that fit
-# the device tool's 10-minute command limit and 30 minutes of device time (/work/.library/device/README.md).
-# The copy there has no .git: prefix the call with CROSSDIFF_COMMIT=$(git rev-parse HEAD) (run here) so the
-# results name their commit.
+# The GPU checks of this project, in stages that each fit a 10-minute command on a GPU machine. Where the tree is a
+# copy without .git, prefix the call with CROSSDIFF_COMMIT=$(git rev-parse HEAD) (run in a checkout) so the results
+# name their commit.
 #
 #   bash kernels_bench/gpu_session.sh check      # build, GPU tests (-m gpu), compute-sanitizer memcheck
 #   bash kernels_bench/gpu_session.sh sanitize   # build if stale, memcheck and racecheck on the CUDA op tests
@@ -10,10 +9,10 @@
 #                                                # then the per-op auto table it implies (printed, not written)
 #   bash kernels_bench/gpu_session.sh tests      # build if stale, the whole test suite on the GPU machine
 #
-# Each stage runs under `timeout`, logs to $OUT/<stage>.log (the device tool brings $OUT back; at most 8 files,
-# so the stages keep to a few) and appends "<stage> rc=<exit> <seconds>s" to $OUT/summary.txt; a failing stage
+# Each stage runs under `timeout`, logs to $OUT/<stage>.log (a folder the caller collects afterwards; the stages
+# keep to a few files) and appends "<stage> rc=<exit> <seconds>s" to $OUT/summary.txt; a failing stage
 # does not stop the next. The build is kept between calls while the machine stays warm, and is redone only
-# when crossdiff_ext reports it stale or without CUDA kernels. Afterwards, here: copy the suite's result files
+# when crossdiff_ext reports it stale or without CUDA kernels. Afterwards, in a checkout: copy the suite's result files
 # into kernels_bench/results/, run `python -m kernels_bench auto_table kernels_bench/results/<device>.json
 # --write`, and commit both.
 set -uo pipefail

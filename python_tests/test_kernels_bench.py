@@ -37,7 +37,7 @@ def synthetic_result():
                 floors_ms=floors.time_floors_ms(SHAPE, 4, 1.5, 1e9), memory_floor_gb=2.0, cases=cases)
 
 
-def test_summary_has_exactly_the_issue_keys_and_uses_the_main_shape():
+def test_summary_has_exactly_the_summary_keys_and_uses_the_main_shape():
     result = synthetic_result()
     suite.summarize(result, ["cpu"])
     s = result["summary"]

@@ -1,4 +1,4 @@
-"""Scale-out on torch.distributed (issue 8): latent parallelism with an exact batch-wide top-k, data parallelism
+"""Scale-out on torch.distributed: latent parallelism with an exact batch-wide top-k, data parallelism
 across replicas of the latent shards, sharded checkpoints. Uses torch.distributed's collectives and DeviceMesh
 only (gloo on CPUs, NCCL on GPUs); no communication layer of its own.
 
