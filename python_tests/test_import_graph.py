@@ -16,7 +16,7 @@ is the public face, not core: it re-exports demo's planted_dictionary, and nothi
 Private names. `from M import _name` and `M._name` (M bound by an import of a crossdiff_ext module) are refused
 when _name is not a module: what another module needs gets a public name in its owner. A private MODULE (a file
 whose name starts with "_") may be imported only from within its own package (its siblings), e.g.
-`from . import _csr` in ops/; the compiled crossdiff_ext._C is not a Python file and is outside the graph.
+`from . import _launch` in triton/; the compiled crossdiff_ext._C is not a Python file and is outside the graph.
 """
 import ast
 import os

@@ -91,10 +91,10 @@ class ShardedCrossCoder(nn.Module):
 
     def forward(self, x, *, normalized=False, use_threshold=None):
         cc, mesh = self.shard, self.mesh
-        x = cc._as_batch(x)
+        x = cc.as_batch(x)
         if not normalized:
             x = cc.normalize(x)
-        W_enc, b_enc, W_dec, b_dec = cc._weights()
+        W_enc, b_enc, W_dec, b_dec = cc.compute_weights()
         x_in = replicate_to_shards(x, mesh.latent_group)
         min_score = torch.full((), math.inf, dtype=torch.float32, device=x.device)
         if cc.activation == "relu":
@@ -114,7 +114,7 @@ class ShardedCrossCoder(nn.Module):
                 values, indices, row_ptr, min_score = _EncodeSharded.apply(
                     x_in, W_enc, b_enc, w, K, (mesh.latent_group, mesh.data_group), backends.resolve(x.device))
                 if self.training:
-                    cc._track_threshold(min_score)
+                    cc.track_threshold(min_score)
         partial = decode_sparse(values, indices, row_ptr, W_dec, None)
         recon = sum_over_shards(partial, mesh.latent_group) + b_dec
         codes = SparseCodes(values, indices, row_ptr, x.shape[0], cc.dict_size)

@@ -193,7 +193,7 @@ class CrossCoder(nn.Module):
         """The dtype inputs must have: compute_dtype when set, else the parameters'."""
         return self.compute_dtype or self.W_enc.dtype
 
-    def _weights(self):
+    def compute_weights(self):
         """(W_enc, b_enc, W_dec, b_dec) in the compute dtype: differentiable casts of the fp32 master weights
         under mixed precision, the parameters themselves otherwise."""
         params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
@@ -206,7 +206,7 @@ class CrossCoder(nn.Module):
         """w_j = sum_m ||W_dec[j, m]||_2 in fp32, detached (selection is not differentiated)."""
         return torch.linalg.vector_norm(self.W_dec.detach(), dim=2, dtype=torch.float32).sum(1)
 
-    def _as_batch(self, x):
+    def as_batch(self, x):
         if isinstance(x, (tuple, list)):
             if len(x) != self.n_models:
                 raise ValueError(f"x must hold one [B, d] tensor per model (n_models = {self.n_models}), got {len(x)}")
@@ -244,11 +244,11 @@ class CrossCoder(nn.Module):
             raise ValueError(f"k must be in [1, dict_size = {F}] (K = k * B <= B * F), got k = {self.k}")
         out = encode_sparse(x, W_enc, b_enc, w, "topk", self.k * B)
         if self.training:
-            self._track_threshold(out[3])
+            self.track_threshold(out[3])
         return out
 
     @torch.no_grad()
-    def _track_threshold(self, min_score):
+    def track_threshold(self, min_score):
         step = self.num_batches_tracked
         new = torch.where(self.threshold < 0, min_score,
                           self.threshold_beta * self.threshold + (1.0 - self.threshold_beta) * min_score)
@@ -260,10 +260,10 @@ class CrossCoder(nn.Module):
     def encode(self, x, use_threshold=None, *, normalized=False):
         """x [B, M, d] (or a tuple of M [B, d]) -> SparseCodes. use_threshold None: threshold in eval mode,
         batch top-k in training mode. normalized=True: x is already in the normalised space (see class doc)."""
-        x = self._as_batch(x)
+        x = self.as_batch(x)
         if not normalized:
             x = self.normalize(x)
-        values, indices, row_ptr, _ = self._encode(x, use_threshold, self._weights())
+        values, indices, row_ptr, _ = self._encode(x, use_threshold, self.compute_weights())
         return SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
 
     def decode(self, codes, *, normalized=False):
@@ -271,7 +271,7 @@ class CrossCoder(nn.Module):
         normalized=True."""
         if codes.n_latents != self.dict_size:
             raise ValueError(f"codes have {codes.n_latents} latents, the crosscoder has {self.dict_size}")
-        return self._decode(codes, self._weights(), normalized)
+        return self._decode(codes, self.compute_weights(), normalized)
 
     def _decode(self, codes, weights, normalized):
         recon = decode_sparse(codes.values, codes.indices, codes.row_ptr, weights[2], weights[3])
@@ -280,10 +280,10 @@ class CrossCoder(nn.Module):
     def forward(self, x, *, normalized=False):
         """x [B, M, d] (raw activations, or normalised ones with normalized=True) -> CrossCoderOutput whose
         recon is in the same space as x."""
-        x = self._as_batch(x)
+        x = self.as_batch(x)
         if not normalized:
             x = self.normalize(x)
-        weights = self._weights()
+        weights = self.compute_weights()
         if self.activation == "relu":
             recon, values, indices, row_ptr = relu_crosscoder(x, *weights, self.dense_code_density)
             codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
