@@ -129,4 +129,5 @@ def sparse_weight_grad(values, dense, col_ptr, perm, rows):
 
 
 # op -> its fake (meta) kernel, shared with the crossdiff_triton ops (ops/triton_ops.py)
-FAKES = {"sparse_decode": sparse_decode_fake, "sparse_values_grad": sparse_values_grad_fake, "latent_order": latent_order_fake, "sparse_weight_grad": sparse_weight_grad_fake}
+FAKES = {"sparse_decode": sparse_decode_fake, "sparse_values_grad": sparse_values_grad_fake,
+         "latent_order": latent_order_fake, "sparse_weight_grad": sparse_weight_grad_fake}
