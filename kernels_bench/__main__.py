@@ -4,7 +4,8 @@ import importlib
 import sys
 
 BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu",
-           "scaling": "kernels_bench.scaling", "auto_table": "kernels_bench.auto_table"}
+           "scaling": "kernels_bench.scaling", "auto_table": "kernels_bench.auto_table",
+           "recovery": "kernels_bench.recovery"}
 
 
 def main(argv=None):
