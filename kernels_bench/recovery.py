@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import analysis, synthetic
+from crossdiff_ext import atomic
+from crossdiff_ext.demo import synthetic
+from crossdiff_ext.layer import norms
 
-# The band each concept kind's latent belongs in (analysis.BANDS names).
+# The band each concept kind's latent belongs in (norms.BANDS names).
 EXPECTED_BAND = {"shared": "shared", "chat_only": "chat_only", "base_only": "base_only", "weak_in_base": "other"}
 KINDS = tuple(EXPECTED_BAND)
 
@@ -68,11 +70,11 @@ def train_and_match(setting: Setting, seed: int, activation: str, init: str, pla
                                            l1_coefficient=setting.l1_coefficient, seed=seed, progress=False,
                                            log_every=setting.steps))
     latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
-    dn = analysis.delta_norm(cc)[latent]
-    band = analysis.delta_norm_band(dn)
+    dn = norms.delta_norm(cc)[latent]
+    band = norms.delta_norm_band(dn)
     return [dict(kind=kind, cosine=float(cosine[i]), delta_norm=float(dn[i]),
-                 band=analysis.BANDS[int(band[i])], recovered=bool(cosine[i] > 0.9),
-                 in_band=bool(cosine[i] > 0.9) and analysis.BANDS[int(band[i])] == EXPECTED_BAND[kind])
+                 band=norms.BANDS[int(band[i])], recovered=bool(cosine[i] > 0.9),
+                 in_band=bool(cosine[i] > 0.9) and norms.BANDS[int(band[i])] == EXPECTED_BAND[kind])
             for i, kind in enumerate(planted.kinds)]
 
 
@@ -185,11 +187,8 @@ def main(argv=None):
     def write(result):
         print(f"seed {result['seeds'][-1]} done ({result['seconds']} s)", file=sys.stderr, flush=True)
         if out:
-            for suffix, content in ((".json", json.dumps(result, indent=2)), (".md", markdown(result))):
-                tmp = out + suffix + ".tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(content)
-                os.replace(tmp, out + suffix)
+            atomic.write_json(out + ".json", result, indent=2)
+            atomic.write_text(out + ".md", markdown(result))
 
     previous = None
     if args.resume:
