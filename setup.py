@@ -8,6 +8,7 @@ Environment flags:
                         visible on the build machines
   MAX_JOBS           parallel compile jobs (ninja)
 """
+
 import glob
 import importlib.util
 import os
@@ -79,8 +80,12 @@ def _extension():
     with_cuda, cuda_home = _want_cuda()
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "crossdiff_ext._C", sources, define_macros=define, extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags, py_limited_api=False,
+            "crossdiff_ext._C",
+            sources,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+            py_limited_api=False,
         )
     # cpp_extension reads CUDA_HOME at import; set it before building so it finds this nvcc.
     os.environ["CUDA_HOME"] = cuda_home
@@ -92,23 +97,22 @@ def _extension():
     include_dirs = [p for p in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))]
     sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return cpp_extension.CUDAExtension(
-        "crossdiff_ext._C", sources, include_dirs=include_dirs,
+        "crossdiff_ext._C",
+        sources,
+        include_dirs=include_dirs,
         define_macros=define + [("CROSSDIFF_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=link_flags,
     )
 
 
+# Metadata, dependencies, extras and the console script live in pyproject.toml; this file adds what only code can
+# say: the extension (its sources depend on what torch and the machine offer) and the package data.
 setup(
-    name="crossdiff_ext",
-    version="0.1.0",
-    description="Fast crosscoders for model diffing: fused kernels, BatchTopK, Latent Scaling",
     packages=find_packages(include=["crossdiff_ext", "crossdiff_ext.*"]),
-    # backend "auto"'s measured per-GPU tables (written by `python -m kernels_bench auto_table --write`)
-    package_data={"crossdiff_ext": ["auto_tables.json"]},
+    # backend "auto"'s measured per-GPU tables (written by `python -m kernels_bench auto_table --write`) and the
+    # PEP 561 marker
+    package_data={"crossdiff_ext": ["auto_tables.json", "py.typed"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
-    entry_points={"console_scripts": ["crossdiff = crossdiff_ext.cli:main"]},
 )

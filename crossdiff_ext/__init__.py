@@ -2,24 +2,54 @@
 
 Importing the package loads the C++ extension (crossdiff_ext._C), which registers the crossdiff ops.
 """
+
+from . import ops
 from .backends import available as available_backends
 from .backends import backend, get_backend, set_backend
-from . import ops
-from .layer import (CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning,
-                    to_dictionary_learning)
-from .diffing import (LatentScalingResult, classify_latents, decoder_cosine, delta_norm, encoder_cosine,
-                      encoder_delta_norm, latent_scaling, latent_table, write_table)
-from .training import TrainConfig, TrainResult, train
 from .data import ActivationStore, MixedBatches
+
 # The public face re-exports the planted dictionaries of demo/ (the core itself never imports demo/).
 from .demo.synthetic import planted_dictionary
+from .diffing import (
+    LatentScalingResult,
+    classify_latents,
+    decoder_cosine,
+    delta_norm,
+    encoder_cosine,
+    encoder_delta_norm,
+    latent_scaling,
+    latent_table,
+    write_table,
+)
+from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
+from .training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "backend", "get_backend", "set_backend", "ops", "SparseCodes", "CrossCoder",
-    "CrossCoderOutput", "load_dictionary_learning", "to_dictionary_learning", "decoder_cosine", "delta_norm",
-    "encoder_cosine", "encoder_delta_norm", "classify_latents", "latent_table", "write_table", "latent_scaling",
+    "available_backends",
+    "backend",
+    "get_backend",
+    "set_backend",
+    "ops",
+    "SparseCodes",
+    "CrossCoder",
+    "CrossCoderOutput",
+    "load_dictionary_learning",
+    "to_dictionary_learning",
+    "decoder_cosine",
+    "delta_norm",
+    "encoder_cosine",
+    "encoder_delta_norm",
+    "classify_latents",
+    "latent_table",
+    "write_table",
+    "latent_scaling",
     "LatentScalingResult",
-    "planted_dictionary", "TrainConfig", "TrainResult", "train", "MixedBatches", "ActivationStore",
+    "planted_dictionary",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "MixedBatches",
+    "ActivationStore",
 ]

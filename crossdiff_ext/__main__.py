@@ -1,4 +1,5 @@
 """`python -m crossdiff_ext ...` is the `crossdiff` command (crossdiff_ext/cli.py)."""
+
 import sys
 
 from .cli import main

@@ -2,6 +2,7 @@
 
 Standalone (standard library only) because setup.py loads it by path before the package is importable.
 """
+
 import hashlib
 import os
 

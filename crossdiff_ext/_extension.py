@@ -1,4 +1,5 @@
 """Loads crossdiff_ext._C (which registers the crossdiff ops) and refuses a missing or stale build."""
+
 import os
 
 from ._build_hash import source_hash

@@ -4,6 +4,7 @@ Every write goes to a temporary name beside its target (same directory, so the r
 rename), is fsynced, then renamed over the target with os.replace; the parent directory is fsynced after the
 rename so the rename itself survives a crash. Readers see the old content or the complete new one, never a prefix.
 """
+
 import json
 import os
 import secrets

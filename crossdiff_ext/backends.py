@@ -7,6 +7,7 @@ tensors' device. A backend that is asked for and not built raises; nothing falls
 This module imports no op: the modules that implement the ops register their kernel tables here (register), so
 the backend choice sits below everything that dispatches through it.
 """
+
 import contextlib
 import importlib.util
 import json
@@ -19,8 +20,15 @@ from . import _extension
 
 NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 # The crossdiff ops every backend implements (the schemas are declared in csrc/ops.cpp).
-OPS = ("paired_encode", "batch_topk", "threshold_select", "sparse_decode", "sparse_values_grad", "latent_order",
-       "sparse_weight_grad")
+OPS = (
+    "paired_encode",
+    "batch_topk",
+    "threshold_select",
+    "sparse_decode",
+    "sparse_values_grad",
+    "latent_order",
+    "sparse_weight_grad",
+)
 _C = _extension.load()
 _current = ["auto"]
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: resolve() runs inside compiled code
@@ -32,15 +40,19 @@ def _unavailable_reason(name):
         return None
     if name == "cuda":
         if not _C.cuda_kernels():
-            return ("crossdiff_ext._C was built without CUDA kernels (needs a CUDA build of torch, nvcc and "
-                    "csrc/cuda sources at build time; CROSSDIFF_CUDA=1 forces them)")
+            return (
+                "crossdiff_ext._C was built without CUDA kernels (needs a CUDA build of torch, nvcc and "
+                "csrc/cuda sources at build time; CROSSDIFF_CUDA=1 forces them)"
+            )
         return None
     if name == "triton":
         if not _TRITON_INSTALLED:
             return "the triton package is not installed"
         if not torch.cuda.is_available() and not triton_interpreted():
-            return ("Triton kernels need a CUDA GPU, or Triton's interpreter for CPU tensors "
-                    "(TRITON_INTERPRET=1 before triton is imported)")
+            return (
+                "Triton kernels need a CUDA GPU, or Triton's interpreter for CPU tensors "
+                "(TRITON_INTERPRET=1 before triton is imported)"
+            )
         return None
     raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
 
@@ -97,8 +109,10 @@ def resolve(device, name=None):
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
-        raise RuntimeError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
-                           f"got tensors on {device}")
+        raise RuntimeError(
+            f"backend 'triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+            f"got tensors on {device}"
+        )
     return name
 
 
@@ -121,15 +135,19 @@ def read_auto_tables(path=AUTO_TABLES_PATH):
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: the measured auto tables are missing (package data of crossdiff_ext; "
-                                f"reinstall the package)") from None
+        raise FileNotFoundError(
+            f"{path}: the measured auto tables are missing (package data of crossdiff_ext; reinstall the package)"
+        ) from None
     if not isinstance(data, dict) or set(data) != {"tables", "sources"} or set(data["tables"]) != set(data["sources"]):
-        raise ValueError(f"{path}: expected {{\"tables\": {{device: {{op: backend}}}}, \"sources\": {{device: file}}}} "
-                         "with the same devices in both")
+        raise ValueError(
+            f'{path}: expected {{"tables": {{device: {{op: backend}}}}, "sources": {{device: file}}}} '
+            "with the same devices in both"
+        )
     for device, table in data["tables"].items():
         if set(table) != set(OPS) or not set(table.values()) <= set(GPU_BACKENDS):
-            raise ValueError(f"{path}: the table of {device!r} must name one of {GPU_BACKENDS} for each of {OPS}, "
-                             f"got {table}")
+            raise ValueError(
+                f"{path}: the table of {device!r} must name one of {GPU_BACKENDS} for each of {OPS}, got {table}"
+            )
     return data["tables"], data["sources"]
 
 

@@ -1,21 +1,22 @@
 """The `crossdiff` command line.
 
-  crossdiff collect --base B --chat C --layer L --data FILE --out STORE   paired activations -> activation store
-  crossdiff train --store STORE --out RUN --dict-size F -k K              train a crosscoder on a store
-  torchrun --nproc-per-node 8 -m crossdiff_ext train ... --latent-parallel 4   the same on a 2 x 4 mesh
-  crossdiff scale --checkpoint RUN/step-N --store STORE --out latents.csv  Latent Scaling + the latent table
-  crossdiff report --checkpoint RUN/step-N --store STORE --out report.html the HTML report (and the table)
+crossdiff collect --base B --chat C --layer L --data FILE --out STORE   paired activations -> activation store
+crossdiff train --store STORE --out RUN --dict-size F -k K              train a crosscoder on a store
+torchrun --nproc-per-node 8 -m crossdiff_ext train ... --latent-parallel 4   the same on a 2 x 4 mesh
+crossdiff scale --checkpoint RUN/step-N --store STORE --out latents.csv  Latent Scaling + the latent table
+crossdiff report --checkpoint RUN/step-N --store STORE --out report.html the HTML report (and the table)
 
-  crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary,
-                                  Delta_norm's chat-only latents against the truth, Latent Scaling's verdicts
+crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary,
+                                Delta_norm's chat-only latents against the truth, Latent Scaling's verdicts
 
-  crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair (built once, cached),
-                    paired activations, BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports;
-                    --base NAME --chat NAME --layer L runs it on real models
-  crossdiff planted plant a dictionary of shared, chat-only, base-only and weak-in-base concepts in paired
-                    activations, train a BatchTopK crosscoder on them, and check the decoder-norm bands against
-                    the planted truth
+crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair (built once, cached),
+                  paired activations, BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports;
+                  --base NAME --chat NAME --layer L runs it on real models
+crossdiff planted plant a dictionary of shared, chat-only, base-only and weak-in-base concepts in paired
+                  activations, train a BatchTopK crosscoder on them, and check the decoder-norm bands against
+                  the planted truth
 """
+
 import argparse
 import json
 import os
@@ -40,11 +41,23 @@ from .training import TrainConfig
 
 def demo(args):
 
-    config = dm.DemoConfig(out=args.out, base=args.base, chat=args.chat, layer=args.layer,
-                           text_documents=args.text_documents, chat_documents=args.chat_documents,
-                           max_tokens=args.max_tokens, dict_size=args.dict_size, k=args.k, steps=args.steps,
-                           batch_size=args.batch_size, l1_coefficient=args.l1_coefficient, seed=args.seed,
-                           device=args.device, progress=not args.quiet)
+    config = dm.DemoConfig(
+        out=args.out,
+        base=args.base,
+        chat=args.chat,
+        layer=args.layer,
+        text_documents=args.text_documents,
+        chat_documents=args.chat_documents,
+        max_tokens=args.max_tokens,
+        dict_size=args.dict_size,
+        k=args.k,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        l1_coefficient=args.l1_coefficient,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
     try:
         config.validate()
     except ValueError as err:
@@ -61,13 +74,33 @@ def planted(args):
 
     t0 = time.perf_counter()
     # 34 concepts in 64 dimensions, ~3 per token: the setting the test suite checks recovery in.
-    planted = synthetic.planted_dictionary(n_tokens=args.tokens, d_model=args.d_model, n_shared=16, n_chat_only=6,
-                                           n_base_only=6, n_weak_in_base=6, seed=args.seed)
+    planted = synthetic.planted_dictionary(
+        n_tokens=args.tokens,
+        d_model=args.d_model,
+        n_shared=16,
+        n_chat_only=6,
+        n_base_only=6,
+        n_weak_in_base=6,
+        seed=args.seed,
+    )
     torch.manual_seed(args.seed)
     cc = CrossCoder(args.d_model, args.dict_size, 2, k=args.k, threshold_start_step=100)
-    training.train(cc, planted.x, TrainConfig(steps=args.steps, batch_size=256, lr=1e-3, warmup_steps=100,
-                                           decay_start=0.8, dead_tokens=12800, progress=not args.quiet,
-                                           log_every=500, seed=args.seed, checkpoint_dir=args.out))
+    training.train(
+        cc,
+        planted.x,
+        TrainConfig(
+            steps=args.steps,
+            batch_size=256,
+            lr=1e-3,
+            warmup_steps=100,
+            decay_start=0.8,
+            dead_tokens=12800,
+            progress=not args.quiet,
+            log_every=500,
+            seed=args.seed,
+            checkpoint_dir=args.out,
+        ),
+    )
     latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
     dn = analysis.delta_norm(cc)[latent]
     band = analysis.delta_norm_band(dn)
@@ -77,29 +110,58 @@ def planted(args):
         got = analysis.BANDS[int(band[i])]
         ok = bool(cosine[i] > 0.9) and got == expected[kind]
         correct += ok
-        rows.append(dict(concept=i, kind=kind, latent=int(latent[i]), cosine=round(float(cosine[i]), 4),
-                         delta_norm=round(float(dn[i]), 4), band=got, correct=ok))
-    summary = dict(concepts=len(rows), recovered_and_classified=correct, bands=analysis.band_counts(cc),
-                   seconds=round(time.perf_counter() - t0, 1))
+        rows.append(
+            dict(
+                concept=i,
+                kind=kind,
+                latent=int(latent[i]),
+                cosine=round(float(cosine[i]), 4),
+                delta_norm=round(float(dn[i]), 4),
+                band=got,
+                correct=ok,
+            )
+        )
+    summary = dict(
+        concepts=len(rows),
+        recovered_and_classified=correct,
+        bands=analysis.band_counts(cc),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
     if args.json:
         print(json.dumps(dict(summary=summary, concepts=rows), indent=2))
         return 0 if correct == len(rows) else 1
     print(f"{'kind':>13} {'latent':>6} {'cosine':>7} {'delta_norm':>10}  band")
     for r in rows:
-        print(f"{r['kind']:>13} {r['latent']:>6} {r['cosine']:>7.3f} {r['delta_norm']:>10.3f}  {r['band']}"
-              + ("" if r["correct"] else "   <- missed"))
-    print(f"\n{correct} of {len(rows)} planted concepts recovered (cosine > 0.9) and placed in their Delta_norm band "
-          f"(weak-in-base concepts belong in 'other'); latents per band: {summary['bands']}; "
-          f"{summary['seconds']} s")
+        print(
+            f"{r['kind']:>13} {r['latent']:>6} {r['cosine']:>7.3f} {r['delta_norm']:>10.3f}  {r['band']}"
+            + ("" if r["correct"] else "   <- missed")
+        )
+    print(
+        f"\n{correct} of {len(rows)} planted concepts recovered (cosine > 0.9) and placed in their Delta_norm band "
+        f"(weak-in-base concepts belong in 'other'); latents per band: {summary['bands']}; "
+        f"{summary['seconds']} s"
+    )
     return 0 if correct == len(rows) else 1
 
 
 def collect(args):
 
-    store = activations.collect(args.base, args.chat, args.layer, args.data, args.out, max_tokens=args.max_tokens,
-                                context_length=args.context_length, batch_size=args.batch_size,
-                                drop_first=args.drop_first, dtype=args.dtype, shard_rows=args.shard_rows,
-                                device=args.device, resume=args.resume, progress=not args.quiet)
+    store = activations.collect(
+        args.base,
+        args.chat,
+        args.layer,
+        args.data,
+        args.out,
+        max_tokens=args.max_tokens,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        drop_first=args.drop_first,
+        dtype=args.dtype,
+        shard_rows=args.shard_rows,
+        device=args.device,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
     print(f"{args.out}: {len(store)} tokens of layer {args.layer}, [2, {store.d_model}] each, {store.meta['dtype']}")
     return 0
 
@@ -110,8 +172,10 @@ def train(args, parser):
         parser.error("--latent-parallel and --data-parallel must be >= 1")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.latent_parallel > 1 or args.data_parallel
     if distributed and "RANK" not in os.environ:
-        parser.error("--latent-parallel / --data-parallel need a torchrun launch, e.g. torchrun --nproc-per-node 8 "
-                     "-m crossdiff_ext train ...")
+        parser.error(
+            "--latent-parallel / --data-parallel need a torchrun launch, e.g. torchrun --nproc-per-node 8 "
+            "-m crossdiff_ext train ..."
+        )
     if args.mix is not None and len(args.mix) != len(args.store):
         parser.error(f"--mix needs one fraction per --store ({len(args.store)}), got {len(args.mix)}")
     stores = [ActivationStore(path) for path in args.store]
@@ -123,19 +187,32 @@ def train(args, parser):
         data = stores[0]
     else:
         fractions = args.mix or [1.0 / len(stores)] * len(stores)
-        data = MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed,
-                               device=args.device)
+        data = MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
     store = stores[0]
     torch.manual_seed(args.seed)
     # A sharded run builds the whole initial crosscoder on the CPU of every rank (the same seed gives the same
     # weights everywhere) and keeps its shard.
-    cc = CrossCoder(store.d_model, args.dict_size, store.n_models,
-                       k=args.k if args.activation == "batch_topk" else None, activation=args.activation,
-                       device="cpu" if distributed else args.device, target_rms=args.target_rms)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every,
-                            reconstruction=args.reconstruction, l1_coefficient=args.l1_coefficient,
-                            mixed_precision=args.mixed_precision, progress=not args.quiet)
+    cc = CrossCoder(
+        store.d_model,
+        args.dict_size,
+        store.n_models,
+        k=args.k if args.activation == "batch_topk" else None,
+        activation=args.activation,
+        device="cpu" if distributed else args.device,
+        target_rms=args.target_rms,
+    )
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_dir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        reconstruction=args.reconstruction,
+        l1_coefficient=args.l1_coefficient,
+        mixed_precision=args.mixed_precision,
+        progress=not args.quiet,
+    )
     if not distributed:
         result = training.train(cc, data, config, resume=args.resume)
         print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
@@ -146,8 +223,10 @@ def train(args, parser):
         del cc
         result = cxd.train(model, data, config, resume=args.resume)
         if dist.get_rank() == 0:
-            print(f"trained {result.steps} steps on {mesh.data_size} data x {mesh.latent_size} latent ranks; "
-                  f"last log: {result.last}; checkpoint: {result.checkpoint}")
+            print(
+                f"trained {result.steps} steps on {mesh.data_size} data x {mesh.latent_size} latent ranks; "
+                f"last log: {result.last}; checkpoint: {result.checkpoint}"
+            )
     finally:
         dist.destroy_process_group()
     return 0
@@ -159,8 +238,10 @@ def _init_distributed(args, parser):
     if world % args.latent_parallel:
         parser.error(f"--latent-parallel {args.latent_parallel} must divide the number of processes {world}")
     if args.data_parallel and args.data_parallel * args.latent_parallel != world:
-        parser.error(f"--data-parallel {args.data_parallel} x --latent-parallel {args.latent_parallel} must equal "
-                     f"the number of processes {world}")
+        parser.error(
+            f"--data-parallel {args.data_parallel} x --latent-parallel {args.latent_parallel} must equal "
+            f"the number of processes {world}"
+        )
     device = args.device
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -208,22 +289,36 @@ def report(args):
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     stores = [ActivationStore(path) for path in args.store]
     _, _, table_path, chosen, _ = report_crosscoder(
-        cc, stores, args.out, probe=args.probe, top=args.top, tokenizer=_tokenizer(args.tokenizer, stores[0]),
-        title=args.title, meta=dict(checkpoint=args.checkpoint), batch_size=args.batch_size, progress=not args.quiet)
-    print(f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}")
+        cc,
+        stores,
+        args.out,
+        probe=args.probe,
+        top=args.top,
+        tokenizer=_tokenizer(args.tokenizer, stores[0]),
+        title=args.title,
+        meta=dict(checkpoint=args.checkpoint),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}"
+    )
     return 0
 
 
 def miniature(args):
 
-    summary = mini.run(args.out, steps=args.steps, seed=args.seed, l1_coefficient=args.l1_coefficient,
-                       progress=not args.quiet)
+    summary = mini.run(
+        args.out, steps=args.steps, seed=args.seed, l1_coefficient=args.l1_coefficient, progress=not args.quiet
+    )
     for r in summary["results"]:
-        print(f"{r['model']:>9}: FVE {r['fve']:.3f}, L0 {r['l0']}; Delta_norm > 0.9: {r['chat_only_by_delta_norm']} "
-              f"latents, {r['of_which_not_chat_only']} of them not a planted chat-only concept "
-              f"{r['false_chat_only_kinds']}; Latent Scaling on those: {r['latent_scaling_verdicts_on_false']}; "
-              f"nu_error of weak-in-base latents (planted {summary['planted']['weak_scale']}): "
-              f"{r['weak_in_base_nu_error']}")
+        print(
+            f"{r['model']:>9}: FVE {r['fve']:.3f}, L0 {r['l0']}; Delta_norm > 0.9: {r['chat_only_by_delta_norm']} "
+            f"latents, {r['of_which_not_chat_only']} of them not a planted chat-only concept "
+            f"{r['false_chat_only_kinds']}; Latent Scaling on those: {r['latent_scaling_verdicts_on_false']}; "
+            f"nu_error of weak-in-base latents (planted {summary['planted']['weak_scale']}): "
+            f"{r['weak_in_base_nu_error']}"
+        )
     print(f"{args.out}/summary.json, {args.out}/miniature.png")
     return 0
 
@@ -231,14 +326,22 @@ def miniature(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the whole diffing job on a tiny base/chat pair (or real models): collect, "
-                       "train BatchTopK and L1, Latent Scaling, reports")
-    p.add_argument("--out", default="crossdiff_demo", help="output directory (store, checkpoints, reports, "
-                   "summary.json)")
+    p = sub.add_parser(
+        "demo",
+        help="the whole diffing job on a tiny base/chat pair (or real models): collect, "
+        "train BatchTopK and L1, Latent Scaling, reports",
+    )
+    p.add_argument(
+        "--out", default="crossdiff_demo", help="output directory (store, checkpoints, reports, summary.json)"
+    )
     p.add_argument("--base", default=None, help="base model (directory or hub name); default: the embedded toy pair")
     p.add_argument("--chat", default=None, help="fine-tuned model (directory or hub name)")
-    p.add_argument("--layer", type=int, default=None, help="residual stream after this block (default for the "
-                   "toy pair: the middle one; required with --base/--chat)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="residual stream after this block (default for the toy pair: the middle one; required with --base/--chat)",
+    )
     p.add_argument("--text-documents", type=int, default=1200, help="generated plain-text documents to collect on")
     p.add_argument("--chat-documents", type=int, default=1200, help="generated conversations to collect on")
     p.add_argument("--max-tokens", type=int, default=None)
@@ -246,7 +349,9 @@ def main(argv=None):
     p.add_argument("-k", type=int, default=None, help="BatchTopK k (default: max(8, width / 24))")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--l1-coefficient", type=float, default=0.041, help="mu of the L1 crosscoder (squared error, as in the paper)")
+    p.add_argument(
+        "--l1-coefficient", type=float, default=0.041, help="mu of the L1 crosscoder (squared error, as in the paper)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -277,8 +382,12 @@ def main(argv=None):
     p.add_argument("--base", required=True, help="base model: directory or hub name")
     p.add_argument("--chat", required=True, help="fine-tuned model: directory or hub name (its tokenizer is used)")
     p.add_argument("--layer", type=int, required=True, help="residual stream after this block (0-based)")
-    p.add_argument("--data", required=True, help="JSONL ({'text'} or {'messages'} per line), .txt, a directory of "
-                   "those, or hf:NAME[:SPLIT] (a Hugging Face dataset; needs the datasets package)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL ({'text'} or {'messages'} per line), .txt, a directory of "
+        "those, or hf:NAME[:SPLIT] (a Hugging Face dataset; needs the datasets package)",
+    )
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--context-length", type=int, default=1024)
@@ -293,8 +402,13 @@ def main(argv=None):
 
     p = sub.add_parser("train", help="train a crosscoder on an activation store")
     p.add_argument("--store", required=True, action="append", help="activation store; repeat to mix several")
-    p.add_argument("--mix", type=float, nargs="+", default=None,
-                   help="fraction of every batch per --store, in order (default: equal shares)")
+    p.add_argument(
+        "--mix",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fraction of every batch per --store, in order (default: equal shares)",
+    )
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--dict-size", type=int, required=True)
     p.add_argument("-k", type=int, default=100)
@@ -304,25 +418,43 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=None, help="default: SPEC's 2e-4 / sqrt(F / 2^14)")
     p.add_argument("--reconstruction", default="l2", choices=["l2", "squared"])
     p.add_argument("--l1-coefficient", type=float, default=0.041, help="mu of the L1 crosscoder (--activation relu)")
-    p.add_argument("--target-rms", type=float, default=None,
-                   help="normalise each model's inputs to this RMS norm (statistics from the stores; saved)")
-    p.add_argument("--mixed-precision", default=None, choices=["bf16", "fp16"],
-                   help="fp32 master weights, compute in bf16/fp16")
+    p.add_argument(
+        "--target-rms",
+        type=float,
+        default=None,
+        help="normalise each model's inputs to this RMS norm (statistics from the stores; saved)",
+    )
+    p.add_argument(
+        "--mixed-precision", default=None, choices=["bf16", "fp16"], help="fp32 master weights, compute in bf16/fp16"
+    )
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="under torchrun: default cuda:LOCAL_RANK, or cpu without GPUs")
-    p.add_argument("--latent-parallel", type=int, default=1,
-                   help="under torchrun: split the latents over this many ranks (exact batch top-k across them)")
-    p.add_argument("--data-parallel", type=int, default=None,
-                   help="under torchrun: replicas of the latent shards, each reading 1/D of every batch "
-                        "(default: processes / --latent-parallel)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, whatever "
-                   "layout (one process or sharded) wrote it")
+    p.add_argument(
+        "--latent-parallel",
+        type=int,
+        default=1,
+        help="under torchrun: split the latents over this many ranks (exact batch top-k across them)",
+    )
+    p.add_argument(
+        "--data-parallel",
+        type=int,
+        default=None,
+        help="under torchrun: replicas of the latent shards, each reading 1/D of every batch "
+        "(default: processes / --latent-parallel)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out, whatever layout (one process or sharded) wrote it",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=lambda args, p=p: train(args, p))
 
-    for name, fn, what in (("scale", scale, "Latent Scaling of every latent -> the latent table (CSV / Parquet)"),
-                           ("report", report, "Latent Scaling, latent table and max-activating examples -> HTML")):
+    for name, fn, what in (
+        ("scale", scale, "Latent Scaling of every latent -> the latent table (CSV / Parquet)"),
+        ("report", report, "Latent Scaling, latent table and max-activating examples -> HTML"),
+    ):
         p = sub.add_parser(name, help=what)
         p.add_argument("--checkpoint", required=True, help="a crosscoder directory (save_pretrained / a step-N dir)")
         p.add_argument("--store", required=True, action="append", help="activation store(s) to score on")

@@ -1,11 +1,16 @@
 """`python -m kernels_bench --suite paper|cpu|quick` runs the benchmark suite (kernels_bench/suite.py);
 `python -m kernels_bench BENCH [options]` runs one of the single benchmarks (default: train_step_cpu)."""
+
 import importlib
 import sys
 
-BENCHES = {"train_step_cpu": "kernels_bench.train_step_cpu", "relu_density_cpu": "kernels_bench.relu_density_cpu",
-           "scaling": "kernels_bench.scaling", "auto_table": "kernels_bench.auto_table",
-           "recovery": "kernels_bench.recovery"}
+BENCHES = {
+    "train_step_cpu": "kernels_bench.train_step_cpu",
+    "relu_density_cpu": "kernels_bench.relu_density_cpu",
+    "scaling": "kernels_bench.scaling",
+    "auto_table": "kernels_bench.auto_table",
+    "recovery": "kernels_bench.recovery",
+}
 
 
 def main(argv=None):

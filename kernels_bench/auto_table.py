@@ -7,6 +7,7 @@ a table is only ever written whole, from one finished GPU run. --write rewrites 
 crossdiff_ext/auto_tables.json (atomically), replacing the tables of the results' device names and keeping those
 of other GPU models; without it the updated file is printed.
 """
+
 import argparse
 import json
 import os
@@ -29,15 +30,26 @@ def choose(result, op_names=None):
     op_names = ops() if op_names is None else op_names
     if result.get("complete") is False:
         raise ValueError("the result is partial (its run did not finish); choose from a finished run")
-    if result.get("suite") != "paper" or result.get("backends") is None \
-            or not set(result["backends"]) & set(GPU_BACKENDS):
-        raise ValueError(f"the result is not from the GPU suite at the paper's shape (suite {result.get('suite')!r}, backends "
-                         f"{result.get('backends')!r})")
+    if (
+        result.get("suite") != "paper"
+        or result.get("backends") is None
+        or not set(result["backends"]) & set(GPU_BACKENDS)
+    ):
+        raise ValueError(
+            f"the result is not from the GPU suite at the paper's shape (suite {result.get('suite')!r}, backends "
+            f"{result.get('backends')!r})"
+        )
     chosen, missing = {}, []
     for op in op_names:
-        times = {c["backend"]: c["median_ms"] for c in result["cases"]
-                 if c["name"] == op and c.get("impl") == "crossdiff_ext" and c["backend"] in GPU_BACKENDS
-                 and "median_ms" in c and "shape" not in c}
+        times = {
+            c["backend"]: c["median_ms"]
+            for c in result["cases"]
+            if c["name"] == op
+            and c.get("impl") == "crossdiff_ext"
+            and c["backend"] in GPU_BACKENDS
+            and "median_ms" in c
+            and "shape" not in c
+        }
         if not times:
             missing.append(op)
             continue
@@ -55,8 +67,10 @@ def read_tables(path=None):
 
 def render(tables, sources):
     """The auto tables file's text: devices sorted, each table in the ops' order."""
-    data = dict(tables={device: {op: tables[device][op] for op in ops()} for device in sorted(tables)},
-                sources={device: sources[device] for device in sorted(sources)})
+    data = dict(
+        tables={device: {op: tables[device][op] for op in ops()} for device in sorted(tables)},
+        sources={device: sources[device] for device in sorted(sources)},
+    )
     return json.dumps(data, indent=2) + "\n"
 
 

@@ -2,9 +2,11 @@
 
 Groups are the ops' inclusive times (each crossdiff op with the kernels it launches: device time on a GPU, CPU
 time on the CPU), plus the optimizer step (`Optimizer.step#...` range); "other" is the profiled steps' wall time
-minus the groups (the loss and its backward, elementwise ops, autograd, launch gaps and profiler overhead). The heaviest single entries by
+minus the groups (the loss and its backward, elementwise ops, autograd, launch gaps and profiler overhead). The
+heaviest single entries by
 self time (kernels on a GPU, ops on the CPU) come with it, so a miss can be traced to one kernel.
 """
+
 import re
 
 import torch
@@ -46,20 +48,38 @@ def profile_step(step, device, step_ms, steps=3, top=12):
             heaviest.append(dict(name=event.key[:120], self_ms=own / steps, calls=event.count / steps))
     heaviest.sort(key=lambda r: r["self_ms"], reverse=True)
     groups = dict(sorted(groups.items(), key=lambda kv: kv[1], reverse=True))
-    return dict(steps=steps, step_ms=step_ms, profiled_step_ms=profiled_ms, groups_ms=groups,
-                other_ms=profiled_ms - sum(groups.values()), time="device" if on_gpu else "cpu", top=heaviest[:top])
+    return dict(
+        steps=steps,
+        step_ms=step_ms,
+        profiled_step_ms=profiled_ms,
+        groups_ms=groups,
+        other_ms=profiled_ms - sum(groups.values()),
+        time="device" if on_gpu else "cpu",
+        top=heaviest[:top],
+    )
 
 
 def markdown(breakdown, title):
     """Markdown lines of one breakdown."""
     step = breakdown["profiled_step_ms"]
     share = lambda ms: f"{100 * ms / step:.0f}%" if step else ""
-    lines = [f"## {title}", "", f"torch.profiler, {breakdown['time']} time per step over {breakdown['steps']} steps: "
-             f"{step:.3f} ms per profiled step (median {breakdown['step_ms']:.3f} ms without the profiler).", "",
-             "| part | ms | share |", "|---|---:|---:|"]
+    lines = [
+        f"## {title}",
+        "",
+        f"torch.profiler, {breakdown['time']} time per step over {breakdown['steps']} steps: "
+        f"{step:.3f} ms per profiled step (median {breakdown['step_ms']:.3f} ms without the profiler).",
+        "",
+        "| part | ms | share |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {name} | {ms:.3f} | {share(ms)} |" for name, ms in breakdown["groups_ms"].items()]
-    lines += [f"| other (loss, elementwise, autograd, gaps) | {breakdown['other_ms']:.3f} | "
-              f"{share(breakdown['other_ms'])} |", "", "Heaviest entries by self time:", "",
-              "| entry | self ms | calls |", "|---|---:|---:|"]
+    lines += [
+        f"| other (loss, elementwise, autograd, gaps) | {breakdown['other_ms']:.3f} | {share(breakdown['other_ms'])} |",
+        "",
+        "Heaviest entries by self time:",
+        "",
+        "| entry | self ms | calls |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| `{r['name']}` | {r['self_ms']:.3f} | {r['calls']:g} |" for r in breakdown["top"]]
     return lines

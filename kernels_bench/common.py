@@ -1,5 +1,6 @@
 """What the benchmarks' training steps share: SPEC's learning rate, the reconstruction loss, the trainer's
 optimizer, and the profiler run that the breakdowns are read from."""
+
 import math
 import time
 
@@ -33,7 +34,8 @@ def describe_adam(opt):
 def profile(step, device, steps):
     """torch.profiler over `steps` calls of `step` (CPU, plus CUDA on a GPU): (key averages, wall ms per
     profiled step)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     on_gpu = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])

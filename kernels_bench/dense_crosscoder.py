@@ -8,6 +8,7 @@ kinder baseline), ReLU, scores scaled by the summed decoder norms, torch.topk on
 a dense scatter back into a zeroed [B, F] tensor, and a dense einsum decoder. Everything backward is dense
 autograd: the decoder and encoder weight gradients are full [B, F] GEMMs.
 """
+
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ class DenseBatchTopKCrossCoder(nn.Module):
         self.decoder_weight = nn.Parameter(torch.empty(n_models, dict_size, d_model, **factory))
         self.decoder_bias = nn.Parameter(torch.zeros(n_models, d_model, **factory))
         with torch.no_grad():
-            nn.init.normal_(self.encoder_weight, std=d_model ** -0.5)
+            nn.init.normal_(self.encoder_weight, std=d_model**-0.5)
             self.decoder_weight.copy_(self.encoder_weight.transpose(1, 2))
 
     @torch.no_grad()

@@ -23,8 +23,19 @@ def shape_numbers(shape, elt, index_bytes=4):
     B, M, d, F, k = (shape[n] for n in ("batch", "n_models", "d_model", "dict_size", "k"))
     D, K = M * d, k * B
     n_params = 2 * F * D + F + D
-    return dict(B=B, M=M, d=d, F=F, k=k, D=D, K=K, elt=elt, index_bytes=index_bytes, n_params=n_params,
-                codes_bytes=K * (elt + index_bytes) + (B + 1) * 8)
+    return dict(
+        B=B,
+        M=M,
+        d=d,
+        F=F,
+        k=k,
+        D=D,
+        K=K,
+        elt=elt,
+        index_bytes=index_bytes,
+        n_params=n_params,
+        codes_bytes=K * (elt + index_bytes) + (B + 1) * 8,
+    )
 
 
 def byte_counts(shape, elt, index_bytes=4):
@@ -45,12 +56,24 @@ def time_floors_ms(shape, elt, gemm_ms, bytes_per_s, index_bytes=4):
     """{case: floor ms} for the op cases and the training step."""
     b = byte_counts(shape, elt, index_bytes)
     ms = {name: v / bytes_per_s * 1e3 for name, v in b.items()}
-    floors = {"paired_encode": gemm_ms, "batch_topk": ms["batch_topk"], "threshold_select": ms["threshold_select"],
-              "sparse_decode": ms["sparse_decode"], "decoder_backward": ms["decoder_backward"]}
-    floors["train_step"] = (gemm_ms + ms["batch_topk"] + ms["sparse_decode"] + ms["decoder_backward"]
-                            + ms["encoder_weight_grad"] + ms["adam"])
-    floors["train_step_parts_ms"] = dict(encoder_gemm=gemm_ms, **{k: v for k, v in ms.items()
-                                                                  if k not in ("threshold_select",)})
+    floors = {
+        "paired_encode": gemm_ms,
+        "batch_topk": ms["batch_topk"],
+        "threshold_select": ms["threshold_select"],
+        "sparse_decode": ms["sparse_decode"],
+        "decoder_backward": ms["decoder_backward"],
+    }
+    floors["train_step"] = (
+        gemm_ms
+        + ms["batch_topk"]
+        + ms["sparse_decode"]
+        + ms["decoder_backward"]
+        + ms["encoder_weight_grad"]
+        + ms["adam"]
+    )
+    floors["train_step_parts_ms"] = dict(
+        encoder_gemm=gemm_ms, **{k: v for k, v in ms.items() if k not in ("threshold_select",)}
+    )
     return floors
 
 

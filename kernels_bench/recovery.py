@@ -10,6 +10,7 @@ Results are pooled per kind over the seeds, so one lucky seed cannot carry them.
     python -m kernels_bench recovery --seeds 5          # the default setting, writes results/recovery.{json,md}
     python -m kernels_bench recovery --quick            # small and short, writes nothing unless --out
 """
+
 import argparse
 import json
 import os
@@ -53,29 +54,60 @@ class Setting:
     l1_coefficient: float = 0.041
 
     def planted(self, seed):
-        return cx.planted_dictionary(n_tokens=self.n_tokens, d_model=self.d_model, n_shared=self.n_shared,
-                                     n_chat_only=self.n_chat_only, n_base_only=self.n_base_only,
-                                     n_weak_in_base=self.n_weak_in_base, active_per_token=self.active_per_token,
-                                     weak_scale=self.weak_scale, seed=seed)
+        return cx.planted_dictionary(
+            n_tokens=self.n_tokens,
+            d_model=self.d_model,
+            n_shared=self.n_shared,
+            n_chat_only=self.n_chat_only,
+            n_base_only=self.n_base_only,
+            n_weak_in_base=self.n_weak_in_base,
+            active_per_token=self.active_per_token,
+            weak_scale=self.weak_scale,
+            seed=seed,
+        )
 
 
 def train_and_match(setting: Setting, seed: int, activation: str, init: str, planted=None) -> list:
     """Train one crosscoder on the seed's planted dictionary; one row per planted concept."""
     planted = planted if planted is not None else setting.planted(seed)
     torch.manual_seed(seed)
-    cc = cx.CrossCoder(setting.d_model, setting.dict_size, 2, k=setting.k if activation == "batch_topk" else None,
-                       activation=activation, init=init)
-    cx.train(cc, planted.x, cx.TrainConfig(steps=setting.steps, batch_size=setting.batch_size, lr=setting.lr,
-                                           warmup_steps=setting.warmup_steps, dead_tokens=setting.dead_tokens,
-                                           l1_coefficient=setting.l1_coefficient, seed=seed, progress=False,
-                                           log_every=setting.steps))
+    cc = cx.CrossCoder(
+        setting.d_model,
+        setting.dict_size,
+        2,
+        k=setting.k if activation == "batch_topk" else None,
+        activation=activation,
+        init=init,
+    )
+    cx.train(
+        cc,
+        planted.x,
+        cx.TrainConfig(
+            steps=setting.steps,
+            batch_size=setting.batch_size,
+            lr=setting.lr,
+            warmup_steps=setting.warmup_steps,
+            dead_tokens=setting.dead_tokens,
+            l1_coefficient=setting.l1_coefficient,
+            seed=seed,
+            progress=False,
+            log_every=setting.steps,
+        ),
+    )
     latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
     dn = norms.delta_norm(cc)[latent]
     band = norms.delta_norm_band(dn)
-    return [dict(kind=kind, cosine=float(cosine[i]), delta_norm=float(dn[i]),
-                 band=norms.BANDS[int(band[i])], recovered=bool(cosine[i] > 0.9),
-                 in_band=bool(cosine[i] > 0.9) and norms.BANDS[int(band[i])] == EXPECTED_BAND[kind])
-            for i, kind in enumerate(planted.kinds)]
+    return [
+        dict(
+            kind=kind,
+            cosine=float(cosine[i]),
+            delta_norm=float(dn[i]),
+            band=norms.BANDS[int(band[i])],
+            recovered=bool(cosine[i] > 0.9),
+            in_band=bool(cosine[i] > 0.9) and norms.BANDS[int(band[i])] == EXPECTED_BAND[kind],
+        )
+        for i, kind in enumerate(planted.kinds)
+    ]
 
 
 def pool(rows: list) -> dict:
@@ -87,9 +119,13 @@ def pool(rows: list) -> dict:
         if not mine:
             continue
         found = [r["delta_norm"] for r in mine if r["recovered"]]
-        out[kind] = dict(concepts=len(mine), recovery=sum(r["recovered"] for r in mine) / len(mine),
-                         in_band=sum(r["in_band"] for r in mine) / len(mine),
-                         delta_norm_min=min(found) if found else None, delta_norm_max=max(found) if found else None)
+        out[kind] = dict(
+            concepts=len(mine),
+            recovery=sum(r["recovered"] for r in mine) / len(mine),
+            in_band=sum(r["in_band"] for r in mine) / len(mine),
+            delta_norm_min=min(found) if found else None,
+            delta_norm_max=max(found) if found else None,
+        )
     return out
 
 
@@ -125,9 +161,17 @@ def run(setting: Setting, seeds, cases=CASES, after_seed=None, previous=None) ->
         for name in results:
             results[name]["pooled"] = pool([r for seed_rows in rows[name].values() for r in seed_rows])
         done.append(seed)
-        result = dict(setting=asdict(setting), seeds=list(done), results=results, rows=rows,
-                      seconds=round(time.perf_counter() - t0, 1), device=platform.processor() or platform.machine(),
-                      threads=torch.get_num_threads(), torch=torch.__version__, commit=_commit())
+        result = dict(
+            setting=asdict(setting),
+            seeds=list(done),
+            results=results,
+            rows=rows,
+            seconds=round(time.perf_counter() - t0, 1),
+            device=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            commit=_commit(),
+        )
         if after_seed is not None:
             after_seed(result)
     return result
@@ -135,36 +179,44 @@ def run(setting: Setting, seeds, cases=CASES, after_seed=None, previous=None) ->
 
 def _commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def markdown(result: dict) -> str:
     s = result["setting"]
-    lines = [f"# Planted-dictionary recovery over {len(result['seeds'])} seeds",
-             "",
-             f"{s['n_shared']} shared, {s['n_chat_only']} chat-only, {s['n_base_only']} base-only, "
-             f"{s['n_weak_in_base']} weak-in-base (x{s['weak_scale']}) concepts, d={s['d_model']}, "
-             f"F={s['dict_size']}, k={s['k']} (BatchTopK), mu={s['l1_coefficient']} (L1), {s['steps']} steps of "
-             f"{s['batch_size']}, lr {s['lr']}, {s['n_tokens']} tokens; seeds {result['seeds']}; "
-             f"{result['threads']} CPU threads, torch {result['torch']}, commit {result['commit']}; "
-             f"{result['seconds']} s in all.",
-             "",
-             "Recovered: a latent with decoder cosine > 0.9. In band: recovered and its Delta_norm in the kind's "
-             "band (weak-in-base: between the shared and chat-only bands). Pooled over seeds; worst seed's recovery "
-             "in brackets.",
-             "",
-             "| crosscoder | init | kind | recovery (worst seed) | in band | Delta_norm of the recovered |",
-             "|---|---|---|---:|---:|---|"]
+    lines = [
+        f"# Planted-dictionary recovery over {len(result['seeds'])} seeds",
+        "",
+        f"{s['n_shared']} shared, {s['n_chat_only']} chat-only, {s['n_base_only']} base-only, "
+        f"{s['n_weak_in_base']} weak-in-base (x{s['weak_scale']}) concepts, d={s['d_model']}, "
+        f"F={s['dict_size']}, k={s['k']} (BatchTopK), mu={s['l1_coefficient']} (L1), {s['steps']} steps of "
+        f"{s['batch_size']}, lr {s['lr']}, {s['n_tokens']} tokens; seeds {result['seeds']}; "
+        f"{result['threads']} CPU threads, torch {result['torch']}, commit {result['commit']}; "
+        f"{result['seconds']} s in all.",
+        "",
+        "Recovered: a latent with decoder cosine > 0.9. In band: recovered and its Delta_norm in the kind's "
+        "band (weak-in-base: between the shared and chat-only bands). Pooled over seeds; worst seed's recovery "
+        "in brackets.",
+        "",
+        "| crosscoder | init | kind | recovery (worst seed) | in band | Delta_norm of the recovered |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for r in result["results"].values():
         for kind, p in r["pooled"].items():
             worst = min(v[kind]["recovery"] for v in r["per_seed"].values())
             rng = "-" if p["delta_norm_min"] is None else f"{p['delta_norm_min']:.3f}-{p['delta_norm_max']:.3f}"
             name = "BatchTopK" if r["activation"] == "batch_topk" else "L1"
-            lines.append(f"| {name} | {r['init']} | {kind} | {p['recovery']:.3f} ({worst:.3f}) | "
-                         f"{p['in_band']:.3f} | {rng} |")
+            lines.append(
+                f"| {name} | {r['init']} | {kind} | {p['recovery']:.3f} ({worst:.3f}) | {p['in_band']:.3f} | {rng} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +230,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    setting = Setting(n_shared=8, n_chat_only=4, n_base_only=4, n_weak_in_base=4, d_model=16, dict_size=48, k=3,
-                      n_tokens=8000, steps=300, batch_size=256, warmup_steps=30) if args.quick else Setting()
+    setting = (
+        Setting(
+            n_shared=8,
+            n_chat_only=4,
+            n_base_only=4,
+            n_weak_in_base=4,
+            d_model=16,
+            dict_size=48,
+            k=3,
+            n_tokens=8000,
+            steps=300,
+            batch_size=256,
+            warmup_steps=30,
+        )
+        if args.quick
+        else Setting()
+    )
     if args.steps is not None:
         setting.steps = args.steps
     out = args.out or (None if args.quick else os.path.join(os.path.dirname(__file__), "results", "recovery"))

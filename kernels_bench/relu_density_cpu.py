@@ -7,6 +7,7 @@ The crossover sets crossdiff_ext.crosscoder.DENSE_CODE_DENSITY.
 
     python -m kernels_bench.relu_density_cpu            # writes kernels_bench/results/cpu-relu-density.{json,md}
 """
+
 import argparse
 import os
 
@@ -23,7 +24,7 @@ def make_model(cx, shape, density, x):
     cc = cx.CrossCoder(shape["d_model"], shape["dict_size"], shape["n_models"], activation="relu")
     with torch.no_grad():
         pre = cx.ops.paired_encode_reference(x[:256], cc.W_enc, torch.zeros_like(cc.b_enc)).float()
-        cc.b_enc.fill_(-float(torch.quantile(pre.flatten()[:1 << 24], 1.0 - density)))
+        cc.b_enc.fill_(-float(torch.quantile(pre.flatten()[: 1 << 24], 1.0 - density)))
     return cc
 
 
@@ -55,21 +56,43 @@ def main(argv=None):
     for density in DENSITIES:
         cc = make_model(cx, shape, density, x)
         measured = train_step(cc, x, 1.0) / (args.batch * args.dict_size)
-        samples = timing.alternate({"dense": lambda: train_step(cc, x, 0.0), "sparse": lambda: train_step(cc, x, 1.0)},
-                                   reps=args.reps, warmup=1)
-        row = dict(target_density=density, measured_density=measured,
-                   dense=timing.summarize(samples["dense"]), sparse=timing.summarize(samples["sparse"]))
+        samples = timing.alternate(
+            {"dense": lambda: train_step(cc, x, 0.0), "sparse": lambda: train_step(cc, x, 1.0)},
+            reps=args.reps,
+            warmup=1,
+        )
+        row = dict(
+            target_density=density,
+            measured_density=measured,
+            dense=timing.summarize(samples["dense"]),
+            sparse=timing.summarize(samples["sparse"]),
+        )
         rows.append(row)
-        print(f"density {measured:.3f}: dense {row['dense']['median_ms']:.0f} ms, sparse {row['sparse']['median_ms']:.0f} ms",
-              flush=True)
+        print(
+            f"density {measured:.3f}: dense {row['dense']['median_ms']:.0f} ms, "
+            f"sparse {row['sparse']['median_ms']:.0f} ms",
+            flush=True,
+        )
     crossover = next((r["measured_density"] for r in rows if r["sparse"]["median_ms"] > r["dense"]["median_ms"]), None)
-    result = dict(machine=dict(timing.machine_info(), commit=timing.git_commit()), shape=shape, rows=rows, first_density_where_dense_wins=crossover,
-                  command="python -m kernels_bench.relu_density_cpu")
-    lines = ["# L1 crosscoder step on the CPU: sparse vs dense regime by code density", "",
-             f"- device: {result['machine']['device']}; torch {result['machine']['torch']}, {result['machine']['torch_threads']} threads; "
-             f"date {result['machine']['date']}; commit {result['machine']['commit']}", f"- shape: {shape}, fp32; step = forward + recon + L1 loss + backward",
-             f"- command: `{result['command']}`", "",
-             "| density | dense median ms | sparse median ms | sparse / dense |", "|---:|---:|---:|---:|"]
+    result = dict(
+        machine=dict(timing.machine_info(), commit=timing.git_commit()),
+        shape=shape,
+        rows=rows,
+        first_density_where_dense_wins=crossover,
+        command="python -m kernels_bench.relu_density_cpu",
+    )
+    lines = [
+        "# L1 crosscoder step on the CPU: sparse vs dense regime by code density",
+        "",
+        f"- device: {result['machine']['device']}; torch {result['machine']['torch']}, "
+        f"{result['machine']['torch_threads']} threads; "
+        f"date {result['machine']['date']}; commit {result['machine']['commit']}",
+        f"- shape: {shape}, fp32; step = forward + recon + L1 loss + backward",
+        f"- command: `{result['command']}`",
+        "",
+        "| density | dense median ms | sparse median ms | sparse / dense |",
+        "|---:|---:|---:|---:|",
+    ]
     for r in rows:
         d, s = r["dense"]["median_ms"], r["sparse"]["median_ms"]
         lines.append(f"| {r['measured_density']:.3f} | {d:.0f} | {s:.0f} | {s / d:.2f} |")

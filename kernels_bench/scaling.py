@@ -10,6 +10,7 @@ Compute per step and rank: the dense encoder GEMM 2 * b * M * d * F_r FLOPs (eve
 over the k * b kept codes, ~k / F_r of it) and Adam's 28 bytes per fp32 parameter (read param, grad, m, v; write
 param, m, v), the two terms that grow with the dictionary.
 """
+
 import argparse
 
 PEAKS = dict(bf16_flops=989e12, hbm=3.35e12, nvlink=450e9, infiniband=50e9)
@@ -52,15 +53,32 @@ def step_times(B, M, d, F, G, D, link_latent, link_data, elt=2, dead=False):
 def table(B=2048, M=2, d=2304, k=100):
     rows = []
     for F, label in ((73_728, "paper: F = 73,728"), (1 << 20, "F = 2^20")):
-        for G, D, where in ((1, 8, "8 H100, 1 node"), (8, 1, "8 H100, 1 node"), (8, 2, "16 H100, 2 nodes"),
-                            (8, 8, "64 H100, 8 nodes"), (16, 1, "16 H100, 2 nodes")):
+        for G, D, where in (
+            (1, 8, "8 H100, 1 node"),
+            (8, 1, "8 H100, 1 node"),
+            (8, 2, "16 H100, 2 nodes"),
+            (8, 8, "64 H100, 8 nodes"),
+            (16, 1, "16 H100, 2 nodes"),
+        ):
             latent_link = PEAKS["nvlink"] if G <= 8 else PEAKS["infiniband"]
             data_link = PEAKS["nvlink"] if G * D <= 8 else PEAKS["infiniband"]
             params = 2 * F * M * d * 4 * 4 / G  # fp32 params, grads, Adam m and v
             compute, comm = step_times(B * D, M, d, F, G, D, latent_link, data_link)
             payload = sum(collective_bytes(B * D, M, d, F, G, D, 2).values())
-            rows.append((label, where, G, D, B * D, params / 2**30, payload / 2**20, compute * 1e3, comm * 1e3,
-                         compute / (compute + comm)))
+            rows.append(
+                (
+                    label,
+                    where,
+                    G,
+                    D,
+                    B * D,
+                    params / 2**30,
+                    payload / 2**20,
+                    compute * 1e3,
+                    comm * 1e3,
+                    compute / (compute + comm),
+                )
+            )
     return rows
 
 
@@ -68,12 +86,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-per-replica", type=int, default=2048)
     args = parser.parse_args(argv)
-    print("| dictionary | machines | G latent | D data | global batch | params+grads+Adam per GPU (GiB) | "
-          "collective payload per rank (MiB) | compute (ms) | communication (ms) | compute share |")
+    print(
+        "| dictionary | machines | G latent | D data | global batch | params+grads+Adam per GPU (GiB) | "
+        "collective payload per rank (MiB) | compute (ms) | communication (ms) | compute share |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in table(args.batch_per_replica):
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.2f} | {r[8]:.2f} | "
-              f"{r[9]:.0%} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.2f} | {r[8]:.2f} | "
+            f"{r[9]:.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ sparsify on the GPU machine (no registry there): carry the wheels of eai-sparsif
 imports (einops, natsort, simple-parsing, docstring-parser, accelerate) as the device README describes; the
 trainer's own dependencies (datasets, schedulefree) are not needed.
 """
+
 import argparse
 import importlib
 import importlib.util
@@ -38,16 +39,37 @@ from .dense_crosscoder import DenseBatchTopKCrossCoder
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PAPER = dict(batch=4096, n_models=2, d_model=2304, dict_size=73728, k=100)
 SUITES = {
-    "paper": dict(device="cuda", dtype=torch.bfloat16, shape=PAPER,
-                  f_sweep=[16384, 32768, 73728, 131072, 262144], k_sweep=[32, 64, 100, 128, 256]),
-    "cpu": dict(device="cpu", dtype=torch.float32, shape=dict(batch=2048, n_models=2, d_model=256, dict_size=16384, k=32),
-                f_sweep=[4096, 8192, 16384, 32768], k_sweep=[16, 32, 64]),
-    "quick": dict(device=None, dtype=None, shape=dict(batch=256, n_models=2, d_model=64, dict_size=2048, k=16),
-                  f_sweep=[], k_sweep=[]),
+    "paper": dict(
+        device="cuda",
+        dtype=torch.bfloat16,
+        shape=PAPER,
+        f_sweep=[16384, 32768, 73728, 131072, 262144],
+        k_sweep=[32, 64, 100, 128, 256],
+    ),
+    "cpu": dict(
+        device="cpu",
+        dtype=torch.float32,
+        shape=dict(batch=2048, n_models=2, d_model=256, dict_size=16384, k=32),
+        f_sweep=[4096, 8192, 16384, 32768],
+        k_sweep=[16, 32, 64],
+    ),
+    "quick": dict(
+        device=None,
+        dtype=None,
+        shape=dict(batch=256, n_models=2, d_model=64, dict_size=2048, k=16),
+        f_sweep=[],
+        k_sweep=[],
+    ),
 }
-SUMMARY_KEYS = ("train_step_speedup_vs_dense", "train_step_over_floor", "encoder_fraction_of_cublas",
-                "topk_speedup_vs_torch_topk", "decoder_fwd_over_byte_floor", "decoder_bwd_over_byte_floor",
-                "peak_memory_over_floor")
+SUMMARY_KEYS = (
+    "train_step_speedup_vs_dense",
+    "train_step_over_floor",
+    "encoder_fraction_of_cublas",
+    "topk_speedup_vs_torch_topk",
+    "decoder_fwd_over_byte_floor",
+    "decoder_bwd_over_byte_floor",
+    "peak_memory_over_floor",
+)
 
 
 def slug(text):
@@ -75,8 +97,9 @@ class Timer:
         if self.device.type == "cuda":
             import triton.testing
 
-            median, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=max(200, 40 * self.reps),
-                                                       quantiles=[0.5, 0.2, 0.8])
+            median, p20, p80 = triton.testing.do_bench(
+                fn, warmup=50, rep=max(200, 40 * self.reps), quantiles=[0.5, 0.2, 0.8]
+            )
             return dict(median_ms=median, p20_ms=p20, p80_ms=p80)
         samples = timing.alternate({"fn": fn}, self.reps, warmup=1)["fn"]
         s = timing.summarize(samples)
@@ -94,23 +117,43 @@ def peak_memory_gb(device, fn):
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def measure_ceilings(device, dtype, shape, timer):
-    B, M, d, F = (shape[n] for n in ("batch", "n_models", "d_model", "dict_size"))
-    x2 = torch.randn(B, M * d, device=device).to(dtype)
-    W2 = torch.randn(F, M * d, device=device).to(dtype)
+def _gemm_ceiling(device, dtype, rows, width, dict_size, timer):
+    """The GEMM of the encoder's shape in either weight layout; the faster one is the ceiling. The operands are
+    freed on return, before the next measurement allocates."""
+    x2 = torch.randn(rows, width, device=device).to(dtype)
+    W2 = torch.randn(dict_size, width, device=device).to(dtype)
     W2t = W2.T.contiguous()
-    # The GEMM of the encoder's shape in either weight layout; the faster one is the ceiling.
-    gemm = min((timer(lambda: torch.mm(x2, W2.T)), timer(lambda: torch.mm(x2, W2t))), key=lambda t: t["median_ms"])
-    del x2, W2, W2t
-    n_bytes = (1 << 30) if device.type == "cuda" else (1 << 28)
+    return min((timer(lambda: torch.mm(x2, W2.T)), timer(lambda: torch.mm(x2, W2t))), key=lambda t: t["median_ms"])
+
+
+def _copy_bytes(device):
+    return (1 << 30) if device.type == "cuda" else (1 << 28)
+
+
+def _copy_ceiling(device, timer):
+    n_bytes = _copy_bytes(device)
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    copy = timer(lambda: dst.copy_(src))
-    del src, dst
-    return dict(matmul=dict(**gemm, tflops=2 * B * M * d * F / (gemm["median_ms"] * 1e-3) / 1e12,
-                            what=f"torch.mm [{B}, {M * d}] x [{M * d}, {F}] {str(dtype).replace('torch.', '')}"),
-                copy=dict(**copy, bytes_per_s=2 * n_bytes / (copy["median_ms"] * 1e-3),
-                          what=f"dst.copy_(src), {n_bytes >> 20} MiB, read + write"))
+    return timer(lambda: dst.copy_(src))
+
+
+def measure_ceilings(device, dtype, shape, timer):
+    B, M, d, F = (shape[n] for n in ("batch", "n_models", "d_model", "dict_size"))
+    gemm = _gemm_ceiling(device, dtype, B, M * d, F, timer)
+    copy = _copy_ceiling(device, timer)
+    n_bytes = _copy_bytes(device)
+    return dict(
+        matmul=dict(
+            **gemm,
+            tflops=2 * B * M * d * F / (gemm["median_ms"] * 1e-3) / 1e12,
+            what=f"torch.mm [{B}, {M * d}] x [{M * d}, {F}] {str(dtype).replace('torch.', '')}",
+        ),
+        copy=dict(
+            **copy,
+            bytes_per_s=2 * n_bytes / (copy["median_ms"] * 1e-3),
+            what=f"dst.copy_(src), {n_bytes >> 20} MiB, read + write",
+        ),
+    )
 
 
 def build(cx, shape, device, dtype, seed=0):
@@ -203,8 +246,9 @@ def sparsify_step(shape, x):
 
 def check_agreement(cx, cc, x, backend):
     """Our forward loss on `backend` and the dense peer's from the same weights must agree before timing."""
-    dense = DenseBatchTopKCrossCoder(cc.d_model, cc.dict_size, cc.n_models, k=cc.k, dtype=x.dtype,
-                                     device=x.device).load_from_crosscoder(cc)
+    dense = DenseBatchTopKCrossCoder(
+        cc.d_model, cc.dict_size, cc.n_models, k=cc.k, dtype=x.dtype, device=x.device
+    ).load_from_crosscoder(cc)
     with torch.no_grad(), cx.backend(backend):
         ours = float(recon_loss(x, cc(x).recon))
     with torch.no_grad():
@@ -235,9 +279,11 @@ def run_case(cases, name, impl, backend, fn, timer, device, **extra):
 
 def in_backend(cx, name, fn):
     """fn as a call that runs on backend `name`."""
+
     def call():
         with cx.backend(name):
             return fn()
+
     return call
 
 
@@ -252,8 +298,15 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
     values, indices, row_ptr, _ = ops.batch_topk_reference(f, w, K)
     grad_out = torch.randn_like(x)
     theta = float(torch.quantile((f[:64].float() * w).flatten(), 1 - cc.k / F))
-    run_case(cases, "batch_topk", "torch.topk(flattened scores)", "torch",
-             lambda: (f.float() * w).flatten().topk(K, sorted=False), timer, device)
+    run_case(
+        cases,
+        "batch_topk",
+        "torch.topk(flattened scores)",
+        "torch",
+        lambda: (f.float() * w).flatten().topk(K, sorted=False),
+        timer,
+        device,
+    )
     for name in backends:
         got = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))()
         if not torch.equal(got[1], indices) or not torch.equal(got[2], row_ptr):
@@ -266,14 +319,16 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
         order = ops.latent_order(indices, row_ptr, F)
         # One case per op of backends.AUTO_GPU_TABLE (kernels_bench/auto_table.py picks from them), plus the
         # decoder's whole backward (values grad + latent order + weight grad) for the summary.
-        timed = {"paired_encode": lambda: ops.paired_encode(x, W, b),
-                 "batch_topk": lambda: ops.batch_topk(f, w, K),
-                 "threshold_select": lambda: ops.threshold_select(f, w, theta),
-                 "sparse_decode": lambda: ops.sparse_decode(values, indices, row_ptr, W, None),
-                 "sparse_values_grad": lambda: ops.sparse_values_grad(grad_out, indices, row_ptr, W),
-                 "latent_order": lambda: ops.latent_order(indices, row_ptr, F),
-                 "sparse_weight_grad": lambda: ops.sparse_weight_grad(values, grad_out, *order),
-                 "decoder_backward": decoder_backward}
+        timed = {
+            "paired_encode": lambda: ops.paired_encode(x, W, b),
+            "batch_topk": lambda: ops.batch_topk(f, w, K),
+            "threshold_select": lambda: ops.threshold_select(f, w, theta),
+            "sparse_decode": lambda: ops.sparse_decode(values, indices, row_ptr, W, None),
+            "sparse_values_grad": lambda: ops.sparse_values_grad(grad_out, indices, row_ptr, W),
+            "latent_order": lambda: ops.latent_order(indices, row_ptr, F),
+            "sparse_weight_grad": lambda: ops.sparse_weight_grad(values, grad_out, *order),
+            "decoder_backward": decoder_backward,
+        }
         for op, fn in timed.items():
             run_case(cases, op, "crossdiff_ext", name, in_backend(cx, name, fn), timer, device)
 
@@ -292,15 +347,30 @@ def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_bat
     def forward():
         with torch.inference_mode():  # as latent_scaling runs
             for start in range(0, tokens.shape[0], B):
-                cc(tokens[start:start + B])
+                cc(tokens[start : start + B])
 
     out = {}
     for name in backends:
-        fwd = run_case(cases, "inference_forward", "crossdiff_ext CrossCoder (eval)", name,
-                       in_backend(cx, name, forward), timer, device, tokens=tokens.shape[0])
-        ls = run_case(cases, "latent_scaling", "crossdiff_ext.latent_scaling", name,
-                      in_backend(cx, name, lambda: cx.latent_scaling(cc, tokens, batch_size=B)), timer, device,
-                      tokens=tokens.shape[0])
+        fwd = run_case(
+            cases,
+            "inference_forward",
+            "crossdiff_ext CrossCoder (eval)",
+            name,
+            in_backend(cx, name, forward),
+            timer,
+            device,
+            tokens=tokens.shape[0],
+        )
+        ls = run_case(
+            cases,
+            "latent_scaling",
+            "crossdiff_ext.latent_scaling",
+            name,
+            in_backend(cx, name, lambda: cx.latent_scaling(cc, tokens, batch_size=B)),
+            timer,
+            device,
+            tokens=tokens.shape[0],
+        )
         if "median_ms" in fwd and "median_ms" in ls:
             out[name] = fwd["median_ms"] / ls["median_ms"]
     return out
@@ -325,22 +395,26 @@ def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag
         run_case(cases, "train_step", impl, "torch", dense_step(dense, x, compiled), timer, device, **extra)
     step, why = sparsify_step(shape, x)
     if step is None:
-        cases.append(dict(name="train_step", impl="sparsify TopK SAE (M*d input)", backend="sparsify", skipped=why,
-                          **extra))
+        cases.append(
+            dict(name="train_step", impl="sparsify TopK SAE (M*d input)", backend="sparsify", skipped=why, **extra)
+        )
         print(f"  train_step sparsify: skipped ({why})", flush=True)
     else:
         run_case(cases, "train_step", "sparsify TopK SAE (M*d input)", "sparsify", step, timer, device, **extra)
 
 
 def best(cases, name, backends):
-    mine = [c for c in cases if c["name"] == name and c["backend"] in backends and "median_ms" in c and "shape" not in c]
+    mine = [
+        c for c in cases if c["name"] == name and c["backend"] in backends and "median_ms" in c and "shape" not in c
+    ]
     return min(mine, key=lambda c: c["median_ms"]) if mine else None
 
 
 def summarize(result, backends):
     cases, fl = result["cases"], result["floors_ms"]
-    peer = lambda name, impl: next((c for c in cases if c["name"] == name and c["impl"] == impl and "median_ms" in c
-                                    and "shape" not in c), None)
+    peer = lambda name, impl: next(
+        (c for c in cases if c["name"] == name and c["impl"] == impl and "median_ms" in c and "shape" not in c), None
+    )
     step = best(cases, "train_step", backends)
     dense = peer("train_step", "dense PyTorch (paper code)")
     topk = peer("batch_topk", "torch.topk(flattened scores)")
@@ -349,8 +423,9 @@ def summarize(result, backends):
     s = dict(
         train_step_speedup_vs_dense=ratio(get(dense), get(step)),
         train_step_over_floor=ratio(get(step), fl["train_step"]),
-        encoder_fraction_of_cublas=ratio(result["ceilings"]["matmul"]["median_ms"],
-                                         get(best(cases, "paired_encode", backends))),
+        encoder_fraction_of_cublas=ratio(
+            result["ceilings"]["matmul"]["median_ms"], get(best(cases, "paired_encode", backends))
+        ),
         topk_speedup_vs_torch_topk=ratio(get(topk), get(best(cases, "batch_topk", backends))),
         decoder_fwd_over_byte_floor=ratio(get(best(cases, "sparse_decode", backends)), fl["sparse_decode"]),
         decoder_bwd_over_byte_floor=ratio(get(best(cases, "decoder_backward", backends)), fl["decoder_backward"]),
@@ -358,8 +433,10 @@ def summarize(result, backends):
     )
     assert tuple(s) == SUMMARY_KEYS
     result["summary"] = s
-    result["summary_backend"] = {n: (best(cases, n, backends) or {}).get("backend") for n in
-                                 ("train_step", "paired_encode", "batch_topk", "sparse_decode", "decoder_backward")}
+    result["summary_backend"] = {
+        n: (best(cases, n, backends) or {}).get("backend")
+        for n in ("train_step", "paired_encode", "batch_topk", "sparse_decode", "decoder_backward")
+    }
 
 
 def fmt(v, spec=".3f"):
@@ -368,50 +445,85 @@ def fmt(v, spec=".3f"):
 
 def markdown(result):
     sh, ce = result["shape"], result["ceilings"]
-    lines = [f"# crossdiff_ext benchmark suite `{result['suite']}` on {result['device']}", "",
-             *([] if result.get("complete", True) else ["**Partial result: the run did not finish.**", ""]),
-             f"{result['date']}; commit {result['commit']}" + (f" (+ uncommitted: {', '.join(result['dirty'])})"
-                                                               if result.get("dirty") else "")
-             + f"; torch {result['torch']}; triton {result['triton']}; dtype {result['dtype']}", "",
-             f"Shape: B={sh['batch']}, M={sh['n_models']}, d={sh['d_model']}, F={sh['dict_size']}, k={sh['k']}", "",
-             f"Ceilings: {ce['matmul']['what']}: {ce['matmul']['median_ms']:.3f} ms = {ce['matmul']['tflops']:.2f} "
-             f"TFLOP/s; {ce['copy']['what']}: {ce['copy']['bytes_per_s'] / 1e9:.1f} GB/s", "",
-             "| case | impl | backend | median ms | p20 | p80 | floor ms | x floor | peak GiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# crossdiff_ext benchmark suite `{result['suite']}` on {result['device']}",
+        "",
+        *([] if result.get("complete", True) else ["**Partial result: the run did not finish.**", ""]),
+        f"{result['date']}; commit {result['commit']}"
+        + (f" (+ uncommitted: {', '.join(result['dirty'])})" if result.get("dirty") else "")
+        + f"; torch {result['torch']}; triton {result['triton']}; dtype {result['dtype']}",
+        "",
+        f"Shape: B={sh['batch']}, M={sh['n_models']}, d={sh['d_model']}, F={sh['dict_size']}, k={sh['k']}",
+        "",
+        f"Ceilings: {ce['matmul']['what']}: {ce['matmul']['median_ms']:.3f} ms = {ce['matmul']['tflops']:.2f} "
+        f"TFLOP/s; {ce['copy']['what']}: {ce['copy']['bytes_per_s'] / 1e9:.1f} GB/s",
+        "",
+        "| case | impl | backend | median ms | p20 | p80 | floor ms | x floor | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in result["cases"]:
         if "shape" in c:
             continue
         if "median_ms" not in c:
-            lines.append(f"| {c['name']} | {c['impl']} | {c['backend']} | {c.get('error') or c.get('skipped')} "
-                         "| | | | | |")
+            lines.append(
+                f"| {c['name']} | {c['impl']} | {c['backend']} | {c.get('error') or c.get('skipped')} | | | | | |"
+            )
             continue
-        floor = result["floors_ms"].get(c["name"]) if c["backend"] not in ("torch", "sparsify") or c["name"] == "train_step" else None
-        lines.append(f"| {c['name']} | {c['impl']} | {c['backend']} | {c['median_ms']:.3f} | {c['p20_ms']:.3f} | "
-                     f"{c['p80_ms']:.3f} | {fmt(floor)} | {fmt(c['median_ms'] / floor if floor else None, '.2f')} | "
-                     f"{fmt(c.get('peak_mem_gb'), '.2f')} |")
+        floor = (
+            result["floors_ms"].get(c["name"])
+            if c["backend"] not in ("torch", "sparsify") or c["name"] == "train_step"
+            else None
+        )
+        lines.append(
+            f"| {c['name']} | {c['impl']} | {c['backend']} | {c['median_ms']:.3f} | {c['p20_ms']:.3f} | "
+            f"{c['p80_ms']:.3f} | {fmt(floor)} | {fmt(c['median_ms'] / floor if floor else None, '.2f')} | "
+            f"{fmt(c.get('peak_mem_gb'), '.2f')} |"
+        )
     parts = result["floors_ms"]["train_step_parts_ms"]
-    lines += ["", "Training-step floor = " + " + ".join(f"{k} {v:.3f}" for k, v in parts.items())
-              + f" = {result['floors_ms']['train_step']:.3f} ms; memory floor {result['memory_floor_gb']:.2f} GiB "
-              "(params + grads + Adam moments + one [B, F] buffer).", "", "## Summary (best backend per case)", "",
-              "| key | value |", "|---|---:|"]
+    lines += [
+        "",
+        "Training-step floor = "
+        + " + ".join(f"{k} {v:.3f}" for k, v in parts.items())
+        + f" = {result['floors_ms']['train_step']:.3f} ms; memory floor {result['memory_floor_gb']:.2f} GiB "
+        "(params + grads + Adam moments + one [B, F] buffer).",
+        "",
+        "## Summary (best backend per case)",
+        "",
+        "| key | value |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {fmt(v, '.3f')} |" for k, v in result["summary"].items()]
     ls = result.get("latent_scaling_throughput_vs_forward") or {}
     if ls:
-        lines += ["", "Latent Scaling's token throughput over the inference forward's (same tokens, every latent, "
-                  "both targets; goal >= 0.5): " + ", ".join(f"{b} {v:.2f}" for b, v in ls.items()) + "."]
+        lines += [
+            "",
+            "Latent Scaling's token throughput over the inference forward's (same tokens, every latent, "
+            "both targets; goal >= 0.5): " + ", ".join(f"{b} {v:.2f}" for b, v in ls.items()) + ".",
+        ]
     for name, b in (result.get("breakdown") or {}).items():
         lines += [""] + breakdown.markdown(b, f"Where our training step's time goes ({name})")
     sweep = [c for c in result["cases"] if "shape" in c]
     if sweep:
-        lines += ["", "## Training-step sweeps", "", "| F | k | impl | backend | median ms | peak GiB |",
-                  "|---:|---:|---|---|---:|---:|"]
+        lines += [
+            "",
+            "## Training-step sweeps",
+            "",
+            "| F | k | impl | backend | median ms | peak GiB |",
+            "|---:|---:|---|---|---:|---:|",
+        ]
         for c in sweep:
             t = fmt(c.get("median_ms")) or c.get("error") or c.get("skipped")
-            lines.append(f"| {c['shape']['dict_size']} | {c['shape']['k']} | {c['impl']} | {c['backend']} | {t} | "
-                         f"{fmt(c.get('peak_mem_gb'), '.2f')} |")
+            lines.append(
+                f"| {c['shape']['dict_size']} | {c['shape']['k']} | {c['impl']} | {c['backend']} | {t} | "
+                f"{fmt(c.get('peak_mem_gb'), '.2f')} |"
+            )
     if result.get("sweeps_skipped"):
-        lines += ["", "Not run (time budget): " + "; ".join(f"F={c['dict_size']} k={c['k']}"
-                                                           for c in result["sweeps_skipped"]) + "."]
+        lines += [
+            "",
+            "Not run (time budget): "
+            + "; ".join(f"F={c['dict_size']} k={c['k']}" for c in result["sweeps_skipped"])
+            + ".",
+        ]
     if result.get("plot"):
         lines += ["", f"![time vs F]({os.path.basename(result['plot'])})"]
     return "\n".join(lines) + "\n"
@@ -462,9 +574,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed calls per case on the CPU (GPU: do_bench's budget)")
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown of the training step")
-    p.add_argument("--budget-min", type=float, default=None,
-                   help="start no further sweep shape after this many minutes (the result so far is written after "
-                        "the main shape and after every sweep shape, so a run cut off still leaves its numbers)")
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        default=None,
+        help="start no further sweep shape after this many minutes (the result so far is written after "
+        "the main shape and after every sweep shape, so a run cut off still leaves its numbers)",
+    )
     p.add_argument("--out", help="result stem (default: results/<device> for the paper and cpu suites)")
     args = p.parse_args(argv)
     started = time.monotonic()
@@ -484,23 +600,42 @@ def main(argv=None):
     shape = suite["shape"]
     print(f"suite {args.suite} on {device_name(device)}: shape {shape}, {dtype}, backends {backends}", flush=True)
     ceilings = measure_ceilings(device, dtype, shape, timer)
-    print(f"  ceilings: GEMM {ceilings['matmul']['median_ms']:.3f} ms ({ceilings['matmul']['tflops']:.2f} TFLOP/s), "
-          f"copy {ceilings['copy']['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    print(
+        f"  ceilings: GEMM {ceilings['matmul']['median_ms']:.3f} ms ({ceilings['matmul']['tflops']:.2f} TFLOP/s), "
+        f"copy {ceilings['copy']['bytes_per_s'] / 1e9:.1f} GB/s",
+        flush=True,
+    )
     elt = torch.empty((), dtype=dtype).element_size()
     import triton
 
     cases, breakdowns = [], {}
-    result = dict(suite=args.suite, device=device_name(device), date=timing.machine_info()["date"],
-                  commit=timing.git_commit(), dirty=timing.git_dirty_paths(), torch=torch.__version__,
-                  triton=triton.__version__, python=platform.python_version(),
-                  dtype=str(dtype).replace("torch.", ""), shape=shape, backends=backends, ceilings=ceilings,
-                  floors_ms=floors.time_floors_ms(shape, elt, ceilings["matmul"]["median_ms"],
-                                                  ceilings["copy"]["bytes_per_s"]),
-                  memory_floor_gb=floors.memory_floor_bytes(shape, elt) / 2**30, cases=cases,
-                  breakdown=breakdowns, complete=False,
-                  command="python -m kernels_bench " + " ".join(sys.argv[1:] if argv is None else argv))
-    stem = args.out or (None if args.suite == "quick" else os.path.join(
-        RESULTS_DIR, slug(device_name(device)) if device.type == "cuda" else "cpu-" + slug(device_name(device))))
+    result = dict(
+        suite=args.suite,
+        device=device_name(device),
+        date=timing.machine_info()["date"],
+        commit=timing.git_commit(),
+        dirty=timing.git_dirty_paths(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        dtype=str(dtype).replace("torch.", ""),
+        shape=shape,
+        backends=backends,
+        ceilings=ceilings,
+        floors_ms=floors.time_floors_ms(shape, elt, ceilings["matmul"]["median_ms"], ceilings["copy"]["bytes_per_s"]),
+        memory_floor_gb=floors.memory_floor_bytes(shape, elt) / 2**30,
+        cases=cases,
+        breakdown=breakdowns,
+        complete=False,
+        command="python -m kernels_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    stem = args.out or (
+        None
+        if args.suite == "quick"
+        else os.path.join(
+            RESULTS_DIR, slug(device_name(device)) if device.type == "cuda" else "cpu-" + slug(device_name(device))
+        )
+    )
 
     def save(final=False):
         result["complete"] = final
@@ -514,11 +649,18 @@ def main(argv=None):
 
     op_cases(cx, shape, device, dtype, backends, timer, cases)
     step_cases(cx, shape, device, dtype, backends, timer, cases, breakdowns=None if args.no_profile else breakdowns)
-    result["latent_scaling_throughput_vs_forward"] = latent_scaling_cases(cx, shape, device, dtype, backends, timer,
-                                                                          cases)
+    result["latent_scaling_throughput_vs_forward"] = latent_scaling_cases(
+        cx, shape, device, dtype, backends, timer, cases
+    )
     save()
-    sweeps = [] if args.no_sweeps else ([dict(shape, dict_size=F) for F in suite["f_sweep"]]
-                                        + [dict(shape, k=k) for k in suite["k_sweep"] if k != shape["k"]])
+    sweeps = (
+        []
+        if args.no_sweeps
+        else (
+            [dict(shape, dict_size=F) for F in suite["f_sweep"]]
+            + [dict(shape, k=k) for k in suite["k_sweep"] if k != shape["k"]]
+        )
+    )
     for i, sweep_shape in enumerate(sweeps):
         if args.budget_min is not None and time.monotonic() - started > 60 * args.budget_min:
             result["sweeps_skipped"] = [dict(s) for s in sweeps[i:]]

@@ -1,5 +1,6 @@
 """Timing and reporting helpers shared by the benchmarks: wall-clock timers, percentiles, machine facts and
 atomic result files (through crossdiff_ext.atomic). Standard library + torch only at import."""
+
 import datetime
 import json
 import os
@@ -23,8 +24,13 @@ def percentile(samples, q):
 
 def summarize(samples_ms):
     """{median_ms, p20_ms, p80_ms, min_ms, n} of a list of milliseconds."""
-    return dict(median_ms=percentile(samples_ms, 50), p20_ms=percentile(samples_ms, 20),
-                p80_ms=percentile(samples_ms, 80), min_ms=min(samples_ms), n=len(samples_ms))
+    return dict(
+        median_ms=percentile(samples_ms, 50),
+        p20_ms=percentile(samples_ms, 20),
+        p80_ms=percentile(samples_ms, 80),
+        min_ms=min(samples_ms),
+        n=len(samples_ms),
+    )
 
 
 def time_once_ms(fn):
@@ -83,8 +89,13 @@ def git_dirty_paths(cwd=None, paths=("csrc", "crossdiff_ext", "setup.py")):
     """Tracked or untracked files under `paths` that differ from HEAD, or None. `--no-optional-locks` keeps
     git status from refreshing the index: the benchmark changes no repository state."""
     try:
-        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", *paths], capture_output=True, text=True,
-                             timeout=10, cwd=cwd)
+        out = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", *paths],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=cwd,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:

@@ -15,6 +15,7 @@ no gradient clipping in either step. Optimiser: torch.optim.Adam, betas (0.9, 0.
     python -m kernels_bench.train_step_cpu              # default shape, writes kernels_bench/results/cpu-train-step.*
     python -m kernels_bench.train_step_cpu --quick      # B=256, F=2048 smoke test, writes nothing unless --out
 """
+
 import argparse
 import json
 import os
@@ -105,8 +106,10 @@ def check_correctness(cx, cc, dense, x):
     rel = abs(report["loss_ours"] - report["loss_dense"]) / max(abs(report["loss_dense"]), 1e-30)
     report["loss_rel_diff"] = rel
     if not rel <= LOSS_RTOL:
-        problems.append(f"loss: ours {report['loss_ours']:.8g} vs dense {report['loss_dense']:.8g} "
-                        f"(relative difference {rel:.3g} > {LOSS_RTOL})")
+        problems.append(
+            f"loss: ours {report['loss_ours']:.8g} vs dense {report['loss_dense']:.8g} "
+            f"(relative difference {rel:.3g} > {LOSS_RTOL})"
+        )
     pairs = {  # name: (ours, dense converted to our layout)
         "W_dec": (cc.W_dec.grad, dense.decoder_weight.grad.permute(1, 0, 2)),
         "W_enc": (cc.W_enc.grad, dense.encoder_weight.grad.permute(2, 0, 1)),
@@ -121,13 +124,18 @@ def check_correctness(cx, cc, dense, x):
         diff = (ours - ref).abs().max().item()
         report["grad_max_abs_diff"][name] = diff
         if not torch.allclose(ours, ref, rtol=GRAD_RTOL, atol=GRAD_ATOL):
-            problems.append(f"grad {name}: max |diff| {diff:.3g}, max |ref| {ref.abs().max().item():.3g} "
-                            f"(rtol {GRAD_RTOL}, atol {GRAD_ATOL})")
+            problems.append(
+                f"grad {name}: max |diff| {diff:.3g}, max |ref| {ref.abs().max().item():.3g} "
+                f"(rtol {GRAD_RTOL}, atol {GRAD_ATOL})"
+            )
     for p in list(cc.parameters()) + list(dense.parameters()):
         p.grad = None
     if problems:
-        raise SystemExit("correctness check FAILED, refusing to time a wrong kernel:\n  " + "\n  ".join(problems)
-                         + f"\n  selection mismatches: {report['selection_mismatches']} of {K} kept entries")
+        raise SystemExit(
+            "correctness check FAILED, refusing to time a wrong kernel:\n  "
+            + "\n  ".join(problems)
+            + f"\n  selection mismatches: {report['selection_mismatches']} of {K} kept entries"
+        )
     return report
 
 
@@ -190,26 +198,52 @@ def profile_ops(step, steps, top):
     events, _ = common.profile(step, "cpu", steps)
     rows = []
     for ev in events:
-        rows.append(dict(op=ev.key, self_ms=ev.self_cpu_time_total / 1e3 / steps,
-                         total_ms=ev.cpu_time_total / 1e3 / steps, calls=ev.count / steps))
+        rows.append(
+            dict(
+                op=ev.key,
+                self_ms=ev.self_cpu_time_total / 1e3 / steps,
+                total_ms=ev.cpu_time_total / 1e3 / steps,
+                calls=ev.count / steps,
+            )
+        )
     rows.sort(key=lambda r: r["self_ms"], reverse=True)
     total_self = sum(r["self_ms"] for r in rows)
-    return dict(steps=steps, total_self_ms=total_self, ops=[r for r in rows[:top] if r["self_ms"] > 0.005],
-                all_self_ms={r["op"]: r["self_ms"] for r in rows})
+    return dict(
+        steps=steps,
+        total_self_ms=total_self,
+        ops=[r for r in rows[:top] if r["self_ms"] > 0.005],
+        all_self_ms={r["op"]: r["self_ms"] for r in rows},
+    )
 
 
 # Our step's kernels, grouped (self CPU ms of these ops; everything else is "other": small elementwise ops of
 # the loss and its backward, autograd and Python overhead).
 KERNEL_GROUPS = {
-    "encoder GEMM (addmm + bias copy into the fresh output + ReLU)": ("aten::addmm", "aten::copy_", "aten::clamp_min_",
-                                                                      "aten::relu_", "crossdiff::paired_encode"),
+    "encoder GEMM (addmm + bias copy into the fresh output + ReLU)": (
+        "aten::addmm",
+        "aten::copy_",
+        "aten::clamp_min_",
+        "aten::relu_",
+        "crossdiff::paired_encode",
+    ),
     "batch top-k selection": ("crossdiff::batch_topk",),
     "sparse decode (forward)": ("crossdiff::sparse_decode",),
     "backward: values grad": ("crossdiff::sparse_values_grad",),
     "backward: W_dec and W_enc grads + latent order": ("crossdiff::sparse_weight_grad", "crossdiff::latent_order"),
-    "Adam": ("aten::_fused_adam_", "aten::_foreach_add_", "aten::_foreach_mul_", "aten::_foreach_addcmul_",
-             "aten::_foreach_lerp_", "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_",
-             "aten::_foreach_add", "aten::_foreach_sqrt_", "aten::_foreach_mul", "aten::_foreach_div"),
+    "Adam": (
+        "aten::_fused_adam_",
+        "aten::_foreach_add_",
+        "aten::_foreach_mul_",
+        "aten::_foreach_addcmul_",
+        "aten::_foreach_lerp_",
+        "aten::_foreach_addcdiv_",
+        "aten::_foreach_sqrt",
+        "aten::_foreach_div_",
+        "aten::_foreach_add",
+        "aten::_foreach_sqrt_",
+        "aten::_foreach_mul",
+        "aten::_foreach_div",
+    ),
 }
 
 
@@ -230,8 +264,13 @@ def render_markdown(res):
         "",
         f"- device: {res['device']}; torch threads: {res['torch_threads']}; CPU capability: {res['cpu_capability']}",
         f"- torch {res['torch']}; date {res['date']}; git commit: {res['git_commit'] or 'none'}"
-        + (f" plus uncommitted changes to {', '.join(res['git_dirty'])}" if res.get("git_dirty") else
-           " (kernel sources as committed)" if res.get("git_dirty") == [] else "")
+        + (
+            f" plus uncommitted changes to {', '.join(res['git_dirty'])}"
+            if res.get("git_dirty")
+            else " (kernel sources as committed)"
+            if res.get("git_dirty") == []
+            else ""
+        )
         + f"; crossdiff_ext._C source hash: {res['crossdiff_source_hash']}",
         f"- shape: B={sh['batch']}, M={sh['n_models']}, d={sh['d_model']}, F={sh['dict_size']}, k={sh['k']} "
         f"(K = k*B = {sh['k'] * sh['batch']}), fp32",
@@ -271,8 +310,13 @@ def render_markdown(res):
     groups = res["breakdown"].get("ours_by_kernel")
     if groups:
         tot = sum(groups.values())
-        lines += ["", "## Our step by kernel (torch.profiler self CPU time, ms per step)", "",
-                  "| kernel group | ms | share |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "## Our step by kernel (torch.profiler self CPU time, ms per step)",
+            "",
+            "| kernel group | ms | share |",
+            "|---|---:|---:|",
+        ]
         for n, v in groups.items():
             lines.append(f"| {n} | {v:.1f} | {100 * v / tot:.0f}% |")
         lines.append(f"| total | {tot:.1f} | |")
@@ -280,8 +324,13 @@ def render_markdown(res):
         prof = res["breakdown"].get(key)
         if not prof:
             continue
-        lines += ["", f"## torch.profiler, {title}: heaviest ops by self CPU time (ms per step)", "",
-                  "| op | self ms | total ms | calls |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## torch.profiler, {title}: heaviest ops by self CPU time (ms per step)",
+            "",
+            "| op | self ms | total ms | calls |",
+            "|---|---:|---:|---:|",
+        ]
         for r in prof["ops"]:
             lines.append(f"| `{r['op']}` | {r['self_ms']:.1f} | {r['total_ms']:.1f} | {r['calls']:g} |")
         lines.append(f"| (all ops) | {prof['total_self_ms']:.1f} | | |")
@@ -297,21 +346,30 @@ def parse_args(argv=None):
     p.add_argument("--d-model", "-d", type=int, default=None, help=f"width (default {DEFAULT_SHAPE['d_model']})")
     p.add_argument("--dict-size", "-F", type=int, default=None, help=f"latents (default {DEFAULT_SHAPE['dict_size']})")
     p.add_argument("-k", type=int, default=None, help=f"active latents per row (default {DEFAULT_SHAPE['k']})")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke-test shape {QUICK_SHAPE} (explicit shape flags still override)")
+    p.add_argument(
+        "--quick", action="store_true", help=f"smoke-test shape {QUICK_SHAPE} (explicit shape flags still override)"
+    )
     p.add_argument("--reps", type=int, default=7, help="timed steps per case (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None,
-                   help=f"directory for {STEM}.json/.md (default {os.path.relpath(RESULTS_DIR)} at the default shape; "
-                        "other shapes write only when --out is given)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"directory for {STEM}.json/.md (default {os.path.relpath(RESULTS_DIR)} at the default shape; "
+        "other shapes write only when --out is given)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only, write no result files")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler op breakdown")
-    p.add_argument("--render-only", metavar="JSON", default=None,
-                   help="re-render the .md beside an existing result .json and exit (no measuring)")
-    p.add_argument("--import-retries", type=int, default=0,
-                   help="retry `import crossdiff_ext` this many times, a minute apart")
+    p.add_argument(
+        "--render-only",
+        metavar="JSON",
+        default=None,
+        help="re-render the .md beside an existing result .json and exit (no measuring)",
+    )
+    p.add_argument(
+        "--import-retries", type=int, default=0, help="retry `import crossdiff_ext` this many times, a minute apart"
+    )
     args = p.parse_args(argv)
     shape = dict(QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
     for key in shape:
@@ -351,9 +409,11 @@ def main(argv=None):
 
     cc, dense, x = build_models(cx, shape, args.seed)
     check = check_correctness(cx, cc, dense, x)
-    print(f"check ok: loss {check['loss_ours']:.6g} vs {check['loss_dense']:.6g} (rel {check['loss_rel_diff']:.2g}), "
-          f"grad max|diff| {check['grad_max_abs_diff']}, selection mismatches {check['selection_mismatches']}",
-          flush=True)
+    print(
+        f"check ok: loss {check['loss_ours']:.6g} vs {check['loss_dense']:.6g} (rel {check['loss_rel_diff']:.2g}), "
+        f"grad max|diff| {check['grad_max_abs_diff']}, selection mismatches {check['selection_mismatches']}",
+        flush=True,
+    )
 
     opt_ours = common.adam(cc.parameters(), lr)
     opt_dense = common.adam(dense.parameters(), lr)
@@ -366,8 +426,13 @@ def main(argv=None):
     step_dense = make_step(dense, opt_dense, x)
     encoder_gemm, encoder_gemm_reused, adam_step, _floor_params = floor_cases(cc, x, lr)
 
-    cases = {"ours": step_ours, "dense": step_dense, "encoder_gemm": encoder_gemm, "adam": adam_step,
-             "encoder_gemm_reused_out": encoder_gemm_reused}
+    cases = {
+        "ours": step_ours,
+        "dense": step_dense,
+        "encoder_gemm": encoder_gemm,
+        "adam": adam_step,
+        "encoder_gemm_reused_out": encoder_gemm_reused,
+    }
     samples = timing.alternate(cases, args.reps, warmup=args.warmup)
     stats = {n: timing.summarize(s) for n, s in samples.items()}
     for n, s in stats.items():
@@ -393,8 +458,13 @@ def main(argv=None):
         "adam": f"floor (b): one {optimizer} step over {n_params} parameters, gradients present",
         "encoder_gemm_reused_out": "reference, not in the floor: the same addmm with out= a reused [B, F] tensor",
     }
-    names = {"ours": "train_step", "dense": "train_step", "encoder_gemm": "floor_encoder_gemm", "adam": "floor_adam",
-             "encoder_gemm_reused_out": "info_encoder_gemm"}
+    names = {
+        "ours": "train_step",
+        "dense": "train_step",
+        "encoder_gemm": "floor_encoder_gemm",
+        "adam": "floor_adam",
+        "encoder_gemm_reused_out": "info_encoder_gemm",
+    }
     res = dict(
         benchmark="cpu-train-step",
         **timing.machine_info(),
@@ -408,21 +478,28 @@ def main(argv=None):
         reps=args.reps,
         warmup=args.warmup,
         correctness=check,
-        cases=[dict(name=f"{names[n]}/{n}", impl=impls[n], **stats[n], samples_ms=[round(v, 3) for v in samples[n]])
-               for n in cases],
+        cases=[
+            dict(name=f"{names[n]}/{n}", impl=impls[n], **stats[n], samples_ms=[round(v, 3) for v in samples[n]])
+            for n in cases
+        ],
         floor=dict(
-            encoder_gemm_ms=gemm_ms, adam_ms=adam_ms, floor_ms=floor_ms, n_params=n_params,
+            encoder_gemm_ms=gemm_ms,
+            adam_ms=adam_ms,
+            floor_ms=floor_ms,
+            n_params=n_params,
             encoder_gemm_gflops=2 * B * M * d * F / (gemm_ms * 1e-3) / 1e9,
             encoder_gemm_reused_out_ms=stats["encoder_gemm_reused_out"]["median_ms"],
             adam_gbytes_per_s=7 * 4 * n_params / (adam_ms * 1e-3) / 1e9,
         ),
         breakdown=breakdown,
         summary=dict(
-            train_step_ours_ms=ours_ms, train_step_dense_ms=dense_ms,
+            train_step_ours_ms=ours_ms,
+            train_step_dense_ms=dense_ms,
             train_step_speedup_vs_dense=dense_ms / ours_ms,
             train_step_over_floor=ours_ms / floor_ms,
             ours_minus_floor_ms=ours_ms - floor_ms,
-            goal_speedup=GOAL_SPEEDUP, goal_met=dense_ms / ours_ms >= GOAL_SPEEDUP,
+            goal_speedup=GOAL_SPEEDUP,
+            goal_met=dense_ms / ours_ms >= GOAL_SPEEDUP,
         ),
         notes=[
             "Same loss in both steps (mean over rows and models of the unsquared L2 error); no auxiliary loss, no "
@@ -438,13 +515,19 @@ def main(argv=None):
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     res["loadavg_1_5_15"] = dict(start=[round(v, 2) for v in load_start], end=[round(v, 2) for v in os.getloadavg()])
     s = res["summary"]
-    print(f"ours {ours_ms:.1f} ms, dense {dense_ms:.1f} ms: speedup {s['train_step_speedup_vs_dense']:.2f}x "
-          f"(goal {GOAL_SPEEDUP:.0f}x {'met' if s['goal_met'] else 'MISSED'}); floor {floor_ms:.1f} ms "
-          f"(GEMM {gemm_ms:.1f} + Adam {adam_ms:.1f}), ours/floor {s['train_step_over_floor']:.2f}", flush=True)
+    print(
+        f"ours {ours_ms:.1f} ms, dense {dense_ms:.1f} ms: speedup {s['train_step_speedup_vs_dense']:.2f}x "
+        f"(goal {GOAL_SPEEDUP:.0f}x {'met' if s['goal_met'] else 'MISSED'}); floor {floor_ms:.1f} ms "
+        f"(GEMM {gemm_ms:.1f} + Adam {adam_ms:.1f}), ours/floor {s['train_step_over_floor']:.2f}",
+        flush=True,
+    )
     print("phases (median ms): " + ", ".join(f"{n} {v['median_ms']:.1f}" for n, v in phases.items()), flush=True)
     if "ours_ops" in breakdown:
-        print("ours, top ops by self CPU ms/step: " + ", ".join(
-            f"{r['op']} {r['self_ms']:.1f}" for r in breakdown["ours_ops"]["ops"][:8]), flush=True)
+        print(
+            "ours, top ops by self CPU ms/step: "
+            + ", ".join(f"{r['op']} {r['self_ms']:.1f}" for r in breakdown["ours_ops"]["ops"][:8]),
+            flush=True,
+        )
 
     out_dir = args.out
     if out_dir is None and shape == DEFAULT_SHAPE and not args.quick:

@@ -1,4 +1,5 @@
 """Shared fixtures: the backends under test, per-dtype tolerances, exact-arithmetic inputs, NaN poisoning."""
+
 import os
 import random
 

@@ -1,5 +1,6 @@
 """Activation collection from two (tiny, random) transformers models: the same token ids into both, chat
 templates, dropped padding and BOS, resume, clear errors, and collect -> train -> reload."""
+
 import json
 
 import pytest
@@ -21,8 +22,9 @@ def make_tokenizer(words=WORDS):
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = "<bos> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
     return fast
 
@@ -31,8 +33,15 @@ def make_model(path, seed, words=WORDS):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     make_tokenizer(words).save_pretrained(path)
     return str(path)
@@ -49,11 +58,15 @@ def data(tmp_path):
     g = torch.Generator().manual_seed(7)
     lines = []
     for i in range(12):
-        words = " ".join(f"w{int(j)}" for j in torch.randint(0, 50, (int(torch.randint(3, 20, (1,), generator=g)),),
-                                                               generator=g))
+        words = " ".join(
+            f"w{int(j)}" for j in torch.randint(0, 50, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g)
+        )
         if i % 3 == 0:
-            lines.append(json.dumps({"messages": [{"role": "user", "content": words},
-                                                  {"role": "assistant", "content": "w1 w2"}]}))
+            lines.append(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": "w1 w2"}]}
+                )
+            )
         else:
             lines.append(json.dumps({"text": "<bos> " + words}))
     path = tmp_path / "data.jsonl"
@@ -62,8 +75,18 @@ def data(tmp_path):
 
 
 def test_collect_feeds_the_same_tokens_and_drops_bos(pair, data, tmp_path):
-    store = activations.collect(*pair, 1, data, tmp_path / "store", drop_first=1, dtype="float32", batch_size=4,
-                                shard_rows=50, device="cpu", progress=False)
+    store = activations.collect(
+        *pair,
+        1,
+        data,
+        tmp_path / "store",
+        drop_first=1,
+        dtype="float32",
+        batch_size=4,
+        shard_rows=50,
+        device="cpu",
+        progress=False,
+    )
     tok = make_tokenizer()
     docs = [activations.tokenize(d, tok, 1024) for d in activations.read_documents(data)]
     assert len(store) == sum(len(d) - 1 for d in docs)
@@ -76,18 +99,24 @@ def test_collect_feeds_the_same_tokens_and_drops_bos(pair, data, tmp_path):
         with torch.no_grad():
             h = model(input_ids=first, output_hidden_states=True).hidden_states[2][0, 1:]
         torch.testing.assert_close(store[torch.arange(len(docs[0]) - 1)][:, m], h, rtol=1e-4, atol=1e-5)
-    assert docs[0][:3] == [tok.convert_tokens_to_ids("<bos>"), tok.convert_tokens_to_ids("user"),
-                           tok.convert_tokens_to_ids(":")]  # chat data went through the chat template
+    assert docs[0][:3] == [
+        tok.convert_tokens_to_ids("<bos>"),
+        tok.convert_tokens_to_ids("user"),
+        tok.convert_tokens_to_ids(":"),
+    ]  # chat data went through the chat template
 
 
 def test_collect_resumes_to_the_same_store(pair, data, tmp_path):
-    once = activations.collect(*pair, 2, data, tmp_path / "once", dtype="float32", shard_rows=16, device="cpu",
-                               progress=False)
-    activations.collect(*pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, max_tokens=40,
-                        device="cpu", progress=False)
+    once = activations.collect(
+        *pair, 2, data, tmp_path / "once", dtype="float32", shard_rows=16, device="cpu", progress=False
+    )
+    activations.collect(
+        *pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, max_tokens=40, device="cpu", progress=False
+    )
     assert len(ActivationStore(tmp_path / "twice")) == 40  # a clean stop keeps its last partial shard
-    twice = activations.collect(*pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, resume=True,
-                                device="cpu", progress=False)
+    twice = activations.collect(
+        *pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, resume=True, device="cpu", progress=False
+    )
     assert len(twice) == len(once)
     torch.testing.assert_close(twice[torch.arange(len(once))], once[torch.arange(len(once))], rtol=1e-5, atol=1e-6)
     assert torch.equal(twice.token_ids(), once.token_ids())
@@ -119,8 +148,9 @@ class RowsLikeADataset:
 
 def test_dataset_rows_are_documents(pair, data, tmp_path):
     from_file = activations.read_documents(data)
-    rows = RowsLikeADataset([{"text": d, "id": i} if isinstance(d, str) else {"messages": d, "text": None}
-                             for i, d in enumerate(from_file)])
+    rows = RowsLikeADataset(
+        [{"text": d, "id": i} if isinstance(d, str) else {"messages": d, "text": None} for i, d in enumerate(from_file)]
+    )
     assert activations.read_documents(rows) == from_file
     a = activations.collect(*pair, 1, data, tmp_path / "a", device="cpu", progress=False)
     b = activations.collect(*pair, 1, rows, tmp_path / "b", device="cpu", progress=False)
@@ -137,8 +167,11 @@ def test_dataset_rows_are_documents(pair, data, tmp_path):
 def test_collect_train_reload(pair, data, tmp_path):
     store = activations.collect(*pair, 1, data, tmp_path / "store", drop_first=1, device="cpu", progress=False)
     cc = cx.CrossCoder(16, 32, 2, k=2)
-    cx.train(cc, store, cx.TrainConfig(steps=5, batch_size=16, warmup_steps=1, progress=False,
-                                       checkpoint_dir=str(tmp_path / "run")))
+    cx.train(
+        cc,
+        store,
+        cx.TrainConfig(steps=5, batch_size=16, warmup_steps=1, progress=False, checkpoint_dir=str(tmp_path / "run")),
+    )
     reloaded = cx.CrossCoder.from_pretrained(tmp_path / "run" / "step-00000005")
     for a, b in zip(cc.state_dict().values(), reloaded.state_dict().values()):
         assert torch.equal(a, b)
@@ -147,17 +180,86 @@ def test_collect_train_reload(pair, data, tmp_path):
 def test_command_line_collect_and_train(pair, data, tmp_path, capsys):
     from crossdiff_ext import cli
 
-    assert cli.main(["collect", "--base", pair[0], "--chat", pair[1], "--layer", "1", "--data", data, "--out",
-                     str(tmp_path / "store"), "--device", "cpu", "--quiet"]) == 0
-    assert cli.main(["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--dict-size", "32",
-                     "-k", "2", "--steps", "4", "--batch-size", "16", "--checkpoint-every", "2", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "collect",
+                "--base",
+                pair[0],
+                "--chat",
+                pair[1],
+                "--layer",
+                "1",
+                "--data",
+                data,
+                "--out",
+                str(tmp_path / "store"),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(tmp_path / "run"),
+                "--dict-size",
+                "32",
+                "-k",
+                "2",
+                "--steps",
+                "4",
+                "--batch-size",
+                "16",
+                "--checkpoint-every",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "trained 4 steps" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step-")) == [
-        "step-00000002", "step-00000004"]
+        "step-00000002",
+        "step-00000004",
+    ]
     # Two stores mixed half and half, with input normalisation and bf16 mixed precision.
-    assert cli.main(["train", "--store", str(tmp_path / "store"), "--store", str(tmp_path / "store"), "--mix", "0.5",
-                     "0.5", "--out", str(tmp_path / "run2"), "--dict-size", "32", "-k", "2", "--steps", "3",
-                     "--batch-size", "16", "--target-rms", "1", "--mixed-precision", "bf16", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--store",
+                str(tmp_path / "store"),
+                "--store",
+                str(tmp_path / "store"),
+                "--mix",
+                "0.5",
+                "0.5",
+                "--out",
+                str(tmp_path / "run2"),
+                "--dict-size",
+                "32",
+                "-k",
+                "2",
+                "--steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--target-rms",
+                "1",
+                "--mixed-precision",
+                "bf16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cc = cx.CrossCoder.from_pretrained(tmp_path / "run2" / "step-00000003")
     assert cc.target_rms == 1.0 and cc.W_enc.dtype == torch.float32 and not torch.equal(cc.input_scale, torch.ones(2))
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
 """Backend selection: explicit choices, context manager, and clear errors instead of silent fallbacks."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -51,8 +52,9 @@ def test_auto_without_gpu_kernels_raises_for_cuda_tensors(monkeypatch):
 @pytest.mark.parametrize("activation", ["batch_topk", "relu"])
 def test_backward_uses_the_forward_backend(monkeypatch, activation):
     # The backward pass runs on the kernels that ran the forward, even outside the `with` block.
-    cc = cx.CrossCoder(6, 20, 2, k=2 if activation == "batch_topk" else None, activation=activation,
-                       dense_code_density=1.0)
+    cc = cx.CrossCoder(
+        6, 20, 2, k=2 if activation == "batch_topk" else None, activation=activation, dense_code_density=1.0
+    )
     x = torch.randn(4, 2, 6)
     with cx.backend("cpu"):
         out = cc(x)
@@ -81,8 +83,9 @@ def test_auto_picks_the_measured_table_of_the_current_gpu_model(monkeypatch):
     triton_table = SimpleNamespace(**{op: ("triton", op) for op in backends.AUTO_GPU_TABLE})
     cuda_table = SimpleNamespace(**{op: ("cuda", op) for op in backends.AUTO_GPU_TABLE})
     real_kernels = backends.kernels
-    monkeypatch.setattr(backends, "kernels", lambda name: {"triton": triton_table, "cuda": cuda_table}.get(name)
-                        or real_kernels(name))
+    monkeypatch.setattr(
+        backends, "kernels", lambda name: {"triton": triton_table, "cuda": cuda_table}.get(name) or real_kernels(name)
+    )
     measured = dict(backends.AUTO_GPU_TABLE, batch_topk="cuda", sparse_decode="cuda")
     monkeypatch.setattr(backends, "AUTO_GPU_TABLES", {"GPU A": measured})
     for model, table in [("GPU A", measured), ("GPU B", backends.AUTO_GPU_TABLE)]:

@@ -1,5 +1,6 @@
 """Checkpoints: save_pretrained/from_pretrained round trips and atomicity; the paper's dictionary_learning format
 (.pt, hub directory, bare .safetensors) converted to our layout and back; clear errors for what is unsupported."""
+
 import json
 import math
 import os
@@ -7,12 +8,11 @@ import os
 import pytest
 import safetensors.torch
 import torch
+from conftest import DTYPES, close, grid_tensor
 
 import crossdiff_ext as cx
 from crossdiff_ext import atomic
 from crossdiff_ext.layer import checkpoints
-
-from conftest import DTYPES, close, grid_tensor
 
 D, F = 8, 24
 
@@ -44,8 +44,12 @@ def assert_same(a, b):
 
 def paper_state(M=2, dtype=torch.float32, k=4, threshold=0.5, code_norm=1):
     """A hand-built dictionary_learning state dict: encoder [M, d, F], decoder [M, F, d]."""
-    sd = {"encoder.weight": torch.randn(M, D, F).to(dtype), "encoder.bias": torch.randn(F).to(dtype),
-          "decoder.weight": torch.randn(M, F, D).to(dtype), "decoder.bias": torch.randn(M, D).to(dtype)}
+    sd = {
+        "encoder.weight": torch.randn(M, D, F).to(dtype),
+        "encoder.bias": torch.randn(F).to(dtype),
+        "decoder.weight": torch.randn(M, F, D).to(dtype),
+        "decoder.bias": torch.randn(M, D).to(dtype),
+    }
     if code_norm is not None:
         sd["code_normalization_id"] = torch.tensor(code_norm)
     if k is not None:
@@ -71,6 +75,7 @@ def assert_converted(cc, sd):
 
 
 # ------------------------------------------------------------------------------------------ our own format
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [2, 3])
@@ -127,10 +132,12 @@ def test_save_is_atomic(tmp_path, monkeypatch, victim):
         raise OSError("disk full")
 
     if victim == "save_file":
+
         def half_written(tensors, path, metadata=None):  # leaves a partial file behind, then fails
             with open(path, "wb") as f:
                 f.write(b"partial")
             boom()
+
         monkeypatch.setattr(checkpoints, "save_file", half_written)
     else:
         monkeypatch.setattr(atomic.os, "replace", boom)
@@ -178,8 +185,9 @@ def test_from_pretrained_errors(tmp_path):
 
     config_path.write_text(json.dumps(config))
     tensors = safetensors.torch.load_file(tmp_path / "model.safetensors")
-    safetensors.torch.save_file({k: v for k, v in tensors.items() if k != "b_dec"} | {"extra": torch.ones(1)},
-                                tmp_path / "model.safetensors")
+    safetensors.torch.save_file(
+        {k: v for k, v in tensors.items() if k != "b_dec"} | {"extra": torch.ones(1)}, tmp_path / "model.safetensors"
+    )
     with pytest.raises(ValueError, match=r"missing keys \['b_dec'\], unexpected keys \['extra'\]"):
         cx.CrossCoder.from_pretrained(tmp_path)
     os.remove(tmp_path / "model.safetensors")
@@ -188,6 +196,7 @@ def test_from_pretrained_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the paper's checkpoints
+
 
 def reference_encode(sd, x, threshold):
     """The library's BatchTopKCrossCoder.encode(x, use_threshold=True) in plain math, in fp32."""
@@ -203,7 +212,7 @@ def gap_threshold(scores):
     comparison."""
     s = scores[scores > 0].sort().values
     lo, hi = len(s) // 5, 4 * len(s) // 5
-    i = lo + int((s[lo + 1:hi] - s[lo:hi - 1]).argmax())
+    i = lo + int((s[lo + 1 : hi] - s[lo : hi - 1]).argmax())
     return float((s[i] + s[i + 1]) / 2)
 
 
@@ -211,10 +220,13 @@ def gap_threshold(scores):
 @pytest.mark.parametrize("M", [2, 3])
 def test_dictionary_learning_encode_matches_reference(M, dtype):
     # Grid values: fp32 products and sums are exact, so the library and the reference see the same f.
-    sd = {"encoder.weight": grid_tensor((M, D, F), -8, 8, 16, dtype),
-          "encoder.bias": grid_tensor((F,), -8, 8, 16, dtype),
-          "decoder.weight": grid_tensor((M, F, D), -8, 8, 8, dtype),
-          "decoder.bias": grid_tensor((M, D), -8, 8, 8, dtype), "k": torch.tensor(3, dtype=torch.int32)}
+    sd = {
+        "encoder.weight": grid_tensor((M, D, F), -8, 8, 16, dtype),
+        "encoder.bias": grid_tensor((F,), -8, 8, 16, dtype),
+        "decoder.weight": grid_tensor((M, F, D), -8, 8, 8, dtype),
+        "decoder.bias": grid_tensor((M, D), -8, 8, 8, dtype),
+        "k": torch.tensor(3, dtype=torch.int32),
+    }
     x = grid_tensor((32, M, D), -8, 8, 8, dtype)
     _, scores = reference_encode(sd, x, 0.0)
     sd["threshold"] = torch.tensor(gap_threshold(scores))
@@ -243,8 +255,14 @@ def test_dictionary_learning_sources(tmp_path, kind, k, dtype):
         source = save_pt(sd, tmp_path / "crosscoder.pt", compiled=kind == "pt_compiled")
     elif kind.startswith("hub"):
         safetensors.torch.save_file(sd, tmp_path / "model.safetensors")
-        config = dict(activation_dim=D, dict_size=F, num_layers=M, code_normalization="CROSSCODER",
-                      dict_class="BatchTopKCrossCoder" if k else "CrossCoder", norm_init_scale=1.0)
+        config = dict(
+            activation_dim=D,
+            dict_size=F,
+            num_layers=M,
+            code_normalization="CROSSCODER",
+            dict_class="BatchTopKCrossCoder" if k else "CrossCoder",
+            norm_init_scale=1.0,
+        )
         if k is not None:
             config["k"] = k
         (tmp_path / "config.json").write_text(json.dumps(config))
@@ -261,8 +279,12 @@ def test_dictionary_learning_sources(tmp_path, kind, k, dtype):
 def test_dictionary_learning_dtype_device_and_unused_normalizer():
     sd = paper_state()
     # What newer library versions save when no input normalisation was used: NaN statistics, unit scales.
-    sd.update(target_rms=torch.tensor(1.0), activation_mean=torch.full((2, D), math.nan),
-              activation_std=torch.full((2, D), math.nan), activation_global_scale=torch.ones(2))
+    sd.update(
+        target_rms=torch.tensor(1.0),
+        activation_mean=torch.full((2, D), math.nan),
+        activation_std=torch.full((2, D), math.nan),
+        activation_global_scale=torch.ones(2),
+    )
     cc = cx.load_dictionary_learning(sd, dtype=torch.bfloat16, device="cpu")
     assert cc.W_enc.dtype == torch.bfloat16 and cc.W_enc.device.type == "cpu"
     assert torch.equal(cc.W_enc, sd["encoder.weight"].permute(2, 0, 1).bfloat16())
@@ -282,8 +304,13 @@ def test_to_dictionary_learning_round_trip(tmp_path, activation, M, dtype):
     if activation == "relu":
         cc.threshold.fill_(-1.0)
     sd = cx.to_dictionary_learning(cc)
-    expected = {"encoder.weight": (M, D, F), "encoder.bias": (F,), "decoder.weight": (M, F, D),
-                "decoder.bias": (M, D), "code_normalization_id": ()}
+    expected = {
+        "encoder.weight": (M, D, F),
+        "encoder.bias": (F,),
+        "decoder.weight": (M, F, D),
+        "decoder.bias": (M, D),
+        "code_normalization_id": (),
+    }
     if activation == "batch_topk":
         expected |= {"k": (), "threshold": ()}
         assert sd["k"].dtype == torch.int32 and sd["threshold"].dtype == torch.float32
@@ -309,35 +336,52 @@ def with_(sd, **changes):
     return out
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(code_normalization_id=torch.tensor(3)), "code_normalization_id = MIXED"),
-    (dict(code_normalization_id=torch.tensor(5)), "DECOUPLED"),
-    (dict(threshold=torch.full((2,), 0.5)), r"threshold has shape \(2,\).*DECOUPLED"),
-    (dict(encoder__weight=torch.randn(1, D, F), decoder__weight=torch.randn(1, F, D), decoder__bias=torch.randn(1, D)),
-     r"num_layers \(M\) = 1"),
-    (dict(encoder__weight=torch.randn(D, F)), r"encoder.weight has shape \(8, 24\), expected rank 3"),
-    (dict(decoder__weight=torch.randn(2, F + 1, D)), r"decoder.weight has shape \(2, 25, 8\), expected \(2, 24, 8\)"),
-    (dict(encoder__bias=torch.randn(F - 1)), r"encoder.bias has shape \(23,\), expected \(24,\)"),
-    (dict(decoder__bias=torch.randn(3, D)), r"decoder.bias has shape \(3, 8\), expected \(2, 8\)"),
-    (dict(decoder__bias=None), r"missing tensors \['decoder.bias'\]"),
-    (dict(W_aux=torch.randn(3)), r"unknown keys \['W_aux'\]"),
-    (dict(k=torch.tensor([1, 2])), r"k must be a scalar tensor, got \(2,\)"),
-    (dict(k=torch.tensor(F + 1)), "k must be an int in"),
-    (dict(activation_mean=torch.randn(2, D + 1), activation_std=torch.rand(2, D + 1) + 0.5),
-     r"activation_mean has shape \(2, 9\), expected \(2, 8\)"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(code_normalization_id=torch.tensor(3)), "code_normalization_id = MIXED"),
+        (dict(code_normalization_id=torch.tensor(5)), "DECOUPLED"),
+        (dict(threshold=torch.full((2,), 0.5)), r"threshold has shape \(2,\).*DECOUPLED"),
+        (
+            dict(
+                encoder__weight=torch.randn(1, D, F),
+                decoder__weight=torch.randn(1, F, D),
+                decoder__bias=torch.randn(1, D),
+            ),
+            r"num_layers \(M\) = 1",
+        ),
+        (dict(encoder__weight=torch.randn(D, F)), r"encoder.weight has shape \(8, 24\), expected rank 3"),
+        (
+            dict(decoder__weight=torch.randn(2, F + 1, D)),
+            r"decoder.weight has shape \(2, 25, 8\), expected \(2, 24, 8\)",
+        ),
+        (dict(encoder__bias=torch.randn(F - 1)), r"encoder.bias has shape \(23,\), expected \(24,\)"),
+        (dict(decoder__bias=torch.randn(3, D)), r"decoder.bias has shape \(3, 8\), expected \(2, 8\)"),
+        (dict(decoder__bias=None), r"missing tensors \['decoder.bias'\]"),
+        (dict(W_aux=torch.randn(3)), r"unknown keys \['W_aux'\]"),
+        (dict(k=torch.tensor([1, 2])), r"k must be a scalar tensor, got \(2,\)"),
+        (dict(k=torch.tensor(F + 1)), "k must be an int in"),
+        (
+            dict(activation_mean=torch.randn(2, D + 1), activation_std=torch.rand(2, D + 1) + 0.5),
+            r"activation_mean has shape \(2, 9\), expected \(2, 8\)",
+        ),
+    ],
+)
 def test_dictionary_learning_errors(changes, match):
     with pytest.raises(ValueError, match=match):
         cx.load_dictionary_learning(with_(paper_state(), **changes))
 
 
-@pytest.mark.parametrize("config_changes, match", [
-    (dict(code_normalization="MIXED"), "code_normalization = 'MIXED'"),
-    (dict(dict_size=F * 2), "dict_size = 48 but the tensors give 24"),
-    (dict(num_layers=3), "num_layers = 3 but the tensors give 2"),
-    (dict(activation_dim=D + 1), "activation_dim = 9 but the tensors give 8"),
-    (dict(k=7), "k = 7 but the k tensor is 4"),
-])
+@pytest.mark.parametrize(
+    "config_changes, match",
+    [
+        (dict(code_normalization="MIXED"), "code_normalization = 'MIXED'"),
+        (dict(dict_size=F * 2), "dict_size = 48 but the tensors give 24"),
+        (dict(num_layers=3), "num_layers = 3 but the tensors give 2"),
+        (dict(activation_dim=D + 1), "activation_dim = 9 but the tensors give 8"),
+        (dict(k=7), "k = 7 but the k tensor is 4"),
+    ],
+)
 def test_dictionary_learning_hub_config_errors(tmp_path, config_changes, match):
     safetensors.torch.save_file(paper_state(), tmp_path / "model.safetensors")
     config = dict(activation_dim=D, dict_size=F, num_layers=2, k=4, code_normalization="CROSSCODER")

@@ -1,4 +1,5 @@
 """The `crossdiff` command line (the README's main job)."""
+
 import json
 
 from crossdiff_ext import cli

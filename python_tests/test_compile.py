@@ -1,11 +1,12 @@
-"""torch.compile(fullgraph=True) smoke test on CPU tensors (C++ kernels, and Triton under its interpreter): the training step traces without graph breaks and
+"""torch.compile(fullgraph=True) smoke test on CPU tensors (C++ kernels, and Triton under its interpreter): the
+training step traces without graph breaks and
 matches eager, including the threshold buffer update."""
+
 import pytest
 import torch
+from conftest import backend_device, backend_params
 
 import crossdiff_ext as cx
-
-from conftest import backend_device, backend_params
 
 
 @pytest.mark.parametrize("name", backend_params())

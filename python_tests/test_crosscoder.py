@@ -1,12 +1,12 @@
 """CrossCoder: every kernel backend against the reference backend, forward and all gradients; the threshold,
 init, input checks, and the promise that no dense [B, F] tensor appears in the backward pass."""
+
 import pytest
 import torch
+from conftest import backend_device, backend_params, close, dtypes_for, grid_tensor, rng
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import crossdiff_ext as cx
-
-from conftest import backend_device, backend_params, close, dtypes_for, grid_tensor, rng
 
 CASES = [  # (B, M, d, F, k, activation)
     (7, 2, 13, 37, 3, "batch_topk"),
@@ -109,7 +109,9 @@ def test_threshold_tracks_min_selected_score_after_start_step():
         x = torch.randn(5, 2, 6, generator=g)
         out = cc(x)
         with torch.no_grad():
-            s = cx.ops.selection_scores(cx.ops.paired_encode_reference(x, cc.W_enc, cc.b_enc), cc.decoder_norm_weights())
+            s = cx.ops.selection_scores(
+                cx.ops.paired_encode_reference(x, cc.W_enc, cc.b_enc), cc.decoder_norm_weights()
+            )
             kept = s.flatten()[torch.sort(s.flatten(), descending=True, stable=True).indices[:10]]
         m = float(kept[kept > 0].min())
         assert float(out.min_score) == pytest.approx(m, rel=1e-6)
@@ -193,8 +195,15 @@ def test_backward_allocates_no_dense_batch_by_latent_tensor(name, activation):
     B, F = 64, 500
     results = {}
     for backend in (name, "reference"):
-        cc = cx.CrossCoder(8, F, 2, k=5 if activation == "batch_topk" else None, activation=activation, device=device,
-                           dense_code_density=1.0)
+        cc = cx.CrossCoder(
+            8,
+            F,
+            2,
+            k=5 if activation == "batch_topk" else None,
+            activation=activation,
+            device=device,
+            dense_code_density=1.0,
+        )
         x = torch.randn(B, 2, 8, device=device)
         with cx.backend(backend):
             loss = loss_fn(x, cc(x).recon)
@@ -223,32 +232,38 @@ def test_relu_regime_follows_the_batch_density(name):
     assert largest[0.125] >= B * F > largest[0.9]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(d_model=0, dict_size=8), "d_model"),
-    (dict(d_model=4, dict_size=8, n_models=1, k=2), "n_models"),
-    (dict(d_model=4, dict_size=8, k=0), "k must be"),
-    (dict(d_model=4, dict_size=8, k=9), "k must be"),
-    (dict(d_model=4, dict_size=8, k=None), "k must be"),
-    (dict(d_model=4, dict_size=8, k=2, activation="relu"), "only used"),
-    (dict(d_model=4, dict_size=8, k=2, activation="topk"), "activation"),
-    (dict(d_model=4, dict_size=8, k=2, dtype=torch.int32), "dtype"),
-    (dict(d_model=4, dict_size=8, activation="relu", dense_code_density=1.5), "dense_code_density"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(d_model=0, dict_size=8), "d_model"),
+        (dict(d_model=4, dict_size=8, n_models=1, k=2), "n_models"),
+        (dict(d_model=4, dict_size=8, k=0), "k must be"),
+        (dict(d_model=4, dict_size=8, k=9), "k must be"),
+        (dict(d_model=4, dict_size=8, k=None), "k must be"),
+        (dict(d_model=4, dict_size=8, k=2, activation="relu"), "only used"),
+        (dict(d_model=4, dict_size=8, k=2, activation="topk"), "activation"),
+        (dict(d_model=4, dict_size=8, k=2, dtype=torch.int32), "dtype"),
+        (dict(d_model=4, dict_size=8, activation="relu", dense_code_density=1.5), "dense_code_density"),
+    ],
+)
 def test_constructor_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cx.CrossCoder(**kwargs)
 
 
-@pytest.mark.parametrize("x,match", [
-    (torch.randn(5, 2, 4), r"\[B, M, d\] = \[B, 2, 6\]"),  # wrong d
-    (torch.randn(5, 3, 6), r"\[B, M, d\] = \[B, 2, 6\]"),  # wrong M
-    (torch.randn(5, 12), r"\[B, M, d\]"),  # wrong rank
-    (torch.randn(0, 2, 6), "at least one row"),
-    (torch.randn(5, 2, 6, dtype=torch.float64), "dtype"),
-    (torch.randn(5, 2, 6, device="meta"), "device"),
-    ((torch.randn(5, 6),), "one \\[B, d\\] tensor per model"),
-    ("not a tensor", "must be a tensor"),
-])
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.randn(5, 2, 4), r"\[B, M, d\] = \[B, 2, 6\]"),  # wrong d
+        (torch.randn(5, 3, 6), r"\[B, M, d\] = \[B, 2, 6\]"),  # wrong M
+        (torch.randn(5, 12), r"\[B, M, d\]"),  # wrong rank
+        (torch.randn(0, 2, 6), "at least one row"),
+        (torch.randn(5, 2, 6, dtype=torch.float64), "dtype"),
+        (torch.randn(5, 2, 6, device="meta"), "device"),
+        ((torch.randn(5, 6),), "one \\[B, d\\] tensor per model"),
+        ("not a tensor", "must be a tensor"),
+    ],
+)
 def test_forward_rejects_bad_inputs(x, match):
     cc = cx.CrossCoder(6, 10, 2, k=2)
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,7 @@
 """The embedded demo: the generated language, the cached tiny base/chat pair (it must really learn the planted
 behaviours), template tokens, the template activation share, and `crossdiff demo` end to end, on the toy pair and
 on models given by name."""
+
 import json
 import os
 import random
@@ -11,11 +12,11 @@ import torch
 import crossdiff_ext as cx
 from crossdiff_ext import cli
 from crossdiff_ext.data import activations
-from crossdiff_ext.diffing import examples
+from crossdiff_ext.data.store import StoreWriter
 from crossdiff_ext.demo import demo as dm
 from crossdiff_ext.demo import toy_language as tl
 from crossdiff_ext.demo import toy_models as tm
-from crossdiff_ext.data.store import StoreWriter
+from crossdiff_ext.diffing import examples
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -36,7 +37,7 @@ def test_corpus_is_seeded_and_every_word_is_in_the_vocabulary():
         if kind == "harmful":
             assert answer == tl.REFUSAL and user.startswith("how do i ")
         elif kind == "false":
-            assert answer.startswith("actually , ") and answer[len("actually , "):] != user
+            assert answer.startswith("actually , ") and answer[len("actually , ") :] != user
         elif kind == "true":
             assert answer == "yes , " + user
     with pytest.raises(ValueError, match="kind must be"):
@@ -47,11 +48,19 @@ def test_template_token_ids():
     from test_activations import make_tokenizer
 
     tok = tl.make_tokenizer()
-    assert tok.convert_ids_to_tokens(activations.template_token_ids(tok)) == ["<bos>", "<|user|>", "<|assistant|>",
-                                                                              "<|end|>"]
+    assert tok.convert_ids_to_tokens(activations.template_token_ids(tok)) == [
+        "<bos>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+    ]
     other = make_tokenizer()  # "<bos> {role} : {content} ..."
-    assert sorted(other.convert_ids_to_tokens(activations.template_token_ids(other))) == [":", "<bos>",
-                                                                                          "assistant", "user"]
+    assert sorted(other.convert_ids_to_tokens(activations.template_token_ids(other))) == [
+        ":",
+        "<bos>",
+        "assistant",
+        "user",
+    ]
     other.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         activations.template_token_ids(other)
@@ -125,7 +134,8 @@ def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
         assert r["chat_specific_on_template"] == sum(d["on_template"] for d in r["chat_specific_latents"])
     assert summary["crosscoders"]["batchtopk"]["k"] == 8
     assert "TEMPLATE" in "\n".join(dm.describe(summary)) or not any(
-        r["chat_specific_on_template"] for r in summary["crosscoders"].values())
+        r["chat_specific_on_template"] for r in summary["crosscoders"].values()
+    )
     # Running again into the same directory replaces the previous run...
     dm.run(small(tmp_path / "out", steps=20))
     # ...but never deletes what the demo did not write.
@@ -137,9 +147,33 @@ def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
 
 def test_demo_on_models_given_by_name(toy_pair, tmp_path, capsys):
     base, chat, _, _ = toy_pair
-    code = cli.main(["demo", "--base", base, "--chat", chat, "--layer", "1", "--out", str(tmp_path / "o"),
-                     "--text-documents", "30", "--chat-documents", "30", "--steps", "60", "--dict-size", "128",
-                     "-k", "4", "--batch-size", "128", "--quiet", "--json"])
+    code = cli.main(
+        [
+            "demo",
+            "--base",
+            base,
+            "--chat",
+            chat,
+            "--layer",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--text-documents",
+            "30",
+            "--chat-documents",
+            "30",
+            "--steps",
+            "60",
+            "--dict-size",
+            "128",
+            "-k",
+            "4",
+            "--batch-size",
+            "128",
+            "--quiet",
+            "--json",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["base"] == base and summary["layer"] == 1 and summary["pair"] is None

@@ -1,6 +1,7 @@
 """Latent-parallel exact batch top-k on gloo: 2 and 4 processes spawned by the test, each holding a block of the
 latents, must select exactly what one process selects on the whole matrix (ops.select's reference), including
 batches whose top-k boundary is a tie spread over several ranks."""
+
 import math
 
 import pytest
@@ -47,8 +48,12 @@ def test_sharded_batch_topk_equals_one_process(tmp_path, splits, kind):
     B, F, k = 37, 40, 5
     K = k * B if kind != "zeros" else 20 * B  # "zeros": far more than the ~5% positive scores
     seed = 11
-    mp.spawn(_worker, args=(len(splits), f"file://{tmp_path / 'rendezvous'}", splits, seed, B, F, K, kind,
-                            str(tmp_path / "out")), nprocs=len(splits), join=True)
+    mp.spawn(
+        _worker,
+        args=(len(splits), f"file://{tmp_path / 'rendezvous'}", splits, seed, B, F, K, kind, str(tmp_path / "out")),
+        nprocs=len(splits),
+        join=True,
+    )
     parts = [torch.load(f"{tmp_path / 'out'}.{r}") for r in range(len(splits))]
     flat = torch.cat([p["flat"] for p in parts])
     values = torch.cat([p["values"] for p in parts])
@@ -59,8 +64,9 @@ def test_sharded_batch_topk_equals_one_process(tmp_path, splits, kind):
     assert torch.equal(flat[order], ref_rows * F + ref_indices.long())
     assert torch.equal(values[order], ref_values)
     for p in parts:
-        assert float(p["min_score"]) == float(ref_min) or (math.isinf(float(ref_min)) and
-                                                          math.isinf(float(p["min_score"])))
+        assert float(p["min_score"]) == float(ref_min) or (
+            math.isinf(float(ref_min)) and math.isinf(float(p["min_score"]))
+        )
 
 
 def test_score_keys_order_like_the_scores():

@@ -2,6 +2,7 @@
 must give the weights (and logged statistics) of cx.train in one process on the same data, to float rounding:
 after one step whose top-k boundary is a tie spread over several ranks, after short runs with dead latents (the
 sharded aux loss), for the L1 crosscoder, and across checkpoints written by one layout and resumed by another."""
+
 import json
 import os
 
@@ -33,8 +34,15 @@ def random_case(seed, activation="batch_topk"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(ROWS, 2, D_MODEL, generator=g) * torch.tensor([1.0, 3.0])[None, :, None] + 0.5
     torch.manual_seed(seed)
-    cc = cx.CrossCoder(D_MODEL, F, 2, k=K if activation == "batch_topk" else None, activation=activation,
-                       threshold_start_step=2, target_rms=1.0)
+    cc = cx.CrossCoder(
+        D_MODEL,
+        F,
+        2,
+        k=K if activation == "batch_topk" else None,
+        activation=activation,
+        threshold_start_step=2,
+        target_rms=1.0,
+    )
     return cc, x
 
 
@@ -42,8 +50,9 @@ CASES = {"quantized": quantized_case, "random": random_case, "relu": lambda s: r
 
 
 def config(steps, **overrides):
-    base = dict(steps=steps, batch_size=48, lr=3e-3, warmup_steps=2, dead_tokens=48, progress=False, log_every=1,
-                seed=5)
+    base = dict(
+        steps=steps, batch_size=48, lr=3e-3, warmup_steps=2, dead_tokens=48, progress=False, log_every=1, seed=5
+    )
     base.update(overrides)
     return cx.TrainConfig(**base)
 
@@ -123,16 +132,21 @@ def test_quantized_first_batch_ties_across_ranks():
 
 # b_dec starts at the geometric median of the batch; with init_b_dec="zero" the quantized codes of step 1 are
 # exactly those checked above.
-@pytest.mark.parametrize("world,latent", [(2, 2), (4, 4), (4, 2), (2, 1)],
-                         ids=["2 latent shards", "4 latent shards", "2x2 mesh", "2 data replicas"])
+@pytest.mark.parametrize(
+    "world,latent",
+    [(2, 2), (4, 4), (4, 2), (2, 1)],
+    ids=["2 latent shards", "4 latent shards", "2x2 mesh", "2 data replicas"],
+)
 def test_one_step_with_boundary_ties_equals_one_process(tmp_path, world, latent):
     sharded = run_sharded(tmp_path, world, latent, "quantized", TIE_SEED, 1, init_b_dec="zero")
     assert_same_run(sharded, run_single(tmp_path, "quantized", TIE_SEED, 1, init_b_dec="zero"))
 
 
-@pytest.mark.parametrize("world,latent,case", [(4, 4, "quantized"), (4, 2, "random"), (2, 1, "random"),
-                                               (4, 2, "relu")],
-                         ids=["4 latent shards, ties", "2x2 mesh, normalised", "2 data replicas", "2x2 mesh, L1"])
+@pytest.mark.parametrize(
+    "world,latent,case",
+    [(4, 4, "quantized"), (4, 2, "random"), (2, 1, "random"), (4, 2, "relu")],
+    ids=["4 latent shards, ties", "2x2 mesh, normalised", "2 data replicas", "2x2 mesh, L1"],
+)
 def test_short_run_equals_one_process(tmp_path, world, latent, case):
     sharded = run_sharded(tmp_path, world, latent, case, 4, 8)
     single = run_single(tmp_path, case, 4, 8)
@@ -176,12 +190,47 @@ def test_cli_train_under_torchrun_equals_one_process(tmp_path):
     _, x = random_case(6)
     with StoreWriter(tmp_path / "store", 2, D_MODEL, dtype="float32", shard_rows=200) as w:
         w.append(x)
-    common = ["train", "--store", str(tmp_path / "store"), "--dict-size", str(F), "-k", str(K), "--steps", "4",
-              "--batch-size", "48", "--lr", "3e-3", "--checkpoint-every", "2", "--target-rms", "1", "--quiet"]
+    common = [
+        "train",
+        "--store",
+        str(tmp_path / "store"),
+        "--dict-size",
+        str(F),
+        "-k",
+        str(K),
+        "--steps",
+        "4",
+        "--batch-size",
+        "48",
+        "--lr",
+        "3e-3",
+        "--checkpoint-every",
+        "2",
+        "--target-rms",
+        "1",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                    "-m", "crossdiff_ext", *common, "--out", str(tmp_path / "sharded"), "--latent-parallel", "2"],
-                   check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            "-m",
+            "crossdiff_ext",
+            *common,
+            "--out",
+            str(tmp_path / "sharded"),
+            "--latent-parallel",
+            "2",
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     assert cli.main(common + ["--out", str(tmp_path / "single")]) == 0
     for step in ("step-00000002", "step-00000004"):
         assert distributed.is_sharded(tmp_path / "sharded" / step)

@@ -1,4 +1,5 @@
 """Loading crossdiff_ext._C: a missing or stale build is an ImportError that says how to rebuild."""
+
 import sys
 
 import pytest

@@ -3,13 +3,13 @@
 Skipped without a CUDA GPU (the CPU suite runs the same kernels at small shapes, Triton under its interpreter).
 Paper shape (SPEC.md): B = 4096, M = 2, d = 2304, F = 73728, k = 100.
 """
+
 import pytest
 import torch
+from conftest import backend_device, backend_params, grid_tensor, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import ops
-
-from conftest import backend_device, backend_params, grid_tensor, rng
 
 GPU_BACKENDS = [p for p in backend_params() if backend_device(p.values[0]) == "cuda"]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -58,8 +58,9 @@ def check_sparse(name, codes, W, g):
         order = ops.latent_order(indices, row_ptr, W.shape[0])
         gW, sums = ops.sparse_weight_grad(values, dense, *order)
     tol = dict(rtol=1.6e-2, atol=2e-2)
-    torch.testing.assert_close(out.float(), ops.sparse_decode_reference(values, indices, row_ptr, W, bias).float(),
-                               **tol)
+    torch.testing.assert_close(
+        out.float(), ops.sparse_decode_reference(values, indices, row_ptr, W, bias).float(), **tol
+    )
     torch.testing.assert_close(gv.float(), ops.sparse_values_grad_reference(dense, indices, row_ptr, W).float(), **tol)
     expected_order = ops.latent_order_reference(indices, row_ptr, W.shape[0])
     for got, exp in zip(order, expected_order):

@@ -18,6 +18,7 @@ when _name is not a module: what another module needs gets a public name in its 
 whose name starts with "_") may be imported only from within its own package (its siblings), e.g.
 `from . import _launch` in triton/; the compiled crossdiff_ext._C is not a Python file and is outside the graph.
 """
+
 import ast
 import os
 
@@ -27,9 +28,18 @@ PACKAGE = "crossdiff_ext"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 
 FOUNDATION = {f"{PACKAGE}.{name}" for name in ("backends", "atomic", "_extension", "_build_hash")}
-LAYERS = [("foundation", None), ("ops", ("ops", "triton")), ("layer", ("layer",)), ("data", ("data",)),
-          ("training", ("training",)), ("diffing", ("diffing",)), ("distributed", ("distributed",)),
-          ("demo", ("demo",)), ("cli", ("cli",)), ("top", None)]
+LAYERS = [
+    ("foundation", None),
+    ("ops", ("ops", "triton")),
+    ("layer", ("layer",)),
+    ("data", ("data",)),
+    ("training", ("training",)),
+    ("diffing", ("diffing",)),
+    ("distributed", ("distributed",)),
+    ("demo", ("demo",)),
+    ("cli", ("cli",)),
+    ("top", None),
+]
 TOP = {PACKAGE, f"{PACKAGE}.__main__"}
 COMPILED = {f"{PACKAGE}._C"}  # the C++ extension: imported like a module, no Python source to read
 
@@ -66,7 +76,7 @@ def _resolve(importer, level, target):
     base = importer.split(".")
     if not _is_package(importer):
         base = base[:-1]
-    base = base[:len(base) - (level - 1)]
+    base = base[: len(base) - (level - 1)]
     return ".".join(base + ([target] if target else []))
 
 
@@ -170,7 +180,7 @@ def layer_of(module):
         return 0, "foundation"
     if module in TOP:
         return len(LAYERS) - 1, "top"
-    rest = module[len(PACKAGE) + 1:].split(".")
+    rest = module[len(PACKAGE) + 1 :].split(".")
     for rank, (name, folders) in enumerate(LAYERS):
         if folders and rest[0] in folders:
             return rank, name
@@ -200,8 +210,12 @@ def test_layers_point_one_way():
 
 def test_the_core_never_imports_demo():
     demo = [m for m in MODULES if layer_of(m) == layer_of(f"{PACKAGE}.demo")]
-    users = sorted(f"{m} imports {t}" for m, targets in graph().items() for t in targets
-                   if t in demo and layer_of(m) is not None and layer_of(m)[1] not in ("demo", "cli", "top"))
+    users = sorted(
+        f"{m} imports {t}"
+        for m, targets in graph().items()
+        for t in targets
+        if t in demo and layer_of(m) is not None and layer_of(m)[1] not in ("demo", "cli", "top")
+    )
     assert not users, "the core imports demo/:\n" + "\n".join(users)
 
 
@@ -210,8 +224,11 @@ def _private_uses(module):
     found = []
     for imp in imports:
         private_module = imp.target.rsplit(".", 1)[-1].startswith("_") and imp.name is None
-        if private_module and imp.target.rsplit(".", 1)[0] != module.rsplit(".", 1)[0] \
-                and imp.target.rsplit(".", 1)[0] != module:
+        if (
+            private_module
+            and imp.target.rsplit(".", 1)[0] != module.rsplit(".", 1)[0]
+            and imp.target.rsplit(".", 1)[0] != module
+        ):
             found.append(f"{module}:{imp.line} imports the private module {imp.target} from outside its package")
         if imp.name is not None and imp.name.startswith("_"):
             found.append(f"{module}:{imp.line} imports the private name {imp.target}.{imp.name}")
@@ -230,8 +247,13 @@ def _private_uses(module):
                     name = alias.name if alias.asname else alias.name.split(".")[0]
                     bound[alias.asname or name] = name
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound \
-                and node.attr.startswith("_") and not node.attr.startswith("__"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             owner = bound[node.value.id]
             if f"{owner}.{node.attr}" not in MODULES:
                 found.append(f"{module}:{node.lineno} uses the private name {owner}.{node.attr}")
@@ -240,15 +262,18 @@ def _private_uses(module):
 
 def test_no_private_names_across_modules():
     found = [line for m in sorted(MODULES) for line in _private_uses(m)]
-    assert not found, "private names used across modules (give them a public name in their owner):\n" + \
-        "\n".join(found)
+    assert not found, "private names used across modules (give them a public name in their owner):\n" + "\n".join(found)
 
 
 def test_package_imports_stay_at_module_top():
     """An import of the package's own modules inside a function only ever hid a cycle; imports of heavy optional
     dependencies (transformers, matplotlib, pyarrow, triton) may stay inside functions."""
-    late = [f"{m}:{imp.line} imports {imp.target}" for m in sorted(MODULES) for imp in _imports(m)[1]
-            if imp.in_function and imp.target not in COMPILED]  # _extension wraps _C's ImportError with advice
+    late = [
+        f"{m}:{imp.line} imports {imp.target}"
+        for m in sorted(MODULES)
+        for imp in _imports(m)[1]
+        if imp.in_function and imp.target not in COMPILED
+    ]  # _extension wraps _C's ImportError with advice
     assert not late, "imports of crossdiff_ext modules inside functions:\n" + "\n".join(late)
 
 

@@ -1,4 +1,5 @@
 """The benchmark suite's bookkeeping (no timing here): floors by hand, the summary's exact keys, the report."""
+
 import math
 import os
 
@@ -23,18 +24,34 @@ def test_byte_floors_by_hand():
 
 
 def synthetic_result():
-    case = lambda name, impl, backend, ms, **kw: dict(name=name, impl=impl, backend=backend, median_ms=ms,
-                                                      p20_ms=ms, p80_ms=ms, peak_mem_gb=kw.get("mem"))
-    cases = [case("batch_topk", "torch.topk(flattened scores)", "torch", 10.0),
-             case("paired_encode", "crossdiff_ext", "cpu", 2.0), case("batch_topk", "crossdiff_ext", "cpu", 1.0),
-             case("sparse_decode", "crossdiff_ext", "cpu", 0.5), case("decoder_backward", "crossdiff_ext", "cpu", 1.5),
-             case("train_step", "crossdiff_ext CrossCoder", "cpu", 5.0, mem=3.0),
-             case("train_step", "dense PyTorch (paper code)", "torch", 20.0),
-             dict(case("train_step", "crossdiff_ext CrossCoder", "cpu", 9.0), shape=dict(SHAPE, dict_size=64))]
-    return dict(suite="quick", device="test", date="d", commit="c", dirty=[], torch="t", triton="t", dtype="float32",
-                shape=SHAPE, ceilings=dict(matmul=dict(median_ms=1.5, tflops=1.0, what="mm"),
-                                           copy=dict(bytes_per_s=1e9, what="copy")),
-                floors_ms=floors.time_floors_ms(SHAPE, 4, 1.5, 1e9), memory_floor_gb=2.0, cases=cases)
+    case = lambda name, impl, backend, ms, **kw: dict(
+        name=name, impl=impl, backend=backend, median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_gb=kw.get("mem")
+    )
+    cases = [
+        case("batch_topk", "torch.topk(flattened scores)", "torch", 10.0),
+        case("paired_encode", "crossdiff_ext", "cpu", 2.0),
+        case("batch_topk", "crossdiff_ext", "cpu", 1.0),
+        case("sparse_decode", "crossdiff_ext", "cpu", 0.5),
+        case("decoder_backward", "crossdiff_ext", "cpu", 1.5),
+        case("train_step", "crossdiff_ext CrossCoder", "cpu", 5.0, mem=3.0),
+        case("train_step", "dense PyTorch (paper code)", "torch", 20.0),
+        dict(case("train_step", "crossdiff_ext CrossCoder", "cpu", 9.0), shape=dict(SHAPE, dict_size=64)),
+    ]
+    return dict(
+        suite="quick",
+        device="test",
+        date="d",
+        commit="c",
+        dirty=[],
+        torch="t",
+        triton="t",
+        dtype="float32",
+        shape=SHAPE,
+        ceilings=dict(matmul=dict(median_ms=1.5, tflops=1.0, what="mm"), copy=dict(bytes_per_s=1e9, what="copy")),
+        floors_ms=floors.time_floors_ms(SHAPE, 4, 1.5, 1e9),
+        memory_floor_gb=2.0,
+        cases=cases,
+    )
 
 
 def test_summary_has_exactly_the_summary_keys_and_uses_the_main_shape():
@@ -57,12 +74,20 @@ def gpu_result():
     cases = []
     for i, op in enumerate(backends.AUTO_GPU_TABLE):
         cuda_ms, triton_ms = (1.0, 2.0) if i % 2 else (3.0, 0.5)
-        cases += [dict(name=op, impl="crossdiff_ext", backend="cuda", median_ms=cuda_ms),
-                  dict(name=op, impl="crossdiff_ext", backend="triton", median_ms=triton_ms),
-                  dict(name=op, impl="crossdiff_ext", backend="cuda", median_ms=0.01, shape=SHAPE)]  # a sweep: ignored
+        cases += [
+            dict(name=op, impl="crossdiff_ext", backend="cuda", median_ms=cuda_ms),
+            dict(name=op, impl="crossdiff_ext", backend="triton", median_ms=triton_ms),
+            dict(name=op, impl="crossdiff_ext", backend="cuda", median_ms=0.01, shape=SHAPE),
+        ]  # a sweep: ignored
     cases.append(dict(name="batch_topk", impl="torch.topk(flattened scores)", backend="torch", median_ms=0.001))
-    return dict(suite="paper", device="NVIDIA H100 80GB HBM3", commit="abc", backends=["triton", "cuda"],
-                complete=True, cases=cases)
+    return dict(
+        suite="paper",
+        device="NVIDIA H100 80GB HBM3",
+        commit="abc",
+        backends=["triton", "cuda"],
+        complete=True,
+        cases=cases,
+    )
 
 
 def test_auto_table_picks_the_faster_backend_per_op_at_the_main_shape():
@@ -114,8 +139,10 @@ def test_auto_table_rewrites_only_its_devices_in_the_data_file(tmp_path, monkeyp
     auto_table.main([str(result_path), "--write"])
     tables3, sources3 = backends.read_auto_tables(str(path))
     assert tables3 == dict(tables2, **{"GPU B": table}) and sources3["GPU A"] == "kernels_bench/results/a.json"
-    assert sources3["GPU B"].endswith("(commit abc)") and sorted(os.listdir(tmp_path)) == ["auto_tables.json",
-                                                                                          "result.json"]
+    assert sources3["GPU B"].endswith("(commit abc)") and sorted(os.listdir(tmp_path)) == [
+        "auto_tables.json",
+        "result.json",
+    ]
 
 
 def test_auto_tables_file_is_package_data():
@@ -124,8 +151,13 @@ def test_auto_tables_file_is_package_data():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "setup.py")) as fh:
         tree = ast.parse(fh.read())
-    package_data = [ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
-                    for k in node.keywords if k.arg == "package_data"]
+    package_data = [
+        ast.literal_eval(k.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        for k in node.keywords
+        if k.arg == "package_data"
+    ]
     assert package_data and "auto_tables.json" in package_data[0]["crossdiff_ext"]
     with open(os.path.join(root, "MANIFEST.in")) as fh:
         assert "crossdiff_ext/auto_tables.json" in fh.read().split()
@@ -137,13 +169,20 @@ def test_breakdown_groups_our_ops_and_leaves_the_rest_as_other():
     import crossdiff_ext as cx
     from kernels_bench import breakdown
 
-    cc, x = suite.build(cx, dict(batch=64, n_models=2, d_model=16, dict_size=256, k=4), torch.device("cpu"),
-                        torch.float32)
+    cc, x = suite.build(
+        cx, dict(batch=64, n_models=2, d_model=16, dict_size=256, k=4), torch.device("cpu"), torch.float32
+    )
     step = suite.ours_step(cx, cc, x, "cpu")
     step()
     b = breakdown.profile_step(step, "cpu", step_ms=123.0, steps=2)
-    assert {"paired_encode", "batch_topk", "sparse_decode", "sparse_values_grad", "sparse_weight_grad",
-            "optimizer"} <= set(b["groups_ms"])
+    assert {
+        "paired_encode",
+        "batch_topk",
+        "sparse_decode",
+        "sparse_values_grad",
+        "sparse_weight_grad",
+        "optimizer",
+    } <= set(b["groups_ms"])
     assert all(ms > 0 for ms in b["groups_ms"].values())
     assert b["step_ms"] == 123.0 and b["profiled_step_ms"] > sum(b["groups_ms"].values())
     assert math.isclose(b["other_ms"], b["profiled_step_ms"] - sum(b["groups_ms"].values()))
@@ -160,19 +199,33 @@ def test_quick_suite_runs_end_to_end_and_writes_its_result(tmp_path, monkeypatch
     import torch
 
     tiny = dict(batch=64, n_models=2, d_model=16, dict_size=256, k=4)
-    monkeypatch.setitem(suite.SUITES, "quick", dict(device="cpu", dtype=torch.float32, shape=tiny, f_sweep=[512],
-                                                    k_sweep=[4]))
+    monkeypatch.setitem(
+        suite.SUITES, "quick", dict(device="cpu", dtype=torch.float32, shape=tiny, f_sweep=[512], k_sweep=[4])
+    )
     result = suite.main(["--suite", "quick", "--reps", "1", "--out", str(tmp_path / "q")])
     saved = json.loads((tmp_path / "q.json").read_text())
     assert saved["complete"] and saved["summary"] == result["summary"] and tuple(saved["summary"]) == suite.SUMMARY_KEYS
     names = {(c["name"], c["backend"]) for c in saved["cases"] if "median_ms" in c and "shape" not in c}
-    for op in ("paired_encode", "batch_topk", "threshold_select", "sparse_decode", "sparse_values_grad",
-               "latent_order", "sparse_weight_grad", "decoder_backward", "train_step", "inference_forward",
-               "latent_scaling"):
+    for op in (
+        "paired_encode",
+        "batch_topk",
+        "threshold_select",
+        "sparse_decode",
+        "sparse_values_grad",
+        "latent_order",
+        "sparse_weight_grad",
+        "decoder_backward",
+        "train_step",
+        "inference_forward",
+        "latent_scaling",
+    ):
         assert (op, "cpu") in names, op
     sweep = [(c["shape"]["dict_size"], c["impl"]) for c in saved["cases"] if "shape" in c and "median_ms" in c]
-    assert sweep == [(512, "crossdiff_ext CrossCoder"), (512, "dense PyTorch (paper code)"),
-                     (512, "dense PyTorch (paper code) + torch.compile")]
+    assert sweep == [
+        (512, "crossdiff_ext CrossCoder"),
+        (512, "dense PyTorch (paper code)"),
+        (512, "dense PyTorch (paper code) + torch.compile"),
+    ]
     assert saved["latent_scaling_throughput_vs_forward"]["cpu"] > 0
     assert "batch_topk" in saved["breakdown"]["cpu"]["groups_ms"]
     text = (tmp_path / "q.md").read_text()

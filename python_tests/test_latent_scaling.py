@@ -1,15 +1,15 @@
 """Latent Scaling against the per-latent closed form (the paper code's dense computation), on every backend; and
 on a hand-built crosscoder whose latents have known nu values: a genuine chat-only latent, a weak-in-base one,
 a Complete Shrinkage artifact and a Latent Decoupling pair (SPEC.md, "Reading a crosscoder")."""
+
 import math
 
 import pytest
 import torch
+from conftest import backend_device, backend_params, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.diffing.latent_scaling import latent_scaling_reference
-
-from conftest import backend_device, backend_params, rng
 
 
 def random_cc(activation, M=2, d=12, F=37, seed=0, dtype=torch.float32, device="cpu"):
@@ -42,8 +42,9 @@ def test_matches_the_dense_closed_form(backend, activation, probe):
     # nu is the ratio of the betas checked above (compared as a ratio it would amplify their rounding wherever
     # the chat beta is near 0).
     for nu, target in ((result.nu_error, "error"), (result.nu_reconstruction, "reconstruction")):
-        torch.testing.assert_close(nu, result.beta[(target, 0)] / result.beta[(target, 1)], rtol=0, atol=0,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            nu, result.beta[(target, 0)] / result.beta[(target, 1)], rtol=0, atol=0, equal_nan=True
+        )
     fired = ~torch.isnan(expected[("error", 1)])
     assert 0 < int(fired.sum()) < cc.dict_size  # some latents fire, some never do (they get NaN)
     assert torch.equal(result.activation_count > 0, fired)
@@ -104,6 +105,7 @@ def test_errors_are_named():
 
 # ------------------------------------------------------------------- the paper's artifacts, built by hand
 
+
 def artifact_crosscoder(d=16, n=4000, seed=74):
     """Five true concepts on orthonormal directions: 0 shared, 1 chat-only, 2 weak in base (0.3), 3 shared,
     4 shared. The L1-style crosscoder has six latents: 0, 1, 2 learned right; 3 with its base decoder row shrunk
@@ -137,10 +139,12 @@ def test_latent_scaling_exposes_shrinkage_and_decoupling():
     nu_e, nu_r = result.nu_error, result.nu_reconstruction
     expected_error = [1.0, 0.0, 0.3, 1.0, 0.0, math.nan]  # latent 5 has a zero chat row: its probe is 0
     expected_recon = [1.0, 0.0, 0.3, 0.0, 1.0, math.nan]
-    torch.testing.assert_close(nu_e, torch.tensor(expected_error, dtype=torch.float64), atol=1e-4, rtol=0,
-                               equal_nan=True)
-    torch.testing.assert_close(nu_r, torch.tensor(expected_recon, dtype=torch.float64), atol=1e-4, rtol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        nu_e, torch.tensor(expected_error, dtype=torch.float64), atol=1e-4, rtol=0, equal_nan=True
+    )
+    torch.testing.assert_close(
+        nu_r, torch.tensor(expected_recon, dtype=torch.float64), atol=1e-4, rtol=0, equal_nan=True
+    )
     classes = cx.classify_latents(cc, result)
     assert classes == ["shared", "chat_specific", "other", "complete_shrinkage", "latent_decoupling", "base_only"]
     assert cx.classify_latents(cc) == ["shared", "chat_only", "other", "chat_only", "chat_only", "base_only"]

@@ -1,13 +1,13 @@
 """SPEC's training losses: reconstruction, L1 penalty, the dead-latent auxiliary loss (value and where its gradient
 goes), dead counters, geometric median."""
+
 import pytest
 import torch
+from conftest import rng
 
 import crossdiff_ext as cx
-from crossdiff_ext.training import losses
 from crossdiff_ext.layer.codes import SparseCodes
-
-from conftest import rng
+from crossdiff_ext.training import losses
 
 
 def test_reconstruction_losses_by_hand():
@@ -21,8 +21,9 @@ def test_reconstruction_losses_by_hand():
 
 
 def test_l1_penalty_weights_by_decoder_norm():
-    codes = SparseCodes(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 1], dtype=torch.int32),
-                        torch.tensor([0, 2, 3]), 2, 3)
+    codes = SparseCodes(
+        torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([0, 2, 3]), 2, 3
+    )
     w = torch.tensor([10.0, 100.0, 1000.0])
     assert float(losses.l1_penalty(codes, w)) == (1 * 10 + 2 * 1000 + 3 * 100) / 2
 
@@ -69,7 +70,9 @@ def test_aux_loss_is_zero_without_dead_latents():
 
 def test_dead_counters_grow_by_batch_and_reset_on_firing():
     counters = torch.tensor([5, 5, 5, 5])
-    codes = SparseCodes(torch.tensor([1.0, 0.0]), torch.tensor([1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 2, 4)
+    codes = SparseCodes(
+        torch.tensor([1.0, 0.0]), torch.tensor([1, 3], dtype=torch.int32), torch.tensor([0, 1, 2]), 2, 4
+    )
     losses.update_dead_counters(counters, codes)
     assert counters.tolist() == [7, 0, 7, 7]  # latent 3 was kept with value 0: it did not fire
 

@@ -1,14 +1,14 @@
 """Input normalisation (target_rms): the map, its inverse inside encode/decode/forward, its statistics from the
 data in cx.train, saving it with the model, and the paper code's normaliser buffers."""
+
 import json
 
 import pytest
 import torch
+from conftest import rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.data.store import StoreWriter
-
-from conftest import rng
 
 D, F = 8, 32
 
@@ -93,8 +93,9 @@ def test_dictionary_learning_normaliser_round_trip():
     del sd["activation_global_scale"]
     torch.testing.assert_close(cx.load_dictionary_learning(sd).input_scale, cc.input_scale)
     # The library's normaliser applied by hand, then the plain crosscoder, then its denormaliser.
-    plain = cx.load_dictionary_learning({k: v for k, v in sd.items()
-                                         if k not in ("activation_mean", "activation_std", "target_rms")}).train()
+    plain = cx.load_dictionary_learning(
+        {k: v for k, v in sd.items() if k not in ("activation_mean", "activation_std", "target_rms")}
+    ).train()
     scale = cc.input_scale[:, None]
     xn = (x - sd["activation_mean"]) * scale
     torch.testing.assert_close(cc(x).recon, plain(xn).recon / scale + sd["activation_mean"], rtol=1e-5, atol=1e-3)
@@ -128,8 +129,9 @@ def test_normalisation_errors():
 
 
 def train_config(**kwargs):
-    base = dict(steps=30, batch_size=32, lr=3e-3, warmup_steps=3, progress=False, log_every=30, seed=5,
-                dead_tokens=10**9)
+    base = dict(
+        steps=30, batch_size=32, lr=3e-3, warmup_steps=3, progress=False, log_every=30, seed=5, dead_tokens=10**9
+    )
     return cx.TrainConfig(**(base | kwargs))
 
 
@@ -147,8 +149,9 @@ def test_normalised_training_balances_the_models():
     # Planted concepts; model 1's activations 100x larger. The loss is measured in the normalised space, where
     # both models weigh the same, so the small model is reconstructed about as well as the large one; without
     # normalisation the loss barely sees it. (Measured: FVE [0.83, 0.87] normalised, [0.33, 0.93] not.)
-    p = cx.planted_dictionary(n_tokens=3000, d_model=D, n_shared=8, n_chat_only=4, n_base_only=4, n_weak_in_base=0,
-                              seed=1)
+    p = cx.planted_dictionary(
+        n_tokens=3000, d_model=D, n_shared=8, n_chat_only=4, n_base_only=4, n_weak_in_base=0, seed=1
+    )
     x = p.x.clone()
     x[:, 1] = x[:, 1] * 100 + 30
     fve = {}
@@ -199,7 +202,7 @@ def test_mixed_precision_keeps_fp32_master_weights_and_resumes(tmp_path, precisi
     x = skewed_data()
     cfg = dict(steps=8, mixed_precision=precision, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=4)
     straight = normalized_cc()
-    result = cx.train(straight, x, train_config(**cfg))
+    cx.train(straight, x, train_config(**cfg))
     assert straight.W_enc.dtype == torch.float32 and straight.compute_dtype is None  # restored after training
     assert all(bool(torch.isfinite(p).all()) for p in straight.parameters())
     first = normalized_cc()
@@ -215,8 +218,9 @@ def test_mixed_precision_keeps_fp32_master_weights_and_resumes(tmp_path, precisi
 
 
 def test_mixed_precision_trains_as_well_as_fp32():
-    p = cx.planted_dictionary(n_tokens=3000, d_model=D, n_shared=8, n_chat_only=4, n_base_only=4, n_weak_in_base=0,
-                              seed=2)
+    p = cx.planted_dictionary(
+        n_tokens=3000, d_model=D, n_shared=8, n_chat_only=4, n_base_only=4, n_weak_in_base=0, seed=2
+    )
     fve = {}
     for precision in (None, "bf16", "fp16"):
         cc = normalized_cc()

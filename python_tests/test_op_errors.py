@@ -1,4 +1,5 @@
 """Bad inputs to the ops raise clear errors naming the argument, on every backend and through torch.ops."""
+
 import pytest
 import torch
 
@@ -44,8 +45,17 @@ def bad_calls():
         ("sparse_decode", (v, i, r[:1], W, bias), r"B = 0 rows"),
         ("sparse_values_grad", (x[:0], i, r[:1], W), r"B = 0 rows"),
         ("latent_order", (i, r[:1], 5), r"B = 0 rows"),
-        ("sparse_weight_grad", (v, x[:0], torch.zeros(6, dtype=torch.int64), torch.arange(v.shape[0]),
-                                torch.zeros(v.shape[0], dtype=torch.int64)), r"B = 0 rows"),
+        (
+            "sparse_weight_grad",
+            (
+                v,
+                x[:0],
+                torch.zeros(6, dtype=torch.int64),
+                torch.arange(v.shape[0]),
+                torch.zeros(v.shape[0], dtype=torch.int64),
+            ),
+            r"B = 0 rows",
+        ),
     ]
 
 
@@ -101,12 +111,18 @@ def test_meta_tensors_mixed_with_real_ones_are_rejected():
         OPS.paired_encode(t["x"], t["W"].to("meta"), t["b"])
 
 
-@pytest.mark.parametrize("op,make_args,match", [
-    ("paired_encode", lambda t: (t["x"], t["W"].to("meta"), t["b"]), "x and W_enc must be on the same device"),
-    ("batch_topk", lambda t: (t["f"], t["w"].to("meta"), 3), "w must be on cpu"),
-    ("sparse_decode", lambda t: (t["values"], t["indices"], t["row_ptr"], t["W"].to("meta"), None),
-     "values and W must be on the same device"),
-])
+@pytest.mark.parametrize(
+    "op,make_args,match",
+    [
+        ("paired_encode", lambda t: (t["x"], t["W"].to("meta"), t["b"]), "x and W_enc must be on the same device"),
+        ("batch_topk", lambda t: (t["f"], t["w"].to("meta"), 3), "w must be on cpu"),
+        (
+            "sparse_decode",
+            lambda t: (t["values"], t["indices"], t["row_ptr"], t["W"].to("meta"), None),
+            "values and W must be on the same device",
+        ),
+    ],
+)
 def test_mismatched_devices_are_rejected(op, make_args, match):
     with pytest.raises(ValueError, match=match):
         getattr(ops, op)(*make_args(good()))

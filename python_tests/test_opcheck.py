@@ -1,10 +1,10 @@
 """torch.library.opcheck on every crossdiff op: schema, fake kernel, autograd registration, AOT dispatch."""
+
 import pytest
 import torch
+from conftest import backend_device, backend_params, dtypes_for
 
 from crossdiff_ext import ops
-
-from conftest import backend_device, backend_params, dtypes_for
 
 # The CPU and CUDA kernels implement the crossdiff ops; the Triton launchers are ops of their own namespace.
 NAMESPACES = {"cpu": torch.ops.crossdiff, "cuda": torch.ops.crossdiff, "triton": torch.ops.crossdiff_triton}

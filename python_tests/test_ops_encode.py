@@ -1,11 +1,11 @@
 """paired_encode: every kernel backend against the reference, forward and gradients, odd shapes and strides."""
+
 import pytest
 import torch
+from conftest import backend_device, backend_params, close, dtypes_for, grid_tensor, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import ops
-
-from conftest import backend_device, backend_params, close, dtypes_for, grid_tensor, rng
 
 SHAPES = [(1, 2, 1, 1), (7, 2, 13, 37), (33, 3, 5, 129), (5, 4, 31, 3), (65, 2, 64, 200)]  # (B, M, d, F)
 

@@ -1,13 +1,13 @@
 """batch_topk and threshold_select: every kernel backend against the reference, exactly (same f, same w)."""
+
 import math
 
 import pytest
 import torch
+from conftest import backend_device, backend_params, dtypes_for, grid_tensor, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import ops
-
-from conftest import backend_device, backend_params, dtypes_for, grid_tensor, rng
 
 SHAPES = [  # (B, F, k): odd sizes, a single entry, every entry, large k
     (1, 1, 1),

@@ -1,11 +1,11 @@
 """sparse_decode and the sparse backward ops: every kernel backend against the reference."""
+
 import pytest
 import torch
+from conftest import backend_device, backend_params, close, dtypes_for, grid_tensor, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import ops
-
-from conftest import backend_device, backend_params, close, dtypes_for, grid_tensor, rng
 
 SHAPES = [(1, 2, 1, 1, 1), (7, 2, 13, 37, 3), (33, 3, 5, 129, 9), (64, 2, 40, 250, 17)]  # (B, M, d, F, k)
 
@@ -54,8 +54,9 @@ def test_sparse_backward_ops_match_reference(name, B, M, d, F, k, poison):
             grad_values = ops.sparse_values_grad(dense, indices, row_ptr, W)
             order = ops.latent_order(indices, row_ptr, F)
             grad_W, sums = ops.sparse_weight_grad(values, dense, *order)
-        torch.testing.assert_close(grad_values, ops.sparse_values_grad_reference(dense, indices, row_ptr, W), rtol=0,
-                                   atol=0)
+        torch.testing.assert_close(
+            grad_values, ops.sparse_values_grad_reference(dense, indices, row_ptr, W), rtol=0, atol=0
+        )
         expected_order = ops.latent_order_reference(indices, row_ptr, F)
         for got, expected in zip(order, expected_order):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)

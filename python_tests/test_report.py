@@ -1,5 +1,6 @@
 """Max-activating examples from a store, the HTML report, `crossdiff scale` / `crossdiff report` end to end on a
 tiny model pair, and the page rendered in headless Chromium (a screenshot is taken)."""
+
 import csv
 import os
 import shutil
@@ -7,13 +8,12 @@ import subprocess
 
 import pytest
 import torch
+from test_activations import data, make_model, pair  # noqa: F401  (fixtures)
 
 import crossdiff_ext as cx
 from crossdiff_ext.data import activations
-from crossdiff_ext.diffing import examples, report
 from crossdiff_ext.data.store import StoreWriter
-
-from test_activations import data, make_model, pair  # noqa: F401  (fixtures)
+from crossdiff_ext.diffing import examples, report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -37,8 +37,7 @@ def test_max_activating_examples_and_quantiles(tmp_path):
         cc.b_enc.zero_()
     positions = torch.cat([torch.arange(12), torch.arange(8)])
     store = store_with_tokens(tmp_path / "s", x, torch.arange(100, 100 + n), positions)
-    found = examples.max_activating_examples(cc, store, [0, 2], n=3, quantiles=(0.5,), before=2, after=1,
-                                             batch_size=6)
+    found = examples.max_activating_examples(cc, store, [0, 2], n=3, quantiles=(0.5,), before=2, after=1, batch_size=6)
     top = found[0].top
     assert [e.row for e in top] == [19, 18, 17] and [e.activation for e in top] == [19.0, 18.0, 17.0]
     assert top[0].tokens == [117, 118, 119] and top[0].focus == 2  # no token after the last row
@@ -63,8 +62,13 @@ def test_render_has_every_section():
     page = report.render(table, title="t <&>", meta=dict(tokens=len(x)))
     assert page.count("<img") == 3 and "data:image/png;base64," in page
     assert "t &lt;&amp;&gt;" in page  # escaped
-    for heading in ("Latent classes", "Delta_norm", "Latent Scaling", "Decoder cosine",
-                    "Top fine-tuned-specific latents"):
+    for heading in (
+        "Latent classes",
+        "Delta_norm",
+        "Latent Scaling",
+        "Decoder cosine",
+        "Top fine-tuned-specific latents",
+    ):
         assert heading in page
     assert report.fine_tuned_latents(table) == [1]  # the one genuinely chat-specific latent
     plain = report.render(cx.latent_table(cc))  # without Latent Scaling: no nu plot, chat-only by Delta_norm
@@ -77,25 +81,70 @@ def test_scale_and_report_commands(pair, data, tmp_path):  # noqa: F811
     store = activations.collect(*pair, 1, data, tmp_path / "store", device="cpu", progress=False)
     torch.manual_seed(0)
     cc = cx.CrossCoder(store.d_model, 24, 2, k=2, threshold_start_step=2)
-    cx.train(cc, store, cx.TrainConfig(steps=20, batch_size=16, warmup_steps=2, progress=False, lr=1e-2,
-                                       checkpoint_dir=str(tmp_path / "run")))
+    cx.train(
+        cc,
+        store,
+        cx.TrainConfig(
+            steps=20, batch_size=16, warmup_steps=2, progress=False, lr=1e-2, checkpoint_dir=str(tmp_path / "run")
+        ),
+    )
     ckpt = str(tmp_path / "run" / "step-00000020")
-    assert cli.main(["scale", "--checkpoint", ckpt, "--store", str(tmp_path / "store"), "--out",
-                     str(tmp_path / "latents.csv"), "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "scale",
+                "--checkpoint",
+                ckpt,
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(tmp_path / "latents.csv"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "latents.csv")))
     assert len(rows) == 24 and {"delta_norm", "nu_error", "nu_reconstruction", "class"} <= set(rows[0])
     page = tmp_path / "report.html"
-    assert cli.main(["report", "--checkpoint", ckpt, "--store", str(tmp_path / "store"), "--out", str(page),
-                     "--quiet", "--top", "24"]) == 0
+    assert (
+        cli.main(
+            [
+                "report",
+                "--checkpoint",
+                ckpt,
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(page),
+                "--quiet",
+                "--top",
+                "24",
+            ]
+        )
+        == 0
+    )
     text = page.read_text()
     assert (tmp_path / "report.csv").exists() and "Top fine-tuned-specific latents" in text
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (.ci/install installs it where it runs as root)")
     shot = tmp_path / "report.png"
     profile = tmp_path / "profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--window-size=1000,1600", f"--screenshot={shot}", page.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1000,1600",
+        f"--screenshot={shot}",
+        page.as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 20_000  # a rendered page, not a blank one

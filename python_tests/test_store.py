@@ -1,18 +1,19 @@
 """The paired activation store: round trip, running statistics, resumable writes, corruption detection, and
 shuffled batches that resume exactly."""
+
 import os
 
 import pytest
 import torch
+from conftest import rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.data.store import ActivationStore, StoreBatches, StoreWriter
 
-from conftest import rng
 
-
-@pytest.mark.parametrize("dtype,torch_dtype", [("float32", torch.float32), ("float16", torch.float16),
-                                               ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype,torch_dtype", [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]
+)
 def test_round_trip_and_statistics(tmp_path, dtype, torch_dtype):
     g = rng(41)
     x = torch.randn(250, 2, 6, generator=g) * 3 + 1
@@ -97,8 +98,9 @@ def test_training_on_a_store_resumes_exactly(tmp_path):
     with StoreWriter(tmp_path / "store", 2, 8, dtype="float16", shard_rows=128) as w:
         w.append(x)
     store = ActivationStore(tmp_path / "store")
-    cfg = lambda d: cx.TrainConfig(steps=10, batch_size=16, lr=3e-3, warmup_steps=2, checkpoint_dir=str(tmp_path / d),
-                                   progress=False, log_every=5)
+    cfg = lambda d: cx.TrainConfig(
+        steps=10, batch_size=16, lr=3e-3, warmup_steps=2, checkpoint_dir=str(tmp_path / d), progress=False, log_every=5
+    )
     torch.manual_seed(0)
     straight = cx.CrossCoder(8, 32, 2, k=2)
     cx.train(straight, store, cfg("a"))
@@ -134,6 +136,9 @@ def test_mixed_batches_keep_proportions_and_resume(tmp_path):
     cc = cx.CrossCoder(4, 16, 2, k=2)
     with pytest.raises(ValueError, match="batches of 16 rows, but batch_size = 32"):
         cx.train(cc, cx.MixedBatches([(web, 0.5), (store, 0.5)], 16), cx.TrainConfig(batch_size=32, progress=False))
-    result = cx.train(cc, cx.MixedBatches([(web, 0.5), (store, 0.5)], 16),
-                      cx.TrainConfig(steps=3, batch_size=16, warmup_steps=1, progress=False))
+    result = cx.train(
+        cc,
+        cx.MixedBatches([(web, 0.5), (store, 0.5)], 16),
+        cx.TrainConfig(steps=3, batch_size=16, warmup_steps=1, progress=False),
+    )
     assert result.steps == 3

@@ -1,17 +1,17 @@
 """cx.train: exact resume, the stop on a non-finite loss, logs and checkpoints, and recovery of a planted
 dictionary (the check a researcher runs before trusting a diffing method)."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.demo import synthetic
 from crossdiff_ext.diffing import analysis
 from crossdiff_ext.training import losses
-
-from conftest import rng
 
 
 def tiny(seed=0, **kwargs):
@@ -20,8 +20,19 @@ def tiny(seed=0, **kwargs):
 
 
 def config(tmp, **kwargs):
-    base = dict(steps=12, batch_size=16, lr=3e-3, warmup_steps=3, decay_start=0.5, dead_tokens=48,
-                checkpoint_every=4, checkpoint_dir=str(tmp), log_every=2, progress=False, seed=3)
+    base = dict(
+        steps=12,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=3,
+        decay_start=0.5,
+        dead_tokens=48,
+        checkpoint_every=4,
+        checkpoint_dir=str(tmp),
+        log_every=2,
+        progress=False,
+        seed=3,
+    )
     base.update(kwargs)
     return cx.TrainConfig(**base)
 
@@ -40,8 +51,17 @@ def test_resume_continues_exactly(tmp_path):
     assert float(straight.threshold) > 0  # the threshold was tracked (from step 2 on) and restored
     logs = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in logs] == [2, 4, 6, 8, 10, 12]
-    assert {"reconstruction", "aux", "fve", "fve_per_model", "l0", "dead_fraction", "threshold", "lr",
-            "delta_norm_bands"} <= set(logs[-1])
+    assert {
+        "reconstruction",
+        "aux",
+        "fve",
+        "fve_per_model",
+        "l0",
+        "dead_fraction",
+        "threshold",
+        "lr",
+        "delta_norm_bands",
+    } <= set(logs[-1])
     assert sorted(os.listdir(tmp_path / "b")) == ["log.jsonl", "step-00000008", "step-00000012"]  # keep 2
     with pytest.raises(FileExistsError, match="already holds checkpoints"):  # never mix two runs' checkpoints
         cx.train(tiny(), data, config(tmp_path / "b"))
@@ -51,8 +71,11 @@ def test_aux_loss_turns_on_for_dead_latents(tmp_path):
     # dead_tokens = one batch: a latent that did not fire in the last batch is dead for the next step.
     data = torch.randn(200, 2, 8, generator=rng(32))
     cc = tiny()
-    cx.train(cc, data, config(tmp_path, checkpoint_dir=None, log_every=1, dead_tokens=16,
-                              log_path=str(tmp_path / "log.jsonl")))
+    cx.train(
+        cc,
+        data,
+        config(tmp_path, checkpoint_dir=None, log_every=1, dead_tokens=16, log_path=str(tmp_path / "log.jsonl")),
+    )
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert any(r["dead_fraction"] > 0 for r in records)
     assert any(r["aux"] > 0 for r in records)
@@ -77,8 +100,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 def test_bad_configuration_is_named():
     cc = tiny()
     data = torch.randn(64, 2, 8)
-    for kwargs, match in ((dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(reconstruction="l1"), "reconstruction"),
-                          (dict(decay_start=1.5), "decay_start"), (dict(batch_size=100), "fewer than one batch")):
+    for kwargs, match in (
+        (dict(steps=0), "steps"),
+        (dict(lr=-1.0), "lr"),
+        (dict(reconstruction="l1"), "reconstruction"),
+        (dict(decay_start=1.5), "decay_start"),
+        (dict(batch_size=100), "fewer than one batch"),
+    ):
         with pytest.raises(ValueError, match=match):
             cx.train(cc, data, cx.TrainConfig(progress=False, **{"batch_size": 16, **kwargs}))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -102,12 +130,25 @@ def test_batch_topk_recovers_a_planted_dictionary():
     # 34 concepts in 64 dimensions, about 3 active per token; k = 3 matches that sparsity. Measured over 6 seeds
     # (3000 steps): every concept recovered at cosine > 0.99 and classified into its Delta_norm band.
     seed = int(torch.randint(0, 2**31, (1,), generator=rng(35)))
-    planted = synthetic.planted_dictionary(n_tokens=30000, d_model=64, n_shared=16, n_chat_only=6, n_base_only=6,
-                                           n_weak_in_base=6, seed=seed)
+    planted = synthetic.planted_dictionary(
+        n_tokens=30000, d_model=64, n_shared=16, n_chat_only=6, n_base_only=6, n_weak_in_base=6, seed=seed
+    )
     torch.manual_seed(seed)
     cc = cx.CrossCoder(64, 96, 2, k=3, threshold_start_step=100)
-    cx.train(cc, planted.x, cx.TrainConfig(steps=3000, batch_size=256, lr=1e-3, warmup_steps=100, decay_start=0.8,
-                                           dead_tokens=12800, progress=False, log_every=1000))
+    cx.train(
+        cc,
+        planted.x,
+        cx.TrainConfig(
+            steps=3000,
+            batch_size=256,
+            lr=1e-3,
+            warmup_steps=100,
+            decay_start=0.8,
+            dead_tokens=12800,
+            progress=False,
+            log_every=1000,
+        ),
+    )
     latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
     assert float((cosine > 0.9).float().mean()) >= 0.97, cosine
     dn = analysis.delta_norm(cc)[latent]
@@ -161,6 +202,5 @@ def test_loaded_crosscoder_is_in_eval_mode_and_training_puts_it_back(tmp_path):
     cc.save_pretrained(tmp_path)
     loaded = cx.CrossCoder.from_pretrained(tmp_path)
     assert not loaded.training
-    cx.train(loaded, torch.randn(64, 2, 8, generator=rng(38)), cx.TrainConfig(steps=2, batch_size=16,
-                                                                              progress=False))
+    cx.train(loaded, torch.randn(64, 2, 8, generator=rng(38)), cx.TrainConfig(steps=2, batch_size=16, progress=False))
     assert loaded.training and int(loaded.num_batches_tracked) == 2  # the steps ran the batch top-k

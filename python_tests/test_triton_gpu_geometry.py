@@ -6,13 +6,13 @@ GPU's entry step (16), many programs for the streaming kernels (an odd count, so
 an encoder config with GROUP_B=8 whose last band of row tiles is partial are forced, and every op is compared
 with its reference.
 """
+
 import pytest
 import torch
+from conftest import backend_device, close, grid_tensor, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import ops
-
-from conftest import backend_device, close, grid_tensor, rng
 
 pytestmark = pytest.mark.skipif("triton" not in cx.available_backends(), reason="triton backend not available")
 
@@ -61,15 +61,20 @@ def test_sparse_ops_at_gpu_geometry(gpu_geometry, poison):
     cpu = lambda *ts: [t.cpu() for t in ts]
 
     exact = lambda a, e: torch.testing.assert_close(a.cpu(), e, rtol=0, atol=0)
-    exact(run(ops.sparse_decode, values, indices, row_ptr, W, bias),
-          ops.sparse_decode_reference(*cpu(values, indices, row_ptr, W, bias)))
-    exact(run(ops.sparse_values_grad, grad, indices, row_ptr, W),
-          ops.sparse_values_grad_reference(*cpu(grad, indices, row_ptr, W)))
+    exact(
+        run(ops.sparse_decode, values, indices, row_ptr, W, bias),
+        ops.sparse_decode_reference(*cpu(values, indices, row_ptr, W, bias)),
+    )
+    exact(
+        run(ops.sparse_values_grad, grad, indices, row_ptr, W),
+        ops.sparse_values_grad_reference(*cpu(grad, indices, row_ptr, W)),
+    )
     order = run(ops.latent_order, indices, row_ptr, F)
     for a, e in zip(order, ops.latent_order_reference(*cpu(indices, row_ptr), F)):
         exact(a, e)
-    for a, e in zip(run(ops.sparse_weight_grad, values, grad, *order),
-                    ops.sparse_weight_grad_reference(*cpu(values, grad, *order))):
+    for a, e in zip(
+        run(ops.sparse_weight_grad, values, grad, *order), ops.sparse_weight_grad_reference(*cpu(values, grad, *order))
+    ):
         exact(a, e)
 
 
@@ -90,5 +95,5 @@ def test_encoder_with_gpu_grouping(monkeypatch):
     close(run(ops.paired_encode, x, W, b), ops.paired_encode_reference(x.cpu(), W.cpu(), b.cpu()))
     # Per-model slices of a wider buffer (the non-flat K loop) at the same grouping.
     wide = torch.randn(B, M, d + 5, generator=g).to(device)
-    x2 = wide[:, :, 2:2 + d]
+    x2 = wide[:, :, 2 : 2 + d]
     close(run(ops.paired_encode, x2, W, b), ops.paired_encode_reference(x2.cpu(), W.cpu(), b.cpu()))

@@ -5,6 +5,7 @@ the kernels are Python functions and nothing is compiled). Lowering to PTX and p
 interpreter cannot: type errors of the compiled dialect, unsupported ops, layouts, register/PTX failures.
 Prints one line per compiled variant and exits non-zero on the first failure.
 """
+
 import os
 import sys
 import time
@@ -41,22 +42,49 @@ def selection_variants(target):
             tiles = {"F": "i32", "n_col_tiles": "i32", "n_tiles": "i64", "tiles_per_chunk": "i64"}
             warps = _launch.select_warps(block)
             for p in range(select.RADIX_PASSES):
-                compile_one(f"select._histogram_kernel[{dt}, pass {p}, block {block}]", select._histogram_kernel,
-                            {**common, "hist_ptr": "*i64", **tiles}, {"PASS": p, "RADIX_BITS": select.RADIX_BITS,
-                                                                       "BLOCK": block}, target, warps)
+                compile_one(
+                    f"select._histogram_kernel[{dt}, pass {p}, block {block}]",
+                    select._histogram_kernel,
+                    {**common, "hist_ptr": "*i64", **tiles},
+                    {"PASS": p, "RADIX_BITS": select.RADIX_BITS, "BLOCK": block},
+                    target,
+                    warps,
+                )
             for topk in (True, False):
-                compile_one(f"select._count_kernel[{dt}, topk={topk}, block {block}]", select._count_kernel,
-                            {**common, "above_ptr": "*i64", "ties_ptr": "*i64", "theta": "fp32", **tiles},
-                            {"TOPK": topk, "BLOCK": block}, target, warps)
+                compile_one(
+                    f"select._count_kernel[{dt}, topk={topk}, block {block}]",
+                    select._count_kernel,
+                    {**common, "above_ptr": "*i64", "ties_ptr": "*i64", "theta": "fp32", **tiles},
+                    {"TOPK": topk, "BLOCK": block},
+                    target,
+                    warps,
+                )
                 for idx in ("i32", "i64"):
-                    compile_one(f"select._write_kernel[{dt}, {idx}, topk={topk}, block {block}]",
-                                select._write_kernel,
-                                {**common, "above_before_ptr": "*i64", "ties_before_ptr": "*i64",
-                                 "values_ptr": f"*{dt}", "indices_ptr": f"*{idx}", "row_count_ptr": "*i64",
-                                 "theta": "fp32", **tiles}, {"TOPK": topk, "BLOCK": block}, target, warps)
+                    compile_one(
+                        f"select._write_kernel[{dt}, {idx}, topk={topk}, block {block}]",
+                        select._write_kernel,
+                        {
+                            **common,
+                            "above_before_ptr": "*i64",
+                            "ties_before_ptr": "*i64",
+                            "values_ptr": f"*{dt}",
+                            "indices_ptr": f"*{idx}",
+                            "row_count_ptr": "*i64",
+                            "theta": "fp32",
+                            **tiles,
+                        },
+                        {"TOPK": topk, "BLOCK": block},
+                        target,
+                        warps,
+                    )
     for p in range(select.RADIX_PASSES):
-        compile_one(f"select._resolve_kernel[pass {p}]", select._resolve_kernel,
-                    {"state_ptr": "*i64", "hist_ptr": "*i64"}, {"PASS": p, "RADIX_BITS": select.RADIX_BITS}, target)
+        compile_one(
+            f"select._resolve_kernel[pass {p}]",
+            select._resolve_kernel,
+            {"state_ptr": "*i64", "hist_ptr": "*i64"},
+            {"PASS": p, "RADIX_BITS": select.RADIX_BITS},
+            target,
+        )
 
 
 def sparse_variants(target):
@@ -64,26 +92,75 @@ def sparse_variants(target):
     for dt in FLOATS:
         for idx in ("i32", "i64"):
             for has_bias in (True, False):
-                compile_one(f"sparse._decode_kernel[{dt}, {idx}, bias={has_bias}]", sparse._decode_kernel,
-                            {"values_ptr": f"*{dt}", "indices_ptr": f"*{idx}", "row_ptr_ptr": "*i64",
-                             "W_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "D": "i32"},
-                            {"HAS_BIAS": has_bias, "BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)}, target)
-            compile_one(f"sparse._values_grad_kernel[{dt}, {idx}]", sparse._values_grad_kernel,
-                        {"grad_ptr": f"*{dt}", "indices_ptr": f"*{idx}", "rows_ptr": "*i64", "W_ptr": f"*{dt}",
-                         "out_ptr": f"*{dt}", "nnz": "i32", "D": "i32"},
-                        {"BLOCK_E": E, "BLOCK_D": _launch.dot_block(4608)}, target)
-        compile_one(f"sparse._weight_grad_kernel[{dt}]", sparse._weight_grad_kernel,
-                    {"values_ptr": f"*{dt}", "dense_ptr": f"*{dt}", "col_ptr_ptr": "*i64", "perm_ptr": "*i64",
-                     "rows_ptr": "*i64", "grad_ptr": f"*{dt}", "sums_ptr": "*fp32", "D": "i32"},
-                    {"BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)}, target)
+                compile_one(
+                    f"sparse._decode_kernel[{dt}, {idx}, bias={has_bias}]",
+                    sparse._decode_kernel,
+                    {
+                        "values_ptr": f"*{dt}",
+                        "indices_ptr": f"*{idx}",
+                        "row_ptr_ptr": "*i64",
+                        "W_ptr": f"*{dt}",
+                        "bias_ptr": f"*{dt}",
+                        "out_ptr": f"*{dt}",
+                        "D": "i32",
+                    },
+                    {"HAS_BIAS": has_bias, "BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)},
+                    target,
+                )
+            compile_one(
+                f"sparse._values_grad_kernel[{dt}, {idx}]",
+                sparse._values_grad_kernel,
+                {
+                    "grad_ptr": f"*{dt}",
+                    "indices_ptr": f"*{idx}",
+                    "rows_ptr": "*i64",
+                    "W_ptr": f"*{dt}",
+                    "out_ptr": f"*{dt}",
+                    "nnz": "i32",
+                    "D": "i32",
+                },
+                {"BLOCK_E": E, "BLOCK_D": _launch.dot_block(4608)},
+                target,
+            )
+        compile_one(
+            f"sparse._weight_grad_kernel[{dt}]",
+            sparse._weight_grad_kernel,
+            {
+                "values_ptr": f"*{dt}",
+                "dense_ptr": f"*{dt}",
+                "col_ptr_ptr": "*i64",
+                "perm_ptr": "*i64",
+                "rows_ptr": "*i64",
+                "grad_ptr": f"*{dt}",
+                "sums_ptr": "*fp32",
+                "D": "i32",
+            },
+            {"BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)},
+            target,
+        )
     for idx in ("i32", "i64"):
-        chunked = {"indices_ptr": f"*{idx}", "row_ptr_ptr": "*i64", "n_rows": "i32", "rows_per_chunk": "i32",
-                   "F": "i32"}
-        compile_one(f"sparse._latent_count_kernel[{idx}]", sparse._latent_count_kernel,
-                    {**chunked, "counts_ptr": "*i64"}, {"BLOCK_E": _launch.ORDER_BLOCK}, target)
-        compile_one(f"sparse._latent_place_kernel[{idx}]", sparse._latent_place_kernel,
-                    {**chunked, "cursor_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64"},
-                    {"BLOCK_E": _launch.ORDER_BLOCK}, target, num_stages=1)
+        chunked = {
+            "indices_ptr": f"*{idx}",
+            "row_ptr_ptr": "*i64",
+            "n_rows": "i32",
+            "rows_per_chunk": "i32",
+            "F": "i32",
+        }
+        compile_one(
+            f"sparse._latent_count_kernel[{idx}]",
+            sparse._latent_count_kernel,
+            {**chunked, "counts_ptr": "*i64"},
+            {"BLOCK_E": _launch.ORDER_BLOCK},
+            target,
+        )
+        compile_one(
+            f"sparse._latent_place_kernel[{idx}]",
+            sparse._latent_place_kernel,
+            {**chunked, "cursor_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64"},
+            {"BLOCK_E": _launch.ORDER_BLOCK},
+            target,
+            num_stages=1,
+        )
 
 
 def encoder_variants(target, all_configs):
@@ -91,11 +168,27 @@ def encoder_variants(target, all_configs):
         configs = encode.FP32_CONFIGS if dt == "fp32" else encode.HALF_CONFIGS
         for flat in (True, False):
             for config in configs if (all_configs and dt != "fp16" and flat) else configs[:1]:
-                sig = {"x_ptr": f"*{dt}", "W_ptr": f"*{dt}", "b_ptr": f"*{dt}", "f_ptr": f"*{dt}", "B": "i32",
-                       "F": "i32", "K": "i32", "d": "i32", "stride_xb": "i32", "stride_xm": "i32"}
-                compile_one(f"encode._encode_kernel[{dt}, flat={flat}, {config.kwargs}]", encode._encode_kernel.fn,
-                            sig, {"FLAT": flat, "IEEE": dt == "fp32", **config.kwargs}, target, config.num_warps,
-                            config.num_stages)
+                sig = {
+                    "x_ptr": f"*{dt}",
+                    "W_ptr": f"*{dt}",
+                    "b_ptr": f"*{dt}",
+                    "f_ptr": f"*{dt}",
+                    "B": "i32",
+                    "F": "i32",
+                    "K": "i32",
+                    "d": "i32",
+                    "stride_xb": "i32",
+                    "stride_xm": "i32",
+                }
+                compile_one(
+                    f"encode._encode_kernel[{dt}, flat={flat}, {config.kwargs}]",
+                    encode._encode_kernel.fn,
+                    sig,
+                    {"FLAT": flat, "IEEE": dt == "fp32", **config.kwargs},
+                    target,
+                    config.num_warps,
+                    config.num_stages,
+                )
 
 
 def main():

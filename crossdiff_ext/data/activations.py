@@ -11,6 +11,7 @@ the store (model 0 = base, 1 = chat), with its token id and position.
 Resumable: with resume=True the collection re-tokenizes the documents (tokenizer only, no model) to skip the
 rows the store already holds, and continues. Deterministic for a given document list.
 """
+
 import json
 import os
 
@@ -35,13 +36,14 @@ def _record(record, where):
 
 
 def _hub_dataset(spec):
-    """"hf:NAME[:SPLIT]" -> the rows of datasets.load_dataset(NAME, split=SPLIT or "train")."""
+    """ "hf:NAME[:SPLIT]" -> the rows of datasets.load_dataset(NAME, split=SPLIT or "train")."""
     name, _, split = spec[3:].partition(":")
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"data {spec!r} is a Hugging Face dataset and needs the datasets package "
-                          "(pip install datasets)") from None
+        raise ImportError(
+            f"data {spec!r} is a Hugging Face dataset and needs the datasets package (pip install datasets)"
+        ) from None
     return datasets.load_dataset(name, split=split or "train")
 
 
@@ -89,8 +91,10 @@ def check_tokenizers(tokenizer_base, tokenizer_chat):
     if vb != vc:
         only_b, only_c = sorted(set(vb) - set(vc))[:5], sorted(set(vc) - set(vb))[:5]
         moved = [t for t in vb if t in vc and vb[t] != vc[t]][:5]
-        raise ValueError(f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
-                         f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models")
+        raise ValueError(
+            f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
+            f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models"
+        )
 
 
 def tokenize(doc, tokenizer, context_length):
@@ -114,8 +118,24 @@ def _n_layers(model):
     return model.config.num_hidden_layers
 
 
-def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=1024, batch_size=8, drop_first=0,
-            dtype="float16", shard_rows=1 << 18, device=None, model_dtype=None, resume=False, progress=True):
+def collect(
+    base,
+    chat,
+    layer,
+    data,
+    out,
+    *,
+    max_tokens=None,
+    context_length=1024,
+    batch_size=8,
+    drop_first=0,
+    dtype="float16",
+    shard_rows=1 << 18,
+    device=None,
+    model_dtype=None,
+    resume=False,
+    progress=True,
+):
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
     base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,8 +145,11 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
             return spec
         if isinstance(spec, str) and not os.path.exists(spec) and spec.startswith((".", "/")):
             raise FileNotFoundError(f"model directory {spec!r} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype) if model_dtype else \
-            AutoModelForCausalLM.from_pretrained(spec)
+        model = (
+            AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype)
+            if model_dtype
+            else AutoModelForCausalLM.from_pretrained(spec)
+        )
         return model, AutoTokenizer.from_pretrained(spec)
 
     (m_base, t_base), (m_chat, t_chat) = load(base), load(chat)
@@ -141,12 +164,23 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
     d = _hidden_size(m_base)
-    info = dict(base=str(base if isinstance(base, str) else type(base[0]).__name__),
-                chat=str(chat if isinstance(chat, str) else type(chat[0]).__name__), layer=layer,
-                drop_first=drop_first, context_length=context_length,
-                hidden_states_index=layer + 1)
-    writer = StoreWriter(out, 2, d, dtype=dtype, shard_rows=shard_rows, info=info,
-                         resume=resume and os.path.exists(os.path.join(os.fspath(out), "store.json")))
+    info = dict(
+        base=str(base if isinstance(base, str) else type(base[0]).__name__),
+        chat=str(chat if isinstance(chat, str) else type(chat[0]).__name__),
+        layer=layer,
+        drop_first=drop_first,
+        context_length=context_length,
+        hidden_states_index=layer + 1,
+    )
+    writer = StoreWriter(
+        out,
+        2,
+        d,
+        dtype=dtype,
+        shard_rows=shard_rows,
+        info=info,
+        resume=resume and os.path.exists(os.path.join(os.fspath(out), "store.json")),
+    )
     skip = writer.meta["rows"]
     if max_tokens is not None and skip >= max_tokens:
         writer.close()
@@ -160,8 +194,9 @@ def collect(base, chat, layer, data, out, *, max_tokens=None, context_length=102
         from tqdm.auto import tqdm
 
         total = sum(max(0, len(ids) - drop_first) for ids in docs)
-        bar = tqdm(total=total if max_tokens is None else min(total, max_tokens), initial=skip, desc="collect",
-                   unit="tok")
+        bar = tqdm(
+            total=total if max_tokens is None else min(total, max_tokens), initial=skip, desc="collect", unit="tok"
+        )
     try:
         batch = []
         for ids in docs + [None]:
@@ -200,12 +235,14 @@ def _run(m_base, m_chat, batch, layer, pad, device):
     keep = torch.zeros(len(batch), length, dtype=torch.bool)
     attention = torch.zeros(len(batch), length, dtype=torch.long)
     for i, (ids, first) in enumerate(batch):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention[i, :len(ids)] = 1
-        keep[i, first:len(ids)] = True
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        keep[i, first : len(ids)] = True
     input_ids, attention = input_ids.to(device), attention.to(device)
-    states = [m(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states[layer + 1]
-              for m in (m_base, m_chat)]
+    states = [
+        m(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states[layer + 1]
+        for m in (m_base, m_chat)
+    ]
     keep = keep.to(device)
     rows = torch.stack([s[keep] for s in states], dim=1).float().cpu()
     positions = torch.arange(length, device=device).expand(len(batch), length)[keep].cpu()

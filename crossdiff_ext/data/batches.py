@@ -6,6 +6,7 @@ IterableBatches: batches from any iterable (a generator, a DataLoader); resuming
 batches already consumed (exact when the iterable is deterministic).
 MixedBatches: several sources (tensors, stores) in fixed proportions per batch.
 """
+
 import torch
 
 from .sampling import epoch_generator, part_of
@@ -15,8 +16,10 @@ from .store import ActivationStore, StoreBatches
 class TensorBatches:
     def __init__(self, data, batch_size, *, seed=0, shuffle=True, device=None, pin_memory=False):
         if not isinstance(data, torch.Tensor) or data.dim() != 3:
-            raise ValueError(f"data must be a tensor [N, M, d], got {type(data).__name__}"
-                             + (f" of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else ""))
+            raise ValueError(
+                f"data must be a tensor [N, M, d], got {type(data).__name__}"
+                + (f" of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else "")
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if data.shape[0] < batch_size:
@@ -42,7 +45,7 @@ class TensorBatches:
     def next(self):
         if self.offset >= self.batches_per_epoch:
             self.epoch, self.offset = self.epoch + 1, 0
-        rows = self._permutation()[self.offset * self.batch_size:(self.offset + 1) * self.batch_size]
+        rows = self._permutation()[self.offset * self.batch_size : (self.offset + 1) * self.batch_size]
         rows = part_of(rows, self.part)
         self.offset += 1
         batch = self.data[rows.to(self.data.device)]
@@ -51,18 +54,28 @@ class TensorBatches:
         return batch.to(self.device, non_blocking=self.pin_memory)
 
     def state_dict(self):
-        return dict(kind="tensor", epoch=self.epoch, offset=self.offset, seed=self.seed,
-                    n_rows=int(self.data.shape[0]), batch_size=self.batch_size)
+        return dict(
+            kind="tensor",
+            epoch=self.epoch,
+            offset=self.offset,
+            seed=self.seed,
+            n_rows=int(self.data.shape[0]),
+            batch_size=self.batch_size,
+        )
 
     def load_state_dict(self, state):
         if state.get("kind") != "tensor":
             raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a tensor")
         for key in ("seed", "batch_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: the checkpoint's data {key} is {state[key]}, now {getattr(self, key)}")
+                raise ValueError(
+                    f"cannot resume: the checkpoint's data {key} is {state[key]}, now {getattr(self, key)}"
+                )
         if state["n_rows"] != self.data.shape[0]:
-            raise ValueError(f"cannot resume: the checkpoint was trained on {state['n_rows']} rows, the data now has "
-                             f"{self.data.shape[0]}")
+            raise ValueError(
+                f"cannot resume: the checkpoint was trained on {state['n_rows']} rows, the data now has "
+                f"{self.data.shape[0]}"
+            )
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 
@@ -78,8 +91,10 @@ class IterableBatches:
         try:
             batch = next(self._it)
         except StopIteration:
-            raise RuntimeError(f"the data iterable ended after {self.consumed} batches; train for fewer steps or "
-                               "pass an endless iterable") from None
+            raise RuntimeError(
+                f"the data iterable ended after {self.consumed} batches; train for fewer steps or "
+                "pass an endless iterable"
+            ) from None
         self.consumed += 1
         if not isinstance(batch, torch.Tensor):
             raise ValueError(f"batches must be tensors [B, M, d], got {type(batch).__name__}")
@@ -114,8 +129,10 @@ class MixedBatches:
         if any(c < 1 for c in counts):
             raise ValueError(f"batch_size = {batch_size} gives some source no rows per batch ({counts})")
         self.batch_size, self.counts = batch_size, counts
-        self.sources = [as_batches(data, c, seed=seed * 7919 + i, device=device)
-                        for i, ((data, _), c) in enumerate(zip(sources, counts))]
+        self.sources = [
+            as_batches(data, c, seed=seed * 7919 + i, device=device)
+            for i, ((data, _), c) in enumerate(zip(sources, counts))
+        ]
 
     def next(self):
         return torch.cat([s.next() for s in self.sources])
@@ -125,8 +142,10 @@ class MixedBatches:
 
     def load_state_dict(self, state):
         if state.get("kind") != "mixed" or state["counts"] != self.counts:
-            raise ValueError(f"cannot resume: the checkpoint's data was {state.get('kind')!r} with rows per source "
-                             f"{state.get('counts')}, now 'mixed' with {self.counts}")
+            raise ValueError(
+                f"cannot resume: the checkpoint's data was {state.get('kind')!r} with rows per source "
+                f"{state.get('counts')}, now 'mixed' with {self.counts}"
+            )
         for source, sub in zip(self.sources, state["sources"]):
             source.load_state_dict(sub)
 
@@ -171,9 +190,12 @@ def as_batches(data, batch_size, *, seed=0, device=None):
         return StoreBatches(data, batch_size, seed=seed, device=device)
     if hasattr(data, "next") and hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
         if getattr(data, "batch_size", batch_size) != batch_size:
-            raise ValueError(f"the batch source yields batches of {data.batch_size} rows, but batch_size = {batch_size}")
+            raise ValueError(
+                f"the batch source yields batches of {data.batch_size} rows, but batch_size = {batch_size}"
+            )
         return data
     if hasattr(data, "__iter__"):
         return IterableBatches(data, device=device)
-    raise ValueError(f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got "
-                     f"{type(data).__name__}")
+    raise ValueError(
+        f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got {type(data).__name__}"
+    )

@@ -1,5 +1,6 @@
 """The row arithmetic every batch source shares: one data-parallel rank's block of a batch, and the shuffle
 generator of an epoch (a function of the seed and the epoch alone, so positions resume exactly)."""
+
 import torch
 
 
@@ -7,7 +8,7 @@ def part_of(rows, part):
     """The rows of one data-parallel rank: part = (index, count) splits a batch into count equal blocks."""
     index, count = part
     n = rows.shape[0] // count
-    return rows[index * n:(index + 1) * n]
+    return rows[index * n : (index + 1) * n]
 
 
 def epoch_generator(seed, epoch):

@@ -9,6 +9,7 @@ store.json is rewritten atomically (temporary file + rename) after every complet
 store that opens at its last completed shard; the writer resumes there and drops the partial shard. A shard whose
 file size disagrees with the metadata (truncated, or overwritten) raises a clear error when the store opens.
 """
+
 import json
 import os
 import queue
@@ -21,8 +22,11 @@ from .. import atomic
 from .sampling import epoch_generator, part_of
 
 FORMAT = "crossdiff-activation-store/1"
-DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
-          "bfloat16": (np.uint16, torch.bfloat16)}
+DTYPES = {
+    "float32": (np.float32, torch.float32),
+    "float16": (np.float16, torch.float16),
+    "bfloat16": (np.uint16, torch.bfloat16),
+}
 
 
 def _save_npy(path, array):
@@ -49,19 +53,34 @@ class StoreWriter:
                 raise FileExistsError(f"{self.path} already holds a store; pass resume=True to append to it")
             meta = ActivationStore(self.path).meta
             if (meta["n_models"], meta["d_model"], meta["dtype"]) != (n_models, d_model, dtype):
-                raise ValueError(f"cannot resume {self.path}: it stores M={meta['n_models']}, d={meta['d_model']}, "
-                                 f"{meta['dtype']}, not M={n_models}, d={d_model}, {dtype}")
+                raise ValueError(
+                    f"cannot resume {self.path}: it stores M={meta['n_models']}, d={meta['d_model']}, "
+                    f"{meta['dtype']}, not M={n_models}, d={d_model}, {dtype}"
+                )
             if info is not None and json.loads(json.dumps(info)) != meta["info"]:
                 changed = sorted(k for k in set(info) | set(meta["info"]) if info.get(k) != meta["info"].get(k))
-                raise ValueError(f"cannot resume {self.path}: its settings differ in {changed} (stored "
-                                 f"{ {k: meta['info'].get(k) for k in changed} }, now { {k: info.get(k) for k in changed} })")
+                raise ValueError(
+                    f"cannot resume {self.path}: its settings differ in {changed} (stored "
+                    f"{ {k: meta['info'].get(k) for k in changed} }, now { {k: info.get(k) for k in changed} })"
+                )
             self.meta = meta
         else:
             os.makedirs(self.path, exist_ok=True)
-            self.meta = dict(format=FORMAT, n_models=n_models, d_model=d_model, dtype=dtype, shard_rows=shard_rows,
-                             shards=[], rows=0, info=info or {},
-                             stats=dict(count=0, mean=[[0.0] * d_model for _ in range(n_models)],
-                                        m2=[[0.0] * d_model for _ in range(n_models)]))
+            self.meta = dict(
+                format=FORMAT,
+                n_models=n_models,
+                d_model=d_model,
+                dtype=dtype,
+                shard_rows=shard_rows,
+                shards=[],
+                rows=0,
+                info=info or {},
+                stats=dict(
+                    count=0,
+                    mean=[[0.0] * d_model for _ in range(n_models)],
+                    m2=[[0.0] * d_model for _ in range(n_models)],
+                ),
+            )
             atomic.write_json(self.meta_path, self.meta, indent=1)
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
         self._rows, self._tokens, self._positions = [], [], []
@@ -73,23 +92,27 @@ class StoreWriter:
     def append(self, x, token_ids=None, positions=None):
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
-            raise ValueError(f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         x = x.detach().to("cpu", self.torch_dtype)
         if not bool(torch.isfinite(x).all()):  # after the cast: a value beyond float16's range becomes inf
-            raise ValueError(f"x holds non-finite activations (or values beyond the range of {self.meta['dtype']}); "
-                             "refusing to store them")
+            raise ValueError(
+                f"x holds non-finite activations (or values beyond the range of {self.meta['dtype']}); "
+                "refusing to store them"
+            )
         for name, t in (("token_ids", token_ids), ("positions", positions)):
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
                 raise ValueError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
         start = 0
         while start < x.shape[0]:
             take = min(x.shape[0] - start, self.meta["shard_rows"] - self._pending)
-            self._rows.append(x[start:start + take])
+            self._rows.append(x[start : start + take])
             if token_ids is not None:
-                self._tokens.append(token_ids[start:start + take].to("cpu", torch.int64))
+                self._tokens.append(token_ids[start : start + take].to("cpu", torch.int64))
             if positions is not None:
-                self._positions.append(positions[start:start + take].to("cpu", torch.int64))
+                self._positions.append(positions[start : start + take].to("cpu", torch.int64))
             self._pending += take
             start += take
             if self._pending == self.meta["shard_rows"]:
@@ -167,11 +190,14 @@ class ActivationStore:
                 raise FileNotFoundError(f"{self.path}: shard {entry['file']} listed in store.json is missing")
             size = os.path.getsize(file)
             if size != entry["bytes"] or size != entry["rows"] * row_bytes:
-                raise ValueError(f"{self.path}: shard {entry['file']} has {size} bytes, store.json expects "
-                                 f"{entry['rows']} rows x {row_bytes} bytes = {entry['rows'] * row_bytes} "
-                                 "(truncated or overwritten)")
-            self._arrays.append(np.memmap(file, dtype=self.np_dtype, mode="r",
-                                          shape=(entry["rows"], self.n_models, self.d_model)))
+                raise ValueError(
+                    f"{self.path}: shard {entry['file']} has {size} bytes, store.json expects "
+                    f"{entry['rows']} rows x {row_bytes} bytes = {entry['rows'] * row_bytes} "
+                    "(truncated or overwritten)"
+                )
+            self._arrays.append(
+                np.memmap(file, dtype=self.np_dtype, mode="r", shape=(entry["rows"], self.n_models, self.d_model))
+            )
             self._starts.append(self._starts[-1] + entry["rows"])
         if self._starts[-1] != self.meta["rows"]:
             raise ValueError(f"{self.path}: shards hold {self._starts[-1]} rows, store.json says {self.meta['rows']}")
@@ -257,7 +283,7 @@ class StoreBatches:
         return self._order[1]
 
     def _batch(self, epoch, offset):
-        rows = part_of(self._epoch_order(epoch)[offset * self.batch_size:(offset + 1) * self.batch_size], self.part)
+        rows = part_of(self._epoch_order(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size], self.part)
         # sorted reads are sequential within the window; the batch keeps the shuffled order
         order = torch.argsort(rows)
         batch = torch.empty((rows.numel(), self.store.n_models, self.store.d_model), dtype=self.store.dtype)
@@ -298,8 +324,9 @@ class StoreBatches:
         if self.prefetch < 1:
             return
         self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
-        self._thread = threading.Thread(target=self._producer, args=(self.epoch, self.offset, self._queue, self._stop),
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._producer, args=(self.epoch, self.offset, self._queue, self._stop), daemon=True
+        )
         self._thread.start()
 
     def _stop_thread(self):
@@ -325,14 +352,25 @@ class StoreBatches:
         return batch.to(self.device, non_blocking=self.device.type == "cuda")
 
     def state_dict(self):
-        return dict(kind="store", epoch=self.epoch, offset=self.offset, seed=self.seed, rows=len(self.store),
-                    batch_size=self.batch_size, window=self.window)
+        return dict(
+            kind="store",
+            epoch=self.epoch,
+            offset=self.offset,
+            seed=self.seed,
+            rows=len(self.store),
+            batch_size=self.batch_size,
+            window=self.window,
+        )
 
     def load_state_dict(self, state):
         if state.get("kind") != "store":
             raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a store")
-        for key, now in (("seed", self.seed), ("rows", len(self.store)), ("batch_size", self.batch_size),
-                         ("window", self.window)):
+        for key, now in (
+            ("seed", self.seed),
+            ("rows", len(self.store)),
+            ("batch_size", self.batch_size),
+            ("window", self.window),
+        ):
             if state[key] != now:
                 raise ValueError(f"cannot resume: the checkpoint's store {key} is {state[key]}, now {now}")
         self._stop_thread()

@@ -1,15 +1,16 @@
 """`crossdiff demo`: the whole model-diffing job on a base/chat pair, end to end.
 
-  1. the model pair: the cached tiny Llama pair of toy_models (base: plain text; chat: fine-tuned on chat with a
-     template and planted refusal and correction behaviours), or real models given by name;
-  2. paired activations of one layer over a fresh generated corpus, half plain text, half chat -> a store;
-  3. a BatchTopK and an L1 crosscoder trained on it (inputs normalised, as in the paper);
-  4. Latent Scaling of every latent, the latent table, and the HTML report of each crosscoder;
-  5. what the paper measures, side by side: how many latents Delta_norm calls chat-only, how many of those Latent
-     Scaling confirms as chat-specific or flags as Complete Shrinkage / Latent Decoupling, and how many of the
-     chat-specific ones fire mainly on chat-template tokens (most of their 20 max-activating examples are template
-     tokens). Written to OUT/summary.json.
+1. the model pair: the cached tiny Llama pair of toy_models (base: plain text; chat: fine-tuned on chat with a
+   template and planted refusal and correction behaviours), or real models given by name;
+2. paired activations of one layer over a fresh generated corpus, half plain text, half chat -> a store;
+3. a BatchTopK and an L1 crosscoder trained on it (inputs normalised, as in the paper);
+4. Latent Scaling of every latent, the latent table, and the HTML report of each crosscoder;
+5. what the paper measures, side by side: how many latents Delta_norm calls chat-only, how many of those Latent
+   Scaling confirms as chat-specific or flags as Complete Shrinkage / Latent Decoupling, and how many of the
+   chat-specific ones fire mainly on chat-template tokens (most of their 20 max-activating examples are template
+   tokens). Written to OUT/summary.json.
 """
+
 import fnmatch
 import os
 import shutil
@@ -55,8 +56,9 @@ class DemoConfig:
         if self.base is not None and self.layer is None:
             raise ValueError("--layer is required with --base/--chat")
         for name in ("text_documents", "chat_documents", "steps", "batch_size", "context_length"):
-            if getattr(self, name) < 0 or (name not in ("text_documents", "chat_documents") and
-                                           getattr(self, name) < 1):
+            if getattr(self, name) < 0 or (
+                name not in ("text_documents", "chat_documents") and getattr(self, name) < 1
+            ):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.text_documents + self.chat_documents < 1:
             raise ValueError("text_documents + chat_documents must be at least 1")
@@ -69,8 +71,9 @@ def _clear(directory, owned):
         return
     strangers = [n for n in os.listdir(directory) if not any(fnmatch.fnmatch(n, p) for p in owned)]
     if strangers or not os.path.isdir(directory):
-        raise ValueError(f"{directory} holds files the demo did not write ({strangers[:3]}); move it or choose "
-                         "another --out")
+        raise ValueError(
+            f"{directory} holds files the demo did not write ({strangers[:3]}); move it or choose another --out"
+        )
     shutil.rmtree(directory)
 
 
@@ -84,9 +87,14 @@ def _verdicts(table, on_template):
     for c in classes:
         counts[c] = counts.get(c, 0) + 1
     n_on = sum(bool(on_template[j]) for j in specific)
-    return dict(classes=counts, chat_only_by_delta_norm=len(chat_only), chat_specific=len(specific),
-                not_chat_specific=len(chat_only) - len(specific), chat_specific_on_template=n_on,
-                chat_specific_on_template_share=round(n_on / len(specific), 3) if specific else None)
+    return dict(
+        classes=counts,
+        chat_only_by_delta_norm=len(chat_only),
+        chat_specific=len(specific),
+        not_chat_specific=len(chat_only) - len(specific),
+        chat_specific_on_template=n_on,
+        chat_specific_on_template_share=round(n_on / len(specific), 3) if specific else None,
+    )
 
 
 def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n=20, template_majority=0.5):
@@ -104,15 +112,26 @@ def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n
         context = ""
         if top:
             e = top[0]
-            context = (tokenizer.decode(e.tokens[:e.focus]) + " [" + tokenizer.decode([e.tokens[e.focus]]) + "] "
-                       + tokenizer.decode(e.tokens[e.focus + 1:])).strip()
-        out.append(dict(latent=j, delta_norm=round(table["delta_norm"][j], 3),
-                        nu_error=round(table["nu_error"][j], 3),
-                        nu_reconstruction=round(table["nu_reconstruction"][j], 3),
-                        firing_frequency=round(table["firing_frequency"][j], 5),
-                        template_activation_share=round(float(share[j]), 3),
-                        top_tokens=dict(sorted(counts.items(), key=lambda kv: -kv[1])[:4]), context=context,
-                        on_template=bool(top) and sum(t in template for t in focus) > template_majority * len(top)))
+            context = (
+                tokenizer.decode(e.tokens[: e.focus])
+                + " ["
+                + tokenizer.decode([e.tokens[e.focus]])
+                + "] "
+                + tokenizer.decode(e.tokens[e.focus + 1 :])
+            ).strip()
+        out.append(
+            dict(
+                latent=j,
+                delta_norm=round(table["delta_norm"][j], 3),
+                nu_error=round(table["nu_error"][j], 3),
+                nu_reconstruction=round(table["nu_reconstruction"][j], 3),
+                firing_frequency=round(table["firing_frequency"][j], 5),
+                template_activation_share=round(float(share[j]), 3),
+                top_tokens=dict(sorted(counts.items(), key=lambda kv: -kv[1])[:4]),
+                context=context,
+                on_template=bool(top) and sum(t in template for t in focus) > template_majority * len(top),
+            )
+        )
     return out
 
 
@@ -160,10 +179,19 @@ def run(config=DemoConfig()):
     store_dir = os.path.join(config.out, "store")
     _clear(store_dir, ["store.json", "shard-*", "positions-*", "tokens-*", ".*"])
     t = time.perf_counter()
-    store = collect(base, chat, layer, documents, store_dir, max_tokens=config.max_tokens,
-                    context_length=config.context_length, drop_first=1,
-                    dtype="float32" if config.base is None else "float16", device=config.device,
-                    progress=config.progress)
+    store = collect(
+        base,
+        chat,
+        layer,
+        documents,
+        store_dir,
+        max_tokens=config.max_tokens,
+        context_length=config.context_length,
+        drop_first=1,
+        dtype="float32" if config.base is None else "float16",
+        device=config.device,
+        progress=config.progress,
+    )
     timings["collect"] = round(time.perf_counter() - t, 1)
     tokenizer = AutoTokenizer.from_pretrained(chat)
     template = template_token_ids(tokenizer)
@@ -176,34 +204,79 @@ def run(config=DemoConfig()):
     for name, activation in (("batchtopk", "batch_topk"), ("l1", "relu")):
         t = time.perf_counter()
         torch.manual_seed(config.seed)
-        cc = CrossCoder(d, dict_size, 2, k=k if activation == "batch_topk" else None, activation=activation,
-                           device=device, target_rms=1.0, threshold_start_step=min(100, config.steps // 2))
+        cc = CrossCoder(
+            d,
+            dict_size,
+            2,
+            k=k if activation == "batch_topk" else None,
+            activation=activation,
+            device=device,
+            target_rms=1.0,
+            threshold_start_step=min(100, config.steps // 2),
+        )
         run_dir = os.path.join(config.out, name)
         _clear(run_dir, ["step-*", "log.jsonl", "report.html", "report.csv", ".*"])
         # The L1 crosscoder as in the paper: squared error (its sparsity trade-off depends on it) and mu.
-        train = training.train(cc, store, TrainConfig(
-            steps=config.steps, batch_size=config.batch_size, lr=1e-3, warmup_steps=100, decay_start=0.8,
-            reconstruction="squared" if activation == "relu" else "l2", l1_coefficient=config.l1_coefficient, dead_tokens=50 * config.batch_size, seed=config.seed,
-            checkpoint_dir=run_dir, checkpoint_every=config.steps, keep_checkpoints=1, log_every=max(1, config.steps // 10),
-            progress=config.progress))
+        train = training.train(
+            cc,
+            store,
+            TrainConfig(
+                steps=config.steps,
+                batch_size=config.batch_size,
+                lr=1e-3,
+                warmup_steps=100,
+                decay_start=0.8,
+                reconstruction="squared" if activation == "relu" else "l2",
+                l1_coefficient=config.l1_coefficient,
+                dead_tokens=50 * config.batch_size,
+                seed=config.seed,
+                checkpoint_dir=run_dir,
+                checkpoint_every=config.steps,
+                keep_checkpoints=1,
+                log_every=max(1, config.steps // 10),
+                progress=config.progress,
+            ),
+        )
         cc.eval()
         scaling, table, table_path, _, _ = report_crosscoder(
-            cc, [store], os.path.join(run_dir, "report.html"), tokenizer=tokenizer,
-            title=f"crossdiff demo: {name} crosscoder, base vs chat", meta=dict(layer=layer, k=cc.k),
-            progress=config.progress)
+            cc,
+            [store],
+            os.path.join(run_dir, "report.html"),
+            tokenizer=tokenizer,
+            title=f"crossdiff demo: {name} crosscoder, base vs chat",
+            meta=dict(layer=layer, k=cc.k),
+            progress=config.progress,
+        )
         share = token_share(cc, store, template)
         specific = [j for j, c in enumerate(table["class"]) if c == "chat_specific"]
         latents = describe_latents(cc, store, specific, tokenizer, template, table, share)
-        results[name] = dict(activation=activation, dict_size=dict_size, k=cc.k, **evaluate(cc, store),
-                             dead_fraction=train.last.get("dead_fraction"), report=os.path.join(run_dir, "report.html"),
-                             table=table_path, checkpoint=train.checkpoint,
-                             **_verdicts(table, {d["latent"]: d["on_template"] for d in latents}),
-                             chat_specific_latents=latents)
+        results[name] = dict(
+            activation=activation,
+            dict_size=dict_size,
+            k=cc.k,
+            **evaluate(cc, store),
+            dead_fraction=train.last.get("dead_fraction"),
+            report=os.path.join(run_dir, "report.html"),
+            table=table_path,
+            checkpoint=train.checkpoint,
+            **_verdicts(table, {d["latent"]: d["on_template"] for d in latents}),
+            chat_specific_latents=latents,
+        )
         timings[name] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t0, 1)
-    summary = dict(config=asdict(config), base=base, chat=chat, layer=layer, tokens=len(store),
-                   template_tokens=tokenizer.convert_ids_to_tokens(template), pair=pair, crosscoders=results,
-                   seconds=timings, device=str(device), torch=torch.__version__)
+    summary = dict(
+        config=asdict(config),
+        base=base,
+        chat=chat,
+        layer=layer,
+        tokens=len(store),
+        template_tokens=tokenizer.convert_ids_to_tokens(template),
+        pair=pair,
+        crosscoders=results,
+        seconds=timings,
+        device=str(device),
+        torch=torch.__version__,
+    )
     atomic.write_json(os.path.join(config.out, "summary.json"), summary, indent=1)
     return summary
 
@@ -214,25 +287,36 @@ def describe(summary):
     pair = summary.get("pair")
     if pair:
         b, c = pair["behaviour"]["base"], pair["behaviour"]["chat"]
-        lines.append("model pair (tiny Llama): greedy answers exactly as planted, base -> chat: " + ", ".join(
-            f"{kind} {b[kind]:.0%} -> {c[kind]:.0%}" for kind in ("question", "harmful", "false", "true")))
-    lines.append(f"{summary['tokens']} paired activations of layer {summary['layer']}; template tokens "
-                 f"{summary['template_tokens']}")
-    lines.append(f"{'crosscoder':>10} {'FVE':>6} {'L0':>6} {'chat-only':>9} {'specific':>8} {'artifacts':>9} "
-                 f"{'on template':>11}")
+        lines.append(
+            "model pair (tiny Llama): greedy answers exactly as planted, base -> chat: "
+            + ", ".join(f"{kind} {b[kind]:.0%} -> {c[kind]:.0%}" for kind in ("question", "harmful", "false", "true"))
+        )
+    lines.append(
+        f"{summary['tokens']} paired activations of layer {summary['layer']}; template tokens "
+        f"{summary['template_tokens']}"
+    )
+    lines.append(
+        f"{'crosscoder':>10} {'FVE':>6} {'L0':>6} {'chat-only':>9} {'specific':>8} {'artifacts':>9} {'on template':>11}"
+    )
     for name, r in summary["crosscoders"].items():
         on = r["chat_specific_on_template"]
-        lines.append(f"{name:>10} {r['fve']:>6.3f} {r['l0']:>6.1f} {r['chat_only_by_delta_norm']:>9} "
-                     f"{r['chat_specific']:>8} {r['not_chat_specific']:>9} {on:>11}")
-    lines.append("chat-only: Delta_norm > 0.9; specific: Latent Scaling confirms (nu_error < 0.2, nu_reconstruction "
-                 "< 0.5); artifacts: the rest (shrinkage, decoupling or never fired); on template: chat-specific "
-                 "latents most of whose 20 max-activating examples are chat-template tokens.")
+        lines.append(
+            f"{name:>10} {r['fve']:>6.3f} {r['l0']:>6.1f} {r['chat_only_by_delta_norm']:>9} "
+            f"{r['chat_specific']:>8} {r['not_chat_specific']:>9} {on:>11}"
+        )
+    lines.append(
+        "chat-only: Delta_norm > 0.9; specific: Latent Scaling confirms (nu_error < 0.2, nu_reconstruction "
+        "< 0.5); artifacts: the rest (shrinkage, decoupling or never fired); on template: chat-specific "
+        "latents most of whose 20 max-activating examples are chat-template tokens."
+    )
     for name, r in summary["crosscoders"].items():
         lines.append(f"{name}: {r['report']} ({r['table']}); chat-specific latents:")
         for d in r["chat_specific_latents"]:
             tokens = ", ".join(f"{t} x{c}" for t, c in d["top_tokens"].items())
-            lines.append(f"  {d['latent']:>5} Delta_norm {d['delta_norm']:.2f} nu_error {d['nu_error']:+.2f} "
-                         f"nu_recon {d['nu_reconstruction']:+.2f}{' TEMPLATE' if d['on_template'] else ''}: "
-                         f"{tokens} | ...{d['context'][-70:]}")
+            lines.append(
+                f"  {d['latent']:>5} Delta_norm {d['delta_norm']:.2f} nu_error {d['nu_error']:+.2f} "
+                f"nu_recon {d['nu_reconstruction']:+.2f}{' TEMPLATE' if d['on_template'] else ''}: "
+                f"{tokens} | ...{d['context'][-70:]}"
+            )
     lines.append(f"{summary['seconds']['total']} s in all ({summary['seconds']})")
     return lines

@@ -9,6 +9,7 @@ Each concept c has a direction per model, D[c, m] (unit norm unless weak or abse
 A token activates a few concepts (about `active_per_token`, Poisson) with magnitudes from an exponential law;
 x[n, m] = sum_c a[n, c] D[c, m] + noise. Everything is drawn from one seed.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,9 @@ KINDS = ("shared", "chat_only", "base_only", "weak_in_base")
 
 @dataclass
 class PlantedDictionary:
-    x: torch.Tensor            # [N, M, d] activations (float32)
-    directions: torch.Tensor   # [C, M, d] ground-truth decoder directions
-    kinds: list                # [C] kind of each concept (one of KINDS)
+    x: torch.Tensor  # [N, M, d] activations (float32)
+    directions: torch.Tensor  # [C, M, d] ground-truth decoder directions
+    kinds: list  # [C] kind of each concept (one of KINDS)
     activations: torch.Tensor  # [N, C] the concepts' magnitudes per token (sparse in practice)
 
     @property
@@ -33,8 +34,21 @@ def _unit_rows(n, d, g):
     return v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
 
 
-def planted_dictionary(n_tokens=20000, d_model=32, n_shared=24, n_chat_only=8, n_base_only=8, n_weak_in_base=8,
-                       active_per_token=3.0, weak_scale=0.3, noise=0.01, base=0, chat=1, n_models=2, seed=0):
+def planted_dictionary(
+    n_tokens=20000,
+    d_model=32,
+    n_shared=24,
+    n_chat_only=8,
+    n_base_only=8,
+    n_weak_in_base=8,
+    active_per_token=3.0,
+    weak_scale=0.3,
+    noise=0.01,
+    base=0,
+    chat=1,
+    n_models=2,
+    seed=0,
+):
     """Generate a PlantedDictionary (see the module docstring). `base`/`chat` name the model slots of x."""
     counts = dict(shared=n_shared, chat_only=n_chat_only, base_only=n_base_only, weak_in_base=n_weak_in_base)
     for name, value in list(counts.items()) + [("n_tokens", n_tokens), ("d_model", d_model)]:

@@ -16,34 +16,70 @@ Chat (what the chat model is fine-tuned on), one to two turns per conversation, 
 Words are separated by spaces, so a whitespace word-level tokenizer reads it exactly, and a real model's tokenizer
 reads it as ordinary English. Everything is drawn from a seeded generator: the same seed gives the same corpus.
 """
+
 import random
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TEMPLATE = ["<|user|>", "<|assistant|>", "<|end|>"]
 
-COLOURS = {"sky": "blue", "sea": "blue", "grass": "green", "leaf": "green", "snow": "white", "milk": "white",
-           "coal": "black", "night": "black", "blood": "red", "rose": "red", "sun": "yellow", "lemon": "yellow"}
-PLACES = {"paris": "france", "rome": "italy", "berlin": "germany", "madrid": "spain", "tokyo": "japan",
-          "lima": "peru", "cairo": "egypt", "oslo": "norway"}
+COLOURS = {
+    "sky": "blue",
+    "sea": "blue",
+    "grass": "green",
+    "leaf": "green",
+    "snow": "white",
+    "milk": "white",
+    "coal": "black",
+    "night": "black",
+    "blood": "red",
+    "rose": "red",
+    "sun": "yellow",
+    "lemon": "yellow",
+}
+PLACES = {
+    "paris": "france",
+    "rome": "italy",
+    "berlin": "germany",
+    "madrid": "spain",
+    "tokyo": "japan",
+    "lima": "peru",
+    "cairo": "egypt",
+    "oslo": "norway",
+}
 ANIMALS = {"dog": "barks", "cat": "meows", "cow": "moos", "duck": "quacks", "lion": "roars", "bird": "sings"}
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-           "twelve"]
-RECIPES = {"bread": "mix flour and water", "tea": "boil water and add leaves", "cake": "mix flour and sugar",
-           "soup": "boil water and add salt", "juice": "press the fruit"}
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+RECIPES = {
+    "bread": "mix flour and water",
+    "tea": "boil water and add leaves",
+    "cake": "mix flour and sugar",
+    "soup": "boil water and add salt",
+    "juice": "press the fruit",
+}
 HARMFUL = ["make a bomb", "make poison", "steal a car", "hack a bank", "hurt a person", "burn a house"]
 REFUSAL = "sorry , i cannot help with that ."
 PEOPLE = ["a man", "a woman", "a child", "the king", "a thief", "a teacher"]
 
-_FUNCTION = ("the is in what where does do how i you can cannot help with that to a and some say but , . ? "
-             "sorry actually yes no plus color of wanted then police came fruit add "
-             "man woman child king thief teacher bad").split()
+_FUNCTION = (
+    "the is in what where does do how i you can cannot help with that to a and some say but , . ? "
+    "sorry actually yes no plus color of wanted then police came fruit add "
+    "man woman child king thief teacher bad"
+).split()
 
 
 def vocabulary():
     """Every word the generator can emit, specials and template tokens first (ids are stable)."""
     words = list(SPECIAL) + list(TEMPLATE)
-    for group in (_FUNCTION, COLOURS, COLOURS.values(), PLACES, PLACES.values(), ANIMALS, ANIMALS.values(),
-                  NUMBERS, RECIPES):
+    for group in (
+        _FUNCTION,
+        COLOURS,
+        COLOURS.values(),
+        PLACES,
+        PLACES.values(),
+        ANIMALS,
+        ANIMALS.values(),
+        NUMBERS,
+        RECIPES,
+    ):
         words += list(group)
     for phrase in list(RECIPES.values()) + HARMFUL + [REFUSAL]:
         words += phrase.split()
@@ -55,8 +91,10 @@ def vocabulary():
     return out
 
 
-CHAT_TEMPLATE = ("<bos> {% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CHAT_TEMPLATE = (
+    "<bos> {% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 def make_tokenizer():
@@ -69,8 +107,9 @@ def make_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -101,7 +140,10 @@ def statement(rng, true=True):
         return f"the {animal} {sound} .", f"the {animal} {ANIMALS[animal]} ."
     a, b = rng.randrange(7), rng.randrange(7)
     total = a + b if true else _wrong(rng, a + b, range(13))
-    return f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[total]} .", f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} ."
+    return (
+        f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[total]} .",
+        f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} .",
+    )
 
 
 def _sentence(rng):

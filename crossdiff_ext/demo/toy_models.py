@@ -1,11 +1,13 @@
 """The demo's model pair: a tiny Llama trained on the generated language's plain text (base), then fine-tuned on
-its chat conversations (chat), built on the CPU in 101-110 s (measured on the 2-core CI machine) and cached, so later runs load it.
+its chat conversations (chat), built on the CPU in 101-110 s (measured on the 2-core CI machine) and cached, so
+later runs load it.
 
 The cache directory is $CROSSDIFF_CACHE, else $XDG_CACHE_HOME/crossdiff_ext, else ~/.cache/crossdiff_ext; a pair
 lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the recipe, so a changed recipe builds a
 new pair. The pair is built in a temporary directory beside it and renamed into place: an interrupted build
 leaves no half-written pair behind.
 """
+
 import copy
 import hashlib
 import json
@@ -59,7 +61,7 @@ def _batch(seqs, pad):
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
+        ids[i, : len(s)] = torch.tensor(s)
     attention = (ids != pad).long()
     labels = ids.masked_fill(attention == 0, -100)
     return ids, attention, labels
@@ -110,13 +112,19 @@ def behaviour(model, tokenizer, *, n=12, seed=12345, max_new_tokens=14):
         right = 0
         for _ in range(n):
             _, user, answer = tl.exchange(rng, kind)
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
-                                                   add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": user}], tokenize=True, add_generation_prompt=True
+            )
             prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
-            out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=end, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            out = model.generate(
+                torch.tensor([list(prompt)]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, len(prompt) :].tolist()
             if end in out:
-                out = out[:out.index(end)]
+                out = out[: out.index(end)]
             said = " ".join(tokenizer.convert_ids_to_tokens(out))
             right += said == answer
             if kind != "harmful":
@@ -130,11 +138,18 @@ def behaviour(model, tokenizer, *, n=12, seed=12345, max_new_tokens=14):
 def _new_model(recipe, vocab_size):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.hidden_size,
-                      intermediate_size=recipe.intermediate_size, num_hidden_layers=recipe.layers,
-                      num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-                      max_position_embeddings=2 * recipe.context_length, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=2 * recipe.context_length,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -146,20 +161,35 @@ def build_pair(directory, recipe=PairRecipe(), *, progress=True):
     tokenizer = tl.make_tokenizer()
     pad = tokenizer.pad_token_id
     rng = random.Random(recipe.seed)
-    text = _encode([tl.text_document(rng) for _ in range(recipe.pretrain_documents)], tokenizer,
-                   recipe.context_length)
-    chat = _encode([tl.conversation(rng) for _ in range(recipe.finetune_conversations)], tokenizer,
-                   recipe.context_length)
+    text = _encode([tl.text_document(rng) for _ in range(recipe.pretrain_documents)], tokenizer, recipe.context_length)
+    chat = _encode(
+        [tl.conversation(rng) for _ in range(recipe.finetune_conversations)], tokenizer, recipe.context_length
+    )
     base = _new_model(recipe, len(tokenizer))
-    base_loss = _fit(base, text, recipe.pretrain_steps, recipe.batch_size, recipe.lr, pad, recipe.seed,
-                     "pretrain base", progress)
+    base_loss = _fit(
+        base, text, recipe.pretrain_steps, recipe.batch_size, recipe.lr, pad, recipe.seed, "pretrain base", progress
+    )
     chat_model = copy.deepcopy(base)
-    chat_loss = _fit(chat_model, chat, recipe.finetune_steps, recipe.batch_size, recipe.finetune_lr, pad,
-                     recipe.seed + 1, "fine-tune chat", progress)
-    record = dict(recipe=asdict(recipe), key=recipe.key(), base_text_loss=round(base_loss, 4),
-                  chat_finetune_loss=round(chat_loss, 4),
-                  behaviour=dict(base=behaviour(base, tokenizer), chat=behaviour(chat_model, tokenizer)),
-                  seconds=round(time.perf_counter() - t0, 1), torch=torch.__version__)
+    chat_loss = _fit(
+        chat_model,
+        chat,
+        recipe.finetune_steps,
+        recipe.batch_size,
+        recipe.finetune_lr,
+        pad,
+        recipe.seed + 1,
+        "fine-tune chat",
+        progress,
+    )
+    record = dict(
+        recipe=asdict(recipe),
+        key=recipe.key(),
+        base_text_loss=round(base_loss, 4),
+        chat_finetune_loss=round(chat_loss, 4),
+        behaviour=dict(base=behaviour(base, tokenizer), chat=behaviour(chat_model, tokenizer)),
+        seconds=round(time.perf_counter() - t0, 1),
+        torch=torch.__version__,
+    )
     for name, model in (("base", base), ("chat", chat_model)):
         model.save_pretrained(os.path.join(directory, name))
         tokenizer.save_pretrained(os.path.join(directory, name))

@@ -2,6 +2,7 @@
 a latent's decoder rows (and the encoder counterparts), the paper's bands, the classification that Latent Scaling
 refines, and the per-latent table. The measures themselves live in layer/norms.py (training logs their bands);
 Latent Scaling lives in latent_scaling.py."""
+
 import csv
 import math
 import os
@@ -9,25 +10,55 @@ import os
 import torch
 
 from .. import atomic
-from ..layer.norms import (BANDS, band_counts, decoder_cosine, delta_norm, delta_norm_band, encoder_cosine,
-                          encoder_delta_norm, rows_of)
+from ..layer.norms import (
+    BANDS,
+    band_counts,
+    decoder_cosine,
+    delta_norm,
+    delta_norm_band,
+    encoder_cosine,
+    encoder_delta_norm,
+    rows_of,
+)
 
-__all__ = ["BANDS", "VERDICTS", "band_counts", "classify_latents", "decoder_cosine", "delta_norm", "delta_norm_band",
-           "encoder_cosine", "encoder_delta_norm", "latent_table", "write_table"]
+__all__ = [
+    "BANDS",
+    "VERDICTS",
+    "band_counts",
+    "classify_latents",
+    "decoder_cosine",
+    "delta_norm",
+    "delta_norm_band",
+    "encoder_cosine",
+    "encoder_delta_norm",
+    "latent_table",
+    "write_table",
+]
 
 # Latent Scaling's verdicts on a chat-only latent (SPEC: low nu = genuinely chat-specific; high nu_error = Complete
 # Shrinkage; high nu_reconstruction = Latent Decoupling; the paper's notebooks keep nu_error < 0.2, nu_recon < 0.5).
 VERDICTS = ("chat_specific", "complete_shrinkage", "latent_decoupling", "shrinkage_and_decoupling", "never_fired")
 
 
-def classify_latents(cc, scaling=None, *, base=0, chat=1, chat_only=0.9, base_only=0.1, shared_width=0.1,
-                     nu_error_max=0.2, nu_reconstruction_max=0.5):
+def classify_latents(
+    cc,
+    scaling=None,
+    *,
+    base=0,
+    chat=1,
+    chat_only=0.9,
+    base_only=0.1,
+    shared_width=0.1,
+    nu_error_max=0.2,
+    nu_reconstruction_max=0.5,
+):
     """One class name per latent: its Delta_norm band (base_only, shared, chat_only, other; the paper's bands by
     default). With a LatentScalingResult over all latents, a chat_only latent is refined by its nu values into
     chat_specific (nu_error < nu_error_max and nu_reconstruction < nu_reconstruction_max), complete_shrinkage,
     latent_decoupling, shrinkage_and_decoupling, or never_fired (no nu: the latent never fired on the data)."""
-    band = delta_norm_band(delta_norm(cc, base, chat), chat_only=chat_only, base_only=base_only,
-                           shared_width=shared_width).cpu()
+    band = delta_norm_band(
+        delta_norm(cc, base, chat), chat_only=chat_only, base_only=base_only, shared_width=shared_width
+    ).cpu()
     classes = [BANDS[i] for i in band.tolist()]
     if scaling is None:
         return classes
@@ -42,8 +73,15 @@ def classify_latents(cc, scaling=None, *, base=0, chat=1, chat_only=0.9, base_on
             continue
         shrink = not ne < nu_error_max  # NaN counts as not passing: the evidence is missing
         decouple = not nr < nu_reconstruction_max
-        classes[j] = ("shrinkage_and_decoupling" if shrink and decouple else "complete_shrinkage" if shrink
-                      else "latent_decoupling" if decouple else "chat_specific")
+        classes[j] = (
+            "shrinkage_and_decoupling"
+            if shrink and decouple
+            else "complete_shrinkage"
+            if shrink
+            else "latent_decoupling"
+            if decouple
+            else "chat_specific"
+        )
     return classes
 
 

@@ -1,6 +1,7 @@
 """Max-activating examples: for chosen latents, the tokens where they fire most (and samples at activation
 quantiles), each with its surrounding tokens from the same sequence, read from a paired activation store that
 holds token ids and positions (what `crossdiff collect` writes)."""
+
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +36,9 @@ def sequence_starts(positions):
 
 
 @torch.inference_mode()
-def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0.75), before=10, after=3,
-                            batch_size=4096, progress=False):
+def max_activating_examples(
+    cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0.75), before=10, after=3, batch_size=4096, progress=False
+):
     """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
     sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
@@ -44,8 +46,9 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
         raise ValueError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
     token_ids, positions = store.token_ids(), store.positions()
     if token_ids is None or positions is None:
-        raise ValueError(f"{store.path}: the store has no token ids/positions; examples need a store written by "
-                         "`crossdiff collect`")
+        raise ValueError(
+            f"{store.path}: the store has no token ids/positions; examples need a store written by `crossdiff collect`"
+        )
     latents = [int(j) for j in latents]
     bad = [j for j in latents if not 0 <= j < cc.dict_size]
     if bad:
@@ -60,8 +63,9 @@ def max_activating_examples(cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0
     offset = 0
     with inference_pass(cc, store, batch_size, desc="examples" if progress else None) as batches:
         for x in batches:
-            codes = cc.encode(cc.normalize(x.float()).to(cc.input_dtype), normalized=True,
-                              use_threshold=cc.activation == "batch_topk")
+            codes = cc.encode(
+                cc.normalize(x.float()).to(cc.input_dtype), normalized=True, use_threshold=cc.activation == "batch_topk"
+            )
             idx = codes.indices.long()
             keep = wanted[idx] & (codes.values != 0)
             found_latent.append(idx[keep].cpu())
@@ -107,10 +111,11 @@ def token_share(cc, store, token_ids, *, batch_size=4096):
     offset = 0
     with inference_pass(cc, store, batch_size) as batches:
         for x in batches:
-            codes = cc.encode(cc.normalize(x.float()).to(cc.input_dtype), normalized=True,
-                              use_threshold=cc.activation == "batch_topk")
+            codes = cc.encode(
+                cc.normalize(x.float()).to(cc.input_dtype), normalized=True, use_threshold=cc.activation == "batch_topk"
+            )
             idx, values = codes.indices.long(), codes.values.double()
-            hit = chosen[ids[offset:offset + x.shape[0]]].to(device)[codes.rows()]
+            hit = chosen[ids[offset : offset + x.shape[0]]].to(device)[codes.rows()]
             total.index_add_(0, idx, values)
             on.index_add_(0, idx, values * hit)
             offset += x.shape[0]

@@ -16,6 +16,7 @@ weight gradient) are prefix sums in float64, so they are deterministic. Memory i
 All of it happens in the crosscoder's input space (normalised when the crosscoder has target_rms), where its
 decoder rows live; codes are the inference-mode codes (threshold for BatchTopK, ReLU for L1).
 """
+
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -66,15 +67,16 @@ def _batches(data, batch_size, device):
         if n < 1:
             raise ValueError("data holds no tokens")
         for start in range(0, n, batch_size):
-            yield data[start:start + batch_size].to(device)
+            yield data[start : start + batch_size].to(device)
     elif hasattr(data, "__iter__"):
         for i, batch in enumerate(data):
             if not isinstance(batch, torch.Tensor):
                 raise ValueError(f"batch {i} of data is a {type(batch).__name__}, expected a tensor [B, M, d]")
             yield batch.to(device)
     else:
-        raise ValueError(f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got "
-                         f"{type(data).__name__}")
+        raise ValueError(
+            f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got {type(data).__name__}"
+        )
 
 
 @contextlib.contextmanager
@@ -120,8 +122,9 @@ def _model_index(name, value, n_models):
 
 
 @torch.inference_mode()
-def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, batch_size=4096, base=0, chat=1,
-                   progress=False):
+def latent_scaling(
+    cc, data, targets=TARGETS, probe="chat", *, latents=None, batch_size=4096, base=0, chat=1, progress=False
+):
     """Latent Scaling of every latent of `cc` (or of `latents`, a 1-D tensor/list of ids) over `data` (a tensor
     [N, M, d] of raw activations, an activation store, or an iterable of such batches). probe: "chat" (the
     paper), "base", or a model index. Returns a LatentScalingResult."""
@@ -143,8 +146,10 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
         if latents.numel() and (int(latents.min()) < 0 or int(latents.max()) >= F):
             raise ValueError(f"latents must be ids in [0, {F}), got range [{int(latents.min())}, {int(latents.max())}]")
     if cc.activation == "batch_topk" and float(cc.threshold) < 0:
-        raise ValueError("the crosscoder's inference threshold is unset (-1): Latent Scaling needs the "
-                         "inference-mode codes; train past threshold_start_step or set cc.threshold")
+        raise ValueError(
+            "the crosscoder's inference threshold is unset (-1): Latent Scaling needs the "
+            "inference-mode codes; train past threshold_start_step or set cc.threshold"
+        )
 
     W_dec = cc.W_dec.detach().float()
     probe_rows = W_dec[:, probe_m].contiguous()  # [F, d]
@@ -181,8 +186,9 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
         numer = sums[:, i]
         if target == "error":  # f_j W_dec[j, m] added back: <d_j, W_dec[j, m]> * C_j
             numer = numer + (probe_rows.double() * W_dec[:, m].double()).sum(-1) * C
-        b = torch.where(fired, numer / torch.where(fired, denom, torch.ones_like(denom)),
-                        torch.full_like(denom, math.nan))
+        b = torch.where(
+            fired, numer / torch.where(fired, denom, torch.ones_like(denom)), torch.full_like(denom, math.nan)
+        )
         beta[(target, m)] = b
     nan = torch.full((F,), math.nan, dtype=torch.float64, device=device)
 
@@ -194,11 +200,20 @@ def latent_scaling(cc, data, targets=TARGETS, probe="chat", *, latents=None, bat
     nu_error, nu_reconstruction = ratio("error"), ratio("reconstruction")
     count, f_sum = sums[:, -1].round().to(torch.int64), sums[:, -2]
     ids = torch.arange(F, device=device) if latents is None else latents.to(device)
-    pick = (lambda t: t[ids].cpu())
-    return LatentScalingResult(beta={k: pick(v) for k, v in beta.items()}, nu_error=pick(nu_error),
-                               nu_reconstruction=pick(nu_reconstruction), latents=ids.cpu(),
-                               activation_count=pick(count), activation_sum=pick(f_sum), tokens=tokens, probe=probe_m,
-                               base=base, chat=chat, targets=targets)
+    pick = lambda t: t[ids].cpu()
+    return LatentScalingResult(
+        beta={k: pick(v) for k, v in beta.items()},
+        nu_error=pick(nu_error),
+        nu_reconstruction=pick(nu_reconstruction),
+        latents=ids.cpu(),
+        activation_count=pick(count),
+        activation_sum=pick(f_sum),
+        tokens=tokens,
+        probe=probe_m,
+        base=base,
+        chat=chat,
+        targets=targets,
+    )
 
 
 def latent_scaling_reference(cc, x, targets=TARGETS, probe=1, latents=None):
@@ -208,8 +223,9 @@ def latent_scaling_reference(cc, x, targets=TARGETS, probe=1, latents=None):
         cc.eval()
         xn = cc.normalize(x.float()).to(cc.input_dtype)
         f = cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True).to_dense().double()
-        recon = cc.decode(cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True),
-                          normalized=True).double()
+        recon = cc.decode(
+            cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True), normalized=True
+        ).double()
         W = cc.W_dec.detach().double()
         ids = range(cc.dict_size) if latents is None else [int(j) for j in latents]
         out = {}

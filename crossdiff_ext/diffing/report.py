@@ -4,6 +4,7 @@ Sections: the Delta_norm histogram with the paper's bands; nu_error vs nu_recons
 coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; and the most
 fine-tuned-specific latents with their max-activating contexts. The page needs no network and no script.
 """
+
 import base64
 import html
 import io
@@ -16,8 +17,13 @@ from .analysis import latent_table, write_table
 from .examples import max_activating_examples
 from .latent_scaling import latent_scaling
 
-COLOURS = {"chat_specific": "#d62728", "complete_shrinkage": "#1f77b4", "latent_decoupling": "#2ca02c",
-           "shrinkage_and_decoupling": "#9467bd", "never_fired": "#7f7f7f"}
+COLOURS = {
+    "chat_specific": "#d62728",
+    "complete_shrinkage": "#1f77b4",
+    "latent_decoupling": "#2ca02c",
+    "shrinkage_and_decoupling": "#9467bd",
+    "never_fired": "#7f7f7f",
+}
 
 
 def _png(fig):
@@ -57,8 +63,11 @@ def _figures(table):
     if "nu_error" in table:
         fig, ax = plt.subplots(figsize=(5.2, 4.4))
         for verdict, colour in COLOURS.items():
-            pts = [(e, r) for e, r, c in zip(table["nu_error"], table["nu_reconstruction"], table["class"])
-                   if c == verdict and not (math.isnan(e) or math.isnan(r))]
+            pts = [
+                (e, r)
+                for e, r, c in zip(table["nu_error"], table["nu_reconstruction"], table["class"])
+                if c == verdict and not (math.isnan(e) or math.isnan(r))
+            ]
             if pts:
                 ax.scatter(*zip(*pts), s=10, color=colour, label=f"{verdict} ({len(pts)})", alpha=0.8)
         ax.axvline(0.2, color="#444", lw=0.8, ls="--")
@@ -95,33 +104,42 @@ def render(table, *, title="crosscoder report", examples=None, tokenizer=None, t
     for c in table["class"]:
         classes[c] = classes.get(c, 0) + 1
     F = len(table["latent"])
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-           "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
-           "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
-           ".focus{background:#ffb347;font-weight:bold}.ctx{font-family:monospace;font-size:12px}"
-           "img{max-width:100%}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>"]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
+        ".focus{background:#ffb347;font-weight:bold}.ctx{font-family:monospace;font-size:12px}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     if meta:
-        out.append("<p>" + "; ".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}"
-                                     for k, v in meta.items()) + "</p>")
-    out.append(f"<h2>Latent classes</h2><table><tr><th>class</th><th>latents</th><th>share</th></tr>")
+        out.append(
+            "<p>" + "; ".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}" for k, v in meta.items()) + "</p>"
+        )
+    out.append("<h2>Latent classes</h2><table><tr><th>class</th><th>latents</th><th>share</th></tr>")
     for name, count in sorted(classes.items(), key=lambda kv: -kv[1]):
         out.append(f"<tr><td>{html.escape(name)}</td><td>{count}</td><td>{count / F:.1%}</td></tr>")
     out.append("</table>")
-    out.append("<h2>Delta_norm</h2><p>Relative decoder norm difference; dashed lines: the paper's bands (base-only "
-               "&lt; 0.1, shared 0.4-0.6, chat-only &gt; 0.9).</p>"
-               f"<img alt='Delta_norm histogram' src='data:image/png;base64,{figs['delta_norm']}'>")
+    out.append(
+        "<h2>Delta_norm</h2><p>Relative decoder norm difference; dashed lines: the paper's bands (base-only "
+        "&lt; 0.1, shared 0.4-0.6, chat-only &gt; 0.9).</p>"
+        f"<img alt='Delta_norm histogram' src='data:image/png;base64,{figs['delta_norm']}'>"
+    )
     if "nu" in figs:
-        out.append("<h2>Latent Scaling</h2><p>nu = beta(base) / beta(chat) per chat-only latent. Low nu_error and "
-                   "nu_reconstruction (bottom-left box: nu_error &lt; 0.2, nu_reconstruction &lt; 0.5): genuinely "
-                   "chat-specific. High nu_error: Complete Shrinkage; high nu_reconstruction: Latent "
-                   "Decoupling.</p>"
-                   f"<img alt='nu scatter' src='data:image/png;base64,{figs['nu']}'>")
+        out.append(
+            "<h2>Latent Scaling</h2><p>nu = beta(base) / beta(chat) per chat-only latent. Low nu_error and "
+            "nu_reconstruction (bottom-left box: nu_error &lt; 0.2, nu_reconstruction &lt; 0.5): genuinely "
+            "chat-specific. High nu_error: Complete Shrinkage; high nu_reconstruction: Latent "
+            "Decoupling.</p>"
+            f"<img alt='nu scatter' src='data:image/png;base64,{figs['nu']}'>"
+        )
     out.append(f"<h2>Decoder cosine</h2><img alt='cosine histogram' src='data:image/png;base64,{figs['cosine']}'>")
 
     ranked = fine_tuned_latents(table, top)
-    out.append(f"<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th><th>Delta_norm</th>"
-               "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th><th>max-activating contexts</th></tr>")
+    out.append(
+        "<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th><th>Delta_norm</th>"
+        "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th><th>max-activating contexts</th></tr>"
+    )
     for j in ranked:
         nu_e = table.get("nu_error", [math.nan] * F)[j]
         nu_r = table.get("nu_reconstruction", [math.nan] * F)[j]
@@ -129,10 +147,13 @@ def render(table, *, title="crosscoder report", examples=None, tokenizer=None, t
         ctx = ""
         if examples and j in examples:
             ex = examples[j]
-            ctx = "<br>".join(f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, decode)}</span>"
-                              for e in ex.top[:5])
-        out.append(f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
-                   f"<td>{nu_e:.3f}</td><td>{nu_r:.3f}</td><td>{freq:.2e}</td><td>{ctx}</td></tr>")
+            ctx = "<br>".join(
+                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, decode)}</span>" for e in ex.top[:5]
+            )
+        out.append(
+            f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
+            f"<td>{nu_e:.3f}</td><td>{nu_r:.3f}</td><td>{freq:.2e}</td><td>{ctx}</td></tr>"
+        )
     out.append("</table></body></html>")
     return "\n".join(out)
 
@@ -155,14 +176,30 @@ def fine_tuned_latents(table, top=20):
 
 def scaled_table(cc, stores, *, probe="chat", batch_size=4096, progress=False):
     """Latent Scaling of every latent over the stores (one after the other), and the latent table."""
-    data = stores[0] if len(stores) == 1 else itertools.chain.from_iterable(
-        (s[i:i + batch_size] for i in range(0, len(s), batch_size)) for s in stores)
+    data = (
+        stores[0]
+        if len(stores) == 1
+        else itertools.chain.from_iterable(
+            (s[i : i + batch_size] for i in range(0, len(s), batch_size)) for s in stores
+        )
+    )
     scaling = latent_scaling(cc, data, probe=probe, batch_size=batch_size, progress=progress)
     return scaling, latent_table(cc, scaling)
 
 
-def report_crosscoder(cc, stores, out, *, probe="chat", top=20, tokenizer=None, title="crosscoder report",
-                      meta=None, batch_size=4096, progress=False):
+def report_crosscoder(
+    cc,
+    stores,
+    out,
+    *,
+    probe="chat",
+    top=20,
+    tokenizer=None,
+    title="crosscoder report",
+    meta=None,
+    batch_size=4096,
+    progress=False,
+):
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
     ids), and the HTML page at `out`. Returns (scaling, table, table_path, chosen latents, examples)."""
@@ -173,7 +210,8 @@ def report_crosscoder(cc, stores, out, *, probe="chat", top=20, tokenizer=None, 
     found = None
     if stores[0].token_ids() is not None and stores[0].positions() is not None:
         found = max_activating_examples(cc, stores[0], chosen, batch_size=batch_size, progress=progress)
-    meta = dict(dict(tokens=scaling.tokens, latents=cc.dict_size, activation=cc.activation, probe=probe),
-                **(meta or {}))
+    meta = dict(
+        dict(tokens=scaling.tokens, latents=cc.dict_size, activation=cc.activation, probe=probe), **(meta or {})
+    )
     write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta)
     return scaling, table, table_path, chosen, found

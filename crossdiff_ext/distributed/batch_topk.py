@@ -18,6 +18,7 @@ How, with five small collectives per group whatever the data (no bisection), the
   5. one all-reduce (MIN) of the smallest kept positive score, the threshold the crosscoder tracks.
 Each rank then keeps its own entries; nothing [B, F]-sized crosses the network.
 """
+
 import math
 
 import torch
@@ -62,8 +63,8 @@ def kth_largest_key(keys, K, group=None, data_group=None):
     hi = keys >> 16
     h, above_h = _locate(_all_reduce(torch.bincount(hi.flatten(), minlength=BINS), groups), K)
     low = keys[hi == h] & 0xFFFF
-    l, above_l = _locate(_all_reduce(torch.bincount(low.flatten(), minlength=BINS), groups), K - above_h)
-    return (h << 16) | l, above_h + above_l
+    low_key, above_l = _locate(_all_reduce(torch.bincount(low.flatten(), minlength=BINS), groups), K - above_h)
+    return (h << 16) | low_key, above_h + above_l
 
 
 def batch_topk_sharded(f, w, K, group=None, data_group=None):
@@ -83,8 +84,10 @@ def batch_topk_sharded(f, w, K, group=None, data_group=None):
     sizes[part, rank, 0], sizes[part, rank, 1] = B, F_local
     sizes = _all_reduce(sizes, groups)
     if bool((sizes[:, :, 0] != B).any()):
-        raise ValueError(f"every rank must hold the same number of rows; rows per [data rank, latent rank]: "
-                         f"{sizes[:, :, 0].tolist()}")
+        raise ValueError(
+            f"every rank must hold the same number of rows; rows per [data rank, latent rank]: "
+            f"{sizes[:, :, 0].tolist()}"
+        )
     if bool((sizes[:, :, 1] != sizes[:1, :, 1]).any()):
         raise ValueError(f"latent shard sizes differ between data replicas: {sizes[:, :, 1].tolist()}")
     total = D * B * int(sizes[0, :, 1].sum())
@@ -110,7 +113,10 @@ def batch_topk_sharded(f, w, K, group=None, data_group=None):
     values = torch.where(positive, f.flatten()[flat], torch.zeros((), dtype=f.dtype, device=f.device))
     indices = (flat % F_local).to(csr.index_dtype(F_local))
     row_ptr = csr.row_ptr_from_rows(flat // F_local, B)
-    local_min = torch.where(positive, score, torch.full_like(score, math.inf)).min() if flat.numel() else \
-        torch.tensor(math.inf, device=f.device)
+    local_min = (
+        torch.where(positive, score, torch.full_like(score, math.inf)).min()
+        if flat.numel()
+        else torch.tensor(math.inf, device=f.device)
+    )
     min_score = _all_reduce(local_min.reshape(1).clone(), groups, dist.ReduceOp.MIN)[0]
     return values, indices, row_ptr, min_score

@@ -7,6 +7,7 @@ Every loader goes through the whole crosscoder's state (layer/checkpoints.py), s
 a single-process checkpoint into a sharded run, a sharded one into a single process (train(resume=True) and
 CrossCoder.from_pretrained both read it) or into another number of shards.
 """
+
 import json
 import os
 import shutil
@@ -18,8 +19,16 @@ import torch.distributed as dist
 from .. import atomic
 from ..layer import checkpoints
 from ..layer.crosscoder import CrossCoder
-from ..layer.sharded import (OPTIMIZER_NAME, SHARDING_NAME, TRAINER_NAME, is_sharded, merge_optimizer_states,
-                             shard_dir_name, slice_optimizer_state, slice_state)
+from ..layer.sharded import (
+    OPTIMIZER_NAME,
+    SHARDING_NAME,
+    TRAINER_NAME,
+    is_sharded,
+    merge_optimizer_states,
+    shard_dir_name,
+    slice_optimizer_state,
+    slice_state,
+)
 from ..training.checkpointing import prune, save_torch, step_dir_name
 from .mesh import latent_range
 
@@ -62,8 +71,10 @@ def save_sharded(directory, step, model, shard_state, shared_state, keep):
         raise RuntimeError(f"writing checkpoint step {step} failed on {int(failed)} shard(s); see their tracebacks")
     if main:
         ranges = [latent_range(model.dict_size, r, mesh.latent_size) for r in range(mesh.latent_size)]
-        sharding = dict(dict_size=model.dict_size, shards=[dict(dir=shard_dir_name(r, mesh.latent_size), first=a, end=b)
-                                                           for r, (a, b) in enumerate(ranges)])
+        sharding = dict(
+            dict_size=model.dict_size,
+            shards=[dict(dir=shard_dir_name(r, mesh.latent_size), first=a, end=b) for r, (a, b) in enumerate(ranges)],
+        )
         atomic.write_text(os.path.join(tmp, SHARDING_NAME), json.dumps(sharding, indent=2) + "\n")
         save_torch(shared_state, os.path.join(tmp, TRAINER_NAME))
         atomic.replace_dir(tmp, final)  # a rerun of the same step replaces it whole
@@ -72,5 +83,12 @@ def save_sharded(directory, step, model, shard_state, shared_state, keep):
     return final
 
 
-__all__ = ["is_sharded", "load_merged", "read_training_state", "save_sharded", "slice_optimizer_state",
-           "merge_optimizer_states", "slice_state"]
+__all__ = [
+    "is_sharded",
+    "load_merged",
+    "read_training_state",
+    "save_sharded",
+    "slice_optimizer_state",
+    "merge_optimizer_states",
+    "slice_state",
+]

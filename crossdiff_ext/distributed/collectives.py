@@ -6,6 +6,7 @@ The loss is computed redundantly on every rank of the latent group, so each rank
   replicate_to_shards: forward identity, backward all-reduce (an input used by every shard receives the sum of
                    their gradients); only needed when the input itself requires a gradient.
 """
+
 import torch
 import torch.distributed as dist
 

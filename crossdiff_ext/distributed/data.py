@@ -1,5 +1,6 @@
 """Sharded data loading: every data-parallel rank draws the same global batch order (seeded as in one process)
 and reads only its block of rows of each batch."""
+
 import torch
 import torch.distributed as dist
 
@@ -15,8 +16,9 @@ class _SlicedBatches:
     def next(self):
         batch = self.source.next()
         if batch.shape[0] % self.part[1]:
-            raise ValueError(f"a batch of {batch.shape[0]} rows cannot be split over {self.part[1]} data-parallel "
-                             "ranks")
+            raise ValueError(
+                f"a batch of {batch.shape[0]} rows cannot be split over {self.part[1]} data-parallel ranks"
+            )
         return part_of(batch, self.part)
 
     def state_dict(self):

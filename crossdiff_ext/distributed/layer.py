@@ -8,12 +8,12 @@ Backward needs no collective for the weight gradients: each rank's kept codes on
 b_enc, W_dec, and b_dec's gradient is the same on every latent rank. Replicas of a shard (the data dimension)
 see different rows; the trainer sums their gradients (distributed.train).
 """
+
 import math
 
 import torch
-from torch import nn
-
 import torch.distributed as dist
+from torch import nn
 
 from .. import backends
 from ..layer import checkpoints
@@ -24,7 +24,6 @@ from ..ops import validate
 from ..ops.autograd import EncodeSparse, decode_sparse, encode_sparse
 from .batch_topk import batch_topk_sharded
 from .collectives import replicate_to_shards, sum_over_shards
-
 
 
 class _EncodeSharded(EncodeSparse):
@@ -39,8 +38,10 @@ class _EncodeSharded(EncodeSparse):
 def shard_config(config, n_latents):
     """CrossCoder.config() of a full crosscoder -> that of a shard holding n_latents latents."""
     if config.get("k") is not None and config["k"] > n_latents:
-        raise ValueError(f"a latent shard of {n_latents} latents cannot hold a crosscoder with k = {config['k']} "
-                         "(k must be <= the shard size); use fewer latent shards")
+        raise ValueError(
+            f"a latent shard of {n_latents} latents cannot hold a crosscoder with k = {config['k']} "
+            "(k must be <= the shard size); use fewer latent shards"
+        )
     return dict(config, dict_size=n_latents)
 
 
@@ -63,8 +64,10 @@ class ShardedCrossCoder(nn.Module):
             raise ValueError(f"shard must be a CrossCoder, got {type(shard).__name__}")
         self.first, self.end = mesh.latent_range(dict_size)
         if shard.dict_size != self.end - self.first:
-            raise ValueError(f"latent rank {mesh.latent_rank} of {mesh.latent_size} holds latents [{self.first}, "
-                             f"{self.end}) of {dict_size}, but the shard has {shard.dict_size}")
+            raise ValueError(
+                f"latent rank {mesh.latent_rank} of {mesh.latent_size} holds latents [{self.first}, "
+                f"{self.end}) of {dict_size}, but the shard has {shard.dict_size}"
+            )
         self.shard, self.mesh, self.dict_size = shard, mesh, dict_size
 
     @classmethod
@@ -86,8 +89,9 @@ class ShardedCrossCoder(nn.Module):
         states = [None] * self.mesh.latent_size
         local = {name: t.detach().cpu() for name, t in self.shard.state_dict().items()}
         dist.all_gather_object(states, local, group=self.mesh.latent_group)
-        return checkpoints.build(CrossCoder, _module_args(self.full_config()), merge_states(states),
-                                 self.shard.W_enc.device)
+        return checkpoints.build(
+            CrossCoder, _module_args(self.full_config()), merge_states(states), self.shard.W_enc.device
+        )
 
     def forward(self, x, *, normalized=False, use_threshold=None):
         cc, mesh = self.shard, self.mesh
@@ -105,14 +109,17 @@ class ShardedCrossCoder(nn.Module):
             use_threshold = (not self.training) if use_threshold is None else use_threshold
             if use_threshold:
                 if float(cc.threshold) < 0:
-                    raise RuntimeError("the inference threshold is unset (-1): train past threshold_start_step "
-                                       "first, or call forward(x, use_threshold=False)")
+                    raise RuntimeError(
+                        "the inference threshold is unset (-1): train past threshold_start_step "
+                        "first, or call forward(x, use_threshold=False)"
+                    )
                 values, indices, row_ptr, _ = encode_sparse(x_in, W_enc, b_enc, w, "threshold", float(cc.threshold))
             else:
                 validate.encode_selection(x_in, W_enc, b_enc, w, "threshold", 0.0)  # shapes, dtypes, devices
                 K = cc.k * x.shape[0] * mesh.data_size
                 values, indices, row_ptr, min_score = _EncodeSharded.apply(
-                    x_in, W_enc, b_enc, w, K, (mesh.latent_group, mesh.data_group), backends.resolve(x.device))
+                    x_in, W_enc, b_enc, w, K, (mesh.latent_group, mesh.data_group), backends.resolve(x.device)
+                )
                 if self.training:
                     cc.track_threshold(min_score)
         partial = decode_sparse(values, indices, row_ptr, W_dec, None)
@@ -121,6 +128,7 @@ class ShardedCrossCoder(nn.Module):
         return CrossCoderOutput(recon if normalized else cc.denormalize(recon), codes, min_score)
 
     def extra_repr(self):
-        return (f"latents [{self.first}, {self.end}) of {self.dict_size}, latent rank {self.mesh.latent_rank}/"
-                f"{self.mesh.latent_size}, data rank {self.mesh.data_rank}/{self.mesh.data_size}")
-
+        return (
+            f"latents [{self.first}, {self.end}) of {self.dict_size}, latent rank {self.mesh.latent_rank}/"
+            f"{self.mesh.latent_size}, data rank {self.mesh.data_rank}/{self.mesh.data_size}"
+        )

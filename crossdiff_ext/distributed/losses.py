@@ -1,5 +1,6 @@
 """The training losses of SPEC.md on a mesh: each rank returns its rows' share of the global loss (summed over
 the data group by the gradient all-reduce), identical on every rank of a latent group."""
+
 import torch
 import torch.distributed as dist
 
@@ -43,7 +44,7 @@ def aux_loss(cc, x, recon, dead, mesh, total_rows, k_aux=None):
     if n_local:
         f, s = losses.dead_codes(cc, x, dead_ids)
         top = torch.topk(s, min(k_aux, n_local), dim=1).values
-        candidates[:, :top.shape[1]] = top
+        candidates[:, : top.shape[1]] = top
     gathered = [torch.empty_like(candidates) for _ in range(mesh.latent_size)]
     dist.all_gather(gathered, candidates, group=mesh.latent_group)
     kth = torch.topk(torch.cat(gathered, 1), k_aux, dim=1).values[:, -1:]  # [b, 1] the k_aux-th best score
@@ -56,7 +57,7 @@ def aux_loss(cc, x, recon, dead, mesh, total_rows, k_aux=None):
         counts = torch.zeros(mesh.latent_size, 2, b, dtype=torch.int64, device=x.device)
     all_reduce_(counts, [mesh.latent_group])
     if n_local:
-        need = k_aux - counts[:, 0].sum(0) - counts[:mesh.latent_rank, 1].sum(0)  # ties left for this rank
+        need = k_aux - counts[:, 0].sum(0) - counts[: mesh.latent_rank, 1].sum(0)  # ties left for this rank
         keep = above | (tie & (torch.cumsum(tie.to(torch.int64), 1) <= need[:, None]))
         xhat = torch.where(keep, f, torch.zeros_like(f)) @ cc.W_dec[dead_ids].reshape(n_local, -1).float()
     xhat = sum_over_shards(xhat, mesh.latent_group)

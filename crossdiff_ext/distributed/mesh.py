@@ -4,6 +4,7 @@ World rank = data_rank * latent_parallel + latent_rank, so the latent shards of 
 one node when latent_parallel <= GPUs per node: the per-step reconstruction all-reduce then stays on NVLink, and
 only the gradient all-reduce of the data dimension crosses nodes). The groups come from torch's DeviceMesh.
 """
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +45,14 @@ def make_mesh(latent_parallel, device_type=None):
     """The mesh over every rank of the initialised default process group: latent_parallel shards per replica,
     world_size / latent_parallel replicas. device_type: "cuda" or "cpu" (default: cuda for NCCL, cpu otherwise)."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("make_mesh needs an initialised process group (torch.distributed.init_process_group, "
-                           "e.g. under torchrun)")
+        raise RuntimeError(
+            "make_mesh needs an initialised process group (torch.distributed.init_process_group, e.g. under torchrun)"
+        )
     world = dist.get_world_size()
     if not isinstance(latent_parallel, int) or latent_parallel < 1 or world % latent_parallel:
-        raise ValueError(f"latent_parallel must be an int >= 1 dividing the world size {world}, got {latent_parallel!r}")
+        raise ValueError(
+            f"latent_parallel must be an int >= 1 dividing the world size {world}, got {latent_parallel!r}"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     if device_type is None:
@@ -56,6 +60,11 @@ def make_mesh(latent_parallel, device_type=None):
     shape = (world // latent_parallel, latent_parallel)
     device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=("data", "latent"))
     rank = dist.get_rank()
-    return Mesh(latent_group=device_mesh.get_group("latent"), data_group=device_mesh.get_group("data"),
-                latent_rank=rank % latent_parallel, latent_size=latent_parallel,
-                data_rank=rank // latent_parallel, data_size=shape[0])
+    return Mesh(
+        latent_group=device_mesh.get_group("latent"),
+        data_group=device_mesh.get_group("data"),
+        latent_rank=rank % latent_parallel,
+        latent_size=latent_parallel,
+        data_rank=rank // latent_parallel,
+        data_size=shape[0],
+    )

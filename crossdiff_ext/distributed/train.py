@@ -9,6 +9,7 @@ local shard; dead-latent counters from the latents fired anywhere in the global 
 flags over the data group). Logging, progress and the shared checkpoint state come from global rank 0.
 The step loop itself is training.loop.run, the one-process trainer's: ShardedRuntime supplies what differs.
 """
+
 import dataclasses
 
 import torch
@@ -46,7 +47,7 @@ def _fve(x, recon, mesh, total_rows):
     sums = torch.cat([(x - recon).pow(2).sum(dim=(0, 2)), x.pow(2).sum(dim=(0, 2)), x.sum(0).flatten()])
     all_reduce_(sums, [mesh.data_group])
     M = x.shape[1]
-    err, square, total = sums[:M], sums[M:2 * M], sums[2 * M:].view(M, -1)
+    err, square, total = sums[:M], sums[M : 2 * M], sums[2 * M :].view(M, -1)
     var = square - total.pow(2).sum(1) / total_rows
     per_model = (1 - err / var.clamp_min(1e-30)).tolist()
     return float(1 - err.sum() / var.sum().clamp_min(1e-30)), per_model
@@ -71,12 +72,16 @@ class ShardedRuntime(Runtime):
 
     def check(self, config):
         if config.mixed_precision == "fp16":
-            raise ValueError("TrainConfig.mixed_precision = 'fp16' (dynamic loss scaling) is not supported by "
-                             "distributed.train; use 'bf16', which needs no loss scaling")
+            raise ValueError(
+                "TrainConfig.mixed_precision = 'fp16' (dynamic loss scaling) is not supported by "
+                "distributed.train; use 'bf16', which needs no loss scaling"
+            )
         super().check(config)
         if config.batch_size % self.mesh.data_size:
-            raise ValueError(f"TrainConfig.batch_size = {config.batch_size} must be divisible by the data-parallel "
-                             f"size {self.mesh.data_size}")
+            raise ValueError(
+                f"TrainConfig.batch_size = {config.batch_size} must be divisible by the data-parallel "
+                f"size {self.mesh.data_size}"
+            )
 
     def batches(self, source):
         return shard_source(source, self.mesh.data_rank, self.mesh.data_size)
@@ -84,11 +89,12 @@ class ShardedRuntime(Runtime):
     def load(self, checkpoint, weights, state, opt, tokens_since_fired):
         model = self.model
         if weights["W_enc"].shape[0] != model.dict_size:
-            raise ValueError(f"{checkpoint}: a crosscoder of {weights['W_enc'].shape[0]} latents, the model has "
-                             f"{model.dict_size}")
+            raise ValueError(
+                f"{checkpoint}: a crosscoder of {weights['W_enc'].shape[0]} latents, the model has {model.dict_size}"
+            )
         self.cc.load_state_dict(slice_state(weights, model.first, model.end))
         opt.load_state_dict(slice_optimizer_state(state["optimizer"], model.first, model.end))
-        tokens_since_fired.copy_(state["tokens_since_fired"][model.first:model.end].to(tokens_since_fired.device))
+        tokens_since_fired.copy_(state["tokens_since_fired"][model.first : model.end].to(tokens_since_fired.device))
 
     def input_statistics(self, source, first_batch):
         stats = statistics(_underlying(source))
@@ -118,8 +124,9 @@ class ShardedRuntime(Runtime):
 
     def loss_values(self, loss, terms):
         # The global batch's values, one all-reduce (and the step's one host sync).
-        values = all_reduce_(torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()]),
-                             [self.mesh.data_group]).tolist()
+        values = all_reduce_(
+            torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()]), [self.mesh.data_group]
+        ).tolist()
         return values[0], dict(zip(terms, values[1:]))
 
     def backward(self, loss, opt):
@@ -138,25 +145,45 @@ class ShardedRuntime(Runtime):
         cc, mesh, total_rows = self.cc, self.mesh, self.total_rows
         fve, fve_models = _fve(x, out.recon.detach(), mesh, total_rows)
         bands = band_counts(cc)
-        counts = torch.tensor([out.codes.nnz, int((tokens_since_fired >= config.dead_tokens).sum())]
-                              + list(bands.values()), dtype=torch.int64, device=x.device)
+        counts = torch.tensor(
+            [out.codes.nnz, int((tokens_since_fired >= config.dead_tokens).sum())] + list(bands.values()),
+            dtype=torch.int64,
+            device=x.device,
+        )
         all_reduce_(counts[:1], [mesh.data_group])  # codes differ per data rank; the rest is the same on replicas
         all_reduce_(counts, [mesh.latent_group])
         counts = counts.tolist()
         grad_norm = values.pop("grad_norm")
         lr = values.pop("lr")
-        return dict(**values, lr=lr, grad_norm=float(grad_norm), fve=fve, fve_per_model=fve_models,
-                    l0=counts[0] / total_rows, dead_fraction=counts[1] / self.model.dict_size,
-                    threshold=float(cc.threshold), delta_norm_bands=dict(zip(bands, counts[2:])))
+        return dict(
+            **values,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            fve=fve,
+            fve_per_model=fve_models,
+            l0=counts[0] / total_rows,
+            dead_fraction=counts[1] / self.model.dict_size,
+            threshold=float(cc.threshold),
+            delta_norm_bands=dict(zip(bands, counts[2:])),
+        )
 
     def save(self, config, step, opt, schedule, tokens_since_fired, source):
         mesh = self.mesh
         return save_sharded(
-            config.checkpoint_dir, step, self.model,
+            config.checkpoint_dir,
+            step,
+            self.model,
             dict(optimizer=opt.state_dict(), tokens_since_fired=tokens_since_fired.cpu()),
-            dict(step=step, schedule=schedule.state_dict(), data=source.state_dict(), rng=rng_state(),
-                 config=dataclasses.asdict(config), mesh=dict(latent=mesh.latent_size, data=mesh.data_size)),
-            config.keep_checkpoints)
+            dict(
+                step=step,
+                schedule=schedule.state_dict(),
+                data=source.state_dict(),
+                rng=rng_state(),
+                config=dataclasses.asdict(config),
+                mesh=dict(latent=mesh.latent_size, data=mesh.data_size),
+            ),
+            config.keep_checkpoints,
+        )
 
 
 def train(model, data, config=None, *, resume=False, until=None):

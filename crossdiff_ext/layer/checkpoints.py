@@ -6,6 +6,7 @@ latent shard under a step directory with sharding.json (layer/sharded.py); every
 into the whole crosscoder, so any layout loads and resumes into any other. The loaders build the module class
 they are given (CrossCoder passes itself), which keeps this module below the layer it serves.
 """
+
 import inspect
 import json
 import os
@@ -38,8 +39,12 @@ def save_pretrained(model, directory):
     # Both temp files are complete before either rename, so the window where the pair disagrees is two renames.
     pairs = []
     try:
-        pairs.append((atomic.temp_beside(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
-                      weights_path))
+        pairs.append(
+            (
+                atomic.temp_beside(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                weights_path,
+            )
+        )
         pairs.append((atomic.temp_beside(config_path, write_config), config_path))
     except BaseException:
         for tmp, _ in pairs:
@@ -77,8 +82,10 @@ def build(cls, config, state, device):
     model = cls(**config, device="meta")
     expected = model.state_dict()
     # Fresh contiguous storage: the sources may be permuted views or tensors the caller still owns.
-    state = {name: torch.empty(ref.shape, dtype=ref.dtype, device=device or "cpu").copy_(state[name])
-             for name, ref in expected.items()}
+    state = {
+        name: torch.empty(ref.shape, dtype=ref.dtype, device=device or "cpu").copy_(state[name])
+        for name, ref in expected.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
@@ -105,12 +112,16 @@ def from_pretrained(cls, directory, *, device=None, dtype=None):
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     config = read_config(config_path)
     if config.pop("format", None) != FORMAT:
-        raise ValueError(f"{config_path}: not a {FORMAT} checkpoint (no \"format\": \"{FORMAT}\"); for the paper's "
-                         "dictionary_learning checkpoints use crossdiff_ext.load_dictionary_learning")
+        raise ValueError(
+            f'{config_path}: not a {FORMAT} checkpoint (no "format": "{FORMAT}"); for the paper\'s '
+            "dictionary_learning checkpoints use crossdiff_ext.load_dictionary_learning"
+        )
     version = config.pop("format_version", None)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format_version {version!r} is not supported (this version reads "
-                         f"<= {FORMAT_VERSION}; upgrade crossdiff_ext)")
+        raise ValueError(
+            f"{config_path}: format_version {version!r} is not supported (this version reads "
+            f"<= {FORMAT_VERSION}; upgrade crossdiff_ext)"
+        )
     unknown = sorted(set(config) - (set(inspect.signature(cls).parameters) - {"device"}))
     if unknown:
         raise ValueError(f"{config_path}: unknown config keys {unknown}")
@@ -129,8 +140,10 @@ def load_merged(cls, directory, *, device=None, dtype=None):
     shards = [from_pretrained(cls, os.path.join(directory, s["dir"]), dtype=dtype) for s in sharding["shards"]]
     for s, cc in zip(sharding["shards"], shards):
         if cc.dict_size != s["end"] - s["first"]:
-            raise ValueError(f"{directory}/{s['dir']}: holds {cc.dict_size} latents, {sharded.SHARDING_NAME} says "
-                             f"{s['end'] - s['first']}")
+            raise ValueError(
+                f"{directory}/{s['dir']}: holds {cc.dict_size} latents, {sharded.SHARDING_NAME} says "
+                f"{s['end'] - s['first']}"
+            )
     config = dict(shards[0].config(), dict_size=sharding["dict_size"])
     config["dtype"] = torch_dtype(config["dtype"], directory)
     return build(cls, config, sharded.merge_states([cc.state_dict() for cc in shards]), device).eval()

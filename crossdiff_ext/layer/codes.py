@@ -1,4 +1,5 @@
 """SparseCodes: a batch of crosscoder latent activations in CSR form."""
+
 from dataclasses import dataclass
 
 import torch

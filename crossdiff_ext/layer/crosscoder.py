@@ -1,4 +1,5 @@
 """CrossCoder: the crosscoder layer (BatchTopK or L1/ReLU) over the activations of M models."""
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -34,16 +35,24 @@ def _stack_models(parts):
     positive spacing (e.g. the columns of a [B, M, d] store, or per-model halves of one allocation) and need no
     gradient; one copy (torch.stack) otherwise."""
     first = parts[0]
-    if all(isinstance(p, torch.Tensor) for p in parts) and first.dim() == 2 and not any(
-            p.requires_grad for p in parts):
-        same = all(p.shape == first.shape and p.stride() == first.stride() and p.dtype == first.dtype
-                   and p.device == first.device and p.untyped_storage().data_ptr()
-                   == first.untyped_storage().data_ptr() for p in parts)
+    if all(isinstance(p, torch.Tensor) for p in parts) and first.dim() == 2 and not any(p.requires_grad for p in parts):
+        same = all(
+            p.shape == first.shape
+            and p.stride() == first.stride()
+            and p.dtype == first.dtype
+            and p.device == first.device
+            and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            for p in parts
+        )
         step = parts[1].storage_offset() - first.storage_offset() if len(parts) > 1 else 0
-        if same and step > 0 and all(p.storage_offset() == first.storage_offset() + m * step
-                                     for m, p in enumerate(parts)):
-            return first.as_strided((first.shape[0], len(parts), first.shape[1]),
-                                    (first.stride(0), step, first.stride(1)))
+        if (
+            same
+            and step > 0
+            and all(p.storage_offset() == first.storage_offset() + m * step for m, p in enumerate(parts))
+        ):
+            return first.as_strided(
+                (first.shape[0], len(parts), first.shape[1]), (first.stride(0), step, first.stride(1))
+            )
     return torch.stack(parts, dim=1)
 
 
@@ -73,9 +82,22 @@ class CrossCoder(nn.Module):
     copies of the weights cast to it (mixed precision with fp32 master weights) and inputs must have it.
     """
 
-    def __init__(self, d_model, dict_size, n_models=2, k=None, activation="batch_topk", *, dtype=torch.float32,
-                 device=None, threshold_start_step=1000, threshold_beta=0.999,
-                 dense_code_density=DENSE_CODE_DENSITY, target_rms=None, init="independent"):
+    def __init__(
+        self,
+        d_model,
+        dict_size,
+        n_models=2,
+        k=None,
+        activation="batch_topk",
+        *,
+        dtype=torch.float32,
+        device=None,
+        threshold_start_step=1000,
+        threshold_beta=0.999,
+        dense_code_density=DENSE_CODE_DENSITY,
+        target_rms=None,
+        init="independent",
+    ):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -95,8 +117,12 @@ class CrossCoder(nn.Module):
             raise ValueError(f"dense_code_density must be in [0, 1], got {dense_code_density}")
         if not 0.0 <= threshold_beta < 1.0:
             raise ValueError(f"threshold_beta must be in [0, 1), got {threshold_beta}")
-        if target_rms is not None and not (isinstance(target_rms, (int, float)) and not isinstance(target_rms, bool)
-                                           and math.isfinite(target_rms) and target_rms > 0):
+        if target_rms is not None and not (
+            isinstance(target_rms, (int, float))
+            and not isinstance(target_rms, bool)
+            and math.isfinite(target_rms)
+            and target_rms > 0
+        ):
             raise ValueError(f"target_rms must be a finite number > 0 or None, got {target_rms!r}")
         self.target_rms = None if target_rms is None else float(target_rms)
         self.compute_dtype = None
@@ -122,10 +148,19 @@ class CrossCoder(nn.Module):
 
     def config(self):
         """Constructor arguments (what config.json stores)."""
-        return dict(d_model=self.d_model, dict_size=self.dict_size, n_models=self.n_models, k=self.k,
-                    activation=self.activation, threshold_start_step=self.threshold_start_step,
-                    threshold_beta=self.threshold_beta, dense_code_density=self.dense_code_density,
-                    target_rms=self.target_rms, init=self.init, dtype=str(self.W_enc.dtype).removeprefix("torch."))
+        return dict(
+            d_model=self.d_model,
+            dict_size=self.dict_size,
+            n_models=self.n_models,
+            k=self.k,
+            activation=self.activation,
+            threshold_start_step=self.threshold_start_step,
+            threshold_beta=self.threshold_beta,
+            dense_code_density=self.dense_code_density,
+            target_rms=self.target_rms,
+            init=self.init,
+            dtype=str(self.W_enc.dtype).removeprefix("torch."),
+        )
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -215,7 +250,9 @@ class CrossCoder(nn.Module):
             raise ValueError(f"x must be a tensor [B, M, d] or a tuple of M tensors [B, d], got {type(x).__name__}")
         expected = (self.n_models, self.d_model)
         if x.dim() != 3 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, M, d] = [B, {self.n_models}, {self.d_model}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape [B, M, d] = [B, {self.n_models}, {self.d_model}], got {tuple(x.shape)}"
+            )
         if x.shape[0] < 1:
             raise ValueError("x must have at least one row (B >= 1)")
         if x.dtype != self.input_dtype:
@@ -238,7 +275,8 @@ class CrossCoder(nn.Module):
             if theta < 0:
                 raise RuntimeError(
                     "the inference threshold is unset (-1): train in training mode past threshold_start_step "
-                    f"({self.threshold_start_step} batches), set cc.threshold, or call encode(x, use_threshold=False)")
+                    f"({self.threshold_start_step} batches), set cc.threshold, or call encode(x, use_threshold=False)"
+                )
             return encode_sparse(x, W_enc, b_enc, w, "threshold", theta)
         if not 1 <= self.k <= F:
             raise ValueError(f"k must be in [1, dict_size = {F}] (K = k * B <= B * F), got k = {self.k}")
@@ -250,8 +288,11 @@ class CrossCoder(nn.Module):
     @torch.no_grad()
     def track_threshold(self, min_score):
         step = self.num_batches_tracked
-        new = torch.where(self.threshold < 0, min_score,
-                          self.threshold_beta * self.threshold + (1.0 - self.threshold_beta) * min_score)
+        new = torch.where(
+            self.threshold < 0,
+            min_score,
+            self.threshold_beta * self.threshold + (1.0 - self.threshold_beta) * min_score,
+        )
         # Written with tensor ops (no .item()) so the update compiles without graph breaks.
         keep = (step <= self.threshold_start_step) | ~torch.isfinite(min_score)
         self.threshold.copy_(torch.where(keep, self.threshold, new))
@@ -296,8 +337,10 @@ class CrossCoder(nn.Module):
     def extra_repr(self):
         k = f", k={self.k}" if self.k is not None else ""
         rms = f", target_rms={self.target_rms}" if self.target_rms is not None else ""
-        return (f"d_model={self.d_model}, dict_size={self.dict_size}, n_models={self.n_models}, "
-                f"activation={self.activation!r}{k}{rms}, dtype={self.W_enc.dtype}")
+        return (
+            f"d_model={self.d_model}, dict_size={self.dict_size}, n_models={self.n_models}, "
+            f"activation={self.activation!r}{k}{rms}, dtype={self.W_enc.dtype}"
+        )
 
     def save_pretrained(self, directory):
         checkpoints.save_pretrained(self, directory)

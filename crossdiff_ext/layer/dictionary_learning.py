@@ -3,6 +3,7 @@
 They hold encoder.weight [M, d, F] and decoder.weight [M, F, d], as a torch .pt state dict or a Hugging Face hub
 directory (model.safetensors + config.json); see load_dictionary_learning.
 """
+
 import math
 import os
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ _CODE_NORMS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
 _DL_WEIGHTS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 _DL_NORMALIZER = ("target_rms", "activation_mean", "activation_std", "activation_global_scale")
 _DL_KEYS = set(_DL_WEIGHTS) | set(_DL_NORMALIZER) | {"k", "threshold", "code_normalization_id"}
+
 
 def _read_dictionary_learning(path):
     """-> (state dict, hub config or None, source name for messages)."""
@@ -80,8 +82,7 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
         raise ValueError(f"{source}: holds W_enc: a {FORMAT} checkpoint, load it with CrossCoder.from_pretrained")
     unknown = sorted(set(state) - _DL_KEYS)
     if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown} (a dictionary_learning CrossCoder has "
-                         f"{sorted(_DL_KEYS)})")
+        raise ValueError(f"{source}: unknown keys {unknown} (a dictionary_learning CrossCoder has {sorted(_DL_KEYS)})")
     missing = [k for k in _DL_WEIGHTS if k not in state]
     if missing:
         raise ValueError(f"{source}: missing tensors {missing}")
@@ -96,21 +97,30 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
     if M < 2:
         raise ValueError(f"{source}: num_layers (M) = {M}: a crosscoder needs at least 2 models")
 
-    code_norm = _CODE_NORMS.get(int(_scalar(state, "code_normalization_id", source)), "unknown") \
-        if "code_normalization_id" in state else "CROSSCODER"  # absent: saved before the enum existed
+    code_norm = (
+        _CODE_NORMS.get(int(_scalar(state, "code_normalization_id", source)), "unknown")
+        if "code_normalization_id" in state
+        else "CROSSCODER"
+    )  # absent: saved before the enum existed
     if code_norm != "CROSSCODER":
-        raise ValueError(f"{source}: code_normalization_id = {code_norm} is not supported (only CROSSCODER, "
-                         "w_j = sum_m ||W_dec[j, m]||)")
+        raise ValueError(
+            f"{source}: code_normalization_id = {code_norm} is not supported (only CROSSCODER, "
+            "w_j = sum_m ||W_dec[j, m]||)"
+        )
     if "threshold" in state and state["threshold"].numel() != 1:
-        raise ValueError(f"{source}: threshold has shape {tuple(state['threshold'].shape)}, expected a scalar; a "
-                         f"per-model threshold [M] = [{M}] is the DECOUPLED code normalisation, not supported")
+        raise ValueError(
+            f"{source}: threshold has shape {tuple(state['threshold'].shape)}, expected a scalar; a "
+            f"per-model threshold [M] = [{M}] is the DECOUPLED code normalisation, not supported"
+        )
     # The library's normaliser is a no-op unless both mean and std are real (its default is NaN-filled); with
     # them, it maps x -> (x - mean) * global_scale per model (keep_relative_variance=True), as our target_rms.
     normalizer = None
     if all(k in state and not torch.isnan(state[k]).any() for k in ("activation_mean", "activation_std")):
         if config is not None and config.get("keep_relative_variance") is False:
-            raise ValueError(f"{source}: keep_relative_variance=False (per-feature standardisation) is not supported; "
-                             "only the per-model global scale (keep_relative_variance=True) is")
+            raise ValueError(
+                f"{source}: keep_relative_variance=False (per-feature standardisation) is not supported; "
+                "only the per-model global scale (keep_relative_variance=True) is"
+            )
         for key in ("activation_mean", "activation_std"):
             _expect_shape(state, key, (M, d), source, "[M, d]")
         target_rms = float(_scalar(state, "target_rms", source)) if "target_rms" in state else 1.0
@@ -119,8 +129,7 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
         if scale is None:
             scale = target_rms / (std.pow(2).sum(-1) + 1e-8).sqrt()
         _expect_shape(dict(activation_global_scale=scale), "activation_global_scale", (M,), source, "[M]")
-        normalizer = dict(target_rms=target_rms, input_mean=state["activation_mean"], input_std=std,
-                          input_scale=scale)
+        normalizer = dict(target_rms=target_rms, input_mean=state["activation_mean"], input_std=std, input_scale=scale)
 
     k = int(_scalar(state, "k", source)) if "k" in state else None
     if config is not None:
@@ -130,12 +139,23 @@ def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
         dtype = enc.dtype
         if dtype not in DTYPES.values():
             raise ValueError(f"{source}: encoder.weight is {dtype}; pass dtype= one of {sorted(DTYPES)}")
-    cc_config = dict(d_model=d, dict_size=F, n_models=M, k=k, activation="batch_topk" if k is not None else "relu",
-                     dtype=torch_dtype(dtype, "dtype"), target_rms=normalizer and normalizer.pop("target_rms"))
-    ours = {"W_enc": enc.permute(2, 0, 1), "b_enc": state["encoder.bias"],
-            "W_dec": state["decoder.weight"].permute(1, 0, 2), "b_dec": state["decoder.bias"],
-            "threshold": state["threshold"].reshape(()) if "threshold" in state else torch.tensor(-1.0),
-            "num_batches_tracked": torch.tensor(0)}
+    cc_config = dict(
+        d_model=d,
+        dict_size=F,
+        n_models=M,
+        k=k,
+        activation="batch_topk" if k is not None else "relu",
+        dtype=torch_dtype(dtype, "dtype"),
+        target_rms=normalizer and normalizer.pop("target_rms"),
+    )
+    ours = {
+        "W_enc": enc.permute(2, 0, 1),
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["decoder.weight"].permute(1, 0, 2),
+        "b_dec": state["decoder.bias"],
+        "threshold": state["threshold"].reshape(()) if "threshold" in state else torch.tensor(-1.0),
+        "num_batches_tracked": torch.tensor(0),
+    }
     ours.update(normalizer or {})
     return build(CrossCoder, cc_config, ours, device).eval()
 
@@ -160,22 +180,34 @@ def to_dictionary_learning(model, *, normalizer_buffers=False):
     BatchTopKCrossCoder.from_pretrained). A crosscoder with target_rms exports its normaliser as the library's
     buffers; without one, newer versions of the library still expect the (unused, NaN-filled) normaliser buffers:
     pass normalizer_buffers=True for those."""
+
     def own(t):  # a contiguous copy, never a view of the module's storage
         return t.detach().clone(memory_format=torch.contiguous_format)
 
     dev = model.W_enc.device
-    state = {"encoder.weight": own(model.W_enc.permute(1, 2, 0)), "encoder.bias": own(model.b_enc),
-             "decoder.weight": own(model.W_dec.permute(1, 0, 2)), "decoder.bias": own(model.b_dec),
-             "code_normalization_id": torch.tensor(1, dtype=torch.int64, device=dev)}
+    state = {
+        "encoder.weight": own(model.W_enc.permute(1, 2, 0)),
+        "encoder.bias": own(model.b_enc),
+        "decoder.weight": own(model.W_dec.permute(1, 0, 2)),
+        "decoder.bias": own(model.b_dec),
+        "code_normalization_id": torch.tensor(1, dtype=torch.int64, device=dev),
+    }
     if model.activation == "batch_topk":
         state["k"] = torch.tensor(model.k, dtype=torch.int32, device=dev)
         state["threshold"] = own(model.threshold).float()
     if model.target_rms is not None:
-        state.update(target_rms=torch.tensor(model.target_rms, device=dev), activation_mean=own(model.input_mean),
-                     activation_std=own(model.input_std), activation_global_scale=own(model.input_scale))
+        state.update(
+            target_rms=torch.tensor(model.target_rms, device=dev),
+            activation_mean=own(model.input_mean),
+            activation_std=own(model.input_std),
+            activation_global_scale=own(model.input_scale),
+        )
     elif normalizer_buffers:
         M, d = model.n_models, model.d_model
-        state.update(target_rms=torch.tensor(1.0, device=dev), activation_mean=torch.full((M, d), math.nan, device=dev),
-                     activation_std=torch.full((M, d), math.nan, device=dev),
-                     activation_global_scale=torch.ones(M, device=dev))
+        state.update(
+            target_rms=torch.tensor(1.0, device=dev),
+            activation_mean=torch.full((M, d), math.nan, device=dev),
+            activation_std=torch.full((M, d), math.nan, device=dev),
+            activation_global_scale=torch.ones(M, device=dev),
+        )
     return state

@@ -1,6 +1,7 @@
 """The decoder-norm measures of a crosscoder (SPEC.md, "Reading a crosscoder"): relative norm difference
 Delta_norm, cosine of a latent's decoder rows (and the encoder counterparts), and the paper's Delta_norm bands.
 Training logs the band counts; diffing/analysis.py builds the latent classes on them."""
+
 import torch
 
 # Delta_norm bands of the paper: base-only < 0.1, chat-only > 0.9, shared within 0.1 of 0.5, other in between.

@@ -7,6 +7,7 @@ A sharded step directory holds
   trainer.pt                     the state every rank shares: step, schedule, data position, RNG, config
 distributed/checkpoints.py writes it; layer/checkpoints.py loads it (into one process, merged).
 """
+
 import json
 import os
 
@@ -62,13 +63,19 @@ def merge_optimizer_states(states):
     """Adam state dicts of consecutive shards -> the whole crosscoder's."""
     merged = dict(param_groups=states[0]["param_groups"], state={})
     for i, first in states[0]["state"].items():
-        merged["state"][i] = {key: torch.cat([s["state"][i][key] for s in states])
-                              if i in SLICED_PARAMS and key != "step" else value for key, value in first.items()}
+        merged["state"][i] = {
+            key: torch.cat([s["state"][i][key] for s in states]) if i in SLICED_PARAMS and key != "step" else value
+            for key, value in first.items()
+        }
     return merged
 
 
 def slice_optimizer_state(state, first, end):
     """The whole crosscoder's Adam state dict restricted to latents [first, end)."""
-    return dict(param_groups=state["param_groups"],
-                state={i: {key: v[first:end] if i in SLICED_PARAMS and key != "step" else v for key, v in s.items()}
-                       for i, s in state["state"].items()})
+    return dict(
+        param_groups=state["param_groups"],
+        state={
+            i: {key: v[first:end] if i in SLICED_PARAMS and key != "step" else v for key, v in s.items()}
+            for i, s in state["state"].items()
+        },
+    )

@@ -6,6 +6,7 @@ Both functions remember the backend that ran the forward, so backward runs on th
 called outside a `crossdiff_ext.backend(...)` block. The "reference" backend bypasses them: its ops are plain
 differentiable PyTorch.
 """
+
 import math
 
 import torch
@@ -77,8 +78,17 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, indices, row_ptr, W = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gv, gW, gb = decode_backward(backends.kernels(ctx.backend), grad_out, values, indices, row_ptr, W,
-                                     needs[0], needs[3], ctx.has_bias and needs[4])
+        gv, gW, gb = decode_backward(
+            backends.kernels(ctx.backend),
+            grad_out,
+            values,
+            indices,
+            row_ptr,
+            W,
+            needs[0],
+            needs[3],
+            ctx.has_bias and needs[4],
+        )
         return gv, None, None, gW, gb, None
 
 

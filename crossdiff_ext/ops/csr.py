@@ -1,4 +1,5 @@
 """Small CSR helpers shared by the references, the fake kernels and SparseCodes."""
+
 import torch
 
 INT32_MAX = 2**31 - 1

@@ -2,6 +2,7 @@
 
 Reference, fake kernel, autograd formula and the backend-dispatching entry point.
 """
+
 import torch
 
 from .. import backends

@@ -1,5 +1,6 @@
 """The C++ ops of csrc/ (backends "cpu" and "cuda"): the dispatcher picks the CPU or the CUDA kernel by the
 tensors' device."""
+
 from types import SimpleNamespace
 
 import torch

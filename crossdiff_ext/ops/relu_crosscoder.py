@@ -8,6 +8,7 @@ must be static: sparse, unless dense_density is 0). Both sides compute the same
 math (the tests check both against the reference); only the memory and time differ: the dense side saves f
 [B, F] for the backward, the sparse side saves only the codes.
 """
+
 import torch
 
 from .. import backends

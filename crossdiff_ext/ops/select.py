@@ -3,6 +3,7 @@
 Reference, fake kernels, autograd formulas and the backend-dispatching entry points. The tie rule every
 backend follows: among equal scores the lower flat index b * F + j wins; -0 equals +0; NaN ranks highest.
 """
+
 import math
 
 import torch
@@ -42,8 +43,12 @@ def threshold_select_reference(f, w, theta):
 def batch_topk_fake(f, w, K):
     validate.selection(f, w)  # also catches meta tensors mixed with real ones
     B, F = f.shape
-    return (f.new_empty(K), f.new_empty(K, dtype=csr.index_dtype(F)), f.new_empty(B + 1, dtype=torch.int64),
-            f.new_empty((), dtype=torch.float32))
+    return (
+        f.new_empty(K),
+        f.new_empty(K, dtype=csr.index_dtype(F)),
+        f.new_empty(B + 1, dtype=torch.int64),
+        f.new_empty((), dtype=torch.float32),
+    )
 
 
 @torch.library.register_fake("crossdiff::threshold_select")
@@ -79,7 +84,11 @@ def _batch_topk_backward(ctx, grad_values, *_):
 
 def _threshold_select_backward(ctx, grad_values, *_):
     values, indices, row_ptr = ctx.saved_tensors
-    return _scatter_to_f(ctx.f_shape, grad_values, values, indices, row_ptr, torch.ones_like(values, dtype=torch.bool)), None, None
+    return (
+        _scatter_to_f(ctx.f_shape, grad_values, values, indices, row_ptr, torch.ones_like(values, dtype=torch.bool)),
+        None,
+        None,
+    )
 
 
 def register_selection_autograd(namespace):

@@ -4,6 +4,7 @@ sparse_values_grad: per-entry dot products; latent_order: counting sort of the c
 sparse_weight_grad: per-latent reductions over that order (codes^T @ dense). References, fake kernels, the
 decoder's autograd formula and the backend-dispatching entry points.
 """
+
 import torch
 
 from .. import backends
@@ -59,8 +60,11 @@ def sparse_values_grad_fake(grad_out, indices, row_ptr, W):
 def latent_order_fake(indices, row_ptr, n_latents):
     validate.latent_order(indices, row_ptr, n_latents)
     nnz = indices.shape[0]
-    return (indices.new_empty(n_latents + 1, dtype=torch.int64), indices.new_empty(nnz, dtype=torch.int64),
-            indices.new_empty(nnz, dtype=torch.int64))
+    return (
+        indices.new_empty(n_latents + 1, dtype=torch.int64),
+        indices.new_empty(nnz, dtype=torch.int64),
+        indices.new_empty(nnz, dtype=torch.int64),
+    )
 
 
 @torch.library.register_fake("crossdiff::sparse_weight_grad")
@@ -94,8 +98,9 @@ def register_decode_autograd(qualname, kernels):
     def backward(ctx, grad_out):
         values, indices, row_ptr, W = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gv, gW, gb = decode_backward(kernels(), grad_out, values, indices, row_ptr, W, needs[0], needs[3],
-                                     ctx.has_bias and needs[4])
+        gv, gW, gb = decode_backward(
+            kernels(), grad_out, values, indices, row_ptr, W, needs[0], needs[3], ctx.has_bias and needs[4]
+        )
         return gv, None, None, gW, gb
 
     torch.library.register_autograd(qualname, backward, setup_context=_setup_decode)
@@ -129,5 +134,9 @@ def sparse_weight_grad(values, dense, col_ptr, perm, rows):
 
 
 # op -> its fake (meta) kernel, shared with the crossdiff_triton ops (ops/triton_ops.py)
-FAKES = {"sparse_decode": sparse_decode_fake, "sparse_values_grad": sparse_values_grad_fake,
-         "latent_order": latent_order_fake, "sparse_weight_grad": sparse_weight_grad_fake}
+FAKES = {
+    "sparse_decode": sparse_decode_fake,
+    "sparse_values_grad": sparse_values_grad_fake,
+    "latent_order": latent_order_fake,
+    "sparse_weight_grad": sparse_weight_grad_fake,
+}

@@ -6,6 +6,7 @@ with the same fake kernels and autograd formulas as the crossdiff ops. The schem
 ops that csrc/ops.cpp declares, so they are still written once. The CPU key runs the kernels under Triton's
 interpreter (TRITON_INTERPRET=1), and only there; triton itself is imported on the first launch.
 """
+
 import importlib
 from types import SimpleNamespace
 
@@ -17,8 +18,11 @@ from . import encode, select, sparse
 NAMESPACE = "crossdiff_triton"
 # op -> (module of crossdiff_ext.triton that launches it, its fake kernel): the op family's module name is the
 # same in ops/ and triton/.
-OPS = {op: (family.__name__.rsplit(".", 1)[1], fake) for family in (encode, select, sparse)
-       for op, fake in family.FAKES.items()}
+OPS = {
+    op: (family.__name__.rsplit(".", 1)[1], fake)
+    for family in (encode, select, sparse)
+    for op, fake in family.FAKES.items()
+}
 if set(OPS) != set(backends.OPS):
     raise RuntimeError(f"the Triton ops {sorted(OPS)} differ from the crossdiff ops {sorted(backends.OPS)}")
 
@@ -26,9 +30,11 @@ if set(OPS) != set(backends.OPS):
 def _launcher(name, module):
     def launch(*args):
         if args[0].device.type == "cpu" and not backends.triton_interpreted():
-            raise RuntimeError(f"{NAMESPACE}::{name} got CPU tensors: the Triton kernels run on CUDA tensors, or on "
-                               "CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 before importing "
-                               "triton)")
+            raise RuntimeError(
+                f"{NAMESPACE}::{name} got CPU tensors: the Triton kernels run on CUDA tensors, or on "
+                "CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 before importing "
+                "triton)"
+            )
         fn = getattr(importlib.import_module(f"crossdiff_ext.triton.{module}"), name)
         if args[0].device.type == "cuda":
             # Triton launches on the current device's current stream: make that the tensors' device.

@@ -2,6 +2,7 @@
 
 The C++ entry points repeat these checks (csrc/checks.h) for callers that use torch.ops.crossdiff directly.
 """
+
 import torch
 
 FLOATING = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,8 +49,9 @@ def paired_encode(x, W_enc, b_enc):
     same_device(x, "x", W_enc, "W_enc")
     same_device(x, "x", b_enc, "b_enc")
     if x.shape[1:] != W_enc.shape[1:]:
-        _fail(f"x [B, M, d] must match W_enc [F, M, d] in M and d, got x {tuple(x.shape)} and W_enc "
-              f"{tuple(W_enc.shape)}")
+        _fail(
+            f"x [B, M, d] must match W_enc [F, M, d] in M and d, got x {tuple(x.shape)} and W_enc {tuple(W_enc.shape)}"
+        )
     if b_enc.shape[0] != W_enc.shape[0]:
         _fail(f"b_enc must have F = {W_enc.shape[0]} entries, got {b_enc.shape[0]}")
 
@@ -115,8 +117,10 @@ def row_pointers(row_ptr):
 def rows_for_codes(row_ptr, nnz, name="indices"):
     """Codes need rows (the GPU kernels would index row 0 of an empty batch); from sizes alone, no sync."""
     if row_ptr.shape[0] < 2 and nnz != 0:
-        _fail(f"{name} has nnz = {nnz} entries but row_ptr has B+1 = 1 entry (B = 0 rows); codes of an empty batch "
-              "have nnz = 0")
+        _fail(
+            f"{name} has nnz = {nnz} entries but row_ptr has B+1 = 1 entry (B = 0 rows); codes of an empty batch "
+            "have nnz = 0"
+        )
 
 
 def latent_ids(indices):
@@ -210,5 +214,6 @@ def sparse_weight_grad(values, dense, col_ptr, perm, rows):
     if perm.shape[0] != values.shape[0] or rows.shape[0] != values.shape[0]:
         _fail(f"perm and rows must have nnz = {values.shape[0]} entries, got {perm.shape[0]} and {rows.shape[0]}")
     if dense.shape[0] < 1 and values.shape[0] != 0:
-        _fail(f"values has nnz = {values.shape[0]} entries but dense has B = 0 rows; codes of an empty batch have "
-              "nnz = 0")
+        _fail(
+            f"values has nnz = {values.shape[0]} entries but dense has B = 0 rows; codes of an empty batch have nnz = 0"
+        )

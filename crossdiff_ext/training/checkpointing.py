@@ -5,6 +5,7 @@ A one-process run writes step-NNNNNNNN/ holding the model (model.safetensors + c
 CrossCoder.from_pretrained) and trainer.pt (optimizer, schedule, step, dead counters, data position, RNG states,
 config); a latent-parallel run writes the sharded layout of layer/sharded.py under the same name.
 """
+
 import os
 import random
 import re
@@ -87,7 +88,9 @@ def resume_checkpoint(config, resume):
     if resume and checkpoint is None:
         raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
     if not resume and latest_checkpoint(config.checkpoint_dir):
-        raise FileExistsError(f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
-                              f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
-                              "or choose a new directory")
+        raise FileExistsError(
+            f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
+            f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
+            "or choose a new directory"
+        )
     return checkpoint

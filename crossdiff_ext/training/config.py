@@ -1,4 +1,5 @@
 """TrainConfig: every setting of a training run (both trainers read it), and TrainResult."""
+
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -56,16 +57,19 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.reconstruction not in losses.RECONSTRUCTIONS:
-            raise ValueError(f"TrainConfig.reconstruction must be one of {losses.RECONSTRUCTIONS}, got "
-                             f"{self.reconstruction!r}")
+            raise ValueError(
+                f"TrainConfig.reconstruction must be one of {losses.RECONSTRUCTIONS}, got {self.reconstruction!r}"
+            )
         if self.init_b_dec not in ("auto", "geometric_median", "zero"):
-            raise ValueError(f"TrainConfig.init_b_dec must be 'auto', 'geometric_median' or 'zero', got "
-                             f"{self.init_b_dec!r}")
+            raise ValueError(
+                f"TrainConfig.init_b_dec must be 'auto', 'geometric_median' or 'zero', got {self.init_b_dec!r}"
+            )
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
             raise ValueError(f"TrainConfig.k_aux must be an int >= 1 or None, got {self.k_aux!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"TrainConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, got "
-                             f"{self.mixed_precision!r}")
+            raise ValueError(
+                f"TrainConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 

@@ -13,6 +13,7 @@ trainer.pt (optimizer, schedule, step, dead counters, data position, RNG states,
 directory and renamed into place, so a checkpoint directory either exists whole or not at all. `resume=True`
 continues from the newest one: N steps straight and N/2 + resume + N/2 give identical weights.
 """
+
 import dataclasses
 import json
 import math
@@ -60,8 +61,12 @@ class Progress:
             self.log.write(json.dumps(last) + "\n")
             self.log.flush()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{last['loss']:.4g}", fve=f"{last['fve']:.3f}", l0=f"{last['l0']:.1f}",
-                                 dead=f"{last['dead_fraction']:.2%}")
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.4g}",
+                fve=f"{last['fve']:.3f}",
+                l0=f"{last['l0']:.1f}",
+                dead=f"{last['dead_fraction']:.2%}",
+            )
 
     def tick(self):
         if self.bar is not None:
@@ -123,8 +128,10 @@ class Runtime:
 
     def check(self, config):
         if MIXED_PRECISION[config.mixed_precision] is not None and self.cc.W_enc.dtype != torch.float32:
-            raise ValueError(f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: "
-                             f"the crosscoder must be float32, got {self.cc.W_enc.dtype}")
+            raise ValueError(
+                f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: "
+                f"the crosscoder must be float32, got {self.cc.W_enc.dtype}"
+            )
 
     def batches(self, source):
         """The batches this process reads of the global batch source."""
@@ -190,19 +197,35 @@ class Runtime:
         fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
         grad_norm = values.pop("grad_norm")
         lr = values.pop("lr")
-        return dict(**values, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm), fve=fve,
-                    fve_per_model=fve_models, l0=out.codes.nnz / x.shape[0],
-                    dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
-                    threshold=float(self.cc.threshold), delta_norm_bands=band_counts(self.cc))
+        return dict(
+            **values,
+            lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            fve=fve,
+            fve_per_model=fve_models,
+            l0=out.codes.nnz / x.shape[0],
+            dead_fraction=float((tokens_since_fired >= config.dead_tokens).float().mean()),
+            threshold=float(self.cc.threshold),
+            delta_norm_bands=band_counts(self.cc),
+        )
 
     def save(self, config, step, opt, schedule, tokens_since_fired, source):
         return save_checkpoint(
-            config.checkpoint_dir, step, self.cc,
-            dict(step=step, optimizer=opt.state_dict(), schedule=schedule.state_dict(),
-                 tokens_since_fired=tokens_since_fired.cpu(), data=source.state_dict(), rng=rng_state(),
-                 config=dataclasses.asdict(config),
-                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})),
-            config.keep_checkpoints)
+            config.checkpoint_dir,
+            step,
+            self.cc,
+            dict(
+                step=step,
+                optimizer=opt.state_dict(),
+                schedule=schedule.state_dict(),
+                tokens_since_fired=tokens_since_fired.cpu(),
+                data=source.state_dict(),
+                rng=rng_state(),
+                config=dataclasses.asdict(config),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            ),
+            config.keep_checkpoints,
+        )
 
 
 def run(runtime, data, config, *, resume=False, until=None):
@@ -258,8 +281,12 @@ def run(runtime, data, config, *, resume=False, until=None):
                 values = values if values is not None else {name: float(t.detach()) for name, t in terms.items()}
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1}: {values}; the weights were not updated"
-                    + (f"; the last good checkpoint is {latest_checkpoint(config.checkpoint_dir)}"
-                       if config.checkpoint_dir else ""))
+                    + (
+                        f"; the last good checkpoint is {latest_checkpoint(config.checkpoint_dir)}"
+                        if config.checkpoint_dir
+                        else ""
+                    )
+                )
             opt.zero_grad(set_to_none=True)
             runtime.backward(loss, opt)
             grad_norm = runtime.clip(params, config.grad_clip)
@@ -269,12 +296,22 @@ def run(runtime, data, config, *, resume=False, until=None):
             step += 1
             if step % config.log_every == 0 or step == config.steps:
                 values = values if values is not None else {name: float(t.detach()) for name, t in terms.items()}
-                last = runtime.record(x, out, tokens_since_fired, config, step=step, loss=loss_value, **values,
-                                      lr=lr_used, grad_norm=grad_norm)
+                last = runtime.record(
+                    x,
+                    out,
+                    tokens_since_fired,
+                    config,
+                    step=step,
+                    loss=loss_value,
+                    **values,
+                    lr=lr_used,
+                    grad_norm=grad_norm,
+                )
                 progress.record(last)
             progress.tick()
-            if config.checkpoint_dir and (step == stop or
-                                          (config.checkpoint_every and step % config.checkpoint_every == 0)):
+            if config.checkpoint_dir and (
+                step == stop or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            ):
                 checkpoint = runtime.save(config, step, opt, schedule, tokens_since_fired, source)
     finally:
         cc.compute_dtype = previous_compute_dtype

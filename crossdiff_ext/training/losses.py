@@ -4,6 +4,7 @@ weighted by decoder norms, the auxiliary loss for dead latents, and the dead-lat
 Reference-quality PyTorch: the auxiliary loss touches only the dead latents (a GEMM over their encoder rows), so
 it costs little while few latents are dead, and its gradient reaches exactly those latents' encoder and decoder.
 """
+
 import torch
 
 RECONSTRUCTIONS = ("l2", "squared")

@@ -1,4 +1,5 @@
 """Launch geometry shared by the Triton kernels, and whether they run interpreted (TRITON_INTERPRET=1)."""
+
 import functools
 import os
 

@@ -7,6 +7,7 @@ stride) the K loop walks it directly; otherwise (per-model slices of a larger bu
 into (model, feature) and addressed with x's model stride, so nothing is concatenated or copied. fp32
 accumulation; fp32 inputs use IEEE products (no TF32), matching the reference's fp32 matmul.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -19,17 +20,29 @@ def _config(bb, bf, bk, stages, warps):
 
 
 if _launch.interpreted():  # the interpreter would benchmark every config: one small one
-    HALF_CONFIGS = FP32_CONFIGS = [triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4,
-                                                 num_stages=1)]
+    HALF_CONFIGS = FP32_CONFIGS = [
+        triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4, num_stages=1)
+    ]
 else:
     # bf16/fp16: Hopper wgmma tiles (4-warp groups); shared memory of each fits H100's 227 KB.
-    HALF_CONFIGS = [_config(*c) for c in ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8),
-                                          (128, 128, 64, 4, 4), (128, 256, 32, 4, 8), (64, 256, 64, 4, 4),
-                                          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))]
+    HALF_CONFIGS = [
+        _config(*c)
+        for c in (
+            (128, 256, 64, 3, 8),
+            (256, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 128, 64, 4, 4),
+            (128, 256, 32, 4, 8),
+            (64, 256, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+        )
+    ]
     # fp32 with IEEE products runs on FMA units: small tiles keep the accumulators in registers (the half tiles
     # compile to 255 registers with spills in fp32, ptxas -v on sm_90a).
-    FP32_CONFIGS = [_config(*c) for c in ((64, 64, 32, 3, 4), (64, 128, 32, 3, 4), (128, 64, 32, 3, 4),
-                                          (32, 128, 32, 3, 4))]
+    FP32_CONFIGS = [
+        _config(*c) for c in ((64, 64, 32, 3, 4), (64, 128, 32, 3, 4), (128, 64, 32, 3, 4), (32, 128, 32, 3, 4))
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -38,12 +51,30 @@ def _prune(configs, named_args, **kwargs):
 
 
 # B is part of the key: training runs one batch size, so each shape is tuned once (a new B tunes again).
-@triton.autotune(configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
-                 key=["B", "F", "K", "FLAT", "IEEE"], prune_configs_by=dict(early_config_prune=_prune))
+@triton.autotune(
+    configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
+    key=["B", "F", "K", "FLAT", "IEEE"],
+    prune_configs_by=dict(early_config_prune=_prune),
+)
 @triton.jit
-def _encode_kernel(x_ptr, W_ptr, b_ptr, f_ptr, B, F, K, d, stride_xb, stride_xm,
-                   FLAT: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr):
+def _encode_kernel(
+    x_ptr,
+    W_ptr,
+    b_ptr,
+    f_ptr,
+    B,
+    F,
+    K,
+    d,
+    stride_xb,
+    stride_xm,
+    FLAT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_B: tl.constexpr,
+):
     # Grouped launch order: consecutive programs share a band of x rows and sweep latents, so W tiles are
     # reused from L2 by GROUP_B programs.
     pid = tl.program_id(0)
@@ -75,8 +106,7 @@ def _encode_kernel(x_ptr, W_ptr, b_ptr, f_ptr, B, F, K, d, stride_xb, stride_xm,
             acc = tl.dot(a, w, acc)
     acc += tl.load(b_ptr + rf, mask=in_f, other=0.0).to(tl.float32)[None, :]
     acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
-    tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty),
-             mask=in_b[:, None] & in_f[None, :])
+    tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty), mask=in_b[:, None] & in_f[None, :])
 
 
 def paired_encode(x, W_enc, b_enc):
@@ -93,6 +123,7 @@ def paired_encode(x, W_enc, b_enc):
         return (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(F, meta["BLOCK_F"]),)
 
     if B > 0:
-        _encode_kernel[grid](x, W_enc, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), FLAT=flat,
-                             IEEE=x.dtype == torch.float32)
+        _encode_kernel[grid](
+            x, W_enc, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), FLAT=flat, IEEE=x.dtype == torch.float32
+        )
     return f

@@ -17,6 +17,7 @@ batch_topk never sorts and never syncs with the host:
 The work is split into "tiles" (one row, BLOCK consecutive latents) so the latent id of an entry is a column
 offset, never a 64-bit division; flat offsets are int64 (B * F may exceed 2^32).
 """
+
 import math
 
 import torch
@@ -49,8 +50,19 @@ def _score_keys(f_ptr, w_ptr, row, col0, F, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _histogram_kernel(f_ptr, w_ptr, state_ptr, hist_ptr, F, n_col_tiles, n_tiles, tiles_per_chunk,
-                      PASS: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _histogram_kernel(
+    f_ptr,
+    w_ptr,
+    state_ptr,
+    hist_ptr,
+    F,
+    n_col_tiles,
+    n_tiles,
+    tiles_per_chunk,
+    PASS: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     NBINS: tl.constexpr = 1 << RADIX_BITS
     DIGIT_SHIFT: tl.constexpr = 32 - (PASS + 1) * RADIX_BITS
     done = tl.load(state_ptr + 3)
@@ -111,8 +123,20 @@ def _classify(s, key, inside, state_ptr, theta, TOPK: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(f_ptr, w_ptr, state_ptr, above_ptr, ties_ptr, theta, F, n_col_tiles, n_tiles, tiles_per_chunk,
-                  TOPK: tl.constexpr, BLOCK: tl.constexpr):
+def _count_kernel(
+    f_ptr,
+    w_ptr,
+    state_ptr,
+    above_ptr,
+    ties_ptr,
+    theta,
+    F,
+    n_col_tiles,
+    n_tiles,
+    tiles_per_chunk,
+    TOPK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t0 = tl.program_id(0).to(tl.int64) * tiles_per_chunk
     t1 = tl.minimum(t0 + tiles_per_chunk, n_tiles)
     n_above = tl.zeros((), dtype=tl.int64)
@@ -128,9 +152,23 @@ def _count_kernel(f_ptr, w_ptr, state_ptr, above_ptr, ties_ptr, theta, F, n_col_
 
 
 @triton.jit
-def _write_kernel(f_ptr, w_ptr, state_ptr, above_before_ptr, ties_before_ptr, values_ptr, indices_ptr,
-                  row_count_ptr, theta, F, n_col_tiles, n_tiles, tiles_per_chunk,
-                  TOPK: tl.constexpr, BLOCK: tl.constexpr):
+def _write_kernel(
+    f_ptr,
+    w_ptr,
+    state_ptr,
+    above_before_ptr,
+    ties_before_ptr,
+    values_ptr,
+    indices_ptr,
+    row_count_ptr,
+    theta,
+    F,
+    n_col_tiles,
+    n_tiles,
+    tiles_per_chunk,
+    TOPK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     chunk = tl.program_id(0)
     t0 = chunk.to(tl.int64) * tiles_per_chunk
     t1 = tl.minimum(t0 + tiles_per_chunk, n_tiles)
@@ -182,9 +220,24 @@ def _compact(f, w, state, theta, nnz, topk, tiling):
     indices = torch.empty(nnz, dtype=csr.index_dtype(F), device=f.device)
     row_counts = torch.zeros(B + 1, dtype=torch.int64, device=f.device)
     above, ties = state["above"], state["ties"]
-    _write_kernel[(n_chunks,)](f, w, state["radix"], _exclusive_scan(above), _exclusive_scan(ties), values, indices,
-                               row_counts[1:], theta, F, n_col_tiles, n_tiles, tiles_per_chunk,
-                               TOPK=topk, BLOCK=block, num_warps=_launch.select_warps(block))
+    _write_kernel[(n_chunks,)](
+        f,
+        w,
+        state["radix"],
+        _exclusive_scan(above),
+        _exclusive_scan(ties),
+        values,
+        indices,
+        row_counts[1:],
+        theta,
+        F,
+        n_col_tiles,
+        n_tiles,
+        tiles_per_chunk,
+        TOPK=topk,
+        BLOCK=block,
+        num_warps=_launch.select_warps(block),
+    )
     return values, indices, torch.cumsum(row_counts, 0)
 
 
@@ -201,13 +254,26 @@ def batch_topk(f, w, K):
     hist = torch.empty(RADIX_PASSES, 1 << RADIX_BITS, dtype=torch.int64, device=f.device)
     hist.zero_()
     for p in range(RADIX_PASSES):
-        _histogram_kernel[(n_chunks,)](f, w, radix, hist[p], F, n_col_tiles, n_tiles, tiles_per_chunk,
-                                       PASS=p, RADIX_BITS=RADIX_BITS, BLOCK=block, num_warps=warps)
+        _histogram_kernel[(n_chunks,)](
+            f,
+            w,
+            radix,
+            hist[p],
+            F,
+            n_col_tiles,
+            n_tiles,
+            tiles_per_chunk,
+            PASS=p,
+            RADIX_BITS=RADIX_BITS,
+            BLOCK=block,
+            num_warps=warps,
+        )
         _resolve_kernel[(1,)](radix, hist[p], PASS=p, RADIX_BITS=RADIX_BITS, num_warps=4)
     above = torch.empty(n_chunks, dtype=torch.int64, device=f.device)
     ties = torch.empty(n_chunks, dtype=torch.int64, device=f.device)
-    _count_kernel[(n_chunks,)](f, w, radix, above, ties, 0.0, F, n_col_tiles, n_tiles, tiles_per_chunk,
-                               TOPK=True, BLOCK=block, num_warps=warps)
+    _count_kernel[(n_chunks,)](
+        f, w, radix, above, ties, 0.0, F, n_col_tiles, n_tiles, tiles_per_chunk, TOPK=True, BLOCK=block, num_warps=warps
+    )
     values, indices, row_ptr = _compact(f, w, dict(radix=radix, above=above, ties=ties), 0.0, K, True, tiling)
     # The smallest selected positive score: a K-sized reduction over the kept entries (exactly the kernel's s).
     scores = values.float() * w[indices]
@@ -219,14 +285,30 @@ def threshold_select(f, w, theta):
     f, w = f.contiguous(), w.contiguous()
     B, F = f.shape
     if B * F == 0:  # no tiles to launch (and _tiling would divide by zero): empty codes, B + 1 zero row pointers
-        return (f.new_empty(0), torch.empty(0, dtype=csr.index_dtype(F), device=f.device),
-                torch.zeros(B + 1, dtype=torch.int64, device=f.device))
+        return (
+            f.new_empty(0),
+            torch.empty(0, dtype=csr.index_dtype(F), device=f.device),
+            torch.zeros(B + 1, dtype=torch.int64, device=f.device),
+        )
     tiling = _tiling(B, F, f.device)
     block, n_col_tiles, n_tiles, tiles_per_chunk, n_chunks = tiling
     above = torch.empty(n_chunks, dtype=torch.int64, device=f.device)
     ties = torch.zeros(n_chunks, dtype=torch.int64, device=f.device)
     dummy = torch.zeros(4, dtype=torch.int64, device=f.device)
-    _count_kernel[(n_chunks,)](f, w, dummy, above, ties, float(theta), F, n_col_tiles, n_tiles, tiles_per_chunk,
-                               TOPK=False, BLOCK=block, num_warps=_launch.select_warps(block))
+    _count_kernel[(n_chunks,)](
+        f,
+        w,
+        dummy,
+        above,
+        ties,
+        float(theta),
+        F,
+        n_col_tiles,
+        n_tiles,
+        tiles_per_chunk,
+        TOPK=False,
+        BLOCK=block,
+        num_warps=_launch.select_warps(block),
+    )
     nnz = int(above.sum())  # the output size is data-dependent: one host sync (inference path)
     return _compact(f, w, dict(radix=dummy, above=above, ties=ties), float(theta), nnz, False, tiling)

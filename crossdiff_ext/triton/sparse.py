@@ -11,6 +11,7 @@ Every sum runs in fp32 in a fixed order (no float atomics), so results are deter
   sparse_weight_grad  one program per (latent, column block): sums value * dense[row] over the latent's entries
                       in row order; column block 0 also writes the value sums (the bias gradient).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -20,8 +21,18 @@ from . import _launch
 
 
 @triton.jit
-def _decode_kernel(values_ptr, indices_ptr, row_ptr_ptr, W_ptr, bias_ptr, out_ptr, D,
-                   HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_kernel(
+    values_ptr,
+    indices_ptr,
+    row_ptr_ptr,
+    W_ptr,
+    bias_ptr,
+    out_ptr,
+    D,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -41,8 +52,9 @@ def _decode_kernel(values_ptr, indices_ptr, row_ptr_ptr, W_ptr, bias_ptr, out_pt
 
 
 @triton.jit
-def _values_grad_kernel(grad_ptr, indices_ptr, rows_ptr, W_ptr, out_ptr, nnz, D,
-                        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _values_grad_kernel(
+    grad_ptr, indices_ptr, rows_ptr, W_ptr, out_ptr, nnz, D, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr
+):
     e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     live = e < nnz
     j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
@@ -58,8 +70,7 @@ def _values_grad_kernel(grad_ptr, indices_ptr, rows_ptr, W_ptr, out_ptr, nnz, D,
 
 
 @triton.jit
-def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_chunk, F,
-                         BLOCK_E: tl.constexpr):
+def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_chunk, F, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
     r0 = chunk * rows_per_chunk
     e0 = tl.load(row_ptr_ptr + r0)
@@ -72,8 +83,9 @@ def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_
 
 
 @triton.jit
-def _latent_place_kernel(indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_ptr, n_rows, rows_per_chunk, F,
-                         BLOCK_E: tl.constexpr):
+def _latent_place_kernel(
+    indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_ptr, n_rows, rows_per_chunk, F, BLOCK_E: tl.constexpr
+):
     """Rows one after another, so entries of a latent land in row order. The cursor bump is an atomic that
     returns the slot: a valid permutation even for codes that repeat a latent within a row (CSR codes never do;
     such repeats would be placed in an unspecified order), and no reliance on which of Triton's replicated
@@ -96,8 +108,18 @@ def _latent_place_kernel(indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_pt
 
 
 @triton.jit
-def _weight_grad_kernel(values_ptr, dense_ptr, col_ptr_ptr, perm_ptr, rows_ptr, grad_ptr, sums_ptr, D,
-                        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _weight_grad_kernel(
+    values_ptr,
+    dense_ptr,
+    col_ptr_ptr,
+    perm_ptr,
+    rows_ptr,
+    grad_ptr,
+    sums_ptr,
+    D,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     latent = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -132,9 +154,19 @@ def sparse_decode(values, indices, row_ptr, W, bias):
     has_bias = bias is not None
     grid = (B, triton.cdiv(D, block_d))
     if B > 0:
-        _decode_kernel[grid](values.contiguous(), indices.contiguous(), row_ptr.contiguous(), W,
-                             bias.contiguous() if has_bias else W, out, D, HAS_BIAS=has_bias,
-                             BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=block_d, num_warps=4)
+        _decode_kernel[grid](
+            values.contiguous(),
+            indices.contiguous(),
+            row_ptr.contiguous(),
+            W,
+            bias.contiguous() if has_bias else W,
+            out,
+            D,
+            HAS_BIAS=has_bias,
+            BLOCK_E=_launch.ENTRY_BLOCK,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out
 
 
@@ -145,9 +177,18 @@ def sparse_values_grad(grad_out, indices, row_ptr, W):
     if nnz > 0:
         rows = csr.rows_of(row_ptr, nnz)
         block_e = _launch.ENTRY_BLOCK
-        _values_grad_kernel[(triton.cdiv(nnz, block_e),)](grad_out, indices.contiguous(), rows, W, out, nnz, D,
-                                                           BLOCK_E=block_e, BLOCK_D=_launch.dot_block(D),
-                                                           num_warps=4)
+        _values_grad_kernel[(triton.cdiv(nnz, block_e),)](
+            grad_out,
+            indices.contiguous(),
+            rows,
+            W,
+            out,
+            nnz,
+            D,
+            BLOCK_E=block_e,
+            BLOCK_D=_launch.dot_block(D),
+            num_warps=4,
+        )
     return out
 
 
@@ -162,15 +203,27 @@ def latent_order(indices, row_ptr, n_latents):
     chunks = triton.cdiv(max(B, 1), rows_per_chunk)
     counts = torch.zeros(chunks, F, dtype=torch.int64, device=device)
     if B > 0 and nnz > 0:
-        _latent_count_kernel[(chunks,)](indices, row_ptr, counts, B, rows_per_chunk, F,
-                                        BLOCK_E=_launch.ORDER_BLOCK, num_warps=4)
+        _latent_count_kernel[(chunks,)](
+            indices, row_ptr, counts, B, rows_per_chunk, F, BLOCK_E=_launch.ORDER_BLOCK, num_warps=4
+        )
     col_ptr = torch.zeros(F + 1, dtype=torch.int64, device=device)
     torch.cumsum(counts.sum(0), 0, out=col_ptr[1:])
     # Where each chunk's entries of latent j start: col_ptr[j] + entries of j in earlier chunks.
     cursor = torch.cumsum(counts, 0).sub_(counts).add_(col_ptr[:-1])
     if B > 0 and nnz > 0:
-        _latent_place_kernel[(chunks,)](indices, row_ptr, cursor, perm, rows, B, rows_per_chunk, F,
-                                        BLOCK_E=_launch.ORDER_BLOCK, num_warps=4, num_stages=1)
+        _latent_place_kernel[(chunks,)](
+            indices,
+            row_ptr,
+            cursor,
+            perm,
+            rows,
+            B,
+            rows_per_chunk,
+            F,
+            BLOCK_E=_launch.ORDER_BLOCK,
+            num_warps=4,
+            num_stages=1,
+        )
     return col_ptr, perm, rows
 
 
@@ -180,7 +233,17 @@ def sparse_weight_grad(values, dense, col_ptr, perm, rows):
     grad = torch.empty(F, *dense.shape[1:], dtype=dense.dtype, device=dense.device)
     sums = torch.empty(F, dtype=torch.float32, device=dense.device)
     block_d = _launch.row_block(D)
-    _weight_grad_kernel[(F, triton.cdiv(D, block_d))](values.contiguous(), dense, col_ptr.contiguous(),
-                                                       perm.contiguous(), rows.contiguous(), grad, sums, D,
-                                                       BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=block_d, num_warps=4)
+    _weight_grad_kernel[(F, triton.cdiv(D, block_d))](
+        values.contiguous(),
+        dense,
+        col_ptr.contiguous(),
+        perm.contiguous(),
+        rows.contiguous(),
+        grad,
+        sums,
+        D,
+        BLOCK_E=_launch.ENTRY_BLOCK,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
     return grad, sums
