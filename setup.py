@@ -93,7 +93,7 @@ def _extension():
     # Hopper SASS (sm_90a: the target machines) plus a generic Ampere SASS + PTX that newer GPUs JIT-compile.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     # ATen/cuda headers include cublas/cusparse headers, which the minimal toolkit here lacks and the nvidia
-    # pip wheels carry (ENVIRONMENT.md).
+    # pip wheels carry (docs/backends.md).
     include_dirs = [p for p in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))]
     sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return cpp_extension.CUDAExtension(

@@ -10,6 +10,7 @@ SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 
 
 def source_hash(csrc_dir: str) -> str:
+    """First 16 hex digits of a SHA-256 over the relative paths and contents of the sources under `csrc_dir`."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(csrc_dir):
         dirs.sort()

@@ -1,13 +1,15 @@
 """Loads crossdiff_ext._C (which registers the crossdiff ops) and refuses a missing or stale build."""
 
 import os
+from types import ModuleType
 
 from ._build_hash import source_hash
 
 REBUILD = "rebuild it with `pip install --no-build-isolation -e .` in the repository root"
 
 
-def load():
+def load() -> ModuleType:
+    """Import crossdiff_ext._C; ImportError when it is missing, built against another torch, or stale."""
     try:
         from . import _C
     except ImportError as err:

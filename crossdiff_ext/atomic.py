@@ -10,9 +10,11 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 
-def temp_beside(path, write):
+def temp_beside(path: Union[os.PathLike, str], write: Callable[[str], object]) -> str:
     """Run write(tmp) on a fresh temporary file beside `path`, fsync it and return its name (not yet renamed: a
     caller that replaces several files writes them all first, then renames, see save_pretrained)."""
     path = os.fspath(path)
@@ -31,7 +33,7 @@ def temp_beside(path, write):
         raise
 
 
-def remove(path):
+def remove(path: Union[os.PathLike, str]) -> None:
     """Delete a file if it exists."""
     try:
         os.remove(path)
@@ -39,7 +41,7 @@ def remove(path):
         pass
 
 
-def fsync_dir(directory):
+def fsync_dir(directory: Union[os.PathLike, str]) -> None:
     """Make the renames inside `directory` durable (best effort: directories cannot be opened on Windows)."""
     try:
         fd = os.open(directory or ".", os.O_RDONLY)
@@ -53,7 +55,7 @@ def fsync_dir(directory):
         os.close(fd)
 
 
-def replace_all(pairs):
+def replace_all(pairs: Sequence[tuple[str, str]]) -> None:
     """Rename each (tmp, path) into place, then fsync the directories once; temp files left by a failure
     are removed."""
     try:
@@ -66,14 +68,16 @@ def replace_all(pairs):
         fsync_dir(directory)
 
 
-def save(path, write):
+def save(path: Union[os.PathLike, str], write: Callable[[str], object]) -> str:
     """Write `path` atomically through write(tmp), a callback that creates the file at the path it is given."""
     path = os.fspath(path)
     replace_all([(temp_beside(path, write), path)])
     return path
 
 
-def write_bytes(path, data):
+def write_bytes(path: Union[os.PathLike, str], data: bytes) -> str:
+    """Write `data` to `path` atomically; returns the path."""
+
     def write(tmp):
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -81,7 +85,9 @@ def write_bytes(path, data):
     return save(path, write)
 
 
-def write_text(path, text, encoding="utf-8"):
+def write_text(path: Union[os.PathLike, str], text: str, encoding: str = "utf-8") -> str:
+    """Write `text` to `path` atomically; returns the path."""
+
     def write(tmp):
         with open(tmp, "w", encoding=encoding) as fh:
             fh.write(text)
@@ -89,18 +95,20 @@ def write_text(path, text, encoding="utf-8"):
     return save(path, write)
 
 
-def write_json(path, obj, **dump_kwargs):
+def write_json(path: Union[os.PathLike, str], obj: Any, **dump_kwargs: Any) -> str:
     """json.dump(obj, **dump_kwargs) plus a final newline, atomically."""
     return write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 
-def temp_dir(parent, name):
+def temp_dir(parent: Union[os.PathLike, str], name: str) -> str:
     """A fresh temporary directory beside parent/name, for a directory that will be renamed into place."""
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
 
 
-def replace_dir(tmp, final, *, replace=True):
+def replace_dir(
+    tmp: Union[os.PathLike, str], final: Union[os.PathLike, str], *, replace: bool = True
+) -> Union[os.PathLike, str]:
     """Rename the complete directory `tmp` to `final`, then fsync the parent. replace=True replaces a previous
     `final` whole; replace=False keeps it (the rename raises OSError: the first writer wins)."""
     if replace and os.path.exists(final):  # os.replace cannot rename over a non-empty directory

@@ -12,7 +12,9 @@ import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Iterator
 from types import SimpleNamespace
+from typing import Optional, Union
 
 import torch
 
@@ -57,8 +59,12 @@ def _unavailable_reason(name):
     raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
 
 
-def available():
-    """Names of the backends that can run in this build."""
+def available() -> tuple[str, ...]:
+    """Names of the backends that can run in this build.
+
+    Returns:
+        The runnable backend names, in the order of NAMES ("auto" and "reference" always among them).
+    """
     return tuple(n for n in NAMES if _unavailable_reason(n) is None)
 
 
@@ -68,19 +74,45 @@ def _require(name):
         raise RuntimeError(f"backend {name!r} was requested but is not available: {reason}")
 
 
-def set_backend(name):
-    """Select the backend for every crossdiff op (process-wide)."""
+def set_backend(name: str) -> None:
+    """Select the backend for every crossdiff op (process-wide).
+
+    Args:
+        name: One of "auto", "reference", "cpu", "triton", "cuda".
+
+    Raises:
+        RuntimeError: The backend is not available in this build (nothing falls back silently).
+        ValueError: `name` is not a backend name.
+    """
     _require(name)
     _current[0] = name
 
 
-def get_backend():
+def get_backend() -> str:
+    """The backend selected for the crossdiff ops (by set_backend or an enclosing `backend(...)` block).
+
+    Returns:
+        The selected name, possibly "auto" (resolve() gives the concrete backend for a device).
+    """
     return _current[0]
 
 
 @contextlib.contextmanager
-def backend(name):
-    """Context manager: `with crossdiff_ext.backend("reference"): ...`."""
+def backend(name: str) -> Iterator[None]:
+    """Context manager that selects a backend inside its block: `with crossdiff_ext.backend("reference"): ...`.
+
+    The previous backend is restored on exit, also when the block raises.
+
+    Args:
+        name: One of "auto", "reference", "cpu", "triton", "cuda".
+
+    Yields:
+        None, inside the block.
+
+    Raises:
+        RuntimeError: The backend is not available in this build.
+        ValueError: `name` is not a backend name.
+    """
     _require(name)
     previous = _current[0]
     _current[0] = name
@@ -90,7 +122,7 @@ def backend(name):
         _current[0] = previous
 
 
-def resolve(device, name=None):
+def resolve(device: Union[torch.device, str], name: Optional[str] = None) -> str:
     """The concrete backend that runs for tensors on `device` (resolves "auto"; checks device support)."""
     name = _current[0] if name is None else name
     _require(name)
@@ -116,7 +148,7 @@ def resolve(device, name=None):
     return name
 
 
-def triton_interpreted():
+def triton_interpreted() -> bool:
     """Triton's interpreter is on: its kernels run on CPU tensors (slowly; for tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -128,7 +160,9 @@ AUTO_TABLES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aut
 GPU_BACKENDS = ("triton", "cuda")
 
 
-def read_auto_tables(path=AUTO_TABLES_PATH):
+def read_auto_tables(
+    path: Union[os.PathLike, str] = AUTO_TABLES_PATH,
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """({device name: {op: backend}}, {device name: the result file it was measured in}) from an auto tables file;
     a malformed file raises (a wrong table would silently pick other kernels)."""
     try:
@@ -164,7 +198,7 @@ def _gpu_backends():
     return [n for n in GPU_BACKENDS if _unavailable_reason(n) is None and (n != "triton" or torch.cuda.is_available())]
 
 
-def auto_gpu_table(device_name=None):
+def auto_gpu_table(device_name: Optional[str] = None) -> dict[str, str]:
     """{op: backend} that "auto" runs on a GPU model (default: the current CUDA device's): its measured table,
     else AUTO_GPU_TABLE."""
     if device_name is None:
@@ -185,7 +219,7 @@ def _auto_gpu_kernels():
 _REGISTRY = {}
 
 
-def register(names, table):
+def register(names: Union[str, Iterable[str]], table: SimpleNamespace) -> None:
     """Register `table` (a namespace with one callable per name in OPS) as the kernels of each backend in `names`."""
     names = (names,) if isinstance(names, str) else tuple(names)
     missing = [op for op in OPS if not callable(getattr(table, op, None))]
@@ -197,7 +231,7 @@ def register(names, table):
         _REGISTRY[name] = table
 
 
-def kernels(name):
+def kernels(name: str) -> SimpleNamespace:
     """The op implementations of a concrete backend, as a namespace of callables."""
     if name == AUTO_GPU:
         return _auto_gpu_kernels()

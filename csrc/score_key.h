@@ -28,7 +28,7 @@ CROSSDIFF_HD uint32_t score_key(float s) {
   return s != s ? 0xFFFFFFFFu : (u ^ flip);
 }
 
-// Latent ids are int32 unless F needs more (DESIGN.md: data layout).
+// Latent ids are int32 unless F needs more (the data layout).
 inline bool latent_index_is_int32(int64_t n_latents) {
   return n_latents <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
 }

@@ -14,7 +14,7 @@ def lr_for(F):
 
 
 def recon_loss(x, recon):
-    """Mean over rows and models of the unsquared L2 norm of the reconstruction error (SPEC.md), in fp32."""
+    """Mean over rows and models of the unsquared L2 norm of the reconstruction error (docs/math.md), in fp32."""
     return torch.linalg.vector_norm((x - recon).float(), dim=-1).mean()
 
 

@@ -8,7 +8,7 @@ all cases alternating round by round:
         + (b) one Adam step alone over parameters of the crosscoder's sizes with gradients present.
 Both models start from the same weights and are checked to agree (loss and every gradient) before timing.
 
-Loss (SPEC.md): mean over rows and models of ||x[b, m] - xhat[b, m]||_2 (unsquared); no auxiliary loss and
+Loss (docs/math.md): mean over rows and models of ||x[b, m] - xhat[b, m]||_2 (unsquared); no auxiliary loss and
 no gradient clipping in either step. Optimiser: torch.optim.Adam, betas (0.9, 0.999), the same implementation
 (fused on CPU when this torch has it, else foreach) for both models and the floor.
 

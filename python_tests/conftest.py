@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import crossdiff_ext as cx  # noqa: E402
 
-# Fresh random inputs every run (DESIGN.md); the seed is printed in pytest's header and can be replayed.
+# Fresh random inputs every run (CONTRIBUTING.md, test rules); the seed is printed in the header and can be replayed.
 SEED = int(os.environ.get("CROSSDIFF_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
@@ -59,7 +59,7 @@ DTYPES = list(TOLERANCES)
 
 
 def dtypes_for(name):
-    # Triton's interpreter has no real bf16 arithmetic (ENVIRONMENT.md).
+    # Triton's interpreter has no real bf16 arithmetic (docs/backends.md).
     if name == "triton" and backend_device(name) == "cpu":
         return [torch.float32, torch.float16]
     return DTYPES

@@ -1,7 +1,7 @@
 """GPU backends at realistic and paper shapes in bf16, against the reference on the same GPU.
 
 Skipped without a CUDA GPU (the CPU suite runs the same kernels at small shapes, Triton under its interpreter).
-Paper shape (SPEC.md): B = 4096, M = 2, d = 2304, F = 73728, k = 100.
+Paper shape (docs/math.md): B = 4096, M = 2, d = 2304, F = 73728, k = 100.
 """
 
 import pytest

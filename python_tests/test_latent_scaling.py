@@ -1,6 +1,6 @@
 """Latent Scaling against the per-latent closed form (the paper code's dense computation), on every backend; and
 on a hand-built crosscoder whose latents have known nu values: a genuine chat-only latent, a weak-in-base one,
-a Complete Shrinkage artifact and a Latent Decoupling pair (SPEC.md, "Reading a crosscoder")."""
+a Complete Shrinkage artifact and a Latent Decoupling pair (docs/math.md, "Reading a crosscoder")."""
 
 import math
 

@@ -14,6 +14,8 @@ rows the store already holds, and continues. Deterministic for a given document 
 
 import json
 import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 
@@ -47,7 +49,7 @@ def _hub_dataset(spec):
     return datasets.load_dataset(name, split=split or "train")
 
 
-def read_documents(source):
+def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union[str, list[Any]]]:
     """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
     non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
     iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset)."""
@@ -85,7 +87,7 @@ def read_documents(source):
     return docs
 
 
-def check_tokenizers(tokenizer_base, tokenizer_chat):
+def check_tokenizers(tokenizer_base: Any, tokenizer_chat: Any) -> None:
     """Both models must read the same token ids: the vocabularies must agree."""
     vb, vc = tokenizer_base.get_vocab(), tokenizer_chat.get_vocab()
     if vb != vc:
@@ -97,7 +99,8 @@ def check_tokenizers(tokenizer_base, tokenizer_chat):
         )
 
 
-def tokenize(doc, tokenizer, context_length):
+def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_length: int) -> list[int]:
+    """Token ids of a document (a string, or chat messages through the chat template), cut to context_length."""
     if isinstance(doc, str):
         ids = tokenizer(doc)["input_ids"]
     elif isinstance(doc, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in doc):
@@ -119,23 +122,23 @@ def _n_layers(model):
 
 
 def collect(
-    base,
-    chat,
-    layer,
-    data,
-    out,
+    base: Union[str, tuple[Any, Any]],
+    chat: Union[str, tuple[Any, Any]],
+    layer: int,
+    data: Union[os.PathLike, str, Iterable[Any]],
+    out: Union[os.PathLike, str],
     *,
-    max_tokens=None,
-    context_length=1024,
-    batch_size=8,
-    drop_first=0,
-    dtype="float16",
-    shard_rows=1 << 18,
-    device=None,
-    model_dtype=None,
-    resume=False,
-    progress=True,
-):
+    max_tokens: Optional[int] = None,
+    context_length: int = 1024,
+    batch_size: int = 8,
+    drop_first: int = 0,
+    dtype: str = "float16",
+    shard_rows: int = 1 << 18,
+    device: Optional[Union[torch.device, str]] = None,
+    model_dtype: Optional[Union[torch.dtype, str]] = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> ActivationStore:
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
     base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -249,7 +252,7 @@ def _run(m_base, m_chat, batch, layer, pad, device):
     return rows, input_ids[keep].cpu(), positions
 
 
-def template_token_ids(tokenizer):
+def template_token_ids(tokenizer: Any) -> list[int]:
     """The ids the chat template adds around the messages: a two-turn conversation rendered with the template,
     minus the ids of its contents tokenized alone (with and without a leading space). For a template whose markup
     shares tokens with ordinary text (a newline, a role name), those tokens count as template tokens everywhere."""

@@ -7,14 +7,50 @@ batches already consumed (exact when the iterable is deterministic).
 MixedBatches: several sources (tensors, stores) in fixed proportions per batch.
 """
 
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Protocol, Union
+
 import torch
 
 from .sampling import epoch_generator, part_of
 from .store import ActivationStore, StoreBatches
 
 
+class BatchSource(Protocol):
+    """What training draws batches from: next(), and a position that state_dict / load_state_dict save exactly."""
+
+    def next(self) -> torch.Tensor:
+        """The next batch [B, M, d]."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current position, for a checkpoint."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a position state_dict saved."""
+
+
 class TensorBatches:
-    def __init__(self, data, batch_size, *, seed=0, shuffle=True, device=None, pin_memory=False):
+    """Shuffled batches of an in-memory tensor [N, M, d]; the last partial batch of an epoch is dropped.
+
+    Args:
+        data: The rows, [N, M, d] with N >= batch_size.
+        batch_size: Rows per batch.
+        seed: Seed of the per-epoch permutations (drawn from (seed, epoch) alone).
+        shuffle: Permute the rows every epoch; False reads them in order.
+        device: Device of the batches (default: data's).
+        pin_memory: Pin CPU batches headed for a CUDA device.
+    """
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        device: Optional[Union[torch.device, str]] = None,
+        pin_memory: bool = False,
+    ):
         if not isinstance(data, torch.Tensor) or data.dim() != 3:
             raise ValueError(
                 f"data must be a tensor [N, M, d], got {type(data).__name__}"
@@ -42,7 +78,8 @@ class TensorBatches:
             self._order = (self.epoch, perm)
         return self._order[1]
 
-    def next(self):
+    def next(self) -> torch.Tensor:
+        """The next batch [batch_size, M, d] (this rank's block of it under data parallelism)."""
         if self.offset >= self.batches_per_epoch:
             self.epoch, self.offset = self.epoch + 1, 0
         rows = self._permutation()[self.offset * self.batch_size : (self.offset + 1) * self.batch_size]
@@ -53,7 +90,8 @@ class TensorBatches:
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=self.pin_memory)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """The position (epoch, offset) and what it is valid for."""
         return dict(
             kind="tensor",
             epoch=self.epoch,
@@ -63,7 +101,8 @@ class TensorBatches:
             batch_size=self.batch_size,
         )
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a state_dict's position; ValueError when it was saved for other data."""
         if state.get("kind") != "tensor":
             raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a tensor")
         for key in ("seed", "batch_size"):
@@ -80,12 +119,20 @@ class TensorBatches:
 
 
 class IterableBatches:
-    def __init__(self, iterable, *, device=None):
+    """Batches from any iterable of [B, M, d] tensors; resuming re-iterates and skips the consumed batches.
+
+    Args:
+        iterable: The batches (re-iterated from the start on resume: exact when it is deterministic).
+        device: Device to move every batch to (default: leave it where it is).
+    """
+
+    def __init__(self, iterable: Iterable[torch.Tensor], *, device: Optional[Union[torch.device, str]] = None):
         self.iterable, self.device = iterable, device
         self.consumed = 0
         self._it = None
 
-    def next(self):
+    def next(self) -> torch.Tensor:
+        """The next batch; RuntimeError when the iterable ends, ValueError when it yields a non-tensor."""
         if self._it is None:
             self._it = iter(self.iterable)
         try:
@@ -100,10 +147,12 @@ class IterableBatches:
             raise ValueError(f"batches must be tensors [B, M, d], got {type(batch).__name__}")
         return batch.to(self.device) if self.device is not None else batch
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """The position: the number of batches consumed."""
         return dict(kind="iterable", consumed=self.consumed)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a state_dict's position by replaying the iterable."""
         if state.get("kind") != "iterable":
             raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not an iterable")
         self._it = iter(self.iterable)
@@ -113,12 +162,32 @@ class IterableBatches:
 
 
 class MixedBatches:
-    """Batches that mix several sources in fixed proportions, e.g. half web text and half chat:
-    MixedBatches([(web_store, 0.5), (chat_store, 0.5)], batch_size=2048). Each source contributes
-    round(fraction * batch_size) rows per batch (the last source takes the remainder) from its own shuffled
-    stream (a tensor, a store or a batch source); the position of every stream is saved, so resuming is exact."""
+    """Batches that mix several sources in fixed proportions, e.g. half web text and half chat.
 
-    def __init__(self, sources, batch_size, *, seed=0, device=None):
+    MixedBatches([(web_store, 0.5), (chat_store, 0.5)], batch_size=2048): each source contributes
+    round(fraction * batch_size) rows per batch (the last source takes the remainder) from its own shuffled
+    stream (a tensor, a store or a batch source); the position of every stream is saved, so resuming is exact.
+
+    Args:
+        sources: (data, fraction) pairs; each data is anything as_batches takes (a tensor [N, M, d], an
+            ActivationStore, a batch source or an iterable of batches); the fractions are > 0 and sum to 1.
+        batch_size: Rows per mixed batch.
+        seed: Seed of the sources' shuffles (source i uses seed * 7919 + i).
+        device: Device of the batches.
+
+    Raises:
+        ValueError: No sources, fractions that are not positive or do not sum to 1, or a batch_size that gives
+            some source no rows.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[tuple[Any, float]],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        device: Optional[Union[torch.device, str]] = None,
+    ):
         if not sources:
             raise ValueError("MixedBatches needs at least one (data, fraction) pair")
         fractions = [float(f) for _, f in sources]
@@ -134,13 +203,32 @@ class MixedBatches:
             for i, ((data, _), c) in enumerate(zip(sources, counts))
         ]
 
-    def next(self):
+    def next(self) -> torch.Tensor:
+        """The next mixed batch: each source's rows in turn, in the order of `sources`.
+
+        Returns:
+            [batch_size, M, d], the concatenation of every source's next batch.
+        """
         return torch.cat([s.next() for s in self.sources])
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """The position of every source's stream, for a checkpoint.
+
+        Returns:
+            {"kind": "mixed", "counts": rows per source, "sources": each source's state_dict()}.
+        """
         return dict(kind="mixed", counts=self.counts, sources=[s.state_dict() for s in self.sources])
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume every source at the position a state_dict saved.
+
+        Args:
+            state: What state_dict returned.
+
+        Raises:
+            ValueError: The state is not a mixture with the same rows per source (or a source's own state does
+                not match it).
+        """
         if state.get("kind") != "mixed" or state["counts"] != self.counts:
             raise ValueError(
                 f"cannot resume: the checkpoint's data was {state.get('kind')!r} with rows per source "
@@ -149,7 +237,8 @@ class MixedBatches:
         for source, sub in zip(self.sources, state["sources"]):
             source.load_state_dict(sub)
 
-    def close(self):
+    def close(self) -> None:
+        """Close the sources that hold resources (the prefetch threads of store sources)."""
         for source in self.sources:
             if hasattr(source, "close"):
                 source.close()
@@ -163,7 +252,7 @@ def _moments(tensor, chunk=8192):
     return mean, var
 
 
-def statistics(source):
+def statistics(source: BatchSource) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(mean, variance) [M, d] float64 of everything a batch source draws from, or None when that is unknown
     (an iterable). A mixture weights each source's moments by its share of every batch."""
     if isinstance(source, TensorBatches):
@@ -181,7 +270,9 @@ def statistics(source):
     return None
 
 
-def as_batches(data, batch_size, *, seed=0, device=None):
+def as_batches(
+    data: Any, batch_size: int, *, seed: int = 0, device: Optional[Union[torch.device, str]] = None
+) -> BatchSource:
     """A batch source for `data`: a tensor [N, M, d], an object with next()/state_dict() (passed through), or an
     iterable of [B, M, d] batches."""
     if isinstance(data, torch.Tensor):

@@ -14,6 +14,8 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -40,7 +42,16 @@ def _save_npy(path, array):
 class StoreWriter:
     """Append paired activations [n, M, d] (and optionally token ids [n]); shards of `shard_rows` rows."""
 
-    def __init__(self, path, n_models, d_model, dtype="float16", shard_rows=1 << 18, info=None, resume=False):
+    def __init__(
+        self,
+        path: Union[os.PathLike, str],
+        n_models: int,
+        d_model: int,
+        dtype: str = "float16",
+        shard_rows: int = 1 << 18,
+        info: Optional[Mapping[str, Any]] = None,
+        resume: bool = False,
+    ):
         """info: free-form metadata; on resume it must equal the stored info (the rows must mean the same)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -89,7 +100,10 @@ class StoreWriter:
             if name.startswith(".shard-") and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.path, name))
 
-    def append(self, x, token_ids=None, positions=None):
+    def append(
+        self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> None:
+        """Append rows x [n, M, d] (cast to the store dtype; must stay finite), optionally token ids / positions [n]."""
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
             raise ValueError(
@@ -156,7 +170,7 @@ class StoreWriter:
         s["m2"] = (m2_a + m2_b + delta.pow(2) * (n_a * n_b / n)).tolist()
         s["count"] = n
 
-    def close(self):
+    def close(self) -> None:
         """Write the last (partial) shard and the final metadata."""
         self._flush_shard()
 
@@ -169,9 +183,19 @@ class StoreWriter:
 
 
 class ActivationStore:
-    """Read-only view of a store directory: len(store) rows, store[rows] -> tensor [n, M, d]."""
+    """Read-only view of a store directory: len(store) rows, store[rows] -> tensor [n, M, d].
 
-    def __init__(self, path):
+    The shards are numpy memmaps: rows are read from disk when indexed.
+
+    Args:
+        path: The store directory (holding store.json).
+
+    Raises:
+        FileNotFoundError: No store.json, or a shard it lists is missing.
+        ValueError: Another format, or a shard whose size disagrees with store.json (truncated or overwritten).
+    """
+
+    def __init__(self, path: Union[os.PathLike, str]):
         self.path = os.fspath(path)
         meta_path = os.path.join(self.path, "store.json")
         if not os.path.exists(meta_path):
@@ -213,20 +237,30 @@ class ActivationStore:
             parts.append(torch.from_numpy(np.load(os.path.join(self.path, entry[key]))))
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
-    def token_ids(self):
-        """[rows] int64 token ids, or None when the store was written without them."""
+    def token_ids(self) -> Optional[torch.Tensor]:
+        """The token id of every row.
+
+        Returns:
+            [rows] int64 token ids, or None when the store was written without them.
+        """
         return self._column("tokens")
 
-    def positions(self):
-        """[rows] int64 positions of the tokens in their sequences, or None."""
+    def positions(self) -> Optional[torch.Tensor]:
+        """The position of every row's token in its sequence.
+
+        Returns:
+            [rows] int64 positions, or None when the store was written without them.
+        """
         return self._column("positions")
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
+        """[M, d] float32 per-model, per-feature mean of all rows (merged per shard in float64)."""
         return torch.tensor(self.meta["stats"]["mean"], dtype=torch.float32)
 
     @property
-    def variance(self):
+    def variance(self) -> torch.Tensor:
+        """[M, d] float32 per-model, per-feature population variance of all rows."""
         n = max(self.meta["stats"]["count"], 1)
         return torch.tensor(self.meta["stats"]["m2"], dtype=torch.float64).div(n).float()
 
@@ -257,7 +291,16 @@ class StoreBatches:
     ahead; batches for a CUDA device go through pinned memory.
     """
 
-    def __init__(self, store, batch_size, *, seed=0, window=1 << 16, prefetch=2, device=None):
+    def __init__(
+        self,
+        store: Union[ActivationStore, os.PathLike, str],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        window: int = 1 << 16,
+        prefetch: int = 2,
+        device: Optional[Union[torch.device, str]] = None,
+    ):
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -335,7 +378,8 @@ class StoreBatches:
             self._thread.join()
         self._thread = self._queue = self._stop = None
 
-    def next(self):
+    def next(self) -> torch.Tensor:
+        """The next batch [batch_size, M, d] on the device; an error of the prefetch thread is raised here."""
         if self.offset >= self.batches_per_epoch:
             self.epoch, self.offset = self.epoch + 1, 0
         if self.prefetch >= 1:
@@ -351,7 +395,8 @@ class StoreBatches:
         self.offset += 1
         return batch.to(self.device, non_blocking=self.device.type == "cuda")
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
+        """The position (epoch, offset) and what it is valid for."""
         return dict(
             kind="store",
             epoch=self.epoch,
@@ -362,7 +407,8 @@ class StoreBatches:
             window=self.window,
         )
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a state_dict's position; ValueError when it was saved for another store or settings."""
         if state.get("kind") != "store":
             raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a store")
         for key, now in (
@@ -376,5 +422,6 @@ class StoreBatches:
         self._stop_thread()
         self.epoch, self.offset = state["epoch"], state["offset"]
 
-    def close(self):
+    def close(self) -> None:
+        """Stop the prefetch thread."""
         self._stop_thread()

@@ -11,17 +11,20 @@
    tokens). Written to OUT/summary.json.
 """
 
+from __future__ import annotations
+
 import fnmatch
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from .. import atomic, training
 from ..data.activations import collect, template_token_ids
+from ..data.store import ActivationStore
 from ..diffing.examples import max_activating_examples, token_share
 from ..diffing.latent_scaling import inference_pass
 from ..diffing.report import report_crosscoder
@@ -30,9 +33,14 @@ from ..training import TrainConfig
 from . import toy_language as tl
 from .toy_models import toy_pair
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class DemoConfig:
+    """The settings of `crossdiff demo` (each is a command-line option)."""
+
     out: str = "crossdiff_demo"
     base: Optional[str] = None  # None: the embedded toy pair
     chat: Optional[str] = None
@@ -50,7 +58,8 @@ class DemoConfig:
     device: Optional[str] = None
     progress: bool = True
 
-    def validate(self):
+    def validate(self) -> None:
+        """Refuse inconsistent settings (a half-given model pair, a missing --layer, non-positive sizes)."""
         if (self.base is None) != (self.chat is None):
             raise ValueError("give both --base and --chat (real models), or neither (the embedded toy pair)")
         if self.base is not None and self.layer is None:
@@ -97,7 +106,18 @@ def _verdicts(table, on_template):
     )
 
 
-def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n=20, template_majority=0.5):
+def describe_latents(
+    cc: CrossCoder,
+    store: ActivationStore,
+    latents: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Iterable[int],
+    table: Mapping[str, Sequence[Any]],
+    share: torch.Tensor,
+    *,
+    n: int = 20,
+    template_majority: float = 0.5,
+) -> list[dict[str, Any]]:
     """For each latent: its numbers, the tokens its n max-activating examples sit on, one context, and whether
     more than `template_majority` of those examples are chat-template tokens ("fires mainly on the template")."""
     found = max_activating_examples(cc, store, latents, n=n, quantiles=())
@@ -136,7 +156,7 @@ def describe_latents(cc, store, latents, tokenizer, template, table, share, *, n
 
 
 @torch.inference_mode()
-def evaluate(cc, store, batch_size=4096):
+def evaluate(cc: CrossCoder, store: ActivationStore, batch_size: int = 4096) -> dict[str, float]:
     """Inference-mode FVE (1 - sum ||x - xhat||^2 / sum ||x - mean||^2, both models pooled, in the normalised space)
     and mean L0 over the whole store."""
     err = sq = l0 = 0.0
@@ -155,7 +175,7 @@ def evaluate(cc, store, batch_size=4096):
     return dict(fve=round(1 - err / variance, 4), l0=round(l0 / n, 2))
 
 
-def run(config=DemoConfig()):
+def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to OUT/summary.json)."""
     from transformers import AutoTokenizer
 
@@ -281,7 +301,7 @@ def run(config=DemoConfig()):
     return summary
 
 
-def describe(summary):
+def describe(summary: Mapping[str, Any]) -> list[str]:
     """The summary as the lines the command prints."""
     lines = []
     pair = summary.get("pair")

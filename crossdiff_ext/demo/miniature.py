@@ -8,8 +8,11 @@ A learned latent is matched to the planted concept whose concatenated decoder di
 to --out.
 """
 
+from __future__ import annotations
+
 import os
 import time
+from typing import Any, Union
 
 import torch
 
@@ -121,7 +124,14 @@ def _figure(path, results):
     plt.close(fig)
 
 
-def run(out, *, steps=3000, seed=0, l1_coefficient=0.1, progress=True):
+def run(
+    out: Union[str, os.PathLike],
+    *,
+    steps: int = 3000,
+    seed: int = 0,
+    l1_coefficient: float = 0.1,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train both crosscoders, write summary.json and miniature.png under `out`; returns the summary."""
     planted = synthetic.planted_dictionary(
         n_tokens=30000,

@@ -19,13 +19,23 @@ KINDS = ("shared", "chat_only", "base_only", "weak_in_base")
 
 @dataclass
 class PlantedDictionary:
+    """Paired activations with known ground truth (what planted_dictionary returns).
+
+    Attributes:
+        x: [N, M, d] activations (float32).
+        directions: [C, M, d] ground-truth decoder directions.
+        kinds: [C] kind of each concept (one of KINDS).
+        activations: [N, C] the concepts' magnitudes per token (sparse in practice).
+    """
+
     x: torch.Tensor  # [N, M, d] activations (float32)
     directions: torch.Tensor  # [C, M, d] ground-truth decoder directions
-    kinds: list  # [C] kind of each concept (one of KINDS)
+    kinds: list[str]  # [C] kind of each concept (one of KINDS)
     activations: torch.Tensor  # [N, C] the concepts' magnitudes per token (sparse in practice)
 
     @property
-    def kind_ids(self):
+    def kind_ids(self) -> torch.Tensor:
+        """[C] int64 index in KINDS of each concept's kind."""
         return torch.tensor([KINDS.index(k) for k in self.kinds])
 
 
@@ -35,21 +45,44 @@ def _unit_rows(n, d, g):
 
 
 def planted_dictionary(
-    n_tokens=20000,
-    d_model=32,
-    n_shared=24,
-    n_chat_only=8,
-    n_base_only=8,
-    n_weak_in_base=8,
-    active_per_token=3.0,
-    weak_scale=0.3,
-    noise=0.01,
-    base=0,
-    chat=1,
-    n_models=2,
-    seed=0,
-):
-    """Generate a PlantedDictionary (see the module docstring). `base`/`chat` name the model slots of x."""
+    n_tokens: int = 20000,
+    d_model: int = 32,
+    n_shared: int = 24,
+    n_chat_only: int = 8,
+    n_base_only: int = 8,
+    n_weak_in_base: int = 8,
+    active_per_token: float = 3.0,
+    weak_scale: float = 0.3,
+    noise: float = 0.01,
+    base: int = 0,
+    chat: int = 1,
+    n_models: int = 2,
+    seed: int = 0,
+) -> PlantedDictionary:
+    """Generate a PlantedDictionary: paired activations of planted concepts (see the module docstring).
+
+    Args:
+        n_tokens: N, the tokens (rows) of x.
+        d_model: d, the width of each model's activations.
+        n_shared: Concepts with the same direction in base and chat.
+        n_chat_only: Concepts absent in the base model (fine-tuning introduced them).
+        n_base_only: Concepts absent in the chat model.
+        n_weak_in_base: Concepts present in both, with norm `weak_scale` in the base model.
+        active_per_token: Mean of the Poisson number of concepts a token activates (at least one).
+        weak_scale: Base-model norm of the weak_in_base concepts, in (0, 1).
+        noise: Standard deviation of the Gaussian noise added to x.
+        base: The model slot of x that is the base model.
+        chat: The model slot of x that is the chat model.
+        n_models: M, the model slots of x (>= 2); slots other than base and chat get the shared directions.
+        seed: Seed of the one generator everything is drawn from.
+
+    Returns:
+        A PlantedDictionary (x, directions, kinds, activations).
+
+    Raises:
+        ValueError: A count is not an int >= 0, d_model or n_tokens is < 1, the model slots are invalid,
+            weak_scale is outside (0, 1), or there is no concept at all.
+    """
     counts = dict(shared=n_shared, chat_only=n_chat_only, base_only=n_base_only, weak_in_base=n_weak_in_base)
     for name, value in list(counts.items()) + [("n_tokens", n_tokens), ("d_model", d_model)]:
         if not isinstance(value, int) or value < 0:
@@ -88,7 +121,7 @@ def planted_dictionary(
     return PlantedDictionary(x=x, directions=D, kinds=kinds, activations=a)
 
 
-def match_concepts(W_dec, directions):
+def match_concepts(W_dec: torch.Tensor, directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For every planted concept, the learned latent whose concatenated decoder row [M*d] is most similar.
     Returns (latent [C], cosine [C])."""
     learned = torch.nn.functional.normalize(W_dec.detach().float().reshape(W_dec.shape[0], -1), dim=1)

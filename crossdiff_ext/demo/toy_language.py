@@ -17,7 +17,13 @@ Words are separated by spaces, so a whitespace word-level tokenizer reads it exa
 reads it as ordinary English. Everything is drawn from a seeded generator: the same seed gives the same corpus.
 """
 
+from __future__ import annotations
+
 import random
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TEMPLATE = ["<|user|>", "<|assistant|>", "<|end|>"]
@@ -66,7 +72,7 @@ _FUNCTION = (
 ).split()
 
 
-def vocabulary():
+def vocabulary() -> list[str]:
     """Every word the generator can emit, specials and template tokens first (ids are stable)."""
     words = list(SPECIAL) + list(TEMPLATE)
     for group in (
@@ -97,7 +103,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer():
+def make_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level transformers tokenizer for the language: <bos> before plain text, the chat template above."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -123,7 +129,7 @@ def _sum(rng):
     return a, b, f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]} ."
 
 
-def statement(rng, true=True):
+def statement(rng: random.Random, true: bool = True) -> tuple[str, str]:
     """A fact about colours, places, animals or sums (or a false one: one word swapped)."""
     kind = rng.randrange(4)
     if kind == 0:
@@ -163,7 +169,7 @@ def _sentence(rng):
     return f"the color of the {thing} is {COLOURS[thing]} ."
 
 
-def text_document(rng, sentences=(3, 8)):
+def text_document(rng: random.Random, sentences: tuple[int, int] = (3, 8)) -> str:
     """A plain-text document: a few sentences."""
     return " ".join(_sentence(rng) for _ in range(rng.randint(*sentences)))
 
@@ -183,7 +189,7 @@ def _question(rng):
     return f"what is {NUMBERS[a]} plus {NUMBERS[b]} ?", answer
 
 
-def exchange(rng, kind=None):
+def exchange(rng: random.Random, kind: Optional[str] = None) -> tuple[str, str, str]:
     """One (kind, user, assistant) turn. kind: question, recipe, harmful (refused), false (corrected), true."""
     kind = kind or rng.choices(["question", "recipe", "harmful", "false", "true"], [3, 1, 2, 2, 2])[0]
     if kind == "question":
@@ -204,7 +210,7 @@ def exchange(rng, kind=None):
     return kind, user, answer
 
 
-def conversation(rng, turns=(1, 2)):
+def conversation(rng: random.Random, turns: tuple[int, int] = (1, 2)) -> list[dict[str, str]]:
     """A chat conversation: a list of {"role", "content"} messages, one to two exchanges."""
     messages = []
     for _ in range(rng.randint(*turns)):
@@ -213,7 +219,7 @@ def conversation(rng, turns=(1, 2)):
     return messages
 
 
-def corpus(n_text, n_chat, seed):
+def corpus(n_text: int, n_chat: int, seed: int) -> list[Union[str, list[dict[str, str]]]]:
     """n_text plain-text documents and n_chat conversations, interleaved (text and chat alternate in proportion),
     from a generator seeded with `seed`."""
     rng = random.Random(seed)

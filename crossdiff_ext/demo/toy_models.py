@@ -8,6 +8,8 @@ new pair. The pair is built in a temporary directory beside it and renamed into 
 leaves no half-written pair behind.
 """
 
+from __future__ import annotations
+
 import copy
 import hashlib
 import json
@@ -16,6 +18,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -23,11 +26,16 @@ from .. import atomic
 from ..data.activations import tokenize
 from . import toy_language as tl
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 RECIPE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PairRecipe:
+    """How the demo's tiny Llama pair is built: model shape, pre-training (base) and fine-tuning (chat)."""
+
     hidden_size: int = 64
     intermediate_size: int = 192
     layers: int = 4
@@ -42,12 +50,14 @@ class PairRecipe:
     finetune_lr: float = 2e-3
     seed: int = 0
 
-    def key(self):
+    def key(self) -> str:
+        """12 hex digits hashing the recipe (and RECIPE_VERSION): the cache key of its pair."""
         blob = json.dumps(dict(asdict(self), version=RECIPE_VERSION), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def cache_root():
+def cache_root() -> str:
+    """The cache directory: $CROSSDIFF_CACHE, else $XDG_CACHE_HOME/crossdiff_ext, else ~/.cache/crossdiff_ext."""
     if os.environ.get("CROSSDIFF_CACHE"):
         return os.environ["CROSSDIFF_CACHE"]
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "crossdiff_ext")
@@ -101,7 +111,14 @@ def _fit(model, seqs, steps, batch_size, lr, pad, seed, desc, progress):
 
 
 @torch.no_grad()
-def behaviour(model, tokenizer, *, n=12, seed=12345, max_new_tokens=14):
+def behaviour(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    n: int = 12,
+    seed: int = 12345,
+    max_new_tokens: int = 14,
+) -> dict[str, float]:
     """{kind: fraction of n fresh prompts of that kind whose greedy answer is exactly the expected one} for the
     kinds of tl.exchange: question, recipe, harmful (refused), false (corrected), true; plus "refuses_benign":
     the fraction of non-harmful prompts answered with the refusal."""
@@ -153,7 +170,9 @@ def _new_model(recipe, vocab_size):
     return LlamaForCausalLM(cfg)
 
 
-def build_pair(directory, recipe=PairRecipe(), *, progress=True):
+def build_pair(
+    directory: Union[str, os.PathLike], recipe: PairRecipe = PairRecipe(), *, progress: bool = True
+) -> dict[str, Any]:
     """Train the base model on plain text and fine-tune a copy on chat; save both (with the tokenizer) under
     directory/base and directory/chat, and what was measured in directory/pair.json. Returns that record."""
     t0 = time.perf_counter()
@@ -198,7 +217,9 @@ def build_pair(directory, recipe=PairRecipe(), *, progress=True):
     return record
 
 
-def toy_pair(recipe=PairRecipe(), *, root=None, progress=True):
+def toy_pair(
+    recipe: PairRecipe = PairRecipe(), *, root: Optional[Union[str, os.PathLike]] = None, progress: bool = True
+) -> tuple[str, str, dict[str, Any]]:
     """(base_dir, chat_dir, record): the cached pair for `recipe`, built first if it is not there."""
     root = root or cache_root()
     final = os.path.join(root, f"toy-pair-{recipe.key()}")

@@ -1,15 +1,19 @@
-"""Reading a crosscoder from its decoder (SPEC.md, "Reading a crosscoder"): relative norm difference, cosine of
+"""Reading a crosscoder from its decoder (docs/math.md, "Reading a crosscoder"): relative norm difference, cosine of
 a latent's decoder rows (and the encoder counterparts), the paper's bands, the classification that Latent Scaling
 refines, and the per-latent table. The measures themselves live in layer/norms.py (training logs their bands);
 Latent Scaling lives in latent_scaling.py."""
 
+from __future__ import annotations
+
 import csv
 import math
 import os
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from .. import atomic
+from ..layer import CrossCoder
 from ..layer.norms import (
     BANDS,
     band_counts,
@@ -20,6 +24,9 @@ from ..layer.norms import (
     encoder_delta_norm,
     rows_of,
 )
+
+if TYPE_CHECKING:
+    from .latent_scaling import LatentScalingResult
 
 __all__ = [
     "BANDS",
@@ -41,21 +48,43 @@ VERDICTS = ("chat_specific", "complete_shrinkage", "latent_decoupling", "shrinka
 
 
 def classify_latents(
-    cc,
-    scaling=None,
+    cc: Union[CrossCoder, torch.Tensor],
+    scaling: Optional[LatentScalingResult] = None,
     *,
-    base=0,
-    chat=1,
-    chat_only=0.9,
-    base_only=0.1,
-    shared_width=0.1,
-    nu_error_max=0.2,
-    nu_reconstruction_max=0.5,
-):
-    """One class name per latent: its Delta_norm band (base_only, shared, chat_only, other; the paper's bands by
-    default). With a LatentScalingResult over all latents, a chat_only latent is refined by its nu values into
-    chat_specific (nu_error < nu_error_max and nu_reconstruction < nu_reconstruction_max), complete_shrinkage,
-    latent_decoupling, shrinkage_and_decoupling, or never_fired (no nu: the latent never fired on the data)."""
+    base: int = 0,
+    chat: int = 1,
+    chat_only: float = 0.9,
+    base_only: float = 0.1,
+    shared_width: float = 0.1,
+    nu_error_max: float = 0.2,
+    nu_reconstruction_max: float = 0.5,
+) -> list[str]:
+    """One class name per latent: its Delta_norm band, refined by Latent Scaling when given.
+
+    The band is one of base_only, shared, chat_only, other (the paper's bands by default). With a
+    LatentScalingResult over all latents, a chat_only latent is refined by its nu values into chat_specific
+    (nu_error < nu_error_max and nu_reconstruction < nu_reconstruction_max), complete_shrinkage,
+    latent_decoupling, shrinkage_and_decoupling, or never_fired (no nu: the latent never fired on the data).
+    A NaN nu counts as not passing its test: the evidence is missing.
+
+    Args:
+        cc: The crosscoder whose decoder rows give Delta_norm (or its W_dec [F, M, d]).
+        scaling: Latent Scaling of every latent, in order (latents=None); None: the bands only.
+        base: Model index of the base model (default 0).
+        chat: Model index of the chat model (default 1).
+        chat_only: Delta_norm above which a latent is chat_only (default 0.9, the paper's band).
+        base_only: Delta_norm below which a latent is base_only (default 0.1).
+        shared_width: Half-width of the shared band around 0.5, inclusive (default 0.1: [0.4, 0.6]).
+        nu_error_max: nu_error below which a chat_only latent passes the Complete Shrinkage test (default 0.2,
+            as the paper's notebooks).
+        nu_reconstruction_max: nu_reconstruction below which it passes the Latent Decoupling test (default 0.5).
+
+    Returns:
+        A list of F class names (see VERDICTS for the refined ones), indexed by latent.
+
+    Raises:
+        ValueError: scaling does not cover every latent in order.
+    """
     band = delta_norm_band(
         delta_norm(cc, base, chat), chat_only=chat_only, base_only=base_only, shared_width=shared_width
     ).cpu()
@@ -85,10 +114,31 @@ def classify_latents(
     return classes
 
 
-def latent_table(cc, scaling=None, *, base=0, chat=1, **thresholds):
-    """{column: list} with one row per latent: decoder and encoder norms per model, delta_norm, cosines,
-    class, and with a LatentScalingResult of all latents the betas, nu values, firing frequency and mean
-    activation. write_table saves it as CSV (or Parquet)."""
+def latent_table(
+    cc: CrossCoder,
+    scaling: Optional[LatentScalingResult] = None,
+    *,
+    base: int = 0,
+    chat: int = 1,
+    **thresholds: float,
+) -> dict[str, list[Any]]:
+    """A per-latent table of the crosscoder's decoder and encoder measures, and of Latent Scaling when given.
+
+    The columns: latent, decoder and encoder norms per model, delta_norm, cosines, class, and with a
+    LatentScalingResult of all latents the betas, nu values, firing frequency and mean activation. write_table
+    saves it as CSV (or Parquet).
+
+    Args:
+        cc: The crosscoder to tabulate.
+        scaling: Latent Scaling of every latent, in order; None: no Latent Scaling columns.
+        base: Model index of the base model (default 0).
+        chat: Model index of the chat model (default 1).
+        **thresholds: The band and nu thresholds of classify_latents (chat_only, base_only, shared_width,
+            nu_error_max, nu_reconstruction_max).
+
+    Returns:
+        {column: list} with one row per latent.
+    """
     W_dec, W_enc = rows_of(cc, "W_dec"), rows_of(cc, "W_enc")
     F = W_dec.shape[0]
     table = {"latent": list(range(F))}
@@ -111,12 +161,24 @@ def latent_table(cc, scaling=None, *, base=0, chat=1, **thresholds):
     return table
 
 
-def write_table(table, path):
-    """Write a latent_table to `path`: Parquet when it ends in .parquet (needs pyarrow), CSV otherwise; written to
-    a temp file and renamed, so a reader never sees half a table."""
+def write_table(table: dict[str, list[Any]], path: Union[str, os.PathLike]) -> str:
+    """Write a latent_table to `path`: Parquet when it ends in .parquet (needs pyarrow), CSV otherwise.
+
+    The file is written to a temp file and renamed, so a reader never sees half a table.
+
+    Args:
+        table: {column: list}, as latent_table returns it (columns of equal length).
+        path: The file to write; a .parquet suffix selects Parquet.
+
+    Returns:
+        The path written, as a string.
+
+    Raises:
+        ImportError: Parquet was asked for but pyarrow is not installed.
+    """
     path = os.fspath(path)
 
-    def write(tmp):
+    def write(tmp: str) -> None:
         if path.endswith(".parquet"):
             try:
                 import pyarrow

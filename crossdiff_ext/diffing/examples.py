@@ -2,33 +2,41 @@
 quantiles), each with its surrounding tokens from the same sequence, read from a paired activation store that
 holds token ids and positions (what `crossdiff collect` writes)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from ..data.store import ActivationStore
+from ..layer.crosscoder import CrossCoder
 from .latent_scaling import inference_pass
 
 
 @dataclass
 class Example:
+    """One context of a latent: the token (a store row) where it fired, with its surrounding tokens."""
+
     latent: int
     activation: float
     row: int  # row of the store (the token)
-    tokens: list  # token ids of the context window
+    tokens: list[int]  # token ids of the context window
     focus: int  # index of the token itself within `tokens`
-    quantile: float = None  # None for a top example; the activation quantile it was drawn at otherwise
+    quantile: Optional[float] = None  # None for a top example; the activation quantile it was drawn at otherwise
 
 
 @dataclass
 class LatentExamples:
+    """A latent's examples: its top contexts and one context nearest each activation quantile."""
+
     latent: int
     count: int  # tokens where the latent fired
-    top: list = field(default_factory=list)
-    quantiles: list = field(default_factory=list)
+    top: list[Example] = field(default_factory=list)
+    quantiles: list[Example] = field(default_factory=list)
 
 
-def sequence_starts(positions):
+def sequence_starts(positions: torch.Tensor) -> torch.Tensor:
     """[rows] bool: True where a new sequence starts (the position does not continue the previous row's)."""
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[1:] = positions[1:] != positions[:-1] + 1
@@ -37,8 +45,17 @@ def sequence_starts(positions):
 
 @torch.inference_mode()
 def max_activating_examples(
-    cc, store, latents, *, n=10, quantiles=(0.25, 0.5, 0.75), before=10, after=3, batch_size=4096, progress=False
-):
+    cc: CrossCoder,
+    store: ActivationStore,
+    latents: Iterable[int],
+    *,
+    n: int = 10,
+    quantiles: Sequence[float] = (0.25, 0.5, 0.75),
+    before: int = 10,
+    after: int = 3,
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> dict[int, LatentExamples]:
     """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
     sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
@@ -75,7 +92,7 @@ def max_activating_examples(
     lat, val, row = torch.cat(found_latent), torch.cat(found_value), torch.cat(found_row)
     seq_id = torch.cumsum(sequence_starts(positions).long(), 0)
 
-    def example(j, value, r, q=None):
+    def example(j: int, value: torch.Tensor, r: torch.Tensor, q: Optional[float] = None) -> Example:
         lo, hi = max(0, r - before), min(len(store), r + after + 1)
         same = (seq_id[lo:hi] == seq_id[r]).nonzero().squeeze(1) + lo
         lo, hi = int(same.min()), int(same.max()) + 1
@@ -98,7 +115,9 @@ def max_activating_examples(
 
 
 @torch.inference_mode()
-def token_share(cc, store, token_ids, *, batch_size=4096):
+def token_share(
+    cc: CrossCoder, store: ActivationStore, token_ids: Iterable[int], *, batch_size: int = 4096
+) -> torch.Tensor:
     """[F] float64: the share of each latent's total inference-mode activation over the store that falls on tokens
     whose id is in `token_ids` (e.g. the chat template's tokens); NaN for latents that never fire. One pass."""
     if not isinstance(store, ActivationStore) or store.token_ids() is None:

@@ -1,4 +1,4 @@
-"""Latent Scaling (SPEC.md, "Reading a crosscoder"): how much each latent explains each model, for every latent
+"""Latent Scaling (docs/math.md, "Reading a crosscoder"): how much each latent explains each model, for every latent
 in one streaming pass.
 
 For latent j with probe direction d_j (the chat decoder row by default) and a per-model target y[n, m],
@@ -17,9 +17,12 @@ All of it happens in the crosscoder's input space (normalised when the crosscode
 decoder rows live; codes are the inference-mode codes (threshold for BatchTopK, ReLU for L1).
 """
 
+from __future__ import annotations
+
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -29,15 +32,33 @@ from ..layer.crosscoder import CrossCoder
 
 TARGETS = ("reconstruction", "error")
 
+# What Latent Scaling reads: a tensor [N, M, d] of raw activations, an activation store, or an iterable of batches.
+ScalingData = Union[torch.Tensor, ActivationStore, Iterable[torch.Tensor]]
+
 
 @dataclass
 class LatentScalingResult:
-    """beta[(target, m)] [n] for every target and model index m (0 = base, 1 = chat); nu_error and
-    nu_reconstruction [n] (NaN where a target was not computed or a latent never fired); `latents` [n] the ids
-    scored (all F by default); activation_count [n] tokens where the latent fired; activation_sum [n] the sum of
-    its f; tokens the number of tokens seen; probe the model index whose decoder row was the probe."""
+    """What latent_scaling returns: the betas and nu values of the latents scored, and their firing statistics.
 
-    beta: dict
+    Every per-latent tensor has one entry per scored latent (n of them, in the order of `latents`).
+
+    Attributes:
+        beta: {(target, m): [n] float64} for every target computed and model index m (0 = base, 1 = chat); NaN
+            where a latent never fired.
+        nu_error: [n] float64 beta_error(base) / beta_error(chat) (NaN where "error" was not computed or a latent
+            never fired).
+        nu_reconstruction: [n] float64 beta_reconstruction(base) / beta_reconstruction(chat) (NaN likewise).
+        latents: [n] int64 the ids scored (all F by default).
+        activation_count: [n] int64 tokens where the latent fired.
+        activation_sum: [n] float64 the sum of its f over the data.
+        tokens: The number of tokens seen.
+        probe: The model index whose decoder row was the probe direction.
+        base: Model index of the base model (default 0).
+        chat: Model index of the chat model (default 1).
+        targets: The targets computed, from ("reconstruction", "error") (default: none).
+    """
+
+    beta: dict[tuple[str, int], torch.Tensor]
     nu_error: torch.Tensor
     nu_reconstruction: torch.Tensor
     latents: torch.Tensor
@@ -47,20 +68,21 @@ class LatentScalingResult:
     probe: int
     base: int = 0
     chat: int = 1
-    targets: tuple = field(default_factory=tuple)
+    targets: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def firing_frequency(self):
+    def firing_frequency(self) -> torch.Tensor:
+        """[n] float64 the fraction of the tokens where the latent fired."""
         return self.activation_count.double() / max(self.tokens, 1)
 
     @property
-    def mean_activation(self):
+    def mean_activation(self) -> torch.Tensor:
         """Mean f over the tokens where the latent fired (NaN if it never did)."""
         count = self.activation_count.double()
         return torch.where(count > 0, self.activation_sum / count.clamp_min(1), torch.full_like(count, math.nan))
 
 
-def _batches(data, batch_size, device):
+def _batches(data: ScalingData, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     """Sequential [B, M, d] batches of a tensor, an activation store or an iterable of batches."""
     if isinstance(data, (torch.Tensor, ActivationStore)):
         n = data.shape[0] if isinstance(data, torch.Tensor) else len(data)
@@ -80,7 +102,9 @@ def _batches(data, batch_size, device):
 
 
 @contextlib.contextmanager
-def inference_pass(cc, data, batch_size, *, desc=None):
+def inference_pass(
+    cc: CrossCoder, data: ScalingData, batch_size: int, *, desc: Optional[str] = None
+) -> Iterator[Iterator[torch.Tensor]]:
     """One read of `data` for inference: yields an iterator of its sequential batches on cc's device while cc is
     in eval mode (its mode is restored afterwards, also on errors), with a tqdm bar over tokens when `desc` is
     given."""
@@ -93,7 +117,7 @@ def inference_pass(cc, data, batch_size, *, desc=None):
         total = data.shape[0] if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else None
         bar = tqdm(total=total, desc=desc, unit="tok", dynamic_ncols=True)
 
-    def batches():
+    def batches() -> Iterator[torch.Tensor]:
         for x in _batches(data, batch_size, cc.W_enc.device):
             yield x
             if bar is not None:
@@ -123,11 +147,41 @@ def _model_index(name, value, n_models):
 
 @torch.inference_mode()
 def latent_scaling(
-    cc, data, targets=TARGETS, probe="chat", *, latents=None, batch_size=4096, base=0, chat=1, progress=False
-):
-    """Latent Scaling of every latent of `cc` (or of `latents`, a 1-D tensor/list of ids) over `data` (a tensor
-    [N, M, d] of raw activations, an activation store, or an iterable of such batches). probe: "chat" (the
-    paper), "base", or a model index. Returns a LatentScalingResult."""
+    cc: CrossCoder,
+    data: ScalingData,
+    targets: Union[str, Sequence[str]] = TARGETS,
+    probe: Union[str, int] = "chat",
+    *,
+    latents: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+    batch_size: int = 4096,
+    base: int = 0,
+    chat: int = 1,
+    progress: bool = False,
+) -> LatentScalingResult:
+    """Latent Scaling of every latent of `cc` (or of `latents`) over `data`, in one streaming pass.
+
+    See the module docstring for the betas, the nu ratios and how they are computed (O(F) memory, deterministic
+    float64 sums, in the crosscoder's input space with its inference-mode codes).
+
+    Args:
+        cc: The crosscoder (a BatchTopK one needs its inference threshold set).
+        data: A tensor [N, M, d] of raw activations, an activation store, or an iterable of such batches.
+        targets: "reconstruction", "error", or a sequence of distinct ones (default both).
+        probe: The model whose decoder row is the probe direction: "chat" (the paper, default), "base", or a
+            model index.
+        latents: A 1-D tensor or list of the latent ids to score; None: all F.
+        batch_size: Tokens per batch read from a tensor or store (default 4096).
+        base: Model index of the base model (default 0).
+        chat: Model index of the chat model (default 1).
+        progress: Show a tqdm bar over tokens.
+
+    Returns:
+        A LatentScalingResult over the latents scored.
+
+    Raises:
+        ValueError: cc is not a CrossCoder; targets, probe, base, chat, batch_size or latents are invalid; the
+            BatchTopK threshold is unset; a batch is not [B, M, d]; or data yielded no batches.
+    """
     if not isinstance(cc, CrossCoder):
         raise ValueError(f"cc must be a crossdiff_ext.CrossCoder, got {type(cc).__name__}")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -192,7 +246,7 @@ def latent_scaling(
         beta[(target, m)] = b
     nan = torch.full((F,), math.nan, dtype=torch.float64, device=device)
 
-    def ratio(target):
+    def ratio(target: str) -> torch.Tensor:
         if target not in targets:
             return nan
         return beta[(target, base)] / beta[(target, chat)]
@@ -216,7 +270,13 @@ def latent_scaling(
     )
 
 
-def latent_scaling_reference(cc, x, targets=TARGETS, probe=1, latents=None):
+def latent_scaling_reference(
+    cc: CrossCoder,
+    x: torch.Tensor,
+    targets: Sequence[str] = TARGETS,
+    probe: int = 1,
+    latents: Optional[Iterable[int]] = None,
+) -> dict[tuple[str, int], torch.Tensor]:
     """The closed form written out per latent with dense tensors, as the paper's code computes it (a
     [latents, tokens, d] tensor): for tests on small inputs only."""
     with torch.no_grad():

@@ -5,17 +5,25 @@ coloured by Latent Scaling's verdict; the histogram of decoder cosines; the late
 fine-tuned-specific latents with their max-activating contexts. The page needs no network and no script.
 """
 
+from __future__ import annotations
+
 import base64
 import html
 import io
 import itertools
 import math
 import os
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from .. import atomic
+from ..data.store import ActivationStore
+from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
-from .examples import max_activating_examples
-from .latent_scaling import latent_scaling
+from .examples import LatentExamples, max_activating_examples
+from .latent_scaling import LatentScalingResult, latent_scaling
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 COLOURS = {
     "chat_specific": "#d62728",
@@ -95,7 +103,15 @@ def _decoder(tokenizer):
     return lambda token: tokenizer.decode([token])
 
 
-def render(table, *, title="crosscoder report", examples=None, tokenizer=None, top=20, meta=None):
+def render(
+    table: Mapping[str, Sequence[Any]],
+    *,
+    title: str = "crosscoder report",
+    examples: Optional[Mapping[int, LatentExamples]] = None,
+    tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    top: int = 20,
+    meta: Optional[Mapping[str, Any]] = None,
+) -> str:
     """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot); examples:
     {latent: LatentExamples} for the latents to show; tokenizer: turns token ids into text (ids otherwise)."""
     figs = _figures(table)
@@ -158,12 +174,12 @@ def render(table, *, title="crosscoder report", examples=None, tokenizer=None, t
     return "\n".join(out)
 
 
-def write_report(path, table, **kwargs):
+def write_report(path: Union[str, os.PathLike], table: Mapping[str, Sequence[Any]], **kwargs: Any) -> str:
     """render(...) written to `path` atomically."""
     return atomic.write_text(os.fspath(path), render(table, **kwargs))
 
 
-def fine_tuned_latents(table, top=20):
+def fine_tuned_latents(table: Mapping[str, Sequence[Any]], top: int = 20) -> list[int]:
     """The latent ids the report lists: chat-specific (or, without Latent Scaling, chat-only) latents, lowest
     nu_error first."""
     ranked = [j for j, c in enumerate(table["class"]) if c in ("chat_specific", "chat_only")]
@@ -174,7 +190,14 @@ def fine_tuned_latents(table, top=20):
     return ranked[:top]
 
 
-def scaled_table(cc, stores, *, probe="chat", batch_size=4096, progress=False):
+def scaled_table(
+    cc: CrossCoder,
+    stores: Sequence[ActivationStore],
+    *,
+    probe: Union[str, int] = "chat",
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> tuple[LatentScalingResult, dict[str, list[Any]]]:
     """Latent Scaling of every latent over the stores (one after the other), and the latent table."""
     data = (
         stores[0]
@@ -188,18 +211,18 @@ def scaled_table(cc, stores, *, probe="chat", batch_size=4096, progress=False):
 
 
 def report_crosscoder(
-    cc,
-    stores,
-    out,
+    cc: CrossCoder,
+    stores: Sequence[ActivationStore],
+    out: Union[str, os.PathLike],
     *,
-    probe="chat",
-    top=20,
-    tokenizer=None,
-    title="crosscoder report",
-    meta=None,
-    batch_size=4096,
-    progress=False,
-):
+    probe: Union[str, int] = "chat",
+    top: int = 20,
+    tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    title: str = "crosscoder report",
+    meta: Optional[Mapping[str, Any]] = None,
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> tuple[LatentScalingResult, dict[str, list[Any]], str, list[int], Optional[dict[int, LatentExamples]]]:
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
     ids), and the HTML page at `out`. Returns (scaling, table, table_path, chosen latents, examples)."""

@@ -19,7 +19,10 @@ How, with five small collectives per group whatever the data (no bisection), the
 Each rank then keeps its own entries; nothing [B, F]-sized crosses the network.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,7 @@ from ..ops import csr
 BINS = 1 << 16
 
 
-def score_keys(s):
+def score_keys(s: torch.Tensor) -> torch.Tensor:
     """int64 order-preserving keys of fp32 scores (the map of csrc/score_key.h): key(a) > key(b) iff a > b,
     -0 and +0 share a key, every NaN gets the largest key."""
     s = s.float() + 0.0  # -0 + +0 = +0
@@ -56,7 +59,12 @@ def _locate(hist, K):
     return b, int(above[b])
 
 
-def kth_largest_key(keys, K, group=None, data_group=None):
+def kth_largest_key(
+    keys: torch.Tensor,
+    K: int,
+    group: Optional[dist.ProcessGroup] = None,
+    data_group: Optional[dist.ProcessGroup] = None,
+) -> tuple[int, int]:
     """(t, greater): the K-th largest key over every rank's `keys` and how many keys are greater than t. Two
     all-reduces of 65536 counts per group."""
     groups = _groups(group, data_group)
@@ -67,7 +75,13 @@ def kth_largest_key(keys, K, group=None, data_group=None):
     return (h << 16) | low_key, above_h + above_l
 
 
-def batch_topk_sharded(f, w, K, group=None, data_group=None):
+def batch_topk_sharded(
+    f: torch.Tensor,
+    w: torch.Tensor,
+    K: int,
+    group: Optional[dist.ProcessGroup] = None,
+    data_group: Optional[dist.ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rank's share of the exact global batch top-k. f [B, F_r] this rank's codes (its rows, its latents),
     w [F_r] its latents' decoder-norm weights; K = k * (global rows) over the whole batch. `group`: the latent
     group (None: the default group); `data_group`: the data-parallel group over which the rows are split (None:

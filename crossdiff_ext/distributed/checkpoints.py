@@ -8,10 +8,13 @@ a single-process checkpoint into a sharded run, a sharded one into a single proc
 CrossCoder.from_pretrained both read it) or into another number of shards.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import shutil
 import traceback
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -32,18 +35,33 @@ from ..layer.sharded import (
 from ..training.checkpointing import prune, save_torch, step_dir_name
 from .mesh import latent_range
 
+if TYPE_CHECKING:
+    from .layer import ShardedCrossCoder
 
-def load_merged(directory, *, device=None, dtype=None):
+
+def load_merged(
+    directory: Union[str, os.PathLike],
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+) -> CrossCoder:
     """The whole CrossCoder of a sharded checkpoint (what CrossCoder.from_pretrained returns for one)."""
     return checkpoints.load_merged(CrossCoder, directory, device=device, dtype=dtype)
 
 
-def read_training_state(checkpoint):
+def read_training_state(checkpoint: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, trainer state) of the whole crosscoder from any step directory, sharded or not."""
     return checkpoints.read_training_state(CrossCoder, checkpoint)
 
 
-def save_sharded(directory, step, model, shard_state, shared_state, keep):
+def save_sharded(
+    directory: Union[str, os.PathLike],
+    step: int,
+    model: ShardedCrossCoder,
+    shard_state: dict[str, Any],
+    shared_state: dict[str, Any],
+    keep: int,
+) -> str:
     """Collective over the whole mesh: write step-NNNNNNNN/ as described above; returns its path."""
     mesh = model.mesh
     final = os.path.join(directory, step_dir_name(step))

@@ -7,6 +7,10 @@ The loss is computed redundantly on every rank of the latent group, so each rank
                    their gradients); only needed when the input itself requires a gradient.
 """
 
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
 import torch
 import torch.distributed as dist
 
@@ -36,15 +40,20 @@ class _ReplicateToShards(torch.autograd.Function):
         return grad, None
 
 
-def sum_over_shards(t, group):
+def sum_over_shards(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """The sum of every shard's partial `t` (forward all-reduce over `group`, backward identity)."""
     return _SumOverShards.apply(t, group)
 
 
-def replicate_to_shards(t, group):
+def replicate_to_shards(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """`t` used by every shard (forward identity, backward all-reduce over `group`); `t` itself when it needs no
+    gradient."""
     return _ReplicateToShards.apply(t, group) if t.requires_grad else t
 
 
-def all_reduce_(t, groups, op=dist.ReduceOp.SUM):
+def all_reduce_(
+    t: torch.Tensor, groups: Iterable[Optional[dist.ProcessGroup]], op: dist.ReduceOp = dist.ReduceOp.SUM
+) -> torch.Tensor:
     """In place, over every group in turn (non-differentiable)."""
     for group in groups:
         dist.all_reduce(t, op=op, group=group)

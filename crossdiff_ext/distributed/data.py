@@ -1,19 +1,24 @@
 """Sharded data loading: every data-parallel rank draws the same global batch order (seeded as in one process)
 and reads only its block of rows of each batch."""
 
+from __future__ import annotations
+
+from typing import Any, Optional
+
 import torch
 import torch.distributed as dist
 
+from ..data.batches import BatchSource
 from ..data.sampling import part_of
 
 
 class _SlicedBatches:
     """A batch source that reads whole batches (iterables, mixtures) cut down to one rank's block."""
 
-    def __init__(self, source, index, count):
+    def __init__(self, source: BatchSource, index: int, count: int):
         self.source, self.part = source, (index, count)
 
-    def next(self):
+    def next(self) -> torch.Tensor:
         batch = self.source.next()
         if batch.shape[0] % self.part[1]:
             raise ValueError(
@@ -21,18 +26,18 @@ class _SlicedBatches:
             )
         return part_of(batch, self.part)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state)
 
-    def close(self):
+    def close(self) -> None:
         if hasattr(self.source, "close"):
             self.source.close()
 
 
-def shard_source(source, index, count):
+def shard_source(source: BatchSource, index: int, count: int) -> BatchSource:
     """`source` (from data.as_batches, yielding global batches) restricted to block `index` of `count` of every
     batch. Tensors and stores read only those rows; other sources read whole batches and cut them."""
     if count == 1:
@@ -46,7 +51,7 @@ def shard_source(source, index, count):
     return _SlicedBatches(source, index, count)
 
 
-def gather_rows(x, group, size):
+def gather_rows(x: torch.Tensor, group: Optional[dist.ProcessGroup], size: int) -> torch.Tensor:
     """The global batch from every data rank's rows, in rank order (used once, at step 0)."""
     if size == 1:
         return x

@@ -9,7 +9,10 @@ b_enc, W_dec, and b_dec's gradient is the same on every latent rank. Replicas of
 see different rows; the trainer sums their gradients (distributed.train).
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,7 @@ from ..ops import validate
 from ..ops.autograd import EncodeSparse, decode_sparse, encode_sparse
 from .batch_topk import batch_topk_sharded
 from .collectives import replicate_to_shards, sum_over_shards
+from .mesh import Mesh
 
 
 class _EncodeSharded(EncodeSparse):
@@ -35,7 +39,7 @@ class _EncodeSharded(EncodeSparse):
         return batch_topk_sharded(f, w, K, *groups)
 
 
-def shard_config(config, n_latents):
+def shard_config(config: dict[str, Any], n_latents: int) -> dict[str, Any]:
     """CrossCoder.config() of a full crosscoder -> that of a shard holding n_latents latents."""
     if config.get("k") is not None and config["k"] > n_latents:
         raise ValueError(
@@ -58,7 +62,7 @@ class ShardedCrossCoder(nn.Module):
     shard's latents (add `first` for global ids); min_score is the mesh-wide smallest kept score.
     """
 
-    def __init__(self, shard, mesh, dict_size):
+    def __init__(self, shard: CrossCoder, mesh: Mesh, dict_size: int):
         super().__init__()
         if not isinstance(shard, CrossCoder):
             raise ValueError(f"shard must be a CrossCoder, got {type(shard).__name__}")
@@ -71,7 +75,7 @@ class ShardedCrossCoder(nn.Module):
         self.shard, self.mesh, self.dict_size = shard, mesh, dict_size
 
     @classmethod
-    def from_crosscoder(cls, cc, mesh):
+    def from_crosscoder(cls, cc: CrossCoder, mesh: Mesh) -> ShardedCrossCoder:
         """This rank's shard of a full crosscoder (e.g. one built with the same seed on every rank)."""
         first, end = mesh.latent_range(cc.dict_size)
         config = _module_args(shard_config(cc.config(), end - first))
@@ -80,11 +84,11 @@ class ShardedCrossCoder(nn.Module):
         shard.compute_dtype = cc.compute_dtype
         return cls(shard, mesh, cc.dict_size)
 
-    def full_config(self):
+    def full_config(self) -> dict[str, Any]:
         """CrossCoder.config() of the whole crosscoder."""
         return dict(self.shard.config(), dict_size=self.dict_size)
 
-    def gather(self):
+    def gather(self) -> CrossCoder:
         """The whole crosscoder on every rank (an all-gather of the shards over the latent group)."""
         states = [None] * self.mesh.latent_size
         local = {name: t.detach().cpu() for name, t in self.shard.state_dict().items()}
@@ -93,7 +97,11 @@ class ShardedCrossCoder(nn.Module):
             CrossCoder, _module_args(self.full_config()), merge_states(states), self.shard.W_enc.device
         )
 
-    def forward(self, x, *, normalized=False, use_threshold=None):
+    def forward(
+        self, x: torch.Tensor, *, normalized: bool = False, use_threshold: Optional[bool] = None
+    ) -> CrossCoderOutput:
+        """This rank's rows x [b, M, d] (or [M, d]) through the sharded crosscoder: their full reconstruction,
+        the codes of this shard's latents and the mesh-wide min_score (a collective: every rank calls it)."""
         cc, mesh = self.shard, self.mesh
         x = cc.as_batch(x)
         if not normalized:
@@ -127,7 +135,8 @@ class ShardedCrossCoder(nn.Module):
         codes = SparseCodes(values, indices, row_ptr, x.shape[0], cc.dict_size)
         return CrossCoderOutput(recon if normalized else cc.denormalize(recon), codes, min_score)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The shard's latent range and mesh position, for repr()."""
         return (
             f"latents [{self.first}, {self.end}) of {self.dict_size}, latent rank {self.mesh.latent_rank}/"
             f"{self.mesh.latent_size}, data rank {self.mesh.data_rank}/{self.mesh.data_size}"

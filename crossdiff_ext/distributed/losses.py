@@ -1,25 +1,39 @@
-"""The training losses of SPEC.md on a mesh: each rank returns its rows' share of the global loss (summed over
+"""The training losses of docs/math.md on a mesh: each rank returns its rows' share of the global loss (summed over
 the data group by the gradient all-reduce), identical on every rank of a latent group."""
+
+from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from ..layer import CrossCoder, SparseCodes
 from ..training import losses
 from .collectives import all_reduce_, sum_over_shards
+from .mesh import Mesh
 
 
-def reconstruction_loss(x, recon, kind, total_rows):
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str, total_rows: int) -> torch.Tensor:
     """This rank's rows' share of the mean over all rows: sum_local / total_rows."""
     return losses.reconstruction_loss(x, recon, kind) * (x.shape[0] / total_rows)
 
 
-def l1_penalty(codes, w, mesh, total_rows):
+def l1_penalty(codes: SparseCodes, w: torch.Tensor, mesh: Mesh, total_rows: int) -> torch.Tensor:
     """The L1 crosscoder's penalty, summed over the latent shards (differentiably), this rank's rows' share."""
     local = (codes.values.float() * w[codes.indices.long()]).sum() / total_rows
     return sum_over_shards(local, mesh.latent_group)
 
 
-def aux_loss(cc, x, recon, dead, mesh, total_rows, k_aux=None):
+def aux_loss(
+    cc: CrossCoder,
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    dead: torch.Tensor,
+    mesh: Mesh,
+    total_rows: int,
+    k_aux: Optional[int] = None,
+) -> torch.Tensor:
     """losses.aux_loss over latents split by `mesh`: per row, the k_aux dead latents with the largest scores over
     every shard (each rank's best k_aux candidates per row, all-gathered over the latent group; ties at the k-th
     score go to lower latent ranks first), decoded locally and summed with one all-reduce. The variance term uses

@@ -6,7 +6,7 @@ only the gradient all-reduce of the data dimension crosses nodes). The groups co
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch.distributed as dist
 
@@ -21,16 +21,16 @@ class Mesh:
     data_size: int
 
     @property
-    def groups(self):
+    def groups(self) -> list[Any]:
         """Both groups: reducing over each in turn reduces over the whole mesh."""
         return [self.latent_group, self.data_group]
 
-    def latent_range(self, dict_size):
+    def latent_range(self, dict_size: int) -> tuple[int, int]:
         """(first, end) latent ids of this rank's shard."""
         return latent_range(dict_size, self.latent_rank, self.latent_size)
 
 
-def latent_range(dict_size, rank, size):
+def latent_range(dict_size: int, rank: int, size: int) -> tuple[int, int]:
     """Contiguous blocks, the first dict_size % size of them one latent larger."""
     if not 0 <= rank < size:
         raise ValueError(f"rank must be in [0, {size}), got {rank}")
@@ -41,7 +41,7 @@ def latent_range(dict_size, rank, size):
     return first, first + base + (1 if rank < extra else 0)
 
 
-def make_mesh(latent_parallel, device_type=None):
+def make_mesh(latent_parallel: int, device_type: Optional[str] = None) -> Mesh:
     """The mesh over every rank of the initialised default process group: latent_parallel shards per replica,
     world_size / latent_parallel replicas. device_type: "cuda" or "cpu" (default: cuda for NCCL, cpu otherwise)."""
     if not dist.is_available() or not dist.is_initialized():

@@ -10,18 +10,22 @@ flags over the data group). Logging, progress and the shared checkpoint state co
 The step loop itself is training.loop.run, the one-process trainer's: ShardedRuntime supplies what differs.
 """
 
+from __future__ import annotations
+
 import dataclasses
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..data import statistics
+from ..layer import CrossCoderOutput, SparseCodes
 from ..layer.norms import band_counts
 from ..layer.sharded import slice_optimizer_state, slice_state
 from ..training import losses as single
 from ..training.checkpointing import rng_state
-from ..training.config import TrainConfig
-from ..training.loop import Runtime, run
+from ..training.config import TrainConfig, TrainResult
+from ..training.loop import BatchSource, Runtime, TrainData, run
 from . import losses
 from .checkpoints import save_sharded
 from .collectives import all_reduce_
@@ -60,7 +64,7 @@ def _underlying(source):
 class ShardedRuntime(Runtime):
     """The step loop on this rank of the mesh (see the module docstring)."""
 
-    def __init__(self, model, config):
+    def __init__(self, model: ShardedCrossCoder, config: TrainConfig):
         if not isinstance(model, ShardedCrossCoder):
             raise ValueError(f"model must be a distributed.ShardedCrossCoder, got {type(model).__name__}")
         self.model, self.cc, self.mesh = model, model.shard, model.mesh
@@ -70,7 +74,8 @@ class ShardedRuntime(Runtime):
         self.total_rows = config.batch_size  # the global batch
         self.main = dist.get_rank() == 0
 
-    def check(self, config):
+    def check(self, config: TrainConfig) -> None:
+        """Refuse a config the mesh cannot run: fp16 loss scaling, or a batch the data replicas cannot split."""
         if config.mixed_precision == "fp16":
             raise ValueError(
                 "TrainConfig.mixed_precision = 'fp16' (dynamic loss scaling) is not supported by "
@@ -83,10 +88,19 @@ class ShardedRuntime(Runtime):
                 f"size {self.mesh.data_size}"
             )
 
-    def batches(self, source):
+    def batches(self, source: BatchSource) -> BatchSource:
+        """This data rank's block of rows of every global batch."""
         return shard_source(source, self.mesh.data_rank, self.mesh.data_size)
 
-    def load(self, checkpoint, weights, state, opt, tokens_since_fired):
+    def load(
+        self,
+        checkpoint: str,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        opt: torch.optim.Optimizer,
+        tokens_since_fired: torch.Tensor,
+    ) -> None:
+        """This shard's slice of a whole crosscoder's training state (any layout wrote it)."""
         model = self.model
         if weights["W_enc"].shape[0] != model.dict_size:
             raise ValueError(
@@ -96,40 +110,48 @@ class ShardedRuntime(Runtime):
         opt.load_state_dict(slice_optimizer_state(state["optimizer"], model.first, model.end))
         tokens_since_fired.copy_(state["tokens_since_fired"][model.first : model.end].to(tokens_since_fired.device))
 
-    def input_statistics(self, source, first_batch):
+    def input_statistics(self, source: BatchSource, first_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) of the whole data (an iterable's: of the whole first global batch)."""
         stats = statistics(_underlying(source))
         if stats is None:  # an iterable: the whole first global batch, as one process would see it
             first = self.global_rows(first_batch).double()
             stats = (first.mean(0), first.var(0, unbiased=False))
         return stats
 
-    def global_rows(self, x):
+    def global_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch, gathered from every data rank's rows."""
         return gather_rows(x, self.mesh.data_group, self.mesh.data_size)
 
-    def reconstruction_loss(self, x, recon, kind):
+    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
+        """This rank's rows' share of the global batch's reconstruction loss."""
         return losses.reconstruction_loss(x, recon, kind, self.total_rows)
 
-    def count_fired(self, tokens_since_fired, codes):
+    def count_fired(self, tokens_since_fired: torch.Tensor, codes: SparseCodes) -> None:
+        """Update this shard's dead-latent counters in place with the latents fired anywhere in the global batch."""
         # A latent selected anywhere in the global batch: its flags MAX-reduced over the data group.
         fired = single.fired_latents(codes).to(torch.int32)
         all_reduce_(fired, [self.mesh.data_group], dist.ReduceOp.MAX)
         tokens_since_fired.add_(self.total_rows)
         tokens_since_fired.masked_fill_(fired.bool(), 0)
 
-    def aux_loss(self, x, recon, dead, k_aux):
+    def aux_loss(self, x: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor, k_aux: Optional[int]) -> torch.Tensor:
+        """The auxiliary loss over the latents of every shard, this rank's rows' share."""
         return losses.aux_loss(self.cc, x, recon, dead, self.mesh, self.total_rows, k_aux)
 
-    def l1_penalty(self, codes, w):
+    def l1_penalty(self, codes: SparseCodes, w: torch.Tensor) -> torch.Tensor:
+        """The L1 penalty summed over the shards, this rank's rows' share."""
         return losses.l1_penalty(codes, w, self.mesh, self.total_rows)
 
-    def loss_values(self, loss, terms):
+    def loss_values(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+        """(the global batch's loss, {term: value}), from one all-reduce over the data group."""
         # The global batch's values, one all-reduce (and the step's one host sync).
         values = all_reduce_(
             torch.stack([loss.detach().float()] + [t.detach().float() for t in terms.values()]), [self.mesh.data_group]
         ).tolist()
         return values[0], dict(zip(terms, values[1:]))
 
-    def backward(self, loss, opt):
+    def backward(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backpropagate, then sum the gradients over the data replicas."""
         loss.backward()
         for p in self.cc.parameters():
             if p.grad is None:  # every rank must join every all-reduce
@@ -137,10 +159,18 @@ class ShardedRuntime(Runtime):
             if self.mesh.data_size > 1:
                 all_reduce_(p.grad, [self.mesh.data_group])
 
-    def clip(self, params, max_norm):
+    def clip(self, params: Iterable[torch.nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+        """The whole crosscoder's global gradient norm, the gradients clipped to max_norm (None: not clipped)."""
         return _clip_grad_norm(self.cc, max_norm, self.mesh)
 
-    def record(self, x, out, tokens_since_fired, config, **values):
+    def record(
+        self,
+        x: torch.Tensor,
+        out: CrossCoderOutput,
+        tokens_since_fired: torch.Tensor,
+        config: TrainConfig,
+        **values: Any,
+    ) -> dict[str, Any]:
         """The log record of cx.train, over the global batch and the whole dictionary."""
         cc, mesh, total_rows = self.cc, self.mesh, self.total_rows
         fve, fve_models = _fve(x, out.recon.detach(), mesh, total_rows)
@@ -167,7 +197,16 @@ class ShardedRuntime(Runtime):
             delta_norm_bands=dict(zip(bands, counts[2:])),
         )
 
-    def save(self, config, step, opt, schedule, tokens_since_fired, source):
+    def save(
+        self,
+        config: TrainConfig,
+        step: int,
+        opt: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        tokens_since_fired: torch.Tensor,
+        source: BatchSource,
+    ) -> str:
+        """Write step `step`'s sharded checkpoint (a collective over the mesh) and return its directory."""
         mesh = self.mesh
         return save_sharded(
             config.checkpoint_dir,
@@ -186,7 +225,14 @@ class ShardedRuntime(Runtime):
         )
 
 
-def train(model, data, config=None, *, resume=False, until=None):
+def train(
+    model: ShardedCrossCoder,
+    data: TrainData,
+    config: Optional[TrainConfig] = None,
+    *,
+    resume: bool = False,
+    until: Optional[int] = None,
+) -> TrainResult:
     """Train `model` (this rank's ShardedCrossCoder) in place; every rank of the mesh calls it with the same
     `data` and `config`. config.batch_size is the global batch (split over the data replicas), so the run equals
     cx.train on one process with the same config. Checkpoints are sharded (see distributed.checkpoints);

@@ -10,6 +10,8 @@ they are given (CrossCoder passes itself), which keeps this module below the lay
 import inspect
 import json
 import os
+from collections.abc import Mapping
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,9 +23,11 @@ from . import sharded
 FORMAT, FORMAT_VERSION = "crossdiff_ext", 2
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The module class a loader builds (CrossCoder passes itself; this module sits below it and cannot name it).
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 
-def save_pretrained(model, directory):
+def save_pretrained(model: torch.nn.Module, directory: Union[os.PathLike, str]) -> None:
     """Write `directory`/model.safetensors and config.json (created if needed), each atomically."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -53,7 +57,8 @@ def save_pretrained(model, directory):
     atomic.replace_all(pairs)
 
 
-def read_config(path):
+def read_config(path: Union[os.PathLike, str]) -> dict[str, Any]:
+    """The JSON object of a config.json; FileNotFoundError or ValueError naming the file otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (expected a directory written by save_pretrained)")
     try:
@@ -66,7 +71,7 @@ def read_config(path):
     return config
 
 
-def check_state(tensors, expected, source):
+def check_state(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict key and shape check with messages that name the key; dtype casts are left to the caller."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -76,7 +81,12 @@ def check_state(tensors, expected, source):
             raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
 
 
-def build(cls, config, state, device):
+def build(
+    cls: type[Module],
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    device: Optional[Union[torch.device, str]],
+) -> Module:
     """cls(**config) holding `state` (cast to the module's dtypes) on `device`, without a throwaway init: the
     module is built on the meta device and the loaded tensors are assigned into it."""
     model = cls(**config, device="meta")
@@ -90,7 +100,7 @@ def build(cls, config, state, device):
     return model
 
 
-def torch_dtype(value, source):
+def torch_dtype(value: Union[torch.dtype, str], source: str) -> torch.dtype:
     """A torch dtype or its name -> one of DTYPES' dtypes; ValueError naming `source` otherwise."""
     if isinstance(value, torch.dtype):
         if value in DTYPES.values():
@@ -101,7 +111,13 @@ def torch_dtype(value, source):
     return DTYPES[value]
 
 
-def from_pretrained(cls, directory, *, device=None, dtype=None):
+def from_pretrained(
+    cls: type[Module],
+    directory: Union[os.PathLike, str],
+    *,
+    device: Optional[Union[torch.device, str]] = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+) -> Module:
     """Load a `cls` (CrossCoder) written by save_pretrained, or the whole crosscoder of a latent-parallel
     checkpoint (distributed.train's step directories). `dtype` (torch dtype or name) overrides the stored one."""
     directory = os.fspath(directory)
@@ -133,7 +149,13 @@ def from_pretrained(cls, directory, *, device=None, dtype=None):
     return build(cls, config, tensors, device).eval()
 
 
-def load_merged(cls, directory, *, device=None, dtype=None):
+def load_merged(
+    cls: type[Module],
+    directory: Union[os.PathLike, str],
+    *,
+    device: Optional[Union[torch.device, str]] = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+) -> Module:
     """The whole crosscoder of a sharded checkpoint (what from_pretrained returns for one)."""
     directory = os.fspath(directory)
     sharding = sharded.read_sharding(directory)
@@ -154,7 +176,9 @@ def _load_torch(path):
         return torch.load(fh, map_location="cpu", weights_only=False)
 
 
-def read_training_state(cls, checkpoint):
+def read_training_state(
+    cls: type[torch.nn.Module], checkpoint: Union[os.PathLike, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, trainer state) of the whole crosscoder from any step directory, sharded or not. The
     trainer state has the trainer's keys: step, optimizer, schedule, tokens_since_fired, data, rng, config."""
     if not sharded.is_sharded(checkpoint):

@@ -1,8 +1,10 @@
 """CrossCoder: the crosscoder layer (BatchTopK or L1/ReLU) over the activations of M models."""
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -24,6 +26,16 @@ DENSE_CODE_DENSITY = 0.1
 
 @dataclass
 class CrossCoderOutput:
+    """What CrossCoder.forward returns: the reconstruction and the codes it was decoded from.
+
+    Attributes:
+        recon: [B, M, d] reconstruction, in the same space as forward's x (raw, or normalised with
+            normalized=True).
+        codes: The batch's SparseCodes.
+        min_score: Smallest selected positive score s = f * w of the batch (batch top-k in training); +inf
+            otherwise.
+    """
+
     recon: torch.Tensor  # [B, M, d]
     codes: SparseCodes
     # Smallest selected positive score s = f * w of the batch (batch top-k in training); +inf otherwise.
@@ -57,7 +69,7 @@ def _stack_models(parts):
 
 
 class CrossCoder(nn.Module):
-    """A crosscoder over M >= 2 models (SPEC.md: "Crosscoder", "BatchTopK crosscoder").
+    """A crosscoder over M >= 2 models (docs/math.md: "The crosscoder", "BatchTopK crosscoder").
 
     Parameters use the layout W_enc, W_dec [F, M, d], b_enc [F], b_dec [M, d]. With activation="batch_topk",
     training-mode encoding keeps the k * B largest f * w over the whole batch (w = sum_m ||W_dec[j, m]||) and
@@ -80,23 +92,43 @@ class CrossCoder(nn.Module):
 
     compute_dtype (an attribute, not saved): when set to a narrower dtype than the parameters', the ops run on
     copies of the weights cast to it (mixed precision with fp32 master weights) and inputs must have it.
+
+    Args:
+        d_model: d, the width of every model's activations (an int >= 1).
+        dict_size: F, the number of latents (an int >= 1).
+        n_models: M, the number of models (an int >= 2).
+        k: Latents per row on average for activation="batch_topk" (an int in [1, dict_size]); must be None for
+            "relu".
+        activation: "batch_topk" (the BatchTopK crosscoder) or "relu" (the L1 crosscoder).
+        dtype: Parameter dtype: float32, float16 or bfloat16.
+        device: Device of the parameters and buffers.
+        threshold_start_step: Training batches after which the inference threshold is tracked.
+        threshold_beta: Decay of the threshold's running average, in [0, 1).
+        dense_code_density: Code density above which the ReLU crosscoder decodes densely, in [0, 1] (default
+            DENSE_CODE_DENSITY, measured: see there).
+        target_rms: RMS norm of every model's centred, normalised activations (a finite number > 0); None turns
+            input normalisation off.
+        init: "independent" or "shared" (see above and reset_parameters).
+
+    Raises:
+        ValueError: An argument is out of its range or of the wrong type (the message names it).
     """
 
     def __init__(
         self,
-        d_model,
-        dict_size,
-        n_models=2,
-        k=None,
-        activation="batch_topk",
+        d_model: int,
+        dict_size: int,
+        n_models: int = 2,
+        k: Optional[int] = None,
+        activation: str = "batch_topk",
         *,
-        dtype=torch.float32,
-        device=None,
-        threshold_start_step=1000,
-        threshold_beta=0.999,
-        dense_code_density=DENSE_CODE_DENSITY,
-        target_rms=None,
-        init="independent",
+        dtype: torch.dtype = torch.float32,
+        device: Optional[Union[torch.device, str]] = None,
+        threshold_start_step: int = 1000,
+        threshold_beta: float = 0.999,
+        dense_code_density: float = DENSE_CODE_DENSITY,
+        target_rms: Optional[float] = None,
+        init: str = "independent",
     ):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
@@ -146,8 +178,12 @@ class CrossCoder(nn.Module):
             self.register_buffer("input_scale", torch.ones(n_models, **stats))
         self.reset_parameters()
 
-    def config(self):
-        """Constructor arguments (what config.json stores)."""
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (what config.json stores).
+
+        Returns:
+            {argument: value} with the dtype as its name (e.g. "float32"); device is not included.
+        """
         return dict(
             d_model=self.d_model,
             dict_size=self.dict_size,
@@ -163,13 +199,16 @@ class CrossCoder(nn.Module):
         )
 
     @torch.no_grad()
-    def reset_parameters(self):
-        """Init of the paper's runs: a Kaiming-uniform encoder, drawn independently for every model
-        (init="independent") or once and copied to all (init="shared"); decoder = encoder (our layout is already
-        the transpose of the reference's); BatchTopK scales every [latent, model] row to unit norm as the reference
-        code does (norm_init_scale=1), L1 keeps the Kaiming scale. Each model's draw is a [d, F] matrix (fan-in F)
-        in both modes, so the two differ only in independence. Biases 0; the trainer later sets b_dec to a
-        geometric median."""
+    def reset_parameters(self) -> None:
+        """Initialise the parameters as the paper's runs did, and reset the threshold tracking.
+
+        A Kaiming-uniform encoder, drawn independently for every model (init="independent") or once and copied to
+        all (init="shared"); decoder = encoder (our layout is already the transpose of the reference's); BatchTopK
+        scales every [latent, model] row to unit norm as the reference code does (norm_init_scale=1), L1 keeps the
+        Kaiming scale. Each model's draw is a [d, F] matrix (fan-in F) in both modes, so the two differ only in
+        independence. Biases 0; the trainer later sets b_dec to a geometric median. The threshold goes back to
+        unset (-1) and num_batches_tracked to 0.
+        """
         draws = 1 if self.init == "shared" else self.n_models
         rows = []
         for _ in range(draws):
@@ -189,9 +228,19 @@ class CrossCoder(nn.Module):
     # ------------------------------------------------------------------------------------ input normalisation
 
     @torch.no_grad()
-    def set_input_normalization(self, mean, variance):
-        """Set the normaliser from the raw activations' per-model, per-feature mean and variance [M, d] (e.g.
-        ActivationStore.mean / .variance): input_scale[m] = target_rms / sqrt(sum_i variance[m, i] + 1e-8)."""
+    def set_input_normalization(self, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        """Set the normaliser from the raw activations' per-model, per-feature mean and variance.
+
+        input_scale[m] = target_rms / sqrt(sum_i variance[m, i] + 1e-8).
+
+        Args:
+            mean: [M, d] mean of the raw activations (e.g. ActivationStore.mean).
+            variance: [M, d] variance of the raw activations, >= 0 (e.g. ActivationStore.variance).
+
+        Raises:
+            ValueError: The crosscoder was built without target_rms, or mean / variance are not finite [M, d]
+                tensors (or the variance is negative).
+        """
         if self.target_rms is None:
             raise ValueError("set_input_normalization needs a crosscoder built with target_rms (e.g. 1.0)")
         expected = (self.n_models, self.d_model)
@@ -208,15 +257,28 @@ class CrossCoder(nn.Module):
         self.input_std.copy_(variance.sqrt())
         self.input_scale.copy_(self.target_rms / (variance.sum(1) + 1e-8).sqrt())
 
-    def normalize(self, x):
-        """Raw activations [B, M, d] -> the crosscoder's input space (x unchanged without target_rms). Computed
-        in fp32, returned in x's dtype."""
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map raw activations to the crosscoder's input space (x unchanged without target_rms).
+
+        Args:
+            x: [B, M, d] raw activations.
+
+        Returns:
+            [B, M, d] (x - input_mean) * input_scale, computed in fp32, in x's dtype.
+        """
         if self.target_rms is None:
             return x
         return ((x.float() - self.input_mean) * self.input_scale[:, None]).to(x.dtype)
 
-    def denormalize(self, y):
-        """Inverse of normalize: [B, M, d] in the crosscoder's space -> raw activations."""
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of normalize: map the crosscoder's space back to raw activations (y unchanged without target_rms).
+
+        Args:
+            y: [B, M, d] in the crosscoder's (normalised) space.
+
+        Returns:
+            [B, M, d] raw activations, computed in fp32, in y's dtype.
+        """
         if self.target_rms is None:
             return y
         return (y.float() / self.input_scale[:, None] + self.input_mean).to(y.dtype)
@@ -224,24 +286,44 @@ class CrossCoder(nn.Module):
     # -------------------------------------------------------------------------------------------- precision
 
     @property
-    def input_dtype(self):
+    def input_dtype(self) -> torch.dtype:
         """The dtype inputs must have: compute_dtype when set, else the parameters'."""
         return self.compute_dtype or self.W_enc.dtype
 
-    def compute_weights(self):
-        """(W_enc, b_enc, W_dec, b_dec) in the compute dtype: differentiable casts of the fp32 master weights
-        under mixed precision, the parameters themselves otherwise."""
+    def compute_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights the ops run on, in the compute dtype.
+
+        Returns:
+            (W_enc, b_enc, W_dec, b_dec): differentiable casts of the fp32 master weights under mixed precision,
+            the parameters themselves otherwise.
+        """
         params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         dtype = self.compute_dtype
         if dtype is None or dtype == self.W_enc.dtype:
             return params
         return tuple(p.to(dtype) for p in params)
 
-    def decoder_norm_weights(self):
-        """w_j = sum_m ||W_dec[j, m]||_2 in fp32, detached (selection is not differentiated)."""
+    def decoder_norm_weights(self) -> torch.Tensor:
+        """The selection weights w_j = sum_m ||W_dec[j, m]||_2, detached (selection is not differentiated).
+
+        Returns:
+            [F] float32.
+        """
         return torch.linalg.vector_norm(self.W_dec.detach(), dim=2, dtype=torch.float32).sum(1)
 
-    def as_batch(self, x):
+    def as_batch(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Check an input batch and bring it to the [B, M, d] layout the ops take.
+
+        Args:
+            x: A tensor [B, M, d], or a tuple / list of M tensors [B, d] (one per model; stacked as a view when
+                they are equally strided slices of one buffer, else copied).
+
+        Returns:
+            [B, M, d] with B >= 1, in the input dtype (input_dtype) and on the crosscoder's device.
+
+        Raises:
+            ValueError: x has the wrong type, number of models, shape, dtype or device, or no rows.
+        """
         if isinstance(x, (tuple, list)):
             if len(x) != self.n_models:
                 raise ValueError(f"x must hold one [B, d] tensor per model (n_models = {self.n_models}), got {len(x)}")
@@ -286,7 +368,16 @@ class CrossCoder(nn.Module):
         return out
 
     @torch.no_grad()
-    def track_threshold(self, min_score):
+    def track_threshold(self, min_score: torch.Tensor) -> None:
+        """Update the inference threshold from a training batch's smallest selected score, like BatchNorm's stats.
+
+        After threshold_start_step batches: threshold <- min_score at first, then threshold_beta * threshold +
+        (1 - threshold_beta) * min_score. A non-finite min_score (no positive score selected) leaves it unchanged.
+        num_batches_tracked counts every call.
+
+        Args:
+            min_score: Scalar fp32 tensor: the smallest selected positive score s = f * w of the batch.
+        """
         step = self.num_batches_tracked
         new = torch.where(
             self.threshold < 0,
@@ -298,18 +389,48 @@ class CrossCoder(nn.Module):
         self.threshold.copy_(torch.where(keep, self.threshold, new))
         self.num_batches_tracked.add_(1)
 
-    def encode(self, x, use_threshold=None, *, normalized=False):
-        """x [B, M, d] (or a tuple of M [B, d]) -> SparseCodes. use_threshold None: threshold in eval mode,
-        batch top-k in training mode. normalized=True: x is already in the normalised space (see class doc)."""
+    def encode(
+        self,
+        x: Union[torch.Tensor, Sequence[torch.Tensor]],
+        use_threshold: Optional[bool] = None,
+        *,
+        normalized: bool = False,
+    ) -> SparseCodes:
+        """Encode a batch into sparse codes.
+
+        Args:
+            x: [B, M, d] (or a tuple of M [B, d]) activations.
+            use_threshold: Select with the inference threshold (True) or by batch top-k (False); None: threshold
+                in eval mode, batch top-k in training mode (which also tracks the threshold). Ignored by
+                activation="relu", which keeps every positive f.
+            normalized: x is already in the normalised space (see the class docstring).
+
+        Returns:
+            The batch's SparseCodes (B rows, dict_size latents).
+
+        Raises:
+            ValueError: x is not a valid batch (see as_batch).
+            RuntimeError: use_threshold with the threshold still unset (-1).
+        """
         x = self.as_batch(x)
         if not normalized:
             x = self.normalize(x)
         values, indices, row_ptr, _ = self._encode(x, use_threshold, self.compute_weights())
         return SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
 
-    def decode(self, codes, *, normalized=False):
-        """SparseCodes -> xhat [B, M, d] = codes W_dec + b_dec, mapped back to raw activations unless
-        normalized=True."""
+    def decode(self, codes: SparseCodes, *, normalized: bool = False) -> torch.Tensor:
+        """Decode sparse codes: xhat = codes W_dec + b_dec.
+
+        Args:
+            codes: SparseCodes of this crosscoder's dict_size latents.
+            normalized: Return xhat in the normalised space instead of mapping it back to raw activations.
+
+        Returns:
+            [B, M, d] reconstruction in the compute dtype.
+
+        Raises:
+            ValueError: codes have another number of latents.
+        """
         if codes.n_latents != self.dict_size:
             raise ValueError(f"codes have {codes.n_latents} latents, the crosscoder has {self.dict_size}")
         return self._decode(codes, self.compute_weights(), normalized)
@@ -318,9 +439,20 @@ class CrossCoder(nn.Module):
         recon = decode_sparse(codes.values, codes.indices, codes.row_ptr, weights[2], weights[3])
         return recon if normalized else self.denormalize(recon)
 
-    def forward(self, x, *, normalized=False):
-        """x [B, M, d] (raw activations, or normalised ones with normalized=True) -> CrossCoderOutput whose
-        recon is in the same space as x."""
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], *, normalized: bool = False) -> CrossCoderOutput:
+        """Encode and decode a batch (batch top-k in training mode, the threshold in eval mode).
+
+        Args:
+            x: [B, M, d] (or a tuple of M [B, d]) raw activations, or normalised ones with normalized=True.
+            normalized: x is already in the normalised space; recon is returned there too.
+
+        Returns:
+            CrossCoderOutput whose recon is in the same space as x.
+
+        Raises:
+            ValueError: x is not a valid batch (see as_batch).
+            RuntimeError: Eval mode with the threshold still unset (-1).
+        """
         x = self.as_batch(x)
         if not normalized:
             x = self.normalize(x)
@@ -334,7 +466,12 @@ class CrossCoder(nn.Module):
         codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
         return CrossCoderOutput(self._decode(codes, weights, normalized), codes, min_score)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The constructor settings shown by repr(module).
+
+        Returns:
+            "d_model=..., dict_size=..., n_models=..., activation=..., dtype=..." (k and target_rms when set).
+        """
         k = f", k={self.k}" if self.k is not None else ""
         rms = f", target_rms={self.target_rms}" if self.target_rms is not None else ""
         return (
@@ -342,9 +479,36 @@ class CrossCoder(nn.Module):
             f"activation={self.activation!r}{k}{rms}, dtype={self.W_enc.dtype}"
         )
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: Union[os.PathLike, str]) -> None:
+        """Save the crosscoder as `directory`/model.safetensors and config.json, each written atomically.
+
+        Args:
+            directory: Target directory, created if needed; an existing checkpoint there is replaced.
+        """
         checkpoints.save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, *, device=None, dtype=None):
+    def from_pretrained(
+        cls,
+        directory: Union[os.PathLike, str],
+        *,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[Union[torch.dtype, str]] = None,
+    ) -> "CrossCoder":
+        """Load a crosscoder written by save_pretrained, or the whole crosscoder of a latent-parallel checkpoint.
+
+        Args:
+            directory: The checkpoint directory (or its model.safetensors), or a sharded step directory of
+                distributed training (its shards are merged).
+            device: Where to put the parameters (default CPU).
+            dtype: Override of the stored parameter dtype (a torch dtype or its name).
+
+        Returns:
+            The crosscoder, in eval mode.
+
+        Raises:
+            FileNotFoundError: config.json or model.safetensors is missing.
+            ValueError: The files are not a valid checkpoint of this format (the message says why; the paper's
+                checkpoints load with load_dictionary_learning).
+        """
         return checkpoints.from_pretrained(cls, directory, device=device, dtype=dtype)

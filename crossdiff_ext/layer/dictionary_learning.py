@@ -7,6 +7,7 @@ directory (model.safetensors + config.json); see load_dictionary_learning.
 import math
 import os
 from collections.abc import Mapping
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file
@@ -59,15 +60,34 @@ def _expect_shape(state, key, shape, source, meaning):
         raise ValueError(f"{source}: {key} has shape {got}, expected {shape} ({meaning})")
 
 
-def load_dictionary_learning(path_or_state_dict, *, dtype=None, device=None):
+def load_dictionary_learning(
+    path_or_state_dict: Union[Mapping[str, torch.Tensor], Union[os.PathLike, str]],
+    *,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+    device: Optional[Union[torch.device, str]] = None,
+) -> CrossCoder:
     """Load the paper's crosscoder checkpoint (dictionary_learning library) as a CrossCoder.
 
-    path_or_state_dict: a state dict; a hub directory (model.safetensors + config.json); a .safetensors file (a
-    config.json beside it is cross-checked when present); or a torch file (.pt/.pth/.bin). A `k` buffer means a
-    BatchTopKCrossCoder (activation "batch_topk", its threshold is kept), none the L1 CrossCoder ("relu").
-    dtype defaults to the checkpoint's. Only the CROSSCODER code normalisation is supported, and input
-    normalisation only as the per-model global scale (keep_relative_variance=True, loaded as target_rms): anything
-    else raises rather than loading a model that would select different latents.
+    A `k` buffer means a BatchTopKCrossCoder (activation "batch_topk", its threshold is kept), none the L1
+    CrossCoder ("relu"). Only the CROSSCODER code normalisation is supported, and input normalisation only as the
+    per-model global scale (keep_relative_variance=True, loaded as target_rms): anything else raises rather than
+    loading a model that would select different latents.
+
+    Args:
+        path_or_state_dict: A state dict; a hub directory (model.safetensors + config.json); a .safetensors file
+            (a config.json beside it is cross-checked when present); or a torch file (.pt/.pth/.bin).
+        dtype: Parameter dtype (a torch dtype or its name); defaults to the checkpoint's.
+        device: Where to put the parameters (default CPU).
+
+    Returns:
+        The CrossCoder, in eval mode.
+
+    Raises:
+        FileNotFoundError: The path does not exist, or a hub directory lacks model.safetensors.
+        ValueError: The checkpoint is not a dictionary_learning CrossCoder we can load faithfully: unknown or
+            missing keys, inconsistent shapes, fewer than 2 models, an unsupported code or input normalisation,
+            a config.json that disagrees with the tensors, an unsupported dtype, or one of our own checkpoints
+            (load those with CrossCoder.from_pretrained).
     """
     if isinstance(path_or_state_dict, Mapping):
         state, config, source = path_or_state_dict, None, "state dict"
@@ -175,11 +195,21 @@ def _check_hub_config(config, M, d, F, k, source):
     return k
 
 
-def to_dictionary_learning(model, *, normalizer_buffers=False):
-    """The CrossCoder as a dictionary_learning state dict (torch.save it for their CrossCoder /
-    BatchTopKCrossCoder.from_pretrained). A crosscoder with target_rms exports its normaliser as the library's
-    buffers; without one, newer versions of the library still expect the (unused, NaN-filled) normaliser buffers:
-    pass normalizer_buffers=True for those."""
+def to_dictionary_learning(model: CrossCoder, *, normalizer_buffers: bool = False) -> dict[str, torch.Tensor]:
+    """The CrossCoder as a dictionary_learning state dict.
+
+    torch.save it for their CrossCoder / BatchTopKCrossCoder.from_pretrained. A crosscoder with target_rms exports
+    its normaliser as the library's buffers.
+
+    Args:
+        model: The crosscoder to export.
+        normalizer_buffers: Without target_rms, still write the (unused, NaN-filled) normaliser buffers that newer
+            versions of the library expect: pass True for those.
+
+    Returns:
+        {name: tensor} in the library's layout (encoder.weight [M, d, F], decoder.weight [M, F, d], ...): fresh
+        contiguous copies on the model's device, never views of its parameters.
+    """
 
     def own(t):  # a contiguous copy, never a view of the module's storage
         return t.detach().clone(memory_format=torch.contiguous_format)

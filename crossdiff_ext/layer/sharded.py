@@ -10,6 +10,8 @@ distributed/checkpoints.py writes it; layer/checkpoints.py loads it (into one pr
 
 import json
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 import torch
 
@@ -18,15 +20,18 @@ SLICED = ("W_enc", "b_enc", "W_dec")  # split along the latent dimension; every 
 SLICED_PARAMS = (0, 1, 2)  # optimizer state of W_enc, b_enc, W_dec (CrossCoder.parameters() order); b_dec is 3
 
 
-def shard_dir_name(rank, size):
+def shard_dir_name(rank: int, size: int) -> str:
+    """Directory name of shard `rank` of `size`: shard-RRR-of-GGG."""
     return f"shard-{rank:03d}-of-{size:03d}"
 
 
-def is_sharded(directory):
+def is_sharded(directory: Union[os.PathLike, str]) -> bool:
+    """Whether `directory` is a latent-parallel step directory (it holds sharding.json)."""
     return os.path.isfile(os.path.join(os.fspath(directory), SHARDING_NAME))
 
 
-def read_sharding(directory):
+def read_sharding(directory: Union[os.PathLike, str]) -> dict[str, Any]:
+    """The sharding record of a step directory, checked to tile [0, dict_size); ValueError otherwise."""
     path = os.path.join(directory, SHARDING_NAME)
     try:
         with open(path, encoding="utf-8") as f:
@@ -40,12 +45,12 @@ def read_sharding(directory):
     return sharding
 
 
-def slice_state(state, first, end):
+def slice_state(state: Mapping[str, Any], first: int, end: int) -> dict[str, Any]:
     """A crosscoder state dict (or anything keyed like one) restricted to latents [first, end)."""
     return {name: t[first:end] if name in SLICED else t for name, t in state.items()}
 
 
-def merge_states(states):
+def merge_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """State dicts of consecutive shards -> the full crosscoder's. Replicated tensors must agree across shards."""
     merged = {}
     for name, first in states[0].items():
@@ -59,7 +64,7 @@ def merge_states(states):
     return merged
 
 
-def merge_optimizer_states(states):
+def merge_optimizer_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Adam state dicts of consecutive shards -> the whole crosscoder's."""
     merged = dict(param_groups=states[0]["param_groups"], state={})
     for i, first in states[0]["state"].items():
@@ -70,7 +75,7 @@ def merge_optimizer_states(states):
     return merged
 
 
-def slice_optimizer_state(state, first, end):
+def slice_optimizer_state(state: Mapping[str, Any], first: int, end: int) -> dict[str, Any]:
     """The whole crosscoder's Adam state dict restricted to latents [first, end)."""
     return dict(
         param_groups=state["param_groups"],

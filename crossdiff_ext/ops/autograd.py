@@ -8,6 +8,7 @@ differentiable PyTorch.
 """
 
 import math
+from typing import Any, Optional, Union
 
 import torch
 
@@ -32,11 +33,23 @@ class EncodeSparse(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, W_enc, b_enc, w, mode, param, backend):
+    def forward(
+        x: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        w: torch.Tensor,
+        mode: str,
+        param: Union[int, float],
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode and select on the backend `backend`: (values, indices, row_ptr, min_score)."""
         return _encode_select(backends.kernels(backend), x, W_enc, b_enc, w, mode, param)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
+    ) -> None:
+        """Save x, W_enc and the codes for the sparse backward, and the backend that ran."""
         x, W_enc, _, _, _, _, backend = inputs
         values, indices, row_ptr, min_score = output
         ctx.backend = backend
@@ -44,7 +57,10 @@ class EncodeSparse(torch.autograd.Function):
         ctx.mark_non_differentiable(indices, row_ptr, min_score)
 
     @staticmethod
-    def backward(ctx, grad_values, *_):
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_values: torch.Tensor, *_: Optional[torch.Tensor]
+    ) -> tuple[Optional[torch.Tensor], ...]:
+        """Gradients of x, W_enc and b_enc through the kept values only (no dense [B, F] gradient)."""
         x, W_enc, values, indices, row_ptr = ctx.saved_tensors
         kernels = backends.kernels(ctx.backend)
         # A kept entry with value 0 is either a ReLU zero or a non-positive score: neither passes gradient.
@@ -64,18 +80,30 @@ class SparseDecode(torch.autograd.Function):
     """(values, indices, row_ptr, W, bias) -> codes @ W + bias, [B, M, d], with a sparse backward."""
 
     @staticmethod
-    def forward(values, indices, row_ptr, W, bias, backend):
+    def forward(
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        row_ptr: torch.Tensor,
+        W: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        backend: str,
+    ) -> torch.Tensor:
+        """Decode on the backend `backend`: [B, M, d] in W's dtype."""
         return backends.kernels(backend).sparse_decode(values, indices, row_ptr, W, bias)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        """Save the codes and W for the sparse backward, and the backend that ran."""
         values, indices, row_ptr, W, bias, backend = inputs
         ctx.backend = backend
         ctx.has_bias = bias is not None
         ctx.save_for_backward(values, indices, row_ptr, W)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[Optional[torch.Tensor], ...]:
+        """Sparse gradients of values, W and bias (see decode_backward)."""
         values, indices, row_ptr, W = ctx.saved_tensors
         needs = ctx.needs_input_grad
         gv, gW, gb = decode_backward(
@@ -92,7 +120,9 @@ class SparseDecode(torch.autograd.Function):
         return gv, None, None, gW, gb, None
 
 
-def encode_sparse(x, W_enc, b_enc, w, mode, param):
+def encode_sparse(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, w: torch.Tensor, mode: str, param: Union[int, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encoder + selection on the current backend; differentiable in x, W_enc, b_enc through the kept values."""
     validate.encode_selection(x, W_enc, b_enc, w, mode, param)
     name = backends.resolve(x.device)
@@ -101,7 +131,9 @@ def encode_sparse(x, W_enc, b_enc, w, mode, param):
     return EncodeSparse.apply(x, W_enc, b_enc, w, mode, param, name)
 
 
-def decode_sparse(values, indices, row_ptr, W, bias):
+def decode_sparse(
+    values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Sparse decoder on the current backend, differentiable in values, W and bias."""
     validate.sparse_decode(values, indices, row_ptr, W, bias)
     name = backends.resolve(W.device)

@@ -9,14 +9,16 @@ from .. import backends
 from . import validate
 
 
-def paired_encode_reference(x, W_enc, b_enc):
+def paired_encode_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch paired_encode: ReLU(x W_enc^T + b_enc) [B, F] in x's dtype, accumulated in fp32."""
     B, F = x.shape[0], W_enc.shape[0]
     pre = x.reshape(B, -1).float() @ W_enc.reshape(F, -1).float().T + b_enc.float()
     return torch.relu(pre).to(x.dtype)
 
 
 @torch.library.register_fake("crossdiff::paired_encode")
-def paired_encode_fake(x, W_enc, b_enc):
+def paired_encode_fake(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """Fake (meta) kernel of paired_encode: checks the arguments, returns an empty f [B, F]."""
     validate.paired_encode(x, W_enc, b_enc)  # also catches meta tensors mixed with real ones
     return x.new_empty(x.shape[0], W_enc.shape[0])
 
@@ -38,14 +40,15 @@ def _backward(ctx, grad_f):
     return grad_x, grad_W, grad_b
 
 
-def register_encode_autograd(qualname):
+def register_encode_autograd(qualname: str) -> None:
+    """Register the dense gradient of paired_encode for the op `qualname` (the crossdiff and crossdiff_triton ops)."""
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
 
 register_encode_autograd("crossdiff::paired_encode")
 
 
-def paired_encode(x, W_enc, b_enc):
+def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
     """x [B, M, d], W_enc [F, M, d], b_enc [F] -> f [B, F] in x's dtype (fp32 accumulation)."""
     validate.paired_encode(x, W_enc, b_enc)
     return backends.kernels(backends.resolve(x.device)).paired_encode(x, W_enc, b_enc)

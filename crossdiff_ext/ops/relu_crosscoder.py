@@ -9,6 +9,8 @@ math (the tests check both against the reference); only the memory and time diff
 [B, F] for the backward, the sparse side saves only the codes.
 """
 
+from typing import Optional
+
 import torch
 
 from .. import backends
@@ -23,7 +25,17 @@ class ReluCrossCoder(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, dense_density, backend):
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        dense_density: float,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode, keep every positive f, decode: densely or sparsely by the batch's code density."""
         kernels = backends.kernels(backend)
         B, F = x.shape[0], W_enc.shape[0]
         f = kernels.paired_encode(x, W_enc, b_enc)
@@ -45,7 +57,14 @@ class ReluCrossCoder(torch.autograd.Function):
         return recon, values, indices, row_ptr
 
     @staticmethod
-    def backward(ctx, grad_recon, grad_values, _indices, _row_ptr):
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_recon: torch.Tensor,
+        grad_values: torch.Tensor,
+        _indices: Optional[torch.Tensor],
+        _row_ptr: Optional[torch.Tensor],
+    ) -> tuple[Optional[torch.Tensor], ...]:
+        """The whole layer's gradients, on the side (dense or sparse) the forward chose."""
         x, W_enc, W_dec, values, indices, row_ptr, f = ctx.saved_tensors
         needs_x, needs_W_enc, needs_b_enc, needs_W_dec, needs_b_dec = ctx.needs_input_grad[:5]
         B, F = x.shape[0], W_enc.shape[0]
@@ -75,7 +94,14 @@ class ReluCrossCoder(torch.autograd.Function):
         return grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None
 
 
-def relu_crosscoder(x, W_enc, b_enc, W_dec, b_dec, dense_density):
+def relu_crosscoder(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    dense_density: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ReLU crosscoder layer on the current backend: (recon, values, indices, row_ptr)."""
     validate.paired_encode(x, W_enc, b_enc)
     validate.decoder(W_enc, W_dec, b_dec)

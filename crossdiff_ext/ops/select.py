@@ -12,12 +12,15 @@ from .. import backends
 from . import csr, validate
 
 
-def selection_scores(f, w):
+def selection_scores(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """s = f * w in fp32: the exact product every backend ranks."""
     return f.float() * w
 
 
-def batch_topk_reference(f, w, K):
+def batch_topk_reference(
+    f: torch.Tensor, w: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch batch_topk: a stable sort of the scores, the tie rule of the module docstring."""
     B, F = f.shape
     s = selection_scores(f, w).flatten()
     chosen = torch.sort(s, descending=True, stable=True).indices[:K]
@@ -31,7 +34,10 @@ def batch_topk_reference(f, w, K):
     return values, indices, row_ptr, min_score
 
 
-def threshold_select_reference(f, w, theta):
+def threshold_select_reference(
+    f: torch.Tensor, w: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch threshold_select: every entry with s = f * w > theta, in CSR order."""
     B, F = f.shape
     flat = torch.nonzero(selection_scores(f, w).flatten() > theta).squeeze(1)
     values = f.flatten()[flat]
@@ -40,7 +46,10 @@ def threshold_select_reference(f, w, theta):
 
 
 @torch.library.register_fake("crossdiff::batch_topk")
-def batch_topk_fake(f, w, K):
+def batch_topk_fake(
+    f: torch.Tensor, w: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake (meta) kernel of batch_topk: K entries, B + 1 row pointers and a scalar min_score."""
     validate.selection(f, w)  # also catches meta tensors mixed with real ones
     B, F = f.shape
     return (
@@ -52,7 +61,10 @@ def batch_topk_fake(f, w, K):
 
 
 @torch.library.register_fake("crossdiff::threshold_select")
-def threshold_select_fake(f, w, theta):
+def threshold_select_fake(
+    f: torch.Tensor, w: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake (meta) kernel of threshold_select: nnz is a dynamic size."""
     validate.threshold_select(f, w, theta)
     B, F = f.shape
     nnz = torch.library.get_ctx().new_dynamic_size()
@@ -91,7 +103,8 @@ def _threshold_select_backward(ctx, grad_values, *_):
     )
 
 
-def register_selection_autograd(namespace):
+def register_selection_autograd(namespace: str) -> None:
+    """Register the (dense, standalone-use) gradients of batch_topk and threshold_select in `namespace`."""
     for name, backward in (("batch_topk", _batch_topk_backward), ("threshold_select", _threshold_select_backward)):
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=_setup_select)
 
@@ -99,13 +112,15 @@ def register_selection_autograd(namespace):
 register_selection_autograd("crossdiff")
 
 
-def batch_topk(f, w, K):
+def batch_topk(
+    f: torch.Tensor, w: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top K of s = f * w over all of f [B, F]: (values [K], indices [K], row_ptr [B+1], min_score)."""
     validate.batch_topk(f, w, K)
     return backends.kernels(backends.resolve(f.device)).batch_topk(f, w, K)
 
 
-def threshold_select(f, w, theta):
+def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entries with s = f * w > theta (theta >= 0): (values [nnz], indices [nnz], row_ptr [B+1])."""
     validate.threshold_select(f, w, theta)
     return backends.kernels(backends.resolve(f.device)).threshold_select(f, w, float(theta))

@@ -5,13 +5,20 @@ sparse_weight_grad: per-latent reductions over that order (codes^T @ dense). Ref
 decoder's autograd formula and the backend-dispatching entry points.
 """
 
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Optional
+
 import torch
 
 from .. import backends
 from . import csr, native, validate
 
 
-def sparse_decode_reference(values, indices, row_ptr, W, bias):
+def sparse_decode_reference(
+    values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Plain-PyTorch sparse_decode: the dense codes [B, F] @ W (+ bias) in fp32, returned in W's dtype."""
     F = W.shape[0]
     dense = csr.to_dense(values.float(), indices, row_ptr, F)
     out = dense @ W.reshape(F, -1).float()
@@ -20,21 +27,30 @@ def sparse_decode_reference(values, indices, row_ptr, W, bias):
     return out.to(W.dtype).view(row_ptr.shape[0] - 1, *W.shape[1:])
 
 
-def sparse_values_grad_reference(grad_out, indices, row_ptr, W):
+def sparse_values_grad_reference(
+    grad_out: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
+    """Plain-PyTorch sparse_values_grad: the per-entry dot products in fp32, returned in W's dtype."""
     B, F = grad_out.shape[0], W.shape[0]
     rows = csr.rows_of(row_ptr, indices.shape[0])
     g = grad_out.reshape(B, -1).float()[rows]
     return (g * W.reshape(F, -1).float()[indices.long()]).sum(-1).to(W.dtype)
 
 
-def latent_order_reference(indices, row_ptr, n_latents):
+def latent_order_reference(
+    indices: torch.Tensor, row_ptr: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch latent_order: a stable sort of the entries by latent."""
     rows = csr.rows_of(row_ptr, indices.shape[0])
     perm = torch.sort(indices.long(), stable=True).indices  # entries are in row order: rows stay ascending
     col_ptr = csr.row_ptr_from_rows(indices.long(), n_latents)
     return col_ptr, perm, rows[perm]
 
 
-def sparse_weight_grad_reference(values, dense, col_ptr, perm, rows):
+def sparse_weight_grad_reference(
+    values: torch.Tensor, dense: torch.Tensor, col_ptr: torch.Tensor, perm: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch sparse_weight_grad: index_add over the entries in latent order, in fp32."""
     F, B = col_ptr.shape[0] - 1, dense.shape[0]
     latent = csr.rows_of(col_ptr, perm.shape[0])
     v = values[perm].float()
@@ -45,19 +61,28 @@ def sparse_weight_grad_reference(values, dense, col_ptr, perm, rows):
 
 
 @torch.library.register_fake("crossdiff::sparse_decode")
-def sparse_decode_fake(values, indices, row_ptr, W, bias):
+def sparse_decode_fake(
+    values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Fake (meta) kernel of sparse_decode: an empty [B, M, d] in W's dtype."""
     validate.sparse_decode(values, indices, row_ptr, W, bias)  # also catches meta tensors mixed with real ones
     return W.new_empty(row_ptr.shape[0] - 1, W.shape[1], W.shape[2])
 
 
 @torch.library.register_fake("crossdiff::sparse_values_grad")
-def sparse_values_grad_fake(grad_out, indices, row_ptr, W):
+def sparse_values_grad_fake(
+    grad_out: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
+    """Fake (meta) kernel of sparse_values_grad: an empty [nnz] in W's dtype."""
     validate.sparse_values_grad(grad_out, indices, row_ptr, W)
     return W.new_empty(indices.shape[0])
 
 
 @torch.library.register_fake("crossdiff::latent_order")
-def latent_order_fake(indices, row_ptr, n_latents):
+def latent_order_fake(
+    indices: torch.Tensor, row_ptr: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake (meta) kernel of latent_order: empty col_ptr [F+1], perm [nnz], rows [nnz] int64."""
     validate.latent_order(indices, row_ptr, n_latents)
     nnz = indices.shape[0]
     return (
@@ -68,13 +93,26 @@ def latent_order_fake(indices, row_ptr, n_latents):
 
 
 @torch.library.register_fake("crossdiff::sparse_weight_grad")
-def sparse_weight_grad_fake(values, dense, col_ptr, perm, rows):
+def sparse_weight_grad_fake(
+    values: torch.Tensor, dense: torch.Tensor, col_ptr: torch.Tensor, perm: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake (meta) kernel of sparse_weight_grad: empty grad_W [F, M, d] and value_sums [F] fp32."""
     validate.sparse_weight_grad(values, dense, col_ptr, perm, rows)
     F = col_ptr.shape[0] - 1
     return dense.new_empty(F, dense.shape[1], dense.shape[2]), dense.new_empty(F, dtype=torch.float32)
 
 
-def decode_backward(kernels, grad_out, values, indices, row_ptr, W, needs_values, needs_W, needs_bias):
+def decode_backward(
+    kernels: SimpleNamespace,
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    row_ptr: torch.Tensor,
+    W: torch.Tensor,
+    needs_values: bool,
+    needs_W: bool,
+    needs_bias: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of codes @ W + bias w.r.t. values, W and bias, all sparse: no [B, F] tensor."""
     grad_out = grad_out.contiguous()
     grad_values = kernels.sparse_values_grad(grad_out, indices, row_ptr, W) if needs_values else None
@@ -92,7 +130,7 @@ def _setup_decode(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def register_decode_autograd(qualname, kernels):
+def register_decode_autograd(qualname: str, kernels: Callable[[], SimpleNamespace]) -> None:
     """The sparse backward of a sparse_decode op; `kernels()` gives the kernel table of the op's backend."""
 
     def backward(ctx, grad_out):
@@ -109,25 +147,37 @@ def register_decode_autograd(qualname, kernels):
 register_decode_autograd("crossdiff::sparse_decode", lambda: native.KERNELS)
 
 
-def sparse_decode(values, indices, row_ptr, W, bias=None):
+def sparse_decode(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    row_ptr: torch.Tensor,
+    W: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """out[b] = sum_{e in row b} values[e] W[indices[e]] (+ bias): [B, M, d] in W's dtype."""
     validate.sparse_decode(values, indices, row_ptr, W, bias)
     return backends.kernels(backends.resolve(W.device)).sparse_decode(values, indices, row_ptr, W, bias)
 
 
-def sparse_values_grad(grad_out, indices, row_ptr, W):
+def sparse_values_grad(
+    grad_out: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
     """grad_values[e] = <grad_out[row(e)], W[indices[e]]>: [nnz] in W's dtype."""
     validate.sparse_values_grad(grad_out, indices, row_ptr, W)
     return backends.kernels(backends.resolve(W.device)).sparse_values_grad(grad_out, indices, row_ptr, W)
 
 
-def latent_order(indices, row_ptr, n_latents):
+def latent_order(
+    indices: torch.Tensor, row_ptr: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Counting sort of the codes by latent: (col_ptr [F+1], perm [nnz], rows [nnz])."""
     validate.latent_order(indices, row_ptr, n_latents)
     return backends.kernels(backends.resolve(indices.device)).latent_order(indices, row_ptr, n_latents)
 
 
-def sparse_weight_grad(values, dense, col_ptr, perm, rows):
+def sparse_weight_grad(
+    values: torch.Tensor, dense: torch.Tensor, col_ptr: torch.Tensor, perm: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """codes^T @ dense by latent: (grad_W [F, M, d] in dense's dtype, value_sums [F] fp32)."""
     validate.sparse_weight_grad(values, dense, col_ptr, perm, rows)
     return backends.kernels(backends.resolve(dense.device)).sparse_weight_grad(values, dense, col_ptr, perm, rows)

@@ -3,43 +3,51 @@
 The C++ entry points repeat these checks (csrc/checks.h) for callers that use torch.ops.crossdiff directly.
 """
 
+from typing import Any, NoReturn, Optional, Union
+
 import torch
 
 FLOATING = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _fail(message):
+def _fail(message: str) -> NoReturn:
     raise ValueError(message)
 
 
-def tensor(t, name, rank, shape):
+def tensor(t: Any, name: str, rank: int, shape: str) -> None:
+    """`t` is a tensor of rank `rank` (`shape` describes it in the message)."""
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a tensor of shape {shape}, got {type(t).__name__}")
     if t.dim() != rank:
         _fail(f"{name} must have shape {shape} (rank {rank}), got rank {t.dim()} with sizes {tuple(t.shape)}")
 
 
-def floating(t, name):
+def floating(t: torch.Tensor, name: str) -> None:
+    """`t` is float32, float16 or bfloat16."""
     if t.dtype not in FLOATING:
         _fail(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def same_dtype(a, an, b, bn):
+def same_dtype(a: torch.Tensor, an: str, b: torch.Tensor, bn: str) -> None:
+    """`a` (named `an`) and `b` (named `bn`) have one dtype."""
     if a.dtype != b.dtype:
         _fail(f"{an} and {bn} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
-def same_device(a, an, b, bn):
+def same_device(a: torch.Tensor, an: str, b: torch.Tensor, bn: str) -> None:
+    """`a` (named `an`) and `b` (named `bn`) are on one device."""
     if a.device != b.device:
         _fail(f"{an} and {bn} must be on the same device, got {a.device} and {b.device}")
 
 
-def index(t, name):
+def index(t: torch.Tensor, name: str) -> None:
+    """`t` holds int32 or int64 ids."""
     if t.dtype not in (torch.int32, torch.int64):
         _fail(f"{name} must be int32 or int64, got {t.dtype}")
 
 
-def paired_encode(x, W_enc, b_enc):
+def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> None:
+    """The arguments of paired_encode: x [B, M, d], W_enc [F, M, d], b_enc [F] of one dtype and device."""
     tensor(x, "x", 3, "[B, M, d]")
     tensor(W_enc, "W_enc", 3, "[F, M, d]")
     tensor(b_enc, "b_enc", 1, "[F]")
@@ -56,7 +64,8 @@ def paired_encode(x, W_enc, b_enc):
         _fail(f"b_enc must have F = {W_enc.shape[0]} entries, got {b_enc.shape[0]}")
 
 
-def weights(w, n_latents, device):
+def weights(w: torch.Tensor, n_latents: int, device: torch.device) -> None:
+    """The decoder-norm weights w: [F] float32 on the scores' device."""
     tensor(w, "w", 1, "[F]")
     if w.dtype != torch.float32:
         _fail(f"w (decoder-norm weights) must be float32, got {w.dtype}")
@@ -66,35 +75,42 @@ def weights(w, n_latents, device):
         _fail(f"w must have F = {n_latents} entries, got {w.shape[0]}")
 
 
-def top_count(K, n_rows, n_latents):
+def top_count(K: Any, n_rows: int, n_latents: int) -> None:
+    """K of batch top-K: an int in [1, B * F]."""
     if not isinstance(K, int) or isinstance(K, bool):
         _fail(f"K must be an int, got {type(K).__name__}")
     if not 1 <= K <= n_rows * n_latents:
         _fail(f"K = k * B must be in [1, B * F] = [1, {n_rows * n_latents}], got {K}")
 
 
-def theta_value(theta):
+def theta_value(theta: float) -> None:
+    """The selection threshold: theta >= 0 (not NaN)."""
     if not theta >= 0:
         _fail(f"theta must be >= 0 (an unset threshold is -1: set it or use batch top-k), got {theta}")
 
 
-def selection(f, w):
+def selection(f: torch.Tensor, w: torch.Tensor) -> None:
+    """The arguments every selection takes: f [B, F] floating, w [F] float32."""
     tensor(f, "f", 2, "[B, F]")
     floating(f, "f")
     weights(w, f.shape[1], f.device)
 
 
-def batch_topk(f, w, K):
+def batch_topk(f: torch.Tensor, w: torch.Tensor, K: int) -> None:
+    """The arguments of batch_topk."""
     selection(f, w)
     top_count(K, f.shape[0], f.shape[1])
 
 
-def threshold_select(f, w, theta):
+def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> None:
+    """The arguments of threshold_select."""
     selection(f, w)
     theta_value(theta)
 
 
-def encode_selection(x, W_enc, b_enc, w, mode, param):
+def encode_selection(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, w: torch.Tensor, mode: str, param: Union[int, float]
+) -> None:
     """paired_encode followed by a selection, checked without materialising f."""
     paired_encode(x, W_enc, b_enc)
     weights(w, W_enc.shape[0], x.device)
@@ -106,7 +122,8 @@ def encode_selection(x, W_enc, b_enc, w, mode, param):
         _fail(f"mode must be 'topk' or 'threshold', got {mode!r}")
 
 
-def row_pointers(row_ptr):
+def row_pointers(row_ptr: torch.Tensor) -> None:
+    """row_ptr: [B+1] int64 with at least one entry."""
     tensor(row_ptr, "row_ptr", 1, "[B+1]")
     if row_ptr.dtype != torch.int64:
         _fail(f"row_ptr must be int64, got {row_ptr.dtype}")
@@ -114,7 +131,7 @@ def row_pointers(row_ptr):
         _fail("row_ptr must have B+1 >= 1 entries")
 
 
-def rows_for_codes(row_ptr, nnz, name="indices"):
+def rows_for_codes(row_ptr: torch.Tensor, nnz: int, name: str = "indices") -> None:
     """Codes need rows (the GPU kernels would index row 0 of an empty batch); from sizes alone, no sync."""
     if row_ptr.shape[0] < 2 and nnz != 0:
         _fail(
@@ -123,12 +140,14 @@ def rows_for_codes(row_ptr, nnz, name="indices"):
         )
 
 
-def latent_ids(indices):
+def latent_ids(indices: torch.Tensor) -> None:
+    """indices: [nnz] int32 or int64 latent ids."""
     tensor(indices, "indices", 1, "[nnz]")
     index(indices, "indices")
 
 
-def codes(values, indices, row_ptr):
+def codes(values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor) -> None:
+    """CSR codes: values and indices [nnz], row_ptr [B+1] int64, on one device."""
     tensor(values, "values", 1, "[nnz]")
     latent_ids(indices)
     row_pointers(row_ptr)
@@ -139,14 +158,18 @@ def codes(values, indices, row_ptr):
     rows_for_codes(row_ptr, indices.shape[0])
 
 
-def dictionary(values, W, name="W"):
+def dictionary(values: torch.Tensor, W: torch.Tensor, name: str = "W") -> None:
+    """A dictionary W [F, M, d] floating, of the codes' dtype and device."""
     tensor(W, name, 3, "[F, M, d]")
     floating(W, name)
     same_dtype(values, "values", W, name)
     same_device(values, "values", W, name)
 
 
-def sparse_decode(values, indices, row_ptr, W, bias):
+def sparse_decode(
+    values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]
+) -> None:
+    """The arguments of sparse_decode (bias [M, d] or None)."""
     codes(values, indices, row_ptr)
     dictionary(values, W)
     if bias is not None:
@@ -157,7 +180,7 @@ def sparse_decode(values, indices, row_ptr, W, bias):
             _fail(f"bias must be [M, d] = {list(W.shape[1:])}, got {tuple(bias.shape)}")
 
 
-def decoder(W_enc, W_dec, b_dec):
+def decoder(W_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor) -> None:
     """W_dec [F, M, d] and b_dec [M, d] matching the encoder W_enc."""
     tensor(W_dec, "W_dec", 3, "[F, M, d]")
     tensor(b_dec, "b_dec", 2, "[M, d]")
@@ -170,7 +193,8 @@ def decoder(W_enc, W_dec, b_dec):
         same_device(W_enc, "W_enc", t, name)
 
 
-def rows_dense(dense, name, row_ptr, W):
+def rows_dense(dense: torch.Tensor, name: str, row_ptr: torch.Tensor, W: torch.Tensor) -> None:
+    """A dense [B, M, d] per-row tensor matching row_ptr's B and W's M, d, dtype and device."""
     tensor(dense, name, 3, "[B, M, d]")
     if dense.shape[0] != row_ptr.shape[0] - 1:
         _fail(f"{name} must have B = {row_ptr.shape[0] - 1} rows (row_ptr has B+1 entries), got {dense.shape[0]}")
@@ -180,7 +204,8 @@ def rows_dense(dense, name, row_ptr, W):
     same_device(dense, name, W, "W")
 
 
-def sparse_values_grad(grad_out, indices, row_ptr, W):
+def sparse_values_grad(grad_out: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor) -> None:
+    """The arguments of sparse_values_grad."""
     latent_ids(indices)
     row_pointers(row_ptr)
     tensor(W, "W", 3, "[F, M, d]")
@@ -191,7 +216,8 @@ def sparse_values_grad(grad_out, indices, row_ptr, W):
     rows_for_codes(row_ptr, indices.shape[0])
 
 
-def latent_order(indices, row_ptr, n_latents):
+def latent_order(indices: torch.Tensor, row_ptr: torch.Tensor, n_latents: int) -> None:
+    """The arguments of latent_order."""
     latent_ids(indices)
     row_pointers(row_ptr)
     same_device(indices, "indices", row_ptr, "row_ptr")
@@ -200,7 +226,10 @@ def latent_order(indices, row_ptr, n_latents):
     rows_for_codes(row_ptr, indices.shape[0])
 
 
-def sparse_weight_grad(values, dense, col_ptr, perm, rows):
+def sparse_weight_grad(
+    values: torch.Tensor, dense: torch.Tensor, col_ptr: torch.Tensor, perm: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """The arguments of sparse_weight_grad."""
     tensor(values, "values", 1, "[nnz]")
     floating(values, "values")
     tensor(dense, "dense", 3, "[B, M, d]")

@@ -6,20 +6,29 @@ CrossCoder.from_pretrained) and trainer.pt (optimizer, schedule, step, dead coun
 config); a latent-parallel run writes the sharded layout of layer/sharded.py under the same name.
 """
 
+from __future__ import annotations
+
 import os
 import random
 import re
 import shutil
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from .. import atomic
 from ..layer import sharded
 
+if TYPE_CHECKING:
+    from ..layer import CrossCoder
+    from .config import TrainConfig
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
+    """The RNG states a resumed run restores: torch's CPU (and every CUDA device's) generator, Python's random,
+    and numpy's global generator when numpy is installed."""
     state = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -32,7 +41,8 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states that rng_state() returned (CUDA and numpy only where saved and available)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -43,7 +53,7 @@ def set_rng_state(state):
         np.random.set_state(state["numpy"])
 
 
-def latest_checkpoint(directory):
+def latest_checkpoint(directory: Optional[Union[str, os.PathLike]]) -> Optional[str]:
     """The newest complete checkpoint directory under `directory`, or None."""
     if not directory or not os.path.isdir(directory):
         return None
@@ -51,23 +61,26 @@ def latest_checkpoint(directory):
     return os.path.join(directory, f"step-{steps[-1]:08d}") if steps else None
 
 
-def step_dir_name(step):
+def step_dir_name(step: int) -> str:
+    """The name of step `step`'s checkpoint directory: step-NNNNNNNN."""
     return f"step-{step:08d}"
 
 
-def prune(directory, keep):
+def prune(directory: Union[str, os.PathLike], keep: int) -> None:
     """Delete all but the newest `keep` step directories."""
     steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m)
     for old in steps[:-keep]:
         shutil.rmtree(os.path.join(directory, step_dir_name(old)), ignore_errors=True)
 
 
-def save_torch(obj, path):
+def save_torch(obj: Any, path: Union[str, os.PathLike]) -> None:
     """torch.save(obj) to `path` atomically."""
     atomic.save(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_checkpoint(directory, step, cc, trainer_state, keep):
+def save_checkpoint(
+    directory: Union[str, os.PathLike], step: int, cc: CrossCoder, trainer_state: dict[str, Any], keep: int
+) -> str:
     """Write step-NNNNNNNN/ (the model and trainer.pt) whole: built in a temporary directory, renamed into place."""
     final = os.path.join(directory, step_dir_name(step))
     tmp = atomic.temp_dir(directory, step_dir_name(step))
@@ -82,7 +95,7 @@ def save_checkpoint(directory, step, cc, trainer_state, keep):
     return final
 
 
-def resume_checkpoint(config, resume):
+def resume_checkpoint(config: TrainConfig, resume: bool) -> Optional[str]:
     """The checkpoint to resume from (None for a fresh run), after checking the request against the directory."""
     checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:

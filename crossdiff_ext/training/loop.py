@@ -1,4 +1,4 @@
-"""`cx.train(crosscoder, data, cx.TrainConfig(...))`: SPEC.md's training recipe with checkpoints that resume
+"""`cx.train(crosscoder, data, cx.TrainConfig(...))`: docs/math.md's training recipe with checkpoints that resume
 exactly. The step loop (run) is also distributed.train's: a Runtime says what differs between process layouts.
 
 Per step: forward in training mode (BatchTopK selection; the crosscoder tracks its inference threshold), the
@@ -14,25 +14,33 @@ directory and renamed into place, so a checkpoint directory either exists whole 
 continues from the newest one: N steps straight and N/2 + resume + N/2 give identical weights.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import math
 import os
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from ..data import as_batches, statistics
-from ..layer import CrossCoder, checkpoints
+from ..data import ActivationStore, as_batches, statistics
+from ..data.batches import BatchSource
+from ..layer import CrossCoder, CrossCoderOutput, SparseCodes, checkpoints
 from ..layer.norms import band_counts
 from . import losses
 from .checkpointing import latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import MIXED_PRECISION, TrainConfig, TrainResult
 
+TrainData = Union[torch.Tensor, ActivationStore, BatchSource, Iterable[torch.Tensor]]
 
-def lr_factor(config):
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """The lr schedule's multiplier as a function of the optimizer steps taken: linear warm-up over warmup_steps,
+    then linear decay to 0 from decay_start * steps (when set)."""
     decay_from = None if config.decay_start is None else int(config.decay_start * config.steps)
 
-    def factor(step):  # step = number of optimizer steps taken so far
+    def factor(step: int) -> float:  # step = number of optimizer steps taken so far
         f = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
         if decay_from is not None and step >= decay_from:
             f *= max(0.0, (config.steps - step) / max(1, config.steps - decay_from))
@@ -45,7 +53,7 @@ class Progress:
     """A run's JSONL log (config.log_path, default <checkpoint_dir>/log.jsonl) and tqdm bar; both off when
     enabled is False (ranks other than 0)."""
 
-    def __init__(self, config, initial, enabled=True):
+    def __init__(self, config: TrainConfig, initial: int, enabled: bool = True):
         self.log = self.bar = None
         path = config.log_path or (os.path.join(config.checkpoint_dir, "log.jsonl") if config.checkpoint_dir else None)
         if enabled and path:
@@ -56,7 +64,8 @@ class Progress:
 
             self.bar = tqdm(total=config.steps, initial=initial, desc="train", dynamic_ncols=True)
 
-    def record(self, last):
+    def record(self, last: dict[str, Any]) -> None:
+        """Append a log record to the JSONL log and show its loss, FVE, L0 and dead fraction on the bar."""
         if self.log:
             self.log.write(json.dumps(last) + "\n")
             self.log.flush()
@@ -68,18 +77,22 @@ class Progress:
                 dead=f"{last['dead_fraction']:.2%}",
             )
 
-    def tick(self):
+    def tick(self) -> None:
+        """Advance the bar by one step."""
         if self.bar is not None:
             self.bar.update(1)
 
-    def close(self):
+    def close(self) -> None:
+        """Close the bar and the log file."""
         if self.bar is not None:
             self.bar.close()
         if self.log:
             self.log.close()
 
 
-def init_b_dec(cc, x, config):
+def init_b_dec(cc: CrossCoder, x: torch.Tensor, config: TrainConfig) -> None:
+    """Initialise cc.b_dec in place from the first batch x [B, M, d] as config.init_b_dec says (geometric median
+    per model, or zero)."""
     mode = config.init_b_dec
     if mode == "auto":
         mode = "geometric_median" if cc.activation == "batch_topk" else "zero"
@@ -91,7 +104,7 @@ def init_b_dec(cc, x, config):
                 cc.b_dec[m].copy_(losses.geometric_median(x[:, m]).to(cc.b_dec.dtype))
 
 
-def adam(params, **kwargs):
+def adam(params: Iterable[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Adam:
     """torch.optim.Adam, fused where this torch and device support it (one kernel per step), foreach otherwise."""
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
@@ -99,7 +112,7 @@ def adam(params, **kwargs):
         return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
-def fraction_of_variance_explained(x, recon):
+def fraction_of_variance_explained(x: torch.Tensor, recon: torch.Tensor) -> tuple[float, list[float]]:
     """(overall, [per model]) FVE = 1 - sum ||x - xhat||^2 / sum ||x - mean x||^2 over the batch."""
     x, recon = x.float(), recon.float()
     err = (x - recon).pow(2).sum(dim=(0, 2))
@@ -116,7 +129,7 @@ class Runtime:
 
     main = True  # this process writes the log and shows progress
 
-    def __init__(self, crosscoder, config):
+    def __init__(self, crosscoder: CrossCoder, config: TrainConfig):
         if not isinstance(crosscoder, CrossCoder):
             raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
         self.model = self.cc = crosscoder  # the module called in the loop; the CrossCoder holding the parameters
@@ -126,18 +139,26 @@ class Runtime:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
         self.scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
 
-    def check(self, config):
+    def check(self, config: TrainConfig) -> None:
+        """Refuse a config this layout cannot run (mixed precision needs fp32 master weights)."""
         if MIXED_PRECISION[config.mixed_precision] is not None and self.cc.W_enc.dtype != torch.float32:
             raise ValueError(
                 f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: "
                 f"the crosscoder must be float32, got {self.cc.W_enc.dtype}"
             )
 
-    def batches(self, source):
+    def batches(self, source: BatchSource) -> BatchSource:
         """The batches this process reads of the global batch source."""
         return source
 
-    def load(self, checkpoint, weights, state, opt, tokens_since_fired):
+    def load(
+        self,
+        checkpoint: str,
+        weights: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        opt: torch.optim.Optimizer,
+        tokens_since_fired: torch.Tensor,
+    ) -> None:
         """This process's part of a whole crosscoder's training state (any layout wrote it)."""
         self.cc.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
@@ -147,52 +168,67 @@ class Runtime:
             self.scaler.load_state_dict(state["scaler"])
         tokens_since_fired.copy_(state["tokens_since_fired"].to(tokens_since_fired.device))
 
-    def input_statistics(self, source, first_batch):
+    def input_statistics(self, source: BatchSource, first_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, variance) of the data for the input normaliser, fitted at step 0."""
         stats = statistics(source)
         if stats is None:  # an iterable: its first batch is all that can be seen without consuming it
             stats = (first_batch.double().mean(0), first_batch.double().var(0, unbiased=False))
         return stats
 
-    def global_rows(self, x):
+    def global_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The whole global batch (b_dec's step-0 initialisation sees what one process would)."""
         return x
 
-    def reconstruction_loss(self, x, recon, kind):
+    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
+        """The reconstruction loss of the global batch (losses.reconstruction_loss)."""
         return losses.reconstruction_loss(x, recon, kind)
 
-    def count_fired(self, tokens_since_fired, codes):
+    def count_fired(self, tokens_since_fired: torch.Tensor, codes: SparseCodes) -> None:
+        """Update the dead-latent counters in place with this batch's codes."""
         losses.update_dead_counters(tokens_since_fired, codes)
 
-    def aux_loss(self, x, recon, dead, k_aux):
+    def aux_loss(self, x: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor, k_aux: Optional[int]) -> torch.Tensor:
+        """The auxiliary loss of the dead latents (losses.aux_loss)."""
         return losses.aux_loss(self.cc, x, recon, dead, k_aux)
 
-    def l1_penalty(self, codes, w):
+    def l1_penalty(self, codes: SparseCodes, w: torch.Tensor) -> torch.Tensor:
+        """The L1 crosscoder's decoder-norm-weighted sparsity penalty (losses.l1_penalty)."""
         return losses.l1_penalty(codes, w)
 
-    def loss_values(self, loss, terms):
+    def loss_values(
+        self, loss: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> tuple[float, Optional[dict[str, float]]]:
         """(loss as a float, {term: float} or None to read the terms only when they are logged)."""
         return float(loss.detach()), None  # the step's one host sync
 
-    def backward(self, loss, opt):
+    def backward(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backpropagate the loss (scaled, then unscaled before clipping, under fp16)."""
         if self.scaler is None:
             loss.backward()
         else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(opt)  # clip the true gradients; the scaler skips a step whose gradients overflowed
 
-    def clip(self, params, max_norm):
+    def clip(self, params: Iterable[torch.nn.Parameter], max_norm: Optional[float]) -> Optional[torch.Tensor]:
         """The gradients' global norm (None when not clipping), clipped to max_norm."""
         return torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm is not None else None
 
-    def optimizer_step(self, opt):
+    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        """Step the optimizer (through the loss scaler under fp16)."""
         if self.scaler is None:
             opt.step()
         else:
             self.scaler.step(opt)
             self.scaler.update()
 
-    def record(self, x, out, tokens_since_fired, config, **values):
+    def record(
+        self,
+        x: torch.Tensor,
+        out: CrossCoderOutput,
+        tokens_since_fired: torch.Tensor,
+        config: TrainConfig,
+        **values: Any,
+    ) -> dict[str, Any]:
         """The log record of a step: `values` (step, loss, the loss terms, lr, grad_norm) plus batch statistics."""
         fve, fve_models = fraction_of_variance_explained(x, out.recon.detach())
         grad_norm = values.pop("grad_norm")
@@ -209,7 +245,16 @@ class Runtime:
             delta_norm_bands=band_counts(self.cc),
         )
 
-    def save(self, config, step, opt, schedule, tokens_since_fired, source):
+    def save(
+        self,
+        config: TrainConfig,
+        step: int,
+        opt: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        tokens_since_fired: torch.Tensor,
+        source: BatchSource,
+    ) -> str:
+        """Write step `step`'s checkpoint (the model and trainer.pt) and return its directory."""
         return save_checkpoint(
             config.checkpoint_dir,
             step,
@@ -228,7 +273,9 @@ class Runtime:
         )
 
 
-def run(runtime, data, config, *, resume=False, until=None):
+def run(
+    runtime: Runtime, data: TrainData, config: TrainConfig, *, resume: bool = False, until: Optional[int] = None
+) -> TrainResult:
     """The step loop of both trainers (see the module docstring), in `runtime`'s process layout."""
     cc = runtime.cc
     device = cc.W_enc.device
@@ -321,11 +368,36 @@ def run(runtime, data, config, *, resume=False, until=None):
     return TrainResult(steps=step, last=last, checkpoint=checkpoint)
 
 
-def train(crosscoder, data, config=None, *, resume=False, until=None):
-    """Train `crosscoder` in place on `data` (a tensor [N, M, d], an activation store or an iterable of batches)
-    for config.steps steps (the schedule's length). `until` stops this call after that step (a checkpoint is
-    written there when checkpoint_dir is set), e.g. to train in sessions; `resume=True` continues from the newest
-    checkpoint. Returns a TrainResult."""
+def train(
+    crosscoder: CrossCoder,
+    data: TrainData,
+    config: Optional[TrainConfig] = None,
+    *,
+    resume: bool = False,
+    until: Optional[int] = None,
+) -> TrainResult:
+    """Train `crosscoder` in place on `data` for config.steps steps (docs/math.md's recipe; see the module docstring).
+
+    Args:
+        crosscoder: The CrossCoder to train; its parameters are updated in place.
+        data: A tensor [N, M, d], an activation store, a batch source (next/state_dict/load_state_dict) or an
+            iterable of [B, M, d] batches.
+        config: The run's settings (None: TrainConfig()); config.steps is the schedule's length.
+        resume: Continue from the newest checkpoint under config.checkpoint_dir (N steps straight and N/2 +
+            resume + N/2 give identical weights).
+        until: Stop this call after that step (a checkpoint is written there when checkpoint_dir is set), e.g. to
+            train in sessions; None: run to config.steps.
+
+    Returns:
+        A TrainResult: the steps taken, the last log record and the newest checkpoint.
+
+    Raises:
+        ValueError: A setting of config is invalid, crosscoder is not a CrossCoder, or the config does not fit it
+            (e.g. mixed precision on a non-fp32 crosscoder).
+        FileNotFoundError: resume=True but checkpoint_dir holds no checkpoint.
+        FileExistsError: resume=False but checkpoint_dir already holds checkpoints.
+        FloatingPointError: A step's loss was not finite (the weights were not updated).
+    """
     config = config or TrainConfig()
     config.validate()
     return run(Runtime(crosscoder, config), data, config, resume=resume, until=until)

@@ -1,16 +1,23 @@
-"""Training losses of SPEC.md: reconstruction (unsquared L2 by default), the L1 crosscoder's sparsity penalty
+"""Training losses of docs/math.md: reconstruction (unsquared L2 by default), the L1 crosscoder's sparsity penalty
 weighted by decoder norms, the auxiliary loss for dead latents, and the dead-latent counters.
 
 Reference-quality PyTorch: the auxiliary loss touches only the dead latents (a GEMM over their encoder rows), so
 it costs little while few latents are dead, and its gradient reaches exactly those latents' encoder and decoder.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
 import torch
+
+if TYPE_CHECKING:
+    from ..layer import CrossCoder, SparseCodes
 
 RECONSTRUCTIONS = ("l2", "squared")
 
 
-def reconstruction_loss(x, recon, kind="l2"):
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """Mean over rows and models of ||x[b, m] - recon[b, m]||_2 ("l2", the reference default) or of its square
     ("squared")."""
     if kind not in RECONSTRUCTIONS:
@@ -21,19 +28,19 @@ def reconstruction_loss(x, recon, kind="l2"):
     return err.pow(2).sum(-1).mean()
 
 
-def l1_penalty(codes, w):
+def l1_penalty(codes: SparseCodes, w: torch.Tensor) -> torch.Tensor:
     """mean_b sum_j f[b, j] * w_j over the kept (sparse) codes: the L1 crosscoder's sparsity term."""
     return (codes.values.float() * w[codes.indices.long()]).sum() / codes.n_rows
 
 
-def fired_latents(codes):
+def fired_latents(codes: SparseCodes) -> torch.Tensor:
     """[F] bool: latents that carried a non-zero value in this batch."""
     fired = torch.zeros(codes.n_latents, dtype=torch.bool, device=codes.values.device)
     fired[codes.indices.long()[codes.values != 0]] = True
     return fired
 
 
-def update_dead_counters(tokens_since_fired, codes):
+def update_dead_counters(tokens_since_fired: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
     """In place: += B for every latent, reset to 0 where the latent fired (SPEC: dead after >= dead_tokens).
 
     The trainers call it with the current batch BEFORE the aux loss, as the paper's trainer does, so a latent
@@ -43,7 +50,7 @@ def update_dead_counters(tokens_since_fired, codes):
     return tokens_since_fired
 
 
-def dead_codes(cc, x, dead_ids):
+def dead_codes(cc: CrossCoder, x: torch.Tensor, dead_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(f, s) [B, n_dead] fp32 of the latents dead_ids: their ReLU codes (differentiable) and their selection
     scores f * w (detached)."""
     # In x's dtype: under mixed precision the fp32 master rows are cast like the main encoder's weights.
@@ -52,12 +59,14 @@ def dead_codes(cc, x, dead_ids):
     return f, f.detach() * cc.decoder_norm_weights()[dead_ids]
 
 
-def aux_k(cc, k_aux, n_dead):
+def aux_k(cc: CrossCoder, k_aux: Optional[int], n_dead: int) -> int:
     """Dead latents decoded per row by the aux loss: k_aux (default d/2), at most the n_dead there are."""
     return min(cc.d_model // 2 if k_aux is None else k_aux, n_dead)
 
 
-def aux_loss(cc, x, recon, dead, k_aux=None):
+def aux_loss(
+    cc: CrossCoder, x: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor, k_aux: Optional[int] = None
+) -> torch.Tensor:
     """SPEC's auxiliary loss for dead latents.
 
     Per row, the k_aux = min(d/2, n_dead) dead latents with the largest scores s = f * w are decoded from their
@@ -86,7 +95,7 @@ def aux_loss(cc, x, recon, dead, k_aux=None):
     return (e - xhat_aux).pow(2).sum(-1).mean() / variance
 
 
-def geometric_median(points, iters=100, eps=1e-8):
+def geometric_median(points: torch.Tensor, iters: int = 100, eps: float = 1e-8) -> torch.Tensor:
     """Weiszfeld's algorithm over the rows of points [N, D] (fp32): the point minimising the summed distances."""
     points = points.float()
     y = points.mean(0)

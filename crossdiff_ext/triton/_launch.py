@@ -7,7 +7,8 @@ import torch
 import triton
 
 
-def interpreted():
+def interpreted() -> bool:
+    """Whether Triton's interpreter is on (TRITON_INTERPRET=1): kernels run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -16,7 +17,7 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def target_programs(device):
+def target_programs(device: torch.device | str) -> int:
     """Programs for the streaming kernels: enough to fill the GPU several times, few where they run serially."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -24,12 +25,13 @@ def target_programs(device):
     return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def select_block(F):
+def select_block(F: int) -> int:
     """Latents per tile of the selection kernels: one row segment, a power of two in [16, 2048]."""
     return max(16, min(2048, triton.next_power_of_2(F)))
 
 
-def select_warps(block):
+def select_warps(block: int) -> int:
+    """Warps per program of the selection kernels for tiles of `block` latents."""
     return 8 if block >= 2048 else 4
 
 
@@ -40,16 +42,16 @@ ENTRY_BLOCK = 64 if interpreted() else 16
 ORDER_BLOCK = 128
 
 
-def row_block(D):
+def row_block(D: int) -> int:
     """Columns of the [M * d] rows per program of the sparse decode and weight-gradient kernels."""
     return max(16, min(512, triton.next_power_of_2(D)))
 
 
-def dot_block(D):
+def dot_block(D: int) -> int:
     """Columns per step of the per-entry dot products (the loop covers all D)."""
     return max(16, min(256, triton.next_power_of_2(D)))
 
 
-def order_chunks(B, F):
+def order_chunks(B: int, F: int) -> int:
     """Row chunks of the counting sort: its cursor table is [chunks, F] int64, kept under 2^24 entries."""
     return max(1, min(B, 64, (1 << 24) // F))

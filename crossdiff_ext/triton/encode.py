@@ -109,11 +109,12 @@ def _encode_kernel(
     tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty), mask=in_b[:, None] & in_f[None, :])
 
 
-def paired_encode(x, W_enc, b_enc):
+def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """Launch the paired encoder: f [B, F] in x's dtype (fp32 accumulation)."""
     B, M, d = x.shape
     F = W_enc.shape[0]
     if x.stride(2) != 1:
-        x = x.contiguous()  # the feature axis must be unit-stride (DESIGN.md data layout); others are free
+        x = x.contiguous()  # the feature axis must be unit-stride (the data layout); others are free
     W_enc, b_enc = W_enc.contiguous(), b_enc.contiguous()
     f = torch.empty(B, F, dtype=x.dtype, device=x.device)
     K = M * d

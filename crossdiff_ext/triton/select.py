@@ -241,7 +241,10 @@ def _compact(f, w, state, theta, nnz, topk, tiling):
     return values, indices, torch.cumsum(row_counts, 0)
 
 
-def batch_topk(f, w, K):
+def batch_topk(
+    f: torch.Tensor, w: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the exact batch top-K: (values [K], indices [K], row_ptr [B+1], min_score), no host sync."""
     f, w = f.contiguous(), w.contiguous()
     B, F = f.shape
     tiling = _tiling(B, F, f.device)
@@ -281,7 +284,8 @@ def batch_topk(f, w, K):
     return values, indices, row_ptr, min_score
 
 
-def threshold_select(f, w, theta):
+def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the threshold selection: (values [nnz], indices [nnz], row_ptr [B+1]); one host sync for nnz."""
     f, w = f.contiguous(), w.contiguous()
     B, F = f.shape
     if B * F == 0:  # no tiles to launch (and _tiling would divide by zero): empty codes, B + 1 zero row pointers

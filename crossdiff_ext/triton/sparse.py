@@ -12,6 +12,8 @@ Every sum runs in fp32 in a fixed order (no float atomics), so results are deter
                       in row order; column block 0 also writes the value sums (the bias gradient).
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -146,7 +148,10 @@ def _width(W):
     return W.shape[1] * W.shape[2]
 
 
-def sparse_decode(values, indices, row_ptr, W, bias):
+def sparse_decode(
+    values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Launch the sparse decoder: [B, M, d] in W's dtype."""
     W = W.contiguous()
     B, D = row_ptr.shape[0] - 1, _width(W)
     out = torch.empty(B, *W.shape[1:], dtype=W.dtype, device=W.device)
@@ -170,7 +175,10 @@ def sparse_decode(values, indices, row_ptr, W, bias):
     return out
 
 
-def sparse_values_grad(grad_out, indices, row_ptr, W):
+def sparse_values_grad(
+    grad_out: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
+    """Launch the per-entry dot products: [nnz] in W's dtype."""
     W, grad_out = W.contiguous(), grad_out.contiguous()
     nnz, D = indices.shape[0], _width(W)
     out = torch.empty(nnz, dtype=W.dtype, device=W.device)
@@ -192,7 +200,10 @@ def sparse_values_grad(grad_out, indices, row_ptr, W):
     return out
 
 
-def latent_order(indices, row_ptr, n_latents):
+def latent_order(
+    indices: torch.Tensor, row_ptr: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the stable counting sort by latent: (col_ptr [F+1], perm [nnz], rows [nnz])."""
     indices, row_ptr = indices.contiguous(), row_ptr.contiguous()
     B, nnz, F = row_ptr.shape[0] - 1, indices.shape[0], n_latents
     device = indices.device
@@ -227,7 +238,10 @@ def latent_order(indices, row_ptr, n_latents):
     return col_ptr, perm, rows
 
 
-def sparse_weight_grad(values, dense, col_ptr, perm, rows):
+def sparse_weight_grad(
+    values: torch.Tensor, dense: torch.Tensor, col_ptr: torch.Tensor, perm: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the per-latent reductions: (grad_W [F, M, d] in dense's dtype, value_sums [F] fp32)."""
     dense = dense.contiguous()
     F, D = col_ptr.shape[0] - 1, dense.shape[1] * dense.shape[2]
     grad = torch.empty(F, *dense.shape[1:], dtype=dense.dtype, device=dense.device)
