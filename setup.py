@@ -21,6 +21,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+os.chdir(ROOT)  # the relative source paths below are relative to this file
 
 
 def _load_source_hash():
@@ -67,7 +68,9 @@ def _want_cuda():
 
 
 def _extension():
-    sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    # Paths relative to this file: setuptools lists extension sources in the package manifest, which refuses
+    # absolute paths (pip builds with the repository root as the working directory).
+    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define = [("CROSSDIFF_SOURCE_HASH", f'"{_load_source_hash()}"')]
     # -ffp-contract=off: no multiply-add contraction, so every score is the rounded product f * w (score_key.h).
     cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fdiagnostics-color=always"]
@@ -95,7 +98,7 @@ def _extension():
     # ATen/cuda headers include cublas/cusparse headers, which the minimal toolkit here lacks and the nvidia
     # pip wheels carry (docs/backends.md).
     include_dirs = [p for p in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))]
-    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     return cpp_extension.CUDAExtension(
         "crossdiff_ext._C",
         sources,
