@@ -14,8 +14,6 @@ Results are pooled per kind over the seeds, so one lucky seed cannot carry them.
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +24,8 @@ import crossdiff_ext as cx
 from crossdiff_ext import atomic
 from crossdiff_ext.demo import synthetic
 from crossdiff_ext.layer import norms
+
+from . import timing
 
 # The band each concept kind's latent belongs in (norms.BANDS names).
 EXPECTED_BAND = {"shared": "shared", "chat_only": "chat_only", "base_only": "base_only", "weak_in_base": "other"}
@@ -148,6 +148,7 @@ def run(setting: Setting, seeds, cases=CASES, after_seed=None, previous=None) ->
             results[name]["per_seed"] = {int(k): v for k, v in r["per_seed"].items()}
         done = list(previous["seeds"])
         t0 -= previous["seconds"]
+    machine, commit = timing.machine_info(), timing.git_commit(cwd=os.path.dirname(os.path.abspath(__file__)))
     for seed in seeds:
         if seed in done:
             continue
@@ -167,27 +168,14 @@ def run(setting: Setting, seeds, cases=CASES, after_seed=None, previous=None) ->
             results=results,
             rows=rows,
             seconds=round(time.perf_counter() - t0, 1),
-            device=platform.processor() or platform.machine(),
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            commit=_commit(),
+            device=machine["device"],
+            threads=machine["torch_threads"],
+            torch=machine["torch"],
+            commit=commit,
         )
         if after_seed is not None:
             after_seed(result)
     return result
-
-
-def _commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def markdown(result: dict) -> str:

@@ -5,6 +5,7 @@ method and class constructor; docstrings in one style (summary line; Args / Retu
 import ast
 import inspect
 import pathlib
+import textwrap
 import types
 
 import crossdiff_ext as cx
@@ -55,7 +56,7 @@ def _raises_directly(fn):
         source = inspect.getsource(fn)
     except (OSError, TypeError):
         return False
-    tree = ast.parse(inspect.cleandoc("\n" + source) if source.startswith((" ", "\t")) else source)
+    tree = ast.parse(textwrap.dedent(source))
     root = tree.body[0]
     stack = list(ast.iter_child_nodes(root))
     while stack:
