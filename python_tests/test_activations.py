@@ -126,7 +126,7 @@ def test_collect_errors_are_clear(pair, data, tmp_path):
     other = make_model(tmp_path / "other", 2, words=WORDS[:-3] + ["x", "y", "z"])
     with pytest.raises(ValueError, match="tokenizers disagree"):
         activations.collect(pair[0], other, 1, data, tmp_path / "s1", device="cpu", progress=False)
-    with pytest.raises(ValueError, match=r"layer must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\)"):
         activations.collect(*pair, 3, data, tmp_path / "s2", device="cpu", progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         activations.collect(*pair, 1, str(tmp_path / "missing.jsonl"), tmp_path / "s3", device="cpu", progress=False)

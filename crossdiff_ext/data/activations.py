@@ -3,10 +3,10 @@
 The same token ids go through both models: documents are tokenized once, with the fine-tuned (chat) model's
 tokenizer, after checking that both tokenizers have the same vocabulary. Chat data (a list of {"role", "content"}
 messages) gets the chat model's chat template. The activation of layer L is the residual stream after block L
-(hidden_states[L + 1] of a transformers causal LM; for the last block transformers applies the final norm
-there, so use L < n_layers - 1 for the raw residual). Padding is dropped, and optionally the first `drop_first`
-tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every kept token is one row [2, d] of
-the store (model 0 = base, 1 = chat), with its token id and position.
+(block L's output; for L < n_layers - 1 that is hidden_states[L + 1] of a transformers causal LM). Each model runs
+only up to block L (decoder_blocks.run_to_layer): no later block, final norm or LM head. Padding is dropped, and
+optionally the first `drop_first` tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every
+kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position.
 
 Resumable: with resume=True the collection re-tokenizes the documents (tokenizer only, no model) to skip the
 rows the store already holds, and continues. Deterministic for a given document list.
@@ -19,7 +19,11 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .decoder_blocks import hidden_size, run_to_layer
+from .models import check_tokenizers, load_pair, model_name
 from .store import ActivationStore, StoreWriter
+
+__all__ = ["check_tokenizers", "collect", "read_documents", "template_token_ids", "tokenize"]
 
 
 def _record(record, where):
@@ -87,18 +91,6 @@ def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union
     return docs
 
 
-def check_tokenizers(tokenizer_base: Any, tokenizer_chat: Any) -> None:
-    """Both models must read the same token ids: the vocabularies must agree."""
-    vb, vc = tokenizer_base.get_vocab(), tokenizer_chat.get_vocab()
-    if vb != vc:
-        only_b, only_c = sorted(set(vb) - set(vc))[:5], sorted(set(vc) - set(vb))[:5]
-        moved = [t for t in vb if t in vc and vb[t] != vc[t]][:5]
-        raise ValueError(
-            f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
-            f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models"
-        )
-
-
 def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_length: int) -> list[int]:
     """Token ids of a document (a string, or chat messages through the chat template), cut to context_length."""
     if isinstance(doc, str):
@@ -111,14 +103,6 @@ def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_
     else:
         raise ValueError(f"a document must be a string or a list of {{'role', 'content'}} messages, got {doc!r:.80}")
     return list(ids)[:context_length]
-
-
-def _hidden_size(model):
-    return model.config.hidden_size
-
-
-def _n_layers(model):
-    return model.config.num_hidden_layers
 
 
 def collect(
@@ -141,35 +125,15 @@ def collect(
 ) -> ActivationStore:
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
     base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def load(spec):
-        if isinstance(spec, tuple):
-            return spec
-        if isinstance(spec, str) and not os.path.exists(spec) and spec.startswith((".", "/")):
-            raise FileNotFoundError(f"model directory {spec!r} does not exist")
-        model = (
-            AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype)
-            if model_dtype
-            else AutoModelForCausalLM.from_pretrained(spec)
-        )
-        return model, AutoTokenizer.from_pretrained(spec)
-
-    (m_base, t_base), (m_chat, t_chat) = load(base), load(chat)
-    check_tokenizers(t_base, t_chat)
-    for name, model in (("base", m_base), ("chat", m_chat)):
-        if not 0 <= layer < _n_layers(model):
-            raise ValueError(f"layer must be in [0, {_n_layers(model)}) for the {name} model, got {layer}")
-    if _hidden_size(m_base) != _hidden_size(m_chat):
-        raise ValueError(f"the models' widths differ: {_hidden_size(m_base)} vs {_hidden_size(m_chat)}")
     if drop_first < 0 or context_length < 1 or batch_size < 1:
         raise ValueError("drop_first must be >= 0, context_length and batch_size >= 1")
+    (m_base, t_base), (m_chat, t_chat) = load_pair(base, chat, [layer], dtype=model_dtype)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
-    d = _hidden_size(m_base)
+    d = hidden_size(m_base)
     info = dict(
-        base=str(base if isinstance(base, str) else type(base[0]).__name__),
-        chat=str(chat if isinstance(chat, str) else type(chat[0]).__name__),
+        base=model_name(base),
+        chat=model_name(chat),
         layer=layer,
         drop_first=drop_first,
         context_length=context_length,
@@ -242,10 +206,7 @@ def _run(m_base, m_chat, batch, layer, pad, device):
         attention[i, : len(ids)] = 1
         keep[i, first : len(ids)] = True
     input_ids, attention = input_ids.to(device), attention.to(device)
-    states = [
-        m(input_ids=input_ids, attention_mask=attention, output_hidden_states=True).hidden_states[layer + 1]
-        for m in (m_base, m_chat)
-    ]
+    states = [run_to_layer(m, layer, input_ids=input_ids, attention_mask=attention) for m in (m_base, m_chat)]
     keep = keep.to(device)
     rows = torch.stack([s[keep] for s in states], dim=1).float().cpu()
     positions = torch.arange(length, device=device).expand(len(batch), length)[keep].cpu()

@@ -1,0 +1,96 @@
+"""Load a base model and its fine-tuned version as a checked pair.
+
+A model is a directory, a hub name or an already loaded (model, tokenizer) pair. The pair is checked before any
+weights are read, from the configs and tokenizers alone: both must read the same token ids, have the same width,
+and have every requested layer.
+"""
+
+import os
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+
+from .decoder_blocks import check_layer, hidden_size
+
+ModelSpec = Union[str, os.PathLike, tuple[Any, Any]]
+
+
+def check_tokenizers(tokenizer_base: Any, tokenizer_chat: Any) -> None:
+    """Both models must read the same token ids: the vocabularies must agree.
+
+    Args:
+        tokenizer_base: The base model's tokenizer.
+        tokenizer_chat: The chat model's tokenizer.
+
+    Raises:
+        ValueError: The vocabularies differ (the message lists a few differences).
+    """
+    vb, vc = tokenizer_base.get_vocab(), tokenizer_chat.get_vocab()
+    if vb != vc:
+        only_b, only_c = sorted(set(vb) - set(vc))[:5], sorted(set(vc) - set(vb))[:5]
+        moved = [t for t in vb if t in vc and vb[t] != vc[t]][:5]
+        raise ValueError(
+            f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
+            f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models"
+        )
+
+
+def _config_and_tokenizer(spec):
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise ValueError(f"a loaded model must be a (model, tokenizer) pair, got a tuple of {len(spec)}")
+        return spec[0].config, spec[1]
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = os.fspath(spec)
+    if not os.path.exists(path) and path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def load_pair(
+    base: ModelSpec,
+    chat: ModelSpec,
+    layers: Sequence[int],
+    *,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """Check, then load, a base model and its fine-tuned version.
+
+    Args:
+        base: The base model: a directory, a hub name, or a loaded (model, tokenizer) pair.
+        chat: The fine-tuned (chat) model, likewise.
+        layers: The block indices that will be read (each must exist in both models).
+        dtype: dtype to load the weights in (None: the checkpoint's); loaded pairs are left as they are.
+
+    Returns:
+        ((base_model, base_tokenizer), (chat_model, chat_tokenizer)).
+
+    Raises:
+        FileNotFoundError: A model directory does not exist.
+        ValueError: The tokenizers or widths differ, or a layer is out of range (all checked before any weights
+            are loaded).
+    """
+    (config_b, tok_b), (config_c, tok_c) = _config_and_tokenizer(base), _config_and_tokenizer(chat)
+    check_tokenizers(tok_b, tok_c)
+    if hidden_size(config_b) != hidden_size(config_c):
+        raise ValueError(f"the models' widths differ: {hidden_size(config_b)} (base) vs {hidden_size(config_c)} (chat)")
+    for layer in layers:
+        check_layer(config_b, layer, "the base model")
+        check_layer(config_c, layer, "the chat model")
+
+    def load(spec, tokenizer):
+        if isinstance(spec, tuple):
+            return spec
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(os.fspath(spec), **kwargs), tokenizer
+
+    return load(base, tok_b), load(chat, tok_c)
+
+
+def model_name(spec: ModelSpec) -> str:
+    """How a model spec is recorded: its path or hub name, or the class name of a loaded model."""
+    return type(spec[0]).__name__ if isinstance(spec, tuple) else os.fspath(spec)
