@@ -12,6 +12,8 @@ from .data import ActivationStore, MixedBatches
 from .demo.synthetic import planted_dictionary
 from .diffing import (
     LatentScalingResult,
+    ablate,
+    causal,
     classify_latents,
     decoder_cosine,
     delta_norm,
@@ -19,6 +21,7 @@ from .diffing import (
     encoder_delta_norm,
     latent_scaling,
     latent_table,
+    steer,
     write_table,
 )
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
@@ -46,6 +49,9 @@ __all__ = [
     "write_table",
     "latent_scaling",
     "LatentScalingResult",
+    "causal",
+    "steer",
+    "ablate",
     "planted_dictionary",
     "TrainConfig",
     "TrainResult",

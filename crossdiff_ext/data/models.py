@@ -55,6 +55,7 @@ def load_pair(
     layers: Sequence[int],
     *,
     dtype: Optional[Union[torch.dtype, str]] = None,
+    width: Optional[int] = None,
 ) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """Check, then load, a base model and its fine-tuned version.
 
@@ -63,19 +64,22 @@ def load_pair(
         chat: The fine-tuned (chat) model, likewise.
         layers: The block indices that will be read (each must exist in both models).
         dtype: dtype to load the weights in (None: the checkpoint's); loaded pairs are left as they are.
+        width: The width the models must have (e.g. a crosscoder's d_model); None: no such check.
 
     Returns:
         ((base_model, base_tokenizer), (chat_model, chat_tokenizer)).
 
     Raises:
         FileNotFoundError: A model directory does not exist.
-        ValueError: The tokenizers or widths differ, or a layer is out of range (all checked before any weights
-            are loaded).
+        ValueError: The tokenizers or widths differ (from each other or from `width`), or a layer is out of range
+            (all checked before any weights are loaded).
     """
     (config_b, tok_b), (config_c, tok_c) = _config_and_tokenizer(base), _config_and_tokenizer(chat)
     check_tokenizers(tok_b, tok_c)
     if hidden_size(config_b) != hidden_size(config_c):
         raise ValueError(f"the models' widths differ: {hidden_size(config_b)} (base) vs {hidden_size(config_c)} (chat)")
+    if width is not None and hidden_size(config_b) != width:
+        raise ValueError(f"the crosscoder's d_model is {width}, the models' width is {hidden_size(config_b)}")
     for layer in layers:
         check_layer(config_b, layer, "the base model")
         check_layer(config_c, layer, "the chat model")

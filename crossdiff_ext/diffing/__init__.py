@@ -1,6 +1,7 @@
-"""Reading a crosscoder: decoder norms and latent classes (analysis.py), Latent Scaling, max-activating examples
-and the HTML report."""
+"""Reading a crosscoder: decoder norms and latent classes (analysis.py), Latent Scaling, max-activating examples,
+the HTML report, causal evidence by activation patching (causal.py) and steering (steering.py)."""
 
+from . import causal
 from .analysis import (
     classify_latents,
     decoder_cosine,
@@ -11,6 +12,7 @@ from .analysis import (
     write_table,
 )
 from .latent_scaling import LatentScalingResult, latent_scaling
+from .steering import ablate, steer
 
 __all__ = [
     "classify_latents",
@@ -22,4 +24,7 @@ __all__ = [
     "write_table",
     "LatentScalingResult",
     "latent_scaling",
+    "causal",
+    "steer",
+    "ablate",
 ]

@@ -158,6 +158,8 @@ def latent_table(
             table[f"beta_{target}_{m}"] = beta.tolist()
         table["firing_frequency"] = scaling.firing_frequency.tolist()
         table["mean_activation"] = scaling.mean_activation.tolist()
+        if scaling.activation_max is not None:
+            table["max_activation"] = scaling.activation_max.tolist()
     return table
 
 

@@ -56,6 +56,8 @@ class LatentScalingResult:
         base: Model index of the base model (default 0).
         chat: Model index of the chat model (default 1).
         targets: The targets computed, from ("reconstruction", "error") (default: none).
+        activation_max: [n] float64 the largest f over the data (NaN where a latent never fired); None in results
+            built without it.
     """
 
     beta: dict[tuple[str, int], torch.Tensor]
@@ -69,6 +71,7 @@ class LatentScalingResult:
     base: int = 0
     chat: int = 1
     targets: tuple[str, ...] = field(default_factory=tuple)
+    activation_max: Optional[torch.Tensor] = None
 
     @property
     def firing_frequency(self) -> torch.Tensor:
@@ -210,6 +213,7 @@ def latent_scaling(
     probe_W = probe_rows[:, None, :]  # [F, 1, d]: the per-entry dot over one model's coordinates
     columns = [(t, m) for t in targets for m in range(M)]
     sums = torch.zeros(F, len(columns) + 3, dtype=torch.float64, device=device)  # f*p per column, f^2, f, 1
+    largest = torch.zeros(F, dtype=torch.float64, device=device)  # f > 0 where kept; max is order-independent
     tokens = 0
     with inference_pass(cc, data, batch_size, desc="latent scaling" if progress else None) as batches:
         for x in batches:
@@ -227,6 +231,7 @@ def latent_scaling(
                 q.append(f * p)
             q += [f * f, f, (f != 0).float()]
             sums += _segment_sums(torch.stack(q, dim=1), col_ptr, perm)
+            largest.scatter_reduce_(0, codes.indices.long(), f.double(), reduce="amax")
             tokens += x.shape[0]
     if tokens == 0:
         raise ValueError("data yielded no batches")
@@ -267,6 +272,7 @@ def latent_scaling(
         base=base,
         chat=chat,
         targets=targets,
+        activation_max=pick(torch.where(count > 0, largest, torch.full_like(largest, math.nan))),
     )
 
 
