@@ -5,6 +5,10 @@ crossdiff train --store STORE --out RUN --dict-size F -k K              train a 
 torchrun --nproc-per-node 8 -m crossdiff_ext train ... --latent-parallel 4   the same on a 2 x 4 mesh
 crossdiff scale --checkpoint RUN/step-N --store STORE --out latents.csv  Latent Scaling + the latent table
 crossdiff report --checkpoint RUN/step-N --store STORE --out report.html the HTML report (and the table)
+crossdiff causal --checkpoint CC --base B --chat C --layer L --data FILE --store STORE --out causal.json
+                 the activation-patching KL experiment on the paper's latent sets (or --latents FILE)
+crossdiff steer --checkpoint CC --model M --layer L --latents J ... --prompt TEXT   generate with and without
+                 the latents steered in (or --ablate: projected out)
 
 crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary,
                                 Delta_norm's chat-only latents against the truth, Latent Scaling's verdicts
@@ -27,14 +31,15 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from . import atomic, training
 from . import distributed as cxd
-from . import training
 from .data import MixedBatches, activations
 from .data.store import ActivationStore
 from .demo import demo as dm
 from .demo import miniature as mini
 from .demo import synthetic
-from .diffing import analysis
+from .diffing import analysis, causal, steering
+from .diffing.latent_scaling import latent_scaling
 from .diffing.report import report_crosscoder, scaled_table
 from .layer import CrossCoder
 from .training import TrainConfig
@@ -324,6 +329,91 @@ def miniature(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_sets_file(path):
+    """{name: [ids]} from a JSON file (e.g. the latent_sets of an earlier causal.json)."""
+    try:
+        with open(path) as fh:
+            sets = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--latents {path!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--latents {path}: not JSON ({err})") from None
+    sets = sets.get("latent_sets", sets) if isinstance(sets, dict) else sets
+    if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
+        raise ValueError(f"--latents {path}: expected a JSON object of set name -> list of latent ids")
+    return {name: torch.tensor(ids, dtype=torch.int64) for name, ids in sets.items()}
+
+
+def causal_patching(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`crossdiff causal`: the activation-patching KL experiment (diffing/causal.py) -> a JSON file."""
+    if (args.store is None) == (args.latents is None):
+        parser.error("give either --store (the paper's latent sets, from Latent Scaling) or --latents FILE")
+    sets = _latent_sets_file(args.latents) if args.latents else None
+    cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
+    if sets is None:
+        scaling = latent_scaling(cc, ActivationStore(args.store), progress=not args.quiet)
+        sets = causal.paper_latent_sets(cc, scaling, min_delta_norm=args.min_delta_norm, n=args.max_latents)
+    options = dict(
+        first_k=args.first_k,
+        ignore_first=args.ignore_first,
+        batch_size=args.batch_size,
+        device=args.device,
+        context_length=args.context_length,
+    )
+    result = causal.patch_kl(
+        args.base, args.chat, cc, args.layer, args.data, sets, variant=args.variant, progress=not args.quiet, **options
+    )
+    payload = dict(result.to_json(), checkpoint=args.checkpoint, latent_sets={k: v.tolist() for k, v in sets.items()})
+    if args.attribution:
+        options.pop("first_k")
+        payload["attribution"] = causal.attribution(
+            args.base, args.chat, cc, args.layer, args.data, variant=args.variant, **options
+        ).tolist()
+    atomic.write_json(args.out, payload, indent=1)
+    subsets = next(iter(result.kl.values())).keys()
+    for subset in subsets:
+        print(f"positions: {subset}\n{result.table(subset)}")
+    print(f"{args.out}: KL(P_chat || P_patched) of {len(result.kl)} sets over {result.documents} documents")
+    return 0
+
+
+def steer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`crossdiff steer`: generate from a prompt with and without the latents steered in (or ablated)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not args.ablate and (args.max_activation is None) == (args.store is None):
+        parser.error("steering needs one of --max-activation or --store (the maximum activations), or --ablate")
+    cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(cc.W_enc.device).eval()
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(cc.W_enc.device)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        plain = model.generate(ids, **options)
+        if args.ablate:
+            edit = steering.ablate(model, cc, args.latents, layer=args.layer, model_index=args.model_index)
+        else:
+            amount = args.max_activation
+            if amount is None:
+                amount = latent_scaling(cc, ActivationStore(args.store), latents=args.latents)
+            edit = steering.steer(
+                model,
+                cc,
+                args.latents,
+                layer=args.layer,
+                scale=args.scale,
+                model_index=args.model_index,
+                mode=args.mode,
+                max_activation=amount,
+            )
+        with edit:
+            edited = model.generate(ids, **options)
+    what = "ablated" if args.ablate else f"steered x{args.scale} ({args.mode})"
+    print(f"plain:   {tokenizer.decode(plain[0, ids.shape[1] :])}")
+    print(f"{what}: {tokenizer.decode(edited[0, ids.shape[1] :])}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The `crossdiff` command: parse `argv` (default sys.argv[1:]) and run the subcommand; returns its exit
     status."""
@@ -471,6 +561,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.add_argument("--top", type=int, default=20, help="fine-tuned-specific latents listed")
             p.add_argument("--title", default="crossdiff_ext: which concepts did fine-tuning introduce?")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("causal", help="activation-patching KL experiment: do the latents move the chat model?")
+    p.add_argument("--checkpoint", required=True, help="a two-model crosscoder directory")
+    p.add_argument("--base", required=True, help="base model directory or hub name")
+    p.add_argument("--chat", required=True, help="chat model directory or hub name")
+    p.add_argument("--layer", type=int, required=True, help="the crosscoder's layer (block index)")
+    p.add_argument("--data", required=True, help="JSONL / .txt file or directory, or hf:NAME[:SPLIT]")
+    p.add_argument("--store", default=None, help="an activation store: the paper's latent sets from Latent Scaling")
+    p.add_argument("--latents", default=None, help='a JSON file {"set name": [latent ids], ...}')
+    p.add_argument("--out", required=True, help="causal.json")
+    p.add_argument("--variant", default="replace", choices=list(causal.VARIANTS))
+    p.add_argument("--first-k", type=int, default=10)
+    p.add_argument("--ignore-first", type=int, default=1)
+    p.add_argument("--min-delta-norm", type=float, default=0.6)
+    p.add_argument("--max-latents", type=int, default=3176, help="at most this many chat-leaning latents")
+    p.add_argument("--attribution", action="store_true", help="also the first-order causal score of every latent")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context-length", type=int, default=1024)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=lambda args, p=p: causal_patching(args, p))
+
+    p = sub.add_parser("steer", help="generate with and without crosscoder latents steered in (or ablated)")
+    p.add_argument("--checkpoint", required=True, help="a crosscoder directory")
+    p.add_argument("--model", required=True, help="the model to steer (directory or hub name)")
+    p.add_argument("--layer", type=int, required=True, help="the crosscoder's layer (block index)")
+    p.add_argument("--latents", type=int, nargs="+", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--scale", type=float, default=1.0, help="multiple of each latent's maximum activation")
+    p.add_argument("--max-activation", type=float, default=None, help="default: measured over --store")
+    p.add_argument("--store", default=None, help="activation store the maximum activations are measured on")
+    p.add_argument("--mode", default="all_tokens", choices=list(steering.MODES))
+    p.add_argument("--model-index", type=int, default=1, help="the decoder whose rows steer (default 1: chat)")
+    p.add_argument("--ablate", action="store_true", help="project the latents' directions out instead")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=lambda args, p=p: steer(args, p))
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -3,6 +3,7 @@ architectures, exact identities of the patching experiment against direct hook-b
 against finite differences, the scored positions of conversations, the paper's latent sets, and clear errors
 before any model runs."""
 
+import json
 import math
 
 import pytest
@@ -416,3 +417,59 @@ def test_bad_input_is_refused_before_any_model_runs(pair, tmp_path, no_weights):
             )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cx.causal.attribution(str(tmp_path / "missing"), chat, cc, LAYER, DOCS)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def test_command_line_causal_and_steer(pair, tmp_path, capsys):  # noqa: F811
+    from crossdiff_ext import cli
+    from crossdiff_ext.data import activations
+
+    cc = random_crosscoder(9)
+    cc.save_pretrained(tmp_path / "cc")
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(DOCS) + "\n")
+    store = activations.collect(pair[0], pair[1], LAYER, str(data), tmp_path / "store", device="cpu", progress=False)
+    sets = tmp_path / "sets.json"
+    sets.write_text('{"pair": [0, 1], "random_0": [2, 3], "random_1": [4, 5]}')
+    common = ["--checkpoint", str(tmp_path / "cc"), "--base", pair[0], "--chat", pair[1], "--layer", str(LAYER)]
+    out = tmp_path / "causal.json"
+    assert (
+        cli.main(
+            [
+                "causal",
+                *common,
+                "--data",
+                str(data),
+                "--latents",
+                str(sets),
+                "--out",
+                str(out),
+                "--quiet",
+                "--attribution",
+            ]
+        )
+        == 0
+    )
+    payload = json.loads(out.read_text())
+    assert set(payload["kl"]) == {"none", "all", "pair", "random_0", "random_1", "random"}
+    assert payload["kl"]["random"]["all"]["n"] == 2 * payload["kl"]["pair"]["all"]["n"]
+    assert len(payload["attribution"]) == cc.dict_size and payload["latent_sets"]["pair"] == [0, 1]
+    assert "positions: all" in capsys.readouterr().out
+
+    paper = tmp_path / "paper.json"
+    args = ["causal", *common, "--data", str(data), "--store", str(store.path), "--min-delta-norm", "0", "--out"]
+    assert cli.main([*args, str(paper), "--quiet"]) == 0
+    assert {"delta_norm_better", "latent_scaling_worse", "random"} <= set(json.loads(paper.read_text())["kl"])
+
+    steer = ["steer", "--checkpoint", str(tmp_path / "cc"), "--model", pair[1], "--layer", str(LAYER)]
+    steer += ["--latents", "0", "1", "--prompt", DOCS[0], "--max-new-tokens", "2"]
+    assert cli.main([*steer, "--max-activation", "2.0", "--scale", "3"]) == 0
+    assert cli.main([*steer, "--store", str(store.path)]) == 0
+    assert cli.main([*steer, "--ablate"]) == 0
+    printed = capsys.readouterr().out
+    assert "steered x3.0" in printed and "ablated:" in printed
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(steer)
+    assert exit_.value.code == 2
