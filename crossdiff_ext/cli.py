@@ -290,6 +290,22 @@ def _tokenizer(spec, store):
         return None
 
 
+def _causal_file(path):
+    """The result of `crossdiff causal` (None without --causal)."""
+    if path is None:
+        return None
+    try:
+        with open(path) as fh:
+            payload = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--causal {path!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--causal {path}: not JSON ({err})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("kl"), dict):
+        raise ValueError(f"--causal {path}: not a result of `crossdiff causal` (no 'kl' entry)")
+    return payload
+
+
 def report(args: argparse.Namespace) -> int:
     """`crossdiff report`: Latent Scaling, the latent table and max-activating examples -> an HTML page."""
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
@@ -305,6 +321,7 @@ def report(args: argparse.Namespace) -> int:
         meta=dict(checkpoint=args.checkpoint),
         batch_size=args.batch_size,
         progress=not args.quiet,
+        causal=_causal_file(args.causal),
     )
     print(
         f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}"
@@ -560,6 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.add_argument("--tokenizer", default=None, help="default: the store's chat model, when local")
             p.add_argument("--top", type=int, default=20, help="fine-tuned-specific latents listed")
             p.add_argument("--title", default="crossdiff_ext: which concepts did fine-tuning introduce?")
+            p.add_argument("--causal", default=None, help="causal.json of `crossdiff causal`: KL chart, causal score")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("causal", help="activation-patching KL experiment: do the latents move the chat model?")

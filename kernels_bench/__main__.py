@@ -10,6 +10,7 @@ BENCHES = {
     "scaling": "kernels_bench.scaling",
     "auto_table": "kernels_bench.auto_table",
     "recovery": "kernels_bench.recovery",
+    "causal_cost": "kernels_bench.causal_cost",
 }
 
 

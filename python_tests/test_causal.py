@@ -458,6 +458,12 @@ def test_command_line_causal_and_steer(pair, tmp_path, capsys):  # noqa: F811
     assert len(payload["attribution"]) == cc.dict_size and payload["latent_sets"]["pair"] == [0, 1]
     assert "positions: all" in capsys.readouterr().out
 
+    page = tmp_path / "report.html"
+    report = ["report", "--checkpoint", str(tmp_path / "cc"), "--store", str(store.path), "--out", str(page)]
+    assert cli.main([*report, "--causal", str(out), "--quiet"]) == 0
+    text = page.read_text()
+    assert "Causal patching" in text and "alt='KL per latent set'" in text and "<th>causal score</th>" in text
+
     paper = tmp_path / "paper.json"
     args = ["causal", *common, "--data", str(data), "--store", str(store.path), "--min-delta-norm", "0", "--out"]
     assert cli.main([*args, str(paper), "--quiet"]) == 0

@@ -1,8 +1,10 @@
 """`crossdiff report`: one self-contained HTML page about a crosscoder's latents (plots embedded as PNG).
 
 Sections: the Delta_norm histogram with the paper's bands; nu_error vs nu_reconstruction of the chat-only latents
-coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; and the most
-fine-tuned-specific latents with their max-activating contexts. The page needs no network and no script.
+coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; with a causal patching
+result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; and the most fine-tuned-specific
+latents with their max-activating contexts (and causal score, when attribution was run). The page needs no
+network and no script.
 """
 
 from __future__ import annotations
@@ -89,6 +91,38 @@ def _figures(table):
     return figs
 
 
+def kl_figure(kl: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Bars of the mean KL(P_chat || P_patched) per latent set and position subset, with 95% intervals, as a
+    base64 PNG. kl: the "kl" entry of PatchResult.to_json() (or of causal.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in kl if not n.startswith("random_")]  # the random sets appear pooled as "random"
+    subsets = [s for s in ("all", "first_k", "rest") if any(s in kl[n] for n in names)]
+    width = 0.8 / len(subsets)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 1.5), 3.4))
+    for i, subset in enumerate(subsets):
+        means = [kl[n].get(subset, {}).get("mean") for n in names]
+        errors = [kl[n].get(subset, {}).get("ci95") for n in names]
+        xs = [x + (i - (len(subsets) - 1) / 2) * width for x in range(len(names))]
+        ax.bar(
+            xs,
+            [m if m is not None else 0.0 for m in means],
+            width,
+            yerr=[e if e is not None else 0.0 for e in errors],
+            capsize=2,
+            label=subset,
+        )
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("KL(P_chat || P_patched)")
+    if len(subsets) > 1:
+        ax.legend(fontsize=7, title="positions", title_fontsize=7)
+    return _png(fig)
+
+
 def _context_html(example, decode):
     parts = []
     for i, token in enumerate(example.tokens):
@@ -111,9 +145,11 @@ def render(
     tokenizer: Optional[PreTrainedTokenizerBase] = None,
     top: int = 20,
     meta: Optional[Mapping[str, Any]] = None,
+    causal: Optional[Mapping[str, Any]] = None,
 ) -> str:
-    """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot); examples:
-    {latent: LatentExamples} for the latents to show; tokenizer: turns token ids into text (ids otherwise)."""
+    """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot; a
+    "causal_score" column is shown when present); examples: {latent: LatentExamples} for the latents to show;
+    tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json)."""
     figs = _figures(table)
     decode = _decoder(tokenizer)
     classes = {}
@@ -150,11 +186,23 @@ def render(
             f"<img alt='nu scatter' src='data:image/png;base64,{figs['nu']}'>"
         )
     out.append(f"<h2>Decoder cosine</h2><img alt='cosine histogram' src='data:image/png;base64,{figs['cosine']}'>")
+    if causal is not None:
+        out.append(
+            "<h2>Causal patching</h2><p>KL(P_chat || P_patched) of the chat model with the latent set patched into "
+            "the base model's activations at block "
+            f"{html.escape(str(causal.get('layer')))} (variant {html.escape(str(causal.get('variant')))}): "
+            "<i>none</i> feeds the base activations unedited, <i>all</i> the base reconstruction error plus the "
+            "chat reconstruction; lower is closer to the chat model. Bars: mean over the scored positions, "
+            f"whiskers: 95% intervals.</p><img alt='KL per latent set' src='data:image/png;base64,"
+            f"{kl_figure(causal['kl'])}'>"
+        )
 
     ranked = fine_tuned_latents(table, top)
     out.append(
         "<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th><th>Delta_norm</th>"
-        "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th><th>max-activating contexts</th></tr>"
+        "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th>"
+        + ("<th>causal score</th>" if "causal_score" in table else "")
+        + "<th>max-activating contexts</th></tr>"
     )
     for j in ranked:
         nu_e = table.get("nu_error", [math.nan] * F)[j]
@@ -168,7 +216,9 @@ def render(
             )
         out.append(
             f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
-            f"<td>{nu_e:.3f}</td><td>{nu_r:.3f}</td><td>{freq:.2e}</td><td>{ctx}</td></tr>"
+            f"<td>{nu_e:.3f}</td><td>{nu_r:.3f}</td><td>{freq:.2e}</td>"
+            + (f"<td>{table['causal_score'][j]:.3g}</td>" if "causal_score" in table else "")
+            + f"<td>{ctx}</td></tr>"
         )
     out.append("</table></body></html>")
     return "\n".join(out)
@@ -222,11 +272,19 @@ def report_crosscoder(
     meta: Optional[Mapping[str, Any]] = None,
     batch_size: int = 4096,
     progress: bool = False,
+    causal: Optional[Mapping[str, Any]] = None,
 ) -> tuple[LatentScalingResult, dict[str, list[Any]], str, list[int], Optional[dict[int, LatentExamples]]]:
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
-    ids), and the HTML page at `out`. Returns (scaling, table, table_path, chosen latents, examples)."""
+    ids), and the HTML page at `out`; with `causal` (a causal.json dict) its KL chart, and its "attribution"
+    as the table's causal_score column. Returns (scaling, table, table_path, chosen latents, examples)."""
     scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    if causal is not None and causal.get("attribution") is not None:
+        if len(causal["attribution"]) != cc.dict_size:
+            raise ValueError(
+                f"the causal result scores {len(causal['attribution'])} latents, the crosscoder has {cc.dict_size}"
+            )
+        table["causal_score"] = list(causal["attribution"])
     table_path = os.path.splitext(os.fspath(out))[0] + ".csv"
     write_table(table, table_path)
     chosen = fine_tuned_latents(table, top)
@@ -236,5 +294,5 @@ def report_crosscoder(
     meta = dict(
         dict(tokens=scaling.tokens, latents=cc.dict_size, activation=cc.activation, probe=probe), **(meta or {})
     )
-    write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta)
+    write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta, causal=causal)
     return scaling, table, table_path, chosen, found
