@@ -31,6 +31,7 @@ from ..diffing.report import report_crosscoder
 from ..layer import CrossCoder
 from ..training import TrainConfig
 from . import toy_language as tl
+from .causal_evidence import causal_evidence, describe_causal
 from .toy_models import toy_pair
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class DemoConfig:
     seed: int = 0
     device: Optional[str] = None
     progress: bool = True
+    causal_conversations: int = 200  # held-out conversations of the patching experiment (0: none)
 
     def validate(self) -> None:
         """Refuse inconsistent settings (a half-given model pair, a missing --layer, non-positive sizes)."""
@@ -64,6 +66,8 @@ class DemoConfig:
             raise ValueError("give both --base and --chat (real models), or neither (the embedded toy pair)")
         if self.base is not None and self.layer is None:
             raise ValueError("--layer is required with --base/--chat")
+        if self.causal_conversations < 0:
+            raise ValueError(f"causal_conversations must be >= 0, got {self.causal_conversations}")
         for name in ("text_documents", "chat_documents", "steps", "batch_size", "context_length"):
             if getattr(self, name) < 0 or (
                 name not in ("text_documents", "chat_documents") and getattr(self, name) < 1
@@ -267,6 +271,21 @@ def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
             meta=dict(layer=layer, k=cc.k),
             progress=config.progress,
         )
+        evidence = None
+        if config.causal_conversations:
+            t_causal = time.perf_counter()
+            evidence = causal_evidence(
+                base,
+                chat,
+                cc,
+                layer,
+                scaling,
+                conversations=config.causal_conversations,
+                seed=config.seed,
+                device=config.device,
+                progress=config.progress,
+            )
+            timings[f"{name}_causal"] = round(time.perf_counter() - t_causal, 1)
         share = token_share(cc, store, template)
         specific = [j for j, c in enumerate(table["class"]) if c == "chat_specific"]
         latents = describe_latents(cc, store, specific, tokenizer, template, table, share)
@@ -281,6 +300,7 @@ def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
             checkpoint=train.checkpoint,
             **_verdicts(table, {d["latent"]: d["on_template"] for d in latents}),
             chat_specific_latents=latents,
+            causal=evidence,
         )
         timings[name] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t0, 1)
@@ -329,6 +349,9 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
         "< 0.5); artifacts: the rest (shrinkage, decoupling or never fired); on template: chat-specific "
         "latents most of whose 20 max-activating examples are chat-template tokens."
     )
+    for name, r in summary["crosscoders"].items():
+        if r.get("causal") is not None:
+            lines += describe_causal(name, r["causal"])
     for name, r in summary["crosscoders"].items():
         lines.append(f"{name}: {r['report']} ({r['table']}); chat-specific latents:")
         for d in r["chat_specific_latents"]:
