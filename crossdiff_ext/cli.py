@@ -63,6 +63,7 @@ def demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        causal_conversations=args.causal_conversations,
     )
     try:
         config.validate()
@@ -463,6 +464,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--l1-coefficient", type=float, default=0.041, help="mu of the L1 crosscoder (squared error, as in the paper)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--causal-conversations",
+        type=int,
+        default=200,
+        help="held-out conversations of the causal patching experiment (0: skip it)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -91,6 +91,28 @@ def test_blocks_of_every_architecture(kind):
     torch.testing.assert_close(edited, direct, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(edited, full.logits, atol=1e-3)
 
+    # skip_through_layer: the same logits without computing blocks 0..L (nothing inside them runs).
+    formats = []
+    blocks = decoder_blocks.decoder_blocks(model)
+    handles = [
+        blocks[i].register_forward_hook(lambda m, a, o: formats.append(decoder_blocks.output_format(o)))
+        for i in range(LAYER + 1)
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=attention, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    inside = []
+    handles = [next(iter(blocks[i].children())).register_forward_hook(lambda *a: inside.append(1)) for i in range(2)]
+    try:
+        with torch.no_grad(), decoder_blocks.skip_through_layer(model, LAYER, h + shift, formats):
+            skipped = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert inside == [] and "forward" not in blocks[0].__dict__  # restored on exit
+    torch.testing.assert_close(skipped, direct, rtol=1e-5, atol=1e-5)
+
 
 # ----------------------------------------------------------------------------------------- patching identities
 

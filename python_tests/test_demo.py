@@ -114,13 +114,15 @@ def test_the_chat_model_learned_the_planted_behaviours(toy_pair, monkeypatch):
 
 
 def small(out, **kw):
-    settings = dict(text_documents=60, chat_documents=60, steps=150, batch_size=256, progress=False)
+    settings = dict(
+        text_documents=60, chat_documents=60, steps=150, batch_size=256, causal_conversations=0, progress=False
+    )
     return dm.DemoConfig(out=str(out), **dict(settings, **kw))
 
 
 def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSDIFF_CACHE", toy_pair[3])
-    summary = dm.run(small(tmp_path / "out"))
+    summary = dm.run(small(tmp_path / "out", causal_conversations=24))
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["tokens"] == summary["tokens"] == len(cx.ActivationStore(tmp_path / "out" / "store")) > 1000
     assert summary["layer"] == 2 and summary["pair"]["key"] == tm.PairRecipe().key()
@@ -131,6 +133,10 @@ def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
         assert r["chat_only_by_delta_norm"] == r["chat_specific"] + r["not_chat_specific"]
         assert sum(r["classes"].values()) == r["dict_size"] == 8 * 64
         assert len(r["chat_specific_latents"]) == r["chat_specific"]
+        causal = r["causal"]  # the paper's sets, or why a short run has too few chat-leaning latents for them
+        assert "skipped" in causal or (
+            {"none", "all", "random"} <= set(causal["kl"]) and causal["kl"]["none"]["all"]["n"] > 24
+        )
         assert r["chat_specific_on_template"] == sum(d["on_template"] for d in r["chat_specific_latents"])
     assert summary["crosscoders"]["batchtopk"]["k"] == 8
     assert "TEMPLATE" in "\n".join(dm.describe(summary)) or not any(
@@ -170,6 +176,8 @@ def test_demo_on_models_given_by_name(toy_pair, tmp_path, capsys):
             "4",
             "--batch-size",
             "128",
+            "--causal-conversations",
+            "0",
             "--quiet",
             "--json",
         ]

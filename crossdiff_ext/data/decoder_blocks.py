@@ -11,7 +11,7 @@ last, where transformers applies the final norm; use L < n_layers - 1 for the ra
 """
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -126,6 +126,48 @@ def block_hidden(output: Any) -> torch.Tensor:
 
 def _with_hidden(output, hidden):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def output_format(output: Any) -> Any:
+    """What skip_through_layer needs of a block's output to imitate it: its entries besides the hidden states."""
+    return tuple(output[1:]) if isinstance(output, tuple) else None
+
+
+@contextlib.contextmanager
+def skip_through_layer(model: nn.Module, layer: int, hidden: torch.Tensor, formats: Sequence[Any]) -> Iterator[None]:
+    """Within the block, blocks 0..layer do not compute: each returns `hidden` in its own output format, so block
+    `layer`'s output is `hidden` and the blocks after it run as usual.
+
+    The model's own forward still runs around them (embeddings, masks, position ids, rotary embeddings), which
+    keeps this architecture-generic: a decoder passes each block's output to the next and reads nothing else of
+    it. The result equals edit_block_output(model, layer, lambda _: hidden) without the cost of blocks 0..layer.
+
+    Args:
+        model: A transformers decoder.
+        layer: The last block skipped, in [0, n_layers).
+        hidden: [B, T, d] the output block `layer` is to have.
+        formats: output_format of each block 0..layer's output in a real forward of the same kind (same
+            use_cache / output_attentions settings).
+
+    Raises:
+        ValueError: layer out of range, or formats not one per skipped block.
+    """
+    check_layer(model, layer)
+    if len(formats) != layer + 1:
+        raise ValueError(f"formats must describe blocks 0..{layer} ({layer + 1} entries), got {len(formats)}")
+    blocks = decoder_blocks(model)
+    own = [blocks[i].__dict__.get("forward") for i in range(layer + 1)]  # e.g. a wrapper set by accelerate
+    try:
+        for i in range(layer + 1):
+            rest = formats[i]
+            blocks[i].forward = lambda *a, _rest=rest, **k: hidden if _rest is None else (hidden,) + _rest
+        yield
+    finally:
+        for i in range(layer + 1):
+            if own[i] is None:
+                blocks[i].__dict__.pop("forward", None)
+            else:
+                blocks[i].forward = own[i]
 
 
 class _StopForward(Exception):

@@ -9,13 +9,13 @@ then patches, at every position from `ignore_first` on,
     "add":                h~ = h_base + sum_{j in S} f_j W_dec[j, chat]
 
 with the decoder rows taken to raw activation space (divided by the crosscoder's input scale), and the chat model
-runs again with block L's output replaced by h~. Positions before `ignore_first` keep the chat model's own h_chat
-in every set, "none" included: the crosscoder is not trained on them (real models put a massive activation on the
-first position, an attention sink every later position reads), so a difference there is one no latent can
-express. With ignore_first=0 every position is patched, as in the paper's code. The metric is
-KL(P_chat || P_patched) per scored position (diffing.scored_positions), reported per subset as mean, 95%
-half-width (1.96 sd / sqrt(n)) and n. Two sets are always run: "none" (S empty: h_base into the chat model's
-rest) and "all" (h_base - xhat_base + xhat_chat, the base reconstruction error plus the chat reconstruction,
+runs again with block L's output replaced by h~ (blocks 0..L skipped: their outputs would be overwritten). Positions
+before `ignore_first` keep the chat model's own h_chat in every set, "none" included: the crosscoder is not trained
+on them (real models put a massive activation on the first position, an attention sink every later position reads),
+so a difference there is one no latent can express. With ignore_first=0 every position is patched, as in the paper's
+code. The metric is KL(P_chat || P_patched) per scored position (diffing.scored_positions), reported per subset as
+mean, 95% half-width (1.96 sd / sqrt(n)) and n. Two sets are always run: "none" (S empty: h_base into the chat
+model's rest) and "all" (h_base - xhat_base + xhat_chat, the base reconstruction error plus the chat reconstruction,
 decoder biases and input means included). Sets named random_<i> are also pooled as "random".
 
 attribution scores every latent at once: the first-order change of the summed KL when latent j alone is patched
@@ -34,7 +34,7 @@ import torch
 
 from .. import ops
 from ..data.activations import read_documents, template_token_ids
-from ..data.decoder_blocks import edit_block_output, run_to_layer
+from ..data.decoder_blocks import block_hidden, decoder_blocks, output_format, run_to_layer, skip_through_layer
 from ..data.models import ModelSpec, load_pair, model_name
 from ..layer import CrossCoder
 from .latent_sets import paper_latent_sets
@@ -255,6 +255,36 @@ class _Batch:
     h_base: torch.Tensor
     h_chat: torch.Tensor
     logp_chat: torch.Tensor  # [n_scored, V] fp32 (or wider)
+    formats: list  # decoder_blocks.output_format of the chat model's blocks 0..L
+
+
+def _recorded_forward(pair, ids, attention):
+    """The chat model's plain forward, recording block L's output and the output format of blocks 0..L."""
+    blocks = decoder_blocks(pair.chat)
+    formats, kept = [None] * (pair.layer + 1), {}
+
+    def record(i):
+        def hook(module, args, output):
+            formats[i] = output_format(output)
+            if i == pair.layer:
+                kept["h"] = block_hidden(output)
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(record(i)) for i in range(pair.layer + 1)]
+    try:
+        logits = pair.chat(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, kept["h"], formats
+
+
+def _patched_logits(pair, batch, h):
+    """The chat model's logits with block L's output h; blocks 0..L are skipped (their outputs would be
+    overwritten)."""
+    with skip_through_layer(pair.chat, pair.layer, h, batch.formats):
+        return pair.chat(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).logits
 
 
 def _batches(pair, scored, batch_size, ignore_first, progress) -> Iterator[_Batch]:
@@ -272,26 +302,11 @@ def _batches(pair, scored, batch_size, ignore_first, progress) -> Iterator[_Batc
                 h_base = run_to_layer(
                     pair.base, pair.layer, input_ids=ids.to(_device_of(pair.base)), attention_mask=attention
                 ).to(ids.device)
-                captured = {}
-
-                def keep(h):
-                    captured["h"] = h
-                    return h
-
-                with edit_block_output(pair.chat, pair.layer, keep):
-                    logits = pair.chat(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                logits, h_chat, formats = _recorded_forward(pair, ids, attention)
             positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
             patched = attention.bool() & (positions >= ignore_first)
             scored_mask = labels != 0
-            yield _Batch(
-                ids,
-                attention,
-                labels,
-                patched,
-                h_base,
-                captured["h"],
-                _log_probs(logits[scored_mask]),
-            )
+            yield _Batch(ids, attention, labels, patched, h_base, h_chat, _log_probs(logits[scored_mask]), formats)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -323,8 +338,8 @@ def _run_patched(pair, batch, delta):
     if delta is not None:
         wide = torch.promote_types(h.dtype, torch.float32)  # add in fp32 (or the model's wider dtype), then round
         h[batch.patched] = (batch.h_base[batch.patched].to(wide) + delta.to(h.device, wide)).to(h.dtype)
-    with torch.no_grad(), edit_block_output(pair.chat, pair.layer, lambda _: h):
-        logits = pair.chat(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).logits
+    with torch.no_grad():
+        logits = _patched_logits(pair, batch, h)
     return _kl(batch.logp_chat, logits[batch.labels != 0])
 
 
@@ -487,8 +502,8 @@ def attribution(
             h[batch.patched] = batch.h_base[batch.patched]
             h.requires_grad_(True)
             chosen = subset_mask(batch.labels[batch.labels != 0], subset)
-            with torch.enable_grad(), edit_block_output(pair.chat, pair.layer, lambda _: h):
-                logits = pair.chat(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).logits
+            with torch.enable_grad():
+                logits = _patched_logits(pair, batch, h)
                 kl = _kl(batch.logp_chat, logits[batch.labels != 0])[chosen].sum()
                 (grad,) = torch.autograd.grad(kl, h)
             g = grad[batch.patched].float().to(direction.device)
