@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from . import atomic, training
 from . import distributed as cxd
-from .data import MixedBatches, activations
+from .data import MixedBatches, OnlineActivations, activations
 from .data.store import ActivationStore
 from .demo import demo as dm
 from .demo import miniature as mini
@@ -184,19 +184,41 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "--latent-parallel / --data-parallel need a torchrun launch, e.g. torchrun --nproc-per-node 8 "
             "-m crossdiff_ext train ..."
         )
-    if args.mix is not None and len(args.mix) != len(args.store):
-        parser.error(f"--mix needs one fraction per --store ({len(args.store)}), got {len(args.mix)}")
-    stores = [ActivationStore(path) for path in args.store]
-    if len({(s.n_models, s.d_model) for s in stores}) != 1:
-        parser.error(f"the stores' shapes differ: {[(s.path, s.n_models, s.d_model) for s in stores]}")
-    if distributed:
-        args.device = _init_distributed(args, parser)
-    if len(stores) == 1:
-        data = stores[0]
+    online = [args.base, args.chat, args.layer, args.data]
+    if args.store is None and None in online:
+        parser.error("give --store (an activation store), or --base, --chat, --layer and --data (train online)")
+    if args.store is not None and any(v is not None for v in online):
+        parser.error("--store and online training (--base / --chat / --layer / --data) exclude each other")
+    if args.store is None:
+        if distributed:
+            parser.error("online training (--base / --chat) runs in one process; collect a store for torchrun")
+        data = OnlineActivations(
+            args.base,
+            args.chat,
+            args.layer,
+            args.data,
+            args.batch_size,
+            buffer_tokens=args.buffer_tokens,
+            context_length=args.context_length,
+            drop_first=args.drop_first,
+            seed=args.seed,
+            device=args.device,
+        )
+        store = data
     else:
-        fractions = args.mix or [1.0 / len(stores)] * len(stores)
-        data = MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
-    store = stores[0]
+        if args.mix is not None and len(args.mix) != len(args.store):
+            parser.error(f"--mix needs one fraction per --store ({len(args.store)}), got {len(args.mix)}")
+        stores = [ActivationStore(path) for path in args.store]
+        if len({(s.n_models, s.d_model) for s in stores}) != 1:
+            parser.error(f"the stores' shapes differ: {[(s.path, s.n_models, s.d_model) for s in stores]}")
+        if distributed:
+            args.device = _init_distributed(args, parser)
+        if len(stores) == 1:
+            data = stores[0]
+        else:
+            fractions = args.mix or [1.0 / len(stores)] * len(stores)
+            data = MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
+        store = stores[0]
     torch.manual_seed(args.seed)
     # A sharded run builds the whole initial crosscoder on the CPU of every rank (the same seed gives the same
     # weights everywhere) and keeps its shard.
@@ -517,8 +539,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=collect)
 
-    p = sub.add_parser("train", help="train a crosscoder on an activation store")
-    p.add_argument("--store", required=True, action="append", help="activation store; repeat to mix several")
+    p = sub.add_parser("train", help="train a crosscoder on an activation store, or online on two models")
+    p.add_argument("--store", default=None, action="append", help="activation store; repeat to mix several")
+    p.add_argument("--base", default=None, help="online: the base model (no store; both models run as training goes)")
+    p.add_argument("--chat", default=None, help="online: the chat model")
+    p.add_argument("--layer", type=int, default=None, help="online: the block whose output is harvested")
+    p.add_argument("--data", default=None, help="online: JSONL / .txt file or directory, or hf:NAME[:SPLIT]")
+    p.add_argument("--buffer-tokens", type=int, default=1 << 16, help="online: rows in the shuffle buffer")
+    p.add_argument("--context-length", type=int, default=1024, help="online: tokens kept per document")
+    p.add_argument("--drop-first", type=int, default=1, help="online: leading positions not harvested")
     p.add_argument(
         "--mix",
         type=float,

@@ -1,11 +1,14 @@
 """Activations for training and analysis: the store format (store.py), batch sources with exact positions
-(batches.py) and collection from Hugging Face models (activations.py)."""
+(batches.py), collection from Hugging Face models (activations.py) and online harvesting into a shuffle buffer
+(online.py)."""
 
 from .batches import IterableBatches, MixedBatches, TensorBatches, as_batches, statistics
+from .online import OnlineActivations
 from .store import ActivationStore, StoreBatches, StoreWriter
 
 __all__ = [
     "ActivationStore",
+    "OnlineActivations",
     "StoreBatches",
     "StoreWriter",
     "IterableBatches",

@@ -23,7 +23,7 @@ from .decoder_blocks import hidden_size, run_to_layer
 from .models import check_tokenizers, load_pair, model_name
 from .store import ActivationStore, StoreWriter
 
-__all__ = ["check_tokenizers", "collect", "read_documents", "template_token_ids", "tokenize"]
+__all__ = ["check_tokenizers", "collect", "paired_activations", "read_documents", "template_token_ids", "tokenize"]
 
 
 def _record(record, where):
@@ -175,7 +175,7 @@ def collect(
                 batch.append((ids, drop_first + skip))  # first position to keep
                 skip = 0
             if batch and (ids is None or len(batch) == batch_size):
-                rows, tokens, positions = _run(m_base, m_chat, batch, layer, pad, device)
+                rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad, device)
                 if written + rows.shape[0] > limit:
                     keep = max(0, int(limit - written))
                     rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
@@ -194,9 +194,27 @@ def collect(
 
 
 @torch.no_grad()
-def _run(m_base, m_chat, batch, layer, pad, device):
-    """Pad a batch of token lists on the right, run both models, keep the real tokens from their first kept
-    position: (rows [n, 2, d] fp32, token ids [n], positions [n])."""
+def paired_activations(
+    m_base: Any,
+    m_chat: Any,
+    batch: Sequence[tuple[Sequence[int], int]],
+    layer: int,
+    pad: int,
+    device: Union[torch.device, str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both models' block-`layer` activations of a batch of token lists, padded on the right.
+
+    Args:
+        m_base: The base model.
+        m_chat: The chat model.
+        batch: (token ids, first position to keep) per sequence.
+        layer: The block whose output is read (each model runs only up to it).
+        pad: The padding token id.
+        device: Where the models run.
+
+    Returns:
+        (rows [n, 2, d] fp32 on the CPU, token ids [n], positions [n]) of the kept tokens, sequence by sequence.
+    """
     length = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
     keep = torch.zeros(len(batch), length, dtype=torch.bool)

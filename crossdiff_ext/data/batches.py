@@ -254,7 +254,8 @@ def _moments(tensor, chunk=8192):
 
 def statistics(source: BatchSource) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(mean, variance) [M, d] float64 of everything a batch source draws from, or None when that is unknown
-    (an iterable). A mixture weights each source's moments by its share of every batch."""
+    (an iterable). A mixture weights each source's moments by its share of every batch; a source with a
+    statistics() method gives its own."""
     if isinstance(source, TensorBatches):
         return _moments(source.data)
     if isinstance(source, StoreBatches):
@@ -267,6 +268,8 @@ def statistics(source: BatchSource) -> Optional[tuple[torch.Tensor, torch.Tensor
         mean = sum(w * m for w, (m, _) in zip(weights, parts))
         second = sum(w * (v + m.pow(2)) for w, (m, v) in zip(weights, parts))
         return mean, (second - mean.pow(2)).clamp_min(0)
+    if callable(getattr(source, "statistics", None)):  # a source that knows its moments (data.online)
+        return source.statistics()
     return None
 
 
