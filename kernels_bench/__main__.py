@@ -11,6 +11,7 @@ BENCHES = {
     "auto_table": "kernels_bench.auto_table",
     "recovery": "kernels_bench.recovery",
     "causal_cost": "kernels_bench.causal_cost",
+    "online_training": "kernels_bench.online_training",
 }
 
 

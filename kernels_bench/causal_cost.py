@@ -50,7 +50,7 @@ SHAPES = [
 QUICK = [Shape("quick", 32, 64, 4, 2, 128, 1, batch=2, tokens=16)]
 
 
-def _model(shape, seed):
+def random_llama(shape, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -80,7 +80,7 @@ def forward_flops(model, shape, upto=None):
     return per_token * shape.batch * shape.tokens
 
 
-class _Tokenizer:
+class IdTokenizer:
     """The least patch_kl needs of a tokenizer for (model, tokenizer) pairs given as token-id documents."""
 
     pad_token_id = 0
@@ -99,8 +99,8 @@ def measure(shape, reps):
     import crossdiff_ext as cx
     from crossdiff_ext.data.decoder_blocks import run_to_layer
 
-    base, chat = _model(shape, 0), _model(shape, 1)
-    tokenizer = _Tokenizer(shape.vocab)
+    base, chat = random_llama(shape, 0), random_llama(shape, 1)
+    tokenizer = IdTokenizer(shape.vocab)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.tokens), generator=g)
     docs = [" ".join(f"t{int(t)}" for t in row) for row in ids]
