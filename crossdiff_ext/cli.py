@@ -313,17 +313,22 @@ def _tokenizer(spec, store):
         return None
 
 
+def _read_json(path, option):
+    """The JSON file an option names; a missing or malformed file is named with the option."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} {path!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{option} {path}: not JSON ({err})") from None
+
+
 def _causal_file(path):
     """The result of `crossdiff causal` (None without --causal)."""
     if path is None:
         return None
-    try:
-        with open(path) as fh:
-            payload = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--causal {path!r} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--causal {path}: not JSON ({err})") from None
+    payload = _read_json(path, "--causal")
     if not isinstance(payload, dict) or not isinstance(payload.get("kl"), dict):
         raise ValueError(f"--causal {path}: not a result of `crossdiff causal` (no 'kl' entry)")
     return payload
@@ -371,13 +376,7 @@ def miniature(args: argparse.Namespace) -> int:
 
 def _latent_sets_file(path):
     """{name: [ids]} from a JSON file (e.g. the latent_sets of an earlier causal.json)."""
-    try:
-        with open(path) as fh:
-            sets = json.load(fh)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--latents {path!r} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--latents {path}: not JSON ({err})") from None
+    sets = _read_json(path, "--latents")
     sets = sets.get("latent_sets", sets) if isinstance(sets, dict) else sets
     if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
         raise ValueError(f"--latents {path}: expected a JSON object of set name -> list of latent ids")
