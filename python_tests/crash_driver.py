@@ -171,6 +171,8 @@ def run_to_end(argv, log, **kwargs):
 
 def fault_line(log):
     """The kill's phase from the writer's stderr line: (stage, file kind)."""
+    if not os.path.exists(log):  # killed before it opened its log
+        return None
     for line in open(log):
         if line.startswith(f"{atomic.FAULT_ENV}: SIGKILL"):
             stage, path = line.split("(", 1)[1].rstrip(")\n").split(" ", 1)
