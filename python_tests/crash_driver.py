@@ -308,14 +308,18 @@ def train_argv(store, out):
     return argv + (["--resume"] if checkpointing.latest_checkpoint(out) else [])
 
 
-def campaign(name, work, argv_for, check_output, final_check, targets, seeds, kills, unsafe):
+def campaign(name, work, argv_for, check_output, final_check, targets, seeds, kills, unsafe, reference_of=None):
     """Reference run, then per seed: `kills` kills (the first in the middle of writing a file of the kind
     targets[seed's index % len(targets)], the others at a random write step or a random time), a check after each,
-    resume, and the final comparison."""
-    reference = os.path.join(work, f"{name}-reference")
-    steps_file = os.path.join(work, f"{name}-steps.json")
-    seconds = run_to_end(argv_for(reference), os.path.join(work, f"{name}-reference.log"), record=steps_file,
-                         keep_checkpoints=True)  # fmt: skip
+    resume, and the final comparison. reference_of: reuse that campaign's uninterrupted run."""
+    reference = os.path.join(work, f"{reference_of or name}-reference")
+    steps_file = os.path.join(work, f"{reference_of or name}-steps.json")
+    if reference_of is None:
+        seconds = run_to_end(argv_for(reference), os.path.join(work, f"{name}-reference.log"), record=steps_file,
+                             keep_checkpoints=True)  # fmt: skip
+        with open(os.path.join(work, f"{name}-seconds"), "w") as fh:
+            fh.write(str(seconds))
+    seconds = float(open(os.path.join(work, f"{reference_of or name}-seconds")).read())
     steps = json.load(open(steps_file))
     phases, attempts, delivered, checks, resumed_identical = {}, 0, 0, 0, 0
     for index, seed in enumerate(seeds):
@@ -399,8 +403,11 @@ def main():
                 ("collect", lambda out: collect_argv(base, chat, data, out), check_store, collect_final, "store.json"),
                 ("train", lambda out: train_argv(store, out), check_run, train_final, "model.safetensors"),
             ):
+                if name not in summary:
+                    continue
                 try:
-                    campaign(f"unsafe-{name}", args.work, argv_for, check_output, final_check, [target], [0], 1, True)
+                    campaign(f"unsafe-{name}", args.work, argv_for, check_output, final_check, [target], [0], 1, True,
+                             reference_of=name)  # fmt: skip
                 except CheckFailed as err:
                     summary["unsafe_caught"][name] = str(err)
                 else:
