@@ -118,7 +118,8 @@ def test_collect_resumes_to_the_same_store(pair, data, tmp_path):
         *pair, 2, data, tmp_path / "twice", dtype="float32", shard_rows=16, resume=True, device="cpu", progress=False
     )
     assert len(twice) == len(once)
-    torch.testing.assert_close(twice[torch.arange(len(once))], once[torch.arange(len(once))], rtol=1e-5, atol=1e-6)
+    # the resumed run pads the batch it restarts in as the straight run did: the same floats, bit for bit
+    assert torch.equal(twice[torch.arange(len(once))], once[torch.arange(len(once))])
     assert torch.equal(twice.token_ids(), once.token_ids())
 
 

@@ -9,7 +9,9 @@ optionally the first `drop_first` tokens of every sequence (e.g. 1: BOS, whose a
 kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position.
 
 Resumable: with resume=True the collection re-tokenizes the documents (tokenizer only, no model) to skip the
-rows the store already holds, and continues. Deterministic for a given document list.
+rows the store already holds, and continues. Deterministic for a given document list: the batches are groups of
+batch_size documents in order, whatever was stored before, so a resumed run pads the batch it restarts in as the
+uninterrupted run did (runs it whole, keeps the rows not yet stored) and, on the CPU, writes the same bytes.
 """
 
 import json
@@ -164,28 +166,31 @@ def collect(
         bar = tqdm(
             total=total if max_tokens is None else min(total, max_tokens), initial=skip, desc="collect", unit="tok"
         )
+    # The batches are fixed by the documents alone (batch_size documents that keep a token each), so a resumed run
+    # pads and runs exactly the batches of an uninterrupted one: the same shapes give the same floats.
+    with_rows = [ids for ids in docs if len(ids) > drop_first]
     try:
-        batch = []
-        for ids in docs + [None]:
-            if ids is not None:
-                kept = max(0, len(ids) - drop_first)
-                if skip >= kept:  # already in the store (resume)
-                    skip -= kept
-                    continue
-                batch.append((ids, drop_first + skip))  # first position to keep
-                skip = 0
-            if batch and (ids is None or len(batch) == batch_size):
-                rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad, device)
-                if written + rows.shape[0] > limit:
-                    keep = max(0, int(limit - written))
-                    rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
-                writer.append(rows, tokens, positions)
-                written += rows.shape[0]
-                if bar is not None:
-                    bar.update(rows.shape[0])
-                batch = []
-                if written >= limit:
-                    break
+        for start in range(0, len(with_rows), batch_size):
+            group = with_rows[start : start + batch_size]
+            stored = sum(len(ids) - drop_first for ids in group)
+            if skip >= stored:  # the whole batch is already in the store (resume)
+                skip -= stored
+                continue
+            batch = []  # (ids, first position to keep): rows already in the store are run but not kept
+            for ids in group:
+                take = min(skip, len(ids) - drop_first)
+                batch.append((ids, drop_first + take))
+                skip -= take
+            rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad, device)
+            if written + rows.shape[0] > limit:
+                keep = max(0, int(limit - written))
+                rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
+            writer.append(rows, tokens, positions)
+            written += rows.shape[0]
+            if bar is not None:
+                bar.update(rows.shape[0])
+            if written >= limit:
+                break
         writer.close()
     finally:
         if bar is not None:

@@ -96,8 +96,8 @@ class StoreWriter:
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
         self._rows, self._tokens, self._positions = [], [], []
         self._pending = 0
-        for name in os.listdir(self.path):  # a shard a crash left half-written never counted: drop it
-            if name.startswith(".shard-") and name.endswith(".tmp"):
+        for name in os.listdir(self.path):  # temporary files a crash left behind never counted: drop them
+            if name.startswith((".shard-", ".tokens-", ".positions-", ".store.json.")) and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.path, name))
 
     def append(
