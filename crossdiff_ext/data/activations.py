@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..errors import InputError, MissingInputError, OutputExistsError
 from .store import ActivationStore, StoreWriter
 
 
@@ -33,8 +34,8 @@ def _record(record, where):
             return list(record["messages"])
         if record.get("text") is not None:
             return record["text"]
-        raise ValueError(f"{where}: a record needs 'text' or 'messages', got keys {sorted(record.keys())}")
-    raise ValueError(f"{where}: a document must be a string, a message list or a record, got {type(record).__name__}")
+        raise InputError(f"{where}: a record needs 'text' or 'messages', got keys {sorted(record.keys())}")
+    raise InputError(f"{where}: a document must be a string, a message list or a record, got {type(record).__name__}")
 
 
 def _hub_dataset(spec):
@@ -67,23 +68,29 @@ def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union
                 docs += read_documents(os.path.join(path, name))
         return docs
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data {path!r} does not exist")
+        raise MissingInputError(f"data {path!r} does not exist")
     docs = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith(".jsonl"):
+    try:
+        with open(path, "rb") as fh:  # bytes, decoded per line: a decoding error then names its line
+            for i, raw in enumerate(fh, 1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{i}: not JSON ({err})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-                docs.append(_record(record, f"{path}:{i}"))
-            else:
-                docs.append(line)
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as err:
+                    raise InputError(f"{path}:{i}: not UTF-8 text ({err})") from None
+                if not line:
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise InputError(f"{path}:{i}: not JSON ({err})") from None
+                    if not isinstance(record, dict):
+                        raise InputError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+                    docs.append(_record(record, f"{path}:{i}"))
+                else:
+                    docs.append(line)
+    except (IsADirectoryError, PermissionError) as err:
+        raise InputError(f"data {path!r} cannot be read ({err})") from None
     return docs
 
 
@@ -93,7 +100,7 @@ def check_tokenizers(tokenizer_base: Any, tokenizer_chat: Any) -> None:
     if vb != vc:
         only_b, only_c = sorted(set(vb) - set(vc))[:5], sorted(set(vc) - set(vb))[:5]
         moved = [t for t in vb if t in vc and vb[t] != vc[t]][:5]
-        raise ValueError(
+        raise InputError(
             f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
             f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models"
         )
@@ -105,11 +112,11 @@ def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_
         ids = tokenizer(doc)["input_ids"]
     elif isinstance(doc, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in doc):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat data needs the chat model's tokenizer to have a chat template")
+            raise InputError("chat data needs the chat model's tokenizer to have a chat template")
         ids = tokenizer.apply_chat_template(list(doc), tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     else:
-        raise ValueError(f"a document must be a string or a list of {{'role', 'content'}} messages, got {doc!r:.80}")
+        raise InputError(f"a document must be a string or a list of {{'role', 'content'}} messages, got {doc!r:.80}")
     return list(ids)[:context_length]
 
 
@@ -143,27 +150,41 @@ def collect(
     base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def load(spec):
+    if drop_first < 0 or context_length < 1 or batch_size < 1:
+        raise InputError(
+            f"drop_first must be >= 0, context_length and batch_size >= 1; got {drop_first}, {context_length}, "
+            f"{batch_size}"
+        )
+    if not resume and os.path.exists(os.path.join(os.fspath(out), "store.json")):  # before the models load
+        raise OutputExistsError(f"{os.fspath(out)} already holds a store; pass resume=True to append to it")
+    source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
+    documents = read_documents(data)  # before the models load: a bad data file fails at once
+    if not documents:
+        raise InputError(f"data {source} holds no documents")
+
+    def load(spec, name):
         if isinstance(spec, tuple):
             return spec
         if isinstance(spec, str) and not os.path.exists(spec) and spec.startswith((".", "/")):
-            raise FileNotFoundError(f"model directory {spec!r} does not exist")
-        model = (
-            AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype)
-            if model_dtype
-            else AutoModelForCausalLM.from_pretrained(spec)
-        )
-        return model, AutoTokenizer.from_pretrained(spec)
+            raise MissingInputError(f"{name} model directory {spec!r} does not exist")
+        try:
+            model = (
+                AutoModelForCausalLM.from_pretrained(spec, dtype=model_dtype)
+                if model_dtype
+                else AutoModelForCausalLM.from_pretrained(spec)
+            )
+            return model, AutoTokenizer.from_pretrained(spec)
+        # transformers' errors for a directory or hub name without a (recognised) model in it
+        except (OSError, ValueError) as err:
+            raise InputError(f"{name} model {spec!r} cannot be loaded: {err}") from err
 
-    (m_base, t_base), (m_chat, t_chat) = load(base), load(chat)
+    (m_base, t_base), (m_chat, t_chat) = load(base, "base"), load(chat, "chat")
     check_tokenizers(t_base, t_chat)
     for name, model in (("base", m_base), ("chat", m_chat)):
         if not 0 <= layer < _n_layers(model):
-            raise ValueError(f"layer must be in [0, {_n_layers(model)}) for the {name} model, got {layer}")
+            raise InputError(f"layer must be in [0, {_n_layers(model)}) for the {name} model, got {layer}")
     if _hidden_size(m_base) != _hidden_size(m_chat):
-        raise ValueError(f"the models' widths differ: {_hidden_size(m_base)} vs {_hidden_size(m_chat)}")
-    if drop_first < 0 or context_length < 1 or batch_size < 1:
-        raise ValueError("drop_first must be >= 0, context_length and batch_size >= 1")
+        raise InputError(f"the models' widths differ: {_hidden_size(m_base)} vs {_hidden_size(m_chat)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
     d = _hidden_size(m_base)
@@ -189,7 +210,7 @@ def collect(
         writer.close()
         return ActivationStore(out)
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
-    docs = [tokenize(doc, t_chat, context_length) for doc in read_documents(data)]
+    docs = [tokenize(doc, t_chat, context_length) for doc in documents]
     written = skip
     limit = max_tokens if max_tokens is not None else float("inf")
     bar = None
@@ -201,25 +222,33 @@ def collect(
             total=total if max_tokens is None else min(total, max_tokens), initial=skip, desc="collect", unit="tok"
         )
     try:
-        batch = []
-        for ids in docs + [None]:
+        batch, in_batch, n_batches = [], [], 0
+        for index, ids in enumerate(docs + [None]):
             if ids is not None:
                 kept = max(0, len(ids) - drop_first)
                 if skip >= kept:  # already in the store (resume)
                     skip -= kept
                     continue
                 batch.append((ids, drop_first + skip))  # first position to keep
+                in_batch.append(index)
                 skip = 0
             if batch and (ids is None or len(batch) == batch_size):
                 rows, tokens, positions = _run(m_base, m_chat, batch, layer, pad, device)
                 if written + rows.shape[0] > limit:
                     keep = max(0, int(limit - written))
                     rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
-                writer.append(rows, tokens, positions)
+                try:
+                    writer.append(rows, tokens, positions)
+                except InputError as err:  # non-finite activations: name the documents that produced them
+                    raise InputError(
+                        f"batch {n_batches} of the collection (documents {in_batch[0]} to {in_batch[-1]}, 0-based, "
+                        f"of {source}), model 0 = base, 1 = chat: {err}"
+                    ) from err
                 written += rows.shape[0]
+                n_batches += 1
                 if bar is not None:
                     bar.update(rows.shape[0])
-                batch = []
+                batch, in_batch = [], []
                 if written >= limit:
                     break
         writer.close()

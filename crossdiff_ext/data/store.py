@@ -181,12 +181,10 @@ class StoreWriter:
             bad = (~finite).any(2)  # [n, M]
             rows = bad.any(1).nonzero().flatten().tolist()
             models = bad.any(0).nonzero().flatten().tolist()
-            first = self.meta["rows"] + self._pending
             raise InputError(
-                f"{self.path}: x holds non-finite activations (NaN, Inf, or values beyond the range of "
-                f"{self.meta['dtype']}) in {len(rows)} of its {x.shape[0]} rows (rows {rows[:5]}"
-                f"{' ...' if len(rows) > 5 else ''}, which would be store rows from {first + rows[0]}) of "
-                f"model(s) {models}; refusing to store them"
+                f"{self.path}: {len(rows)} of the {x.shape[0]} rows to append hold non-finite activations (NaN, "
+                f"Inf, or values beyond the range of {self.meta['dtype']}): rows {rows[:5]}"
+                f"{' ...' if len(rows) > 5 else ''} of models {models}; refusing to store them"
             )
         for name, t in (("token_ids", token_ids), ("positions", positions)):
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
