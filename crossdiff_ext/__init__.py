@@ -21,6 +21,7 @@ from .diffing import (
     latent_table,
     write_table,
 )
+from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
 from .training import TrainConfig, TrainResult, train
 
@@ -52,4 +53,7 @@ __all__ = [
     "train",
     "MixedBatches",
     "ActivationStore",
+    "InputError",
+    "MissingInputError",
+    "OutputExistsError",
 ]
