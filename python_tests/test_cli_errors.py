@@ -44,6 +44,7 @@ class Inputs:
     def __init__(self, assets, tmp_path):
         self.tmp, self.assets = tmp_path, assets
         self.store, self.checkpoint, self.run = (str(assets / n) for n in ("store", "cc", "run"))
+        self.dict_size = "8"
 
     def copy(self, name):
         target = self.tmp / name
@@ -113,6 +114,12 @@ CHECKPOINT_CASES = {
         lambda i: setattr(i, "store", str(i.assets / "wide")),
         r"reads \[M=2, d=4\] rows, the store .*wide holds \[M=2, d=6\]",
     ),
+    "checkpoint without an inference threshold": (
+        lambda i: (
+            cx.CrossCoder(4, 8, 2, k=2).save_pretrained(i.tmp / "raw") or setattr(i, "checkpoint", str(i.tmp / "raw"))
+        ),
+        r"the checkpoint .*raw has no inference threshold \(-1: it stopped before threshold_start_step = 1000\)",
+    ),
     "NaN in the store": (_nan_rows, r"2 of the 70 rows read hold NaN or Inf activations \(store rows \[37, 44\]"),
 }
 RESUME_CASES = {
@@ -120,6 +127,10 @@ RESUME_CASES = {
     "resume: weights truncated": (
         lambda i: i.copy("run") and _truncate(i.step / "model.safetensors", 40),
         r"step-00000002/model\.safetensors: not a readable safetensors file \(truncated",
+    ),
+    "resume with another dict size": (
+        lambda i: setattr(i, "dict_size", "16"),
+        r"cannot resume from .*run/step-00000002: W_enc has shape \(8, 2, 4\), expected \(16, 2, 4\)",
     ),
     "resume: trainer state truncated": (
         lambda i: i.copy("run") and _truncate(i.step / "trainer.pt", 100),
@@ -146,7 +157,7 @@ def _command(name, i):
             "--quiet",
         ]
     if name == "resume":
-        return ["train", "--store", i.store, "--out", i.run, "--dict-size", "8", "-k", "2", "--steps", "4"] + [
+        return ["train", "--store", i.store, "--out", i.run, "--dict-size", i.dict_size, "-k", "2", "--steps", "4"] + [
             "--batch-size",
             "16",
             "--resume",
