@@ -24,6 +24,7 @@ from .diffing import (
     steer,
     write_table,
 )
+from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
 from .training import TrainConfig, TrainResult, train
 
@@ -58,4 +59,7 @@ __all__ = [
     "train",
     "MixedBatches",
     "ActivationStore",
+    "InputError",
+    "MissingInputError",
+    "OutputExistsError",
 ]

@@ -19,6 +19,15 @@ crossdiff demo    the main job on its embedded default: a tiny base/chat transfo
 crossdiff planted plant a dictionary of shared, chat-only, base-only and weak-in-base concepts in paired
                   activations, train a BatchTopK crosscoder on them, and check the decoder-norm bands against
                   the planted truth
+crossdiff verify STORE ...   recompute the checksum of every shard of activation stores; name the bad ones
+
+Errors. A user's error (a missing or corrupt store, shard, checkpoint, config or data file, a setting out of range,
+inputs that do not fit together) is an errors.InputError raised by the library or by the checks here; main()
+catches it once for every subcommand and prints one line, `crossdiff <command>: error: <message>`, to stderr with
+exit status 2 (argparse's own errors print the same one line). Any other exception is a bug: it keeps its traceback
+and exits 1. A subcommand's own checks of its settings raise InputError too; the library's validators of settings
+(constructors and validate() methods, documented to raise ValueError for a bad setting) run through _settings(),
+which turns that ValueError into an InputError.
 """
 
 import argparse
@@ -26,7 +35,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,8 +50,83 @@ from .demo import synthetic
 from .diffing import analysis, causal, steering
 from .diffing.latent_scaling import latent_scaling
 from .diffing.report import report_crosscoder, scaled_table
+from .errors import InputError, MissingInputError
 from .layer import CrossCoder
 from .training import TrainConfig
+
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line error format (usage stays in --help)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _settings(check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a validator of command-line settings (a constructor or validate() that raises ValueError for a bad
+    setting): its ValueError is the user's error."""
+    try:
+        return check(*args, **kwargs)
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _output_dir(path: Optional[str], flag: str = "--out") -> None:
+    """An output directory must be a directory or not exist yet (checked before any work)."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is a file, not a directory")
+
+
+def _output_file(path: str) -> None:
+    """An output file goes into an existing directory (checked before any work)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"--out {path!r}: the directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise InputError(f"--out {path!r} is a directory, not a file")
+
+
+def _stores(paths: Sequence[str]) -> list[ActivationStore]:
+    """The --store arguments, opened (sizes checked) and checked to hold rows of one shape."""
+    stores = [ActivationStore(path) for path in paths]
+    if len({(s.n_models, s.d_model) for s in stores}) != 1:
+        raise InputError(
+            "the stores' shapes differ: " + ", ".join(f"{s.path}: [M={s.n_models}, d={s.d_model}]" for s in stores)
+        )
+    return stores
+
+
+def _fits(cc: CrossCoder, checkpoint: str, store: ActivationStore) -> None:
+    """A crosscoder reads rows of its own shape, and (BatchTopK) has the inference threshold scaling needs."""
+    if (cc.n_models, cc.d_model) != (store.n_models, store.d_model):
+        raise InputError(
+            f"the checkpoint {checkpoint} reads [M={cc.n_models}, d={cc.d_model}] rows, the store {store.path} "
+            f"holds [M={store.n_models}, d={store.d_model}]"
+        )
+    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
+        raise InputError(
+            f"the checkpoint {checkpoint} has no inference threshold (-1: it stopped before threshold_start_step = "
+            f"{cc.threshold_start_step}); scaling and reports read the inference-mode codes: train it longer"
+        )
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -65,10 +149,8 @@ def demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         causal_conversations=args.causal_conversations,
     )
-    try:
-        config.validate()
-    except ValueError as err:
-        args.parser.error(str(err))
+    _settings(config.validate)
+    _output_dir(args.out)
     summary = dm.run(config)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -81,6 +163,22 @@ def planted(args: argparse.Namespace) -> int:
     """`crossdiff planted`: train on a planted dictionary and check the Delta_norm bands against the truth.
     Returns 0 when every planted concept was recovered and placed in its band, else 1."""
     t0 = time.perf_counter()
+    crosscoder = dict(d_model=args.d_model, dict_size=args.dict_size, n_models=2, k=args.k, threshold_start_step=100)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=256,
+        lr=1e-3,
+        warmup_steps=100,
+        decay_start=0.8,
+        dead_tokens=12800,
+        progress=not args.quiet,
+        log_every=500,
+        seed=args.seed,
+        checkpoint_dir=args.out,
+    )
+    _settings(CrossCoder, **crosscoder, device="meta")
+    _settings(config.validate)
+    _output_dir(args.out)
     # 34 concepts in 64 dimensions, ~3 per token: the setting the test suite checks recovery in.
     planted = synthetic.planted_dictionary(
         n_tokens=args.tokens,
@@ -92,23 +190,8 @@ def planted(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     torch.manual_seed(args.seed)
-    cc = CrossCoder(args.d_model, args.dict_size, 2, k=args.k, threshold_start_step=100)
-    training.train(
-        cc,
-        planted.x,
-        TrainConfig(
-            steps=args.steps,
-            batch_size=256,
-            lr=1e-3,
-            warmup_steps=100,
-            decay_start=0.8,
-            dead_tokens=12800,
-            progress=not args.quiet,
-            log_every=500,
-            seed=args.seed,
-            checkpoint_dir=args.out,
-        ),
-    )
+    cc = CrossCoder(**crosscoder)
+    training.train(cc, planted.x, config)
     latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
     dn = analysis.delta_norm(cc)[latent]
     band = analysis.delta_norm_band(dn)
@@ -154,6 +237,11 @@ def planted(args: argparse.Namespace) -> int:
 
 def collect(args: argparse.Namespace) -> int:
     """`crossdiff collect`: paired activations of a base and a fine-tuned model -> activation store."""
+    _output_dir(args.out)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars (loading weights) too
     store = activations.collect(
         args.base,
         args.chat,
@@ -174,25 +262,28 @@ def collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def train(args: argparse.Namespace) -> int:
     """`crossdiff train`: train a crosscoder on one or more stores, in one process or on a torchrun mesh."""
-    if args.latent_parallel < 1 or (args.data_parallel is not None and args.data_parallel < 1):
-        parser.error("--latent-parallel and --data-parallel must be >= 1")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.latent_parallel > 1 or args.data_parallel
     if distributed and "RANK" not in os.environ:
-        parser.error(
+        raise InputError(
             "--latent-parallel / --data-parallel need a torchrun launch, e.g. torchrun --nproc-per-node 8 "
             "-m crossdiff_ext train ..."
         )
     online = [args.base, args.chat, args.layer, args.data]
     if args.store is None and None in online:
-        parser.error("give --store (an activation store), or --base, --chat, --layer and --data (train online)")
+        raise InputError("give --store (an activation store), or --base, --chat, --layer and --data (train online)")
     if args.store is not None and any(v is not None for v in online):
-        parser.error("--store and online training (--base / --chat / --layer / --data) exclude each other")
-    if args.store is None:
-        if distributed:
-            parser.error("online training (--base / --chat) runs in one process; collect a store for torchrun")
-        data = OnlineActivations(
+        raise InputError("--store and online training (--base / --chat / --layer / --data) exclude each other")
+    if distributed and args.store is None:
+        raise InputError("online training (--base / --chat) runs in one process; collect a store for torchrun")
+    if args.mix is not None and (args.store is None or len(args.mix) != len(args.store)):
+        raise InputError(f"--mix needs one fraction per --store ({len(args.store or [])}), got {len(args.mix)}")
+    _output_dir(args.out)
+    stores = _stores(args.store) if args.store is not None else None
+    if stores is None:
+        data = _settings(
+            OnlineActivations,
             args.base,
             args.chat,
             args.layer,
@@ -206,29 +297,13 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         store = data
     else:
-        if args.mix is not None and len(args.mix) != len(args.store):
-            parser.error(f"--mix needs one fraction per --store ({len(args.store)}), got {len(args.mix)}")
-        stores = [ActivationStore(path) for path in args.store]
-        if len({(s.n_models, s.d_model) for s in stores}) != 1:
-            parser.error(f"the stores' shapes differ: {[(s.path, s.n_models, s.d_model) for s in stores]}")
-        if distributed:
-            args.device = _init_distributed(args, parser)
-        if len(stores) == 1:
-            data = stores[0]
-        else:
-            fractions = args.mix or [1.0 / len(stores)] * len(stores)
-            data = MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
         store = stores[0]
-    torch.manual_seed(args.seed)
-    # A sharded run builds the whole initial crosscoder on the CPU of every rank (the same seed gives the same
-    # weights everywhere) and keeps its shard.
-    cc = CrossCoder(
-        store.d_model,
-        args.dict_size,
-        store.n_models,
+    crosscoder = dict(
+        d_model=store.d_model,
+        dict_size=args.dict_size,
+        n_models=store.n_models,
         k=args.k if args.activation == "batch_topk" else None,
         activation=args.activation,
-        device="cpu" if distributed else args.device,
         target_rms=args.target_rms,
     )
     config = TrainConfig(
@@ -243,6 +318,23 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         mixed_precision=args.mixed_precision,
         progress=not args.quiet,
     )
+    _settings(CrossCoder, **crosscoder, device="meta")
+    _settings(config.validate)
+    if distributed:
+        args.device = _init_distributed(args)
+    if stores is None:
+        pass  # the online source, built above
+    elif len(stores) == 1:
+        data = stores[0]
+    else:
+        fractions = args.mix or [1.0 / len(stores)] * len(stores)
+        data = _settings(
+            MixedBatches, list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device
+        )
+    torch.manual_seed(args.seed)
+    # A sharded run builds the whole initial crosscoder on the CPU of every rank (the same seed gives the same
+    # weights everywhere) and keeps its shard.
+    cc = CrossCoder(**crosscoder, device="cpu" if distributed else args.device)
     if not distributed:
         result = training.train(cc, data, config, resume=args.resume)
         print(f"trained {result.steps} steps; last log: {result.last}; checkpoint: {result.checkpoint}")
@@ -262,13 +354,13 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _init_distributed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> torch.device:
+def _init_distributed(args: argparse.Namespace) -> torch.device:
     """Join the torchrun job (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % args.latent_parallel:
-        parser.error(f"--latent-parallel {args.latent_parallel} must divide the number of processes {world}")
+        raise InputError(f"--latent-parallel {args.latent_parallel} must divide the number of processes {world}")
     if args.data_parallel and args.data_parallel * args.latent_parallel != world:
-        parser.error(
+        raise InputError(
             f"--data-parallel {args.data_parallel} x --latent-parallel {args.latent_parallel} must equal "
             f"the number of processes {world}"
         )
@@ -283,8 +375,10 @@ def _init_distributed(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def _scaled_table(args):
+    _output_file(args.out)
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
-    stores = [ActivationStore(path) for path in args.store]
+    stores = _stores(args.store)
+    _fits(cc, args.checkpoint, stores[0])
     scaling, table = scaled_table(cc, stores, probe=args.probe, batch_size=args.batch_size, progress=not args.quiet)
     return cc, stores, scaling, table
 
@@ -319,9 +413,9 @@ def _read_json(path, option):
         with open(path) as fh:
             return json.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{option} {path!r} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{option} {path}: not JSON ({err})") from None
+        raise MissingInputError(f"{option} {path!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{option} {path}: not JSON ({err})") from None
 
 
 def _causal_file(path):
@@ -330,14 +424,16 @@ def _causal_file(path):
         return None
     payload = _read_json(path, "--causal")
     if not isinstance(payload, dict) or not isinstance(payload.get("kl"), dict):
-        raise ValueError(f"--causal {path}: not a result of `crossdiff causal` (no 'kl' entry)")
+        raise InputError(f"--causal {path}: not a result of `crossdiff causal` (no 'kl' entry)")
     return payload
 
 
 def report(args: argparse.Namespace) -> int:
     """`crossdiff report`: Latent Scaling, the latent table and max-activating examples -> an HTML page."""
+    _output_file(args.out)
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
-    stores = [ActivationStore(path) for path in args.store]
+    stores = _stores(args.store)
+    _fits(cc, args.checkpoint, stores[0])
     _, _, table_path, chosen, _ = report_crosscoder(
         cc,
         stores,
@@ -359,6 +455,7 @@ def report(args: argparse.Namespace) -> int:
 
 def miniature(args: argparse.Namespace) -> int:
     """`crossdiff miniature`: L1 vs BatchTopK on a planted dictionary (demo/miniature.py); prints the results."""
+    _output_dir(args.out)
     summary = mini.run(
         args.out, steps=args.steps, seed=args.seed, l1_coefficient=args.l1_coefficient, progress=not args.quiet
     )
@@ -379,14 +476,15 @@ def _latent_sets_file(path):
     sets = _read_json(path, "--latents")
     sets = sets.get("latent_sets", sets) if isinstance(sets, dict) else sets
     if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
-        raise ValueError(f"--latents {path}: expected a JSON object of set name -> list of latent ids")
+        raise InputError(f"--latents {path}: expected a JSON object of set name -> list of latent ids")
     return {name: torch.tensor(ids, dtype=torch.int64) for name, ids in sets.items()}
 
 
-def causal_patching(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def causal_patching(args: argparse.Namespace) -> int:
     """`crossdiff causal`: the activation-patching KL experiment (diffing/causal.py) -> a JSON file."""
     if (args.store is None) == (args.latents is None):
-        parser.error("give either --store (the paper's latent sets, from Latent Scaling) or --latents FILE")
+        raise InputError("give either --store (the paper's latent sets, from Latent Scaling) or --latents FILE")
+    _output_file(args.out)
     sets = _latent_sets_file(args.latents) if args.latents else None
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     if sets is None:
@@ -416,12 +514,12 @@ def causal_patching(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return 0
 
 
-def steer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def steer(args: argparse.Namespace) -> int:
     """`crossdiff steer`: generate from a prompt with and without the latents steered in (or ablated)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not args.ablate and (args.max_activation is None) == (args.store is None):
-        parser.error("steering needs one of --max-activation or --store (the maximum activations), or --ablate")
+        raise InputError("steering needs one of --max-activation or --store (the maximum activations), or --ablate")
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).to(cc.W_enc.device).eval()
@@ -453,10 +551,45 @@ def steer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def verify(args: argparse.Namespace) -> int:
+    """`crossdiff verify`: recompute every shard's checksums; a bad shard is an InputError naming it."""
+    bad = []
+    for path in args.store:
+        store = ActivationStore(path)  # a missing or truncated shard fails here, by name
+        checks = store.verify()
+        counts = {status: sum(c.status == status for c in checks) for status in ("ok", "bad", "unchecked")}
+        line = (
+            f"{path}: {len(store.meta['shards'])} shards, {len(store)} rows, {len(checks)} files: "
+            f"{counts['ok']} match their checksums"
+        )
+        if counts["bad"]:
+            line += f", {counts['bad']} do not"
+        if counts["unchecked"]:
+            line += (
+                f", {counts['unchecked']} unchecked (the store recorded no checksum for them: written before "
+                "stores recorded checksums; only their sizes were checked)"
+            )
+        print(line)
+        bad += [f"{path}: {c.file} fails its checksum ({c.detail})" for c in checks if c.status == "bad"]
+    if bad:
+        raise InputError("; ".join(bad))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The `crossdiff` command: parse `argv` (default sys.argv[1:]) and run the subcommand; returns its exit
-    status."""
-    parser = argparse.ArgumentParser(prog="crossdiff", description="Model diffing with crosscoders.")
+    """The `crossdiff` command: parse `argv` (default sys.argv[1:]) and run the subcommand.
+
+    Args:
+        argv: The arguments after the program name (None: sys.argv[1:]).
+
+    Returns:
+        The exit status: 0 on success, 2 after a user's error (bad arguments, a missing or corrupt input: one
+        line on stderr), or the subcommand's own status (planted: 1 when a concept was missed).
+
+    Raises:
+        SystemExit: argparse's exit (status 2) for arguments it cannot parse, and --help's (status 0).
+    """
+    parser = _Parser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "demo",
@@ -494,11 +627,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(fn=demo, parser=p)
+    p.set_defaults(fn=demo)
 
     p = sub.add_parser("planted", help="train on a planted dictionary and check what the diffing metric finds")
-    p.add_argument("--tokens", type=int, default=30000)
-    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--tokens", type=_at_least(1), default=30000)
+    p.add_argument("--d-model", type=_at_least(1), default=64)
     p.add_argument("--dict-size", type=int, default=96)
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--steps", type=int, default=3000)
@@ -510,11 +643,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = sub.add_parser("miniature", help="L1 vs BatchTopK on a planted dictionary: the paper's finding in miniature")
     p.add_argument("--out", default="miniature")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=_at_least(1), default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--l1-coefficient", type=float, default=0.1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=miniature)
+
+    p = sub.add_parser("verify", help="recompute the checksums of every shard of activation stores")
+    p.add_argument("store", nargs="+", help="activation store directory")
+    p.set_defaults(fn=verify)
 
     p = sub.add_parser("collect", help="paired activations of a base and a fine-tuned model -> activation store")
     p.add_argument("--base", required=True, help="base model: directory or hub name")
@@ -527,12 +664,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "those, or hf:NAME[:SPLIT] (a Hugging Face dataset; needs the datasets package)",
     )
     p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--context-length", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--drop-first", type=int, default=1, help="tokens dropped at the start of every sequence (BOS)")
+    p.add_argument("--max-tokens", type=_at_least(1), default=None)
+    p.add_argument("--context-length", type=_at_least(1), default=1024)
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument(
+        "--drop-first", type=_at_least(0), default=1, help="tokens dropped at the start of every sequence (BOS)"
+    )
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--shard-rows", type=int, default=1 << 18)
+    p.add_argument("--shard-rows", type=_at_least(1), default=1 << 18)
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -577,13 +716,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None, help="under torchrun: default cuda:LOCAL_RANK, or cpu without GPUs")
     p.add_argument(
         "--latent-parallel",
-        type=int,
+        type=_at_least(1),
         default=1,
         help="under torchrun: split the latents over this many ranks (exact batch top-k across them)",
     )
     p.add_argument(
         "--data-parallel",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="under torchrun: replicas of the latent shards, each reading 1/D of every batch "
         "(default: processes / --latent-parallel)",
@@ -594,7 +733,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="continue from the newest checkpoint in --out, whatever layout (one process or sharded) wrote it",
     )
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=lambda args, p=p: train(args, p))
+    p.set_defaults(fn=train)
 
     for name, fn, what in (
         ("scale", scale, "Latent Scaling of every latent -> the latent table (CSV / Parquet)"),
@@ -605,12 +744,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument("--store", required=True, action="append", help="activation store(s) to score on")
         p.add_argument("--out", required=True, help="latents.csv / .parquet" if name == "scale" else "report.html")
         p.add_argument("--probe", default="chat", choices=["chat", "base"])
-        p.add_argument("--batch-size", type=int, default=4096)
+        p.add_argument("--batch-size", type=_at_least(1), default=4096)
         p.add_argument("--device", default=None)
         p.add_argument("--quiet", action="store_true")
         if name == "report":
             p.add_argument("--tokenizer", default=None, help="default: the store's chat model, when local")
-            p.add_argument("--top", type=int, default=20, help="fine-tuned-specific latents listed")
+            p.add_argument("--top", type=_at_least(0), default=20, help="fine-tuned-specific latents listed")
             p.add_argument("--title", default="crossdiff_ext: which concepts did fine-tuning introduce?")
             p.add_argument("--causal", default=None, help="causal.json of `crossdiff causal`: KL chart, causal score")
         p.set_defaults(fn=fn)
@@ -634,7 +773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--context-length", type=int, default=1024)
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=lambda args, p=p: causal_patching(args, p))
+    p.set_defaults(fn=causal_patching)
 
     p = sub.add_parser("steer", help="generate with and without crosscoder latents steered in (or ablated)")
     p.add_argument("--checkpoint", required=True, help="a crosscoder directory")
@@ -650,9 +789,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ablate", action="store_true", help="project the latents' directions out instead")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--device", default=None)
-    p.set_defaults(fn=lambda args, p=p: steer(args, p))
+    p.set_defaults(fn=steer)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except InputError as err:
+        message = " ".join(str(err).split())  # one line, whatever the library's message holds
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

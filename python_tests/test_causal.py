@@ -498,6 +498,27 @@ def test_command_line_causal_and_steer(pair, tmp_path, capsys):  # noqa: F811
     assert cli.main([*steer, "--ablate"]) == 0
     printed = capsys.readouterr().out
     assert "steered x3.0" in printed and "ablated:" in printed
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(steer)
-    assert exit_.value.code == 2
+    assert cli.main(steer) == 2
+    assert "steering needs one of --max-activation or --store" in capsys.readouterr().err
+    assert cli.main(["causal", *common, "--data", str(data), "--out", str(tmp_path / "x.json")]) == 2
+    assert cli.main([*args, str(tmp_path / "no" / "x.json"), "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "causal",
+                *common,
+                "--layer",
+                "7",
+                "--data",
+                str(data),
+                "--latents",
+                str(sets),
+                "--out",
+                str(tmp_path / "y.json"),
+            ]
+        )
+        == 2
+    )
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(line.startswith("crossdiff causal: error: ") for line in errors)
+    assert "layer must be an int in [0, 3)" in errors[2]

@@ -243,8 +243,9 @@ def test_cli_train_under_torchrun_equals_one_process(tmp_path):
 def test_cli_latent_parallel_needs_torchrun(capsys):
     from crossdiff_ext import cli
 
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--store", "nowhere", "--out", "nowhere", "--dict-size", "8", "--latent-parallel", "2"])
+    argv = ["train", "--store", "nowhere", "--out", "nowhere", "--dict-size", "8", "--latent-parallel", "2"]
+    assert cli.main(argv) == 2
+    assert "need a torchrun launch" in capsys.readouterr().err
 
 
 def _count_worker(rank, world, init, latent, dead_tokens, out):

@@ -8,10 +8,11 @@ Importing P.sub also runs every package __init__ on the way there, so those coun
 own ancestor packages: they are already initialised when it runs (a module importing its own package
 explicitly, e.g. `import crossdiff_ext as cx`, still counts: it uses what that __init__ gathers).
 
-Layers, bottom to top: the foundation modules (backends.py, atomic.py, _extension.py, _build_hash.py) < ops/ and
-triton/ < layer/ < data/ < training/ < diffing/ < distributed/ < demo/ < cli.py < the top-level __init__.py and
-__main__.py. A module may import its own layer and the ones below it, never one above. The top-level __init__
-is the public face, not core: it re-exports demo's planted_dictionary, and nothing in the package imports it.
+Layers, bottom to top: the foundation modules (backends.py, atomic.py, errors.py, _extension.py, _build_hash.py)
+< ops/ and triton/ < layer/ < data/ < training/ < diffing/ < distributed/ < demo/ < cli.py < the top-level
+__init__.py and __main__.py. A module may import its own layer and the ones below it, never one above. The
+top-level __init__ is the public face, not core: it re-exports demo's planted_dictionary, and nothing in the
+package imports it.
 
 Private names. `from M import _name` and `M._name` (M bound by an import of a crossdiff_ext module) are refused
 when _name is not a module: what another module needs gets a public name in its owner. A private MODULE (a file
@@ -27,7 +28,7 @@ import pytest
 PACKAGE = "crossdiff_ext"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 
-FOUNDATION = {f"{PACKAGE}.{name}" for name in ("backends", "atomic", "_extension", "_build_hash")}
+FOUNDATION = {f"{PACKAGE}.{name}" for name in ("backends", "atomic", "errors", "_extension", "_build_hash")}
 LAYERS = [
     ("foundation", None),
     ("ops", ("ops", "triton")),

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..errors import InputError, MissingInputError, OutputExistsError
 from .decoder_blocks import hidden_size, run_to_layer
 from .models import check_tokenizers, load_pair, model_name
 from .store import ActivationStore, StoreWriter
@@ -39,8 +40,8 @@ def _record(record, where):
             return list(record["messages"])
         if record.get("text") is not None:
             return record["text"]
-        raise ValueError(f"{where}: a record needs 'text' or 'messages', got keys {sorted(record.keys())}")
-    raise ValueError(f"{where}: a document must be a string, a message list or a record, got {type(record).__name__}")
+        raise InputError(f"{where}: a record needs 'text' or 'messages', got keys {sorted(record.keys())}")
+    raise InputError(f"{where}: a document must be a string, a message list or a record, got {type(record).__name__}")
 
 
 def _hub_dataset(spec):
@@ -73,23 +74,29 @@ def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union
                 docs += read_documents(os.path.join(path, name))
         return docs
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data {path!r} does not exist")
+        raise MissingInputError(f"data {path!r} does not exist")
     docs = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith(".jsonl"):
+    try:
+        with open(path, "rb") as fh:  # bytes, decoded per line: a decoding error then names its line
+            for i, raw in enumerate(fh, 1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{i}: not JSON ({err})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-                docs.append(_record(record, f"{path}:{i}"))
-            else:
-                docs.append(line)
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as err:
+                    raise InputError(f"{path}:{i}: not UTF-8 text ({err})") from None
+                if not line:
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise InputError(f"{path}:{i}: not JSON ({err})") from None
+                    if not isinstance(record, dict):
+                        raise InputError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+                    docs.append(_record(record, f"{path}:{i}"))
+                else:
+                    docs.append(line)
+    except (IsADirectoryError, PermissionError) as err:
+        raise InputError(f"data {path!r} cannot be read ({err})") from None
     return docs
 
 
@@ -99,11 +106,11 @@ def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_
         ids = tokenizer(doc)["input_ids"]
     elif isinstance(doc, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in doc):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat data needs the chat model's tokenizer to have a chat template")
+            raise InputError("chat data needs the chat model's tokenizer to have a chat template")
         ids = tokenizer.apply_chat_template(list(doc), tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     else:
-        raise ValueError(f"a document must be a string or a list of {{'role', 'content'}} messages, got {doc!r:.80}")
+        raise InputError(f"a document must be a string or a list of {{'role', 'content'}} messages, got {doc!r:.80}")
     return list(ids)[:context_length]
 
 
@@ -128,7 +135,17 @@ def collect(
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
     base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
     if drop_first < 0 or context_length < 1 or batch_size < 1:
-        raise ValueError("drop_first must be >= 0, context_length and batch_size >= 1")
+        raise InputError(
+            f"drop_first must be >= 0, context_length and batch_size >= 1; got {drop_first}, {context_length}, "
+            f"{batch_size}"
+        )
+    if not resume and os.path.exists(os.path.join(os.fspath(out), "store.json")):  # before the models load
+        raise OutputExistsError(f"{os.fspath(out)} already holds a store; pass resume=True to append to it")
+    source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
+    documents = read_documents(data)  # before the models load: a bad data file fails at once
+    if not documents:
+        raise InputError(f"data {source} holds no documents")
+
     (m_base, t_base), (m_chat, t_chat) = load_pair(base, chat, [layer], dtype=model_dtype)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
@@ -155,7 +172,7 @@ def collect(
         writer.close()
         return ActivationStore(out)
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
-    docs = [tokenize(doc, t_chat, context_length) for doc in read_documents(data)]
+    docs = [tokenize(doc, t_chat, context_length) for doc in documents]
     written = skip
     limit = max_tokens if max_tokens is not None else float("inf")
     bar = None
@@ -168,16 +185,16 @@ def collect(
         )
     # The batches are fixed by the documents alone (batch_size documents that keep a token each), so a resumed run
     # pads and runs exactly the batches of an uninterrupted one: the same shapes give the same floats.
-    with_rows = [ids for ids in docs if len(ids) > drop_first]
+    with_rows = [(index, ids) for index, ids in enumerate(docs) if len(ids) > drop_first]
     try:
-        for start in range(0, len(with_rows), batch_size):
+        for n_batches, start in enumerate(range(0, len(with_rows), batch_size)):
             group = with_rows[start : start + batch_size]
-            stored = sum(len(ids) - drop_first for ids in group)
+            stored = sum(len(ids) - drop_first for _, ids in group)
             if skip >= stored:  # the whole batch is already in the store (resume)
                 skip -= stored
                 continue
             batch = []  # (ids, first position to keep): rows already in the store are run but not kept
-            for ids in group:
+            for _, ids in group:
                 take = min(skip, len(ids) - drop_first)
                 batch.append((ids, drop_first + take))
                 skip -= take
@@ -185,7 +202,13 @@ def collect(
             if written + rows.shape[0] > limit:
                 keep = max(0, int(limit - written))
                 rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
-            writer.append(rows, tokens, positions)
+            try:
+                writer.append(rows, tokens, positions)
+            except InputError as err:  # non-finite activations: name the documents that produced them
+                raise InputError(
+                    f"batch {n_batches} of the collection (documents {group[0][0]} to {group[-1][0]}, 0-based, "
+                    f"of {source}), model 0 = base, 1 = chat: {err}"
+                ) from err
             written += rows.shape[0]
             if bar is not None:
                 bar.update(rows.shape[0])

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 # Where the common decoder families keep their blocks (Llama, Mistral, Qwen2, Gemma 2: model.layers; GPT-2,
 # GPT-J, Bloom: transformer.h; GPT-NeoX: gpt_neox.layers; OPT: model.decoder.layers). Anything else is found by
 # the search in decoder_blocks.
@@ -60,7 +62,7 @@ def _config_int(config, names, what):
             value = getattr(source, name, None) if source is not None else None
             if isinstance(value, int):
                 return value
-    raise ValueError(f"the model's config ({type(config).__name__}) gives no {what} (looked for {', '.join(names)})")
+    raise InputError(f"the model's config ({type(config).__name__}) gives no {what} (looked for {', '.join(names)})")
 
 
 def check_layer(config_or_model: Any, layer: int, name: str = "the model") -> None:
@@ -77,7 +79,7 @@ def check_layer(config_or_model: Any, layer: int, name: str = "the model") -> No
     config = getattr(config_or_model, "config", config_or_model)
     count = _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
     if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < count:
-        raise ValueError(f"layer must be an int in [0, {count}) for {name} ({count} blocks), got {layer!r}")
+        raise InputError(f"layer must be an int in [0, {count}) for {name} ({count} blocks), got {layer!r}")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -112,7 +114,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     outer = [(n, m) for n, m in candidates if not any(n != o and n.startswith(o + ".") for o, _ in candidates)]
     if len(outer) != 1:
         names = [n for n, _ in outer] or "none"
-        raise ValueError(
+        raise InputError(
             f"cannot find the decoder blocks of {type(model).__name__}: expected one nn.ModuleList of "
             f"{count} blocks, found {names}"
         )
@@ -154,7 +156,7 @@ def skip_through_layer(model: nn.Module, layer: int, hidden: torch.Tensor, forma
     """
     check_layer(model, layer)
     if len(formats) != layer + 1:
-        raise ValueError(f"formats must describe blocks 0..{layer} ({layer + 1} entries), got {len(formats)}")
+        raise InputError(f"formats must describe blocks 0..{layer} ({layer + 1} entries), got {len(formats)}")
     blocks = decoder_blocks(model)
     own = [blocks[i].__dict__.get("forward") for i in range(layer + 1)]  # e.g. a wrapper set by accelerate
     try:
@@ -234,7 +236,7 @@ def edit_block_output(model: nn.Module, layer: int, edit: Callable[[torch.Tensor
         new = edit(hidden)
         if not isinstance(new, torch.Tensor) or new.shape != hidden.shape:
             shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(
+            raise InputError(
                 f"the edit of block {layer}'s output must keep its shape {tuple(hidden.shape)}, got {shape}"
             )
         return _with_hidden(output, new.to(hidden.dtype))

@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..errors import InputError, MissingInputError
 from .decoder_blocks import check_layer, hidden_size
 
 ModelSpec = Union[str, os.PathLike, tuple[Any, Any]]
@@ -30,23 +31,26 @@ def check_tokenizers(tokenizer_base: Any, tokenizer_chat: Any) -> None:
     if vb != vc:
         only_b, only_c = sorted(set(vb) - set(vc))[:5], sorted(set(vc) - set(vb))[:5]
         moved = [t for t in vb if t in vc and vb[t] != vc[t]][:5]
-        raise ValueError(
+        raise InputError(
             f"the tokenizers disagree ({len(vb)} vs {len(vc)} tokens; only in base: {only_b}, only in "
             f"chat: {only_c}, different ids: {moved}); the same token ids cannot feed both models"
         )
 
 
-def _config_and_tokenizer(spec):
+def _config_and_tokenizer(spec, name):
     if isinstance(spec, tuple):
         if len(spec) != 2:
-            raise ValueError(f"a loaded model must be a (model, tokenizer) pair, got a tuple of {len(spec)}")
+            raise InputError(f"a loaded model must be a (model, tokenizer) pair, got a tuple of {len(spec)}")
         return spec[0].config, spec[1]
     from transformers import AutoConfig, AutoTokenizer
 
     path = os.fspath(spec)
     if not os.path.exists(path) and path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
-    return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        raise MissingInputError(f"{name} model directory {path!r} does not exist")
+    try:
+        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # transformers' errors for a directory or name without a model in it
+        raise InputError(f"{name} model {path!r} cannot be loaded: {err}") from err
 
 
 def load_pair(
@@ -74,25 +78,28 @@ def load_pair(
         ValueError: The tokenizers or widths differ (from each other or from `width`), or a layer is out of range
             (all checked before any weights are loaded).
     """
-    (config_b, tok_b), (config_c, tok_c) = _config_and_tokenizer(base), _config_and_tokenizer(chat)
+    (config_b, tok_b), (config_c, tok_c) = _config_and_tokenizer(base, "base"), _config_and_tokenizer(chat, "chat")
     check_tokenizers(tok_b, tok_c)
     if hidden_size(config_b) != hidden_size(config_c):
-        raise ValueError(f"the models' widths differ: {hidden_size(config_b)} (base) vs {hidden_size(config_c)} (chat)")
+        raise InputError(f"the models' widths differ: {hidden_size(config_b)} (base) vs {hidden_size(config_c)} (chat)")
     if width is not None and hidden_size(config_b) != width:
-        raise ValueError(f"the crosscoder's d_model is {width}, the models' width is {hidden_size(config_b)}")
+        raise InputError(f"the crosscoder's d_model is {width}, the models' width is {hidden_size(config_b)}")
     for layer in layers:
         check_layer(config_b, layer, "the base model")
         check_layer(config_c, layer, "the chat model")
 
-    def load(spec, tokenizer):
+    def load(spec, tokenizer, name):
         if isinstance(spec, tuple):
             return spec
         from transformers import AutoModelForCausalLM
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return AutoModelForCausalLM.from_pretrained(os.fspath(spec), **kwargs), tokenizer
+        try:
+            return AutoModelForCausalLM.from_pretrained(os.fspath(spec), **kwargs), tokenizer
+        except (OSError, ValueError) as err:
+            raise InputError(f"{name} model {os.fspath(spec)!r} cannot be loaded: {err}") from err
 
-    return load(base, tok_b), load(chat, tok_c)
+    return load(base, tok_b, "base"), load(chat, tok_c, "chat")
 
 
 def model_name(spec: ModelSpec) -> str:

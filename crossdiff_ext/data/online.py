@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..errors import InputError
 from .activations import paired_activations, read_documents, tokenize
 from .decoder_blocks import hidden_size
 from .models import ModelSpec, load_pair, model_name
@@ -68,19 +69,19 @@ class OnlineActivations:
             ("drop_first", drop_first, 0),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+                raise InputError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(buffer_tokens, int) or buffer_tokens < batch_size:
-            raise ValueError(f"buffer_tokens must be an int >= batch_size = {batch_size}, got {buffer_tokens!r}")
+            raise InputError(f"buffer_tokens must be an int >= batch_size = {batch_size}, got {buffer_tokens!r}")
         documents = read_documents(data)
         if not documents:
-            raise ValueError("data holds no documents")
+            raise InputError("data holds no documents")
         (m_base, _), (m_chat, tokenizer) = load_pair(base, chat, [layer], dtype=model_dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.m_base, self.m_chat = m_base.to(self.device).eval(), m_chat.to(self.device).eval()
         self.ids = [tokenize(doc, tokenizer, context_length) for doc in documents]
         self.ids = [ids for ids in self.ids if len(ids) > drop_first]
         if not self.ids:
-            raise ValueError(f"no document is longer than drop_first = {drop_first} tokens")
+            raise InputError(f"no document is longer than drop_first = {drop_first} tokens")
         self.layer, self.batch_size, self.buffer_tokens = layer, batch_size, buffer_tokens
         self.forward_batch, self.drop_first = forward_batch, drop_first
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -151,11 +152,11 @@ class OnlineActivations:
         """
         unread = state["unread"]
         if unread.dim() != 3 or tuple(unread.shape[1:]) != (2, self.d_model):
-            raise ValueError(
+            raise InputError(
                 f"the saved buffer rows are {tuple(unread.shape)}, this source makes [n, 2, {self.d_model}]"
             )
         if not 0 <= int(state["document"]) < len(self.ids):
-            raise ValueError(f"the saved document position {state['document']} is past the {len(self.ids)} documents")
+            raise InputError(f"the saved document position {state['document']} is past the {len(self.ids)} documents")
         self.document, self.epoch = int(state["document"]), int(state["epoch"])
         self.generator.set_state(state["generator"])
         self.buffer, self.read = unread.to(self.device), 0

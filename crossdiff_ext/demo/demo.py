@@ -28,6 +28,7 @@ from ..data.store import ActivationStore
 from ..diffing.examples import max_activating_examples, token_share
 from ..diffing.latent_scaling import inference_pass
 from ..diffing.report import report_crosscoder
+from ..errors import InputError
 from ..layer import CrossCoder
 from ..training import TrainConfig
 from . import toy_language as tl
@@ -75,6 +76,8 @@ class DemoConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.text_documents + self.chat_documents < 1:
             raise ValueError("text_documents + chat_documents must be at least 1")
+        if self.k is not None and self.dict_size is not None and not 1 <= self.k <= self.dict_size:
+            raise ValueError(f"k must be in [1, dict_size = {self.dict_size}], got {self.k}")
 
 
 def _clear(directory, owned):
@@ -84,7 +87,7 @@ def _clear(directory, owned):
         return
     strangers = [n for n in os.listdir(directory) if not any(fnmatch.fnmatch(n, p) for p in owned)]
     if strangers or not os.path.isdir(directory):
-        raise ValueError(
+        raise InputError(
             f"{directory} holds files the demo did not write ({strangers[:3]}); move it or choose another --out"
         )
     shutil.rmtree(directory)
@@ -222,6 +225,8 @@ def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     d = store.d_model
     dict_size = config.dict_size or 8 * d
     k = config.k or max(8, d // 24)
+    if not 1 <= k <= dict_size:  # the defaults follow the width, known once the store is written
+        raise InputError(f"k = {k} must be in [1, dict_size = {dict_size}] (-k and --dict-size)")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     results = {}

@@ -36,6 +36,7 @@ from .. import ops
 from ..data.activations import read_documents, template_token_ids
 from ..data.decoder_blocks import block_hidden, decoder_blocks, output_format, run_to_layer, skip_through_layer
 from ..data.models import ModelSpec, load_pair, model_name
+from ..errors import InputError
 from ..layer import CrossCoder
 from .latent_sets import paper_latent_sets
 from .scored_positions import SUBSETS, check_documents, is_conversation, score_document, subset_mask
@@ -144,7 +145,7 @@ def raw_decoder_difference(crosscoder: CrossCoder, variant: str = "replace") -> 
         ValueError: variant is unknown.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
     W = crosscoder.W_dec.detach().float()
     scale = crosscoder.input_scale.float() if crosscoder.target_rms is not None else torch.ones(2, device=W.device)
     chat = W[:, 1] / scale[1]
@@ -153,39 +154,39 @@ def raw_decoder_difference(crosscoder: CrossCoder, variant: str = "replace") -> 
 
 def _check_crosscoder(crosscoder):
     if not isinstance(crosscoder, CrossCoder):
-        raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+        raise InputError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
     if crosscoder.n_models != 2:
-        raise ValueError(f"crosscoder must be over 2 models (base, chat), got n_models = {crosscoder.n_models}")
+        raise InputError(f"crosscoder must be over 2 models (base, chat), got n_models = {crosscoder.n_models}")
     if crosscoder.activation == "batch_topk" and float(crosscoder.threshold) < 0:
-        raise ValueError("the crosscoder's inference threshold is unset (-1): patching needs its inference-mode codes")
+        raise InputError("the crosscoder's inference threshold is unset (-1): patching needs its inference-mode codes")
 
 
 def _check_int(name, value, low):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise InputError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _check_sets(latent_sets, n_latents):
     if not isinstance(latent_sets, Mapping):
-        raise ValueError(f"latent_sets must map set names to latent-id tensors, got {type(latent_sets).__name__}")
+        raise InputError(f"latent_sets must map set names to latent-id tensors, got {type(latent_sets).__name__}")
     checked = {}
     for name, ids in latent_sets.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"latent set names must be non-empty strings, got {name!r}")
+            raise InputError(f"latent set names must be non-empty strings, got {name!r}")
         if name in BUILT_IN + ("random",):
-            raise ValueError(f"latent set name {name!r} is reserved (built-in sets: {BUILT_IN}, pooled: 'random')")
+            raise InputError(f"latent set name {name!r} is reserved (built-in sets: {BUILT_IN}, pooled: 'random')")
         ids = torch.as_tensor(ids)
         if ids.numel() == 0:
-            raise ValueError(f"latent set {name!r} is empty")
+            raise InputError(f"latent set {name!r} is empty")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"latent set {name!r} must be a 1-D tensor of integer latent ids, got {ids.dtype} {list(ids.shape)}"
             )
         bad = ids[(ids < 0) | (ids >= n_latents)]
         if bad.numel():
-            raise ValueError(f"latent set {name!r} has ids outside [0, {n_latents}): {bad[:5].tolist()}")
+            raise InputError(f"latent set {name!r} has ids outside [0, {n_latents}): {bad[:5].tolist()}")
         if torch.unique(ids).numel() != ids.numel():
-            raise ValueError(f"latent set {name!r} lists a latent more than once")
+            raise InputError(f"latent set {name!r} lists a latent more than once")
         checked[name] = ids.long()
     return checked
 
@@ -400,7 +401,7 @@ def patch_kl(
             ids, or a conversation without an assistant turn (all before any model runs).
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
     docs = _prepare(crosscoder, layer, data, first_k, ignore_first, batch_size, context_length)
     sets = _check_sets(latent_sets, crosscoder.dict_size)
     pair = _open(base, chat, crosscoder, layer, device, model_dtype)
@@ -487,7 +488,7 @@ def attribution(
         ValueError: As for patch_kl, or subset is unknown.
     """
     if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+        raise InputError(f"subset must be one of {SUBSETS}, got {subset!r}")
     docs = _prepare(crosscoder, layer, data, first_k, ignore_first, batch_size, context_length)
     direction = raw_decoder_difference(crosscoder, variant)[:, None, :]
     pair = _open(base, chat, crosscoder, layer, device, model_dtype)

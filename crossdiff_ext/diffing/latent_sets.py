@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from ..layer import CrossCoder
 from ..layer.norms import delta_norm
 from .latent_scaling import LatentScalingResult
@@ -62,16 +63,16 @@ def paper_latent_sets(
             latents have a valid nu.
     """
     if not isinstance(crosscoder, CrossCoder):
-        raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+        raise InputError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
     if not isinstance(scaling, LatentScalingResult):
-        raise ValueError(f"scaling must be a LatentScalingResult, got {type(scaling).__name__}")
+        raise InputError(f"scaling must be a LatentScalingResult, got {type(scaling).__name__}")
     missing = [t for t in ("error", "reconstruction") if t not in scaling.targets]
     if missing:
-        raise ValueError(f"scaling must have both targets 'error' and 'reconstruction'; it lacks {missing}")
+        raise InputError(f"scaling must have both targets 'error' and 'reconstruction'; it lacks {missing}")
     if not 0.0 <= min_delta_norm <= 1.0:
-        raise ValueError(f"min_delta_norm must be in [0, 1], got {min_delta_norm}")
+        raise InputError(f"min_delta_norm must be in [0, 1], got {min_delta_norm}")
     if not isinstance(n, int) or n < 2 or not isinstance(n_random, int) or n_random < 0:
-        raise ValueError(f"n must be an int >= 2 and n_random an int >= 0, got n={n!r}, n_random={n_random!r}")
+        raise InputError(f"n must be an int >= 2 and n_random an int >= 0, got n={n!r}, n_random={n_random!r}")
     F = crosscoder.dict_size
     dn = delta_norm(crosscoder, scaling.base, scaling.chat).double().cpu()
     nu_e = _per_latent(scaling.nu_error, scaling.latents, F)
@@ -89,7 +90,7 @@ def paper_latent_sets(
     ]
     half = len(valid) // 2
     if half < 1:
-        raise ValueError(
+        raise InputError(
             f"{len(chat_leaning)} latents have Delta_norm >= {min_delta_norm} and {len(valid)} of them a nu in "
             f"[{low}, {high}]; the halves need at least 2"
         )

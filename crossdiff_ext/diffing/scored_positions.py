@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..data.activations import template_token_ids, tokenize
+from ..errors import InputError
 
 SUBSETS = ("all", "first_k", "rest")
 # Per-position labels: what a position is scored as.
@@ -55,10 +56,10 @@ def check_documents(docs: Sequence[Any]) -> None:
         ValueError: No documents, or a conversation without an assistant message (its index is named).
     """
     if not docs:
-        raise ValueError("data holds no documents")
+        raise InputError("data holds no documents")
     for i, doc in enumerate(docs):
         if is_conversation(doc) and not any(m.get("role") == "assistant" for m in doc):
-            raise ValueError(f"document {i} is a conversation without an assistant turn: nothing to score")
+            raise InputError(f"document {i} is a conversation without an assistant turn: nothing to score")
 
 
 def _chat_ids(tokenizer, messages, **kwargs):
@@ -93,7 +94,7 @@ def assistant_spans(messages: Sequence[dict[str, Any]], tokenizer: Any) -> list[
         if not _is_prefix(before, after):
             before = _chat_ids(tokenizer, messages[:i]) if i else []
         if not (_is_prefix(before, after) and _is_prefix(after, full)):
-            raise ValueError(
+            raise InputError(
                 "the chat template does not render a conversation's turns as prefixes of the whole conversation; "
                 "the assistant tokens cannot be located"
             )

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..data.decoder_blocks import edit_block_output, hidden_size
+from ..errors import InputError
 from ..layer import CrossCoder
 from .latent_scaling import LatentScalingResult
 
@@ -24,22 +25,22 @@ MaxActivation = Union[float, Sequence[float], torch.Tensor, LatentScalingResult,
 def _latent_ids(latents, crosscoder):
     ids = torch.as_tensor(latents).flatten()
     if ids.numel() == 0:
-        raise ValueError("latents is empty")
+        raise InputError("latents is empty")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"latents must be integer latent ids, got {ids.dtype}")
+        raise InputError(f"latents must be integer latent ids, got {ids.dtype}")
     bad = ids[(ids < 0) | (ids >= crosscoder.dict_size)]
     if bad.numel():
-        raise ValueError(f"latents has ids outside [0, {crosscoder.dict_size}): {bad[:5].tolist()}")
+        raise InputError(f"latents has ids outside [0, {crosscoder.dict_size}): {bad[:5].tolist()}")
     return ids.long()
 
 
 def _check(model, crosscoder, model_index):
     if not isinstance(crosscoder, CrossCoder):
-        raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+        raise InputError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
     if not isinstance(model_index, int) or not 0 <= model_index < crosscoder.n_models:
-        raise ValueError(f"model_index must be in [0, {crosscoder.n_models}), got {model_index!r}")
+        raise InputError(f"model_index must be in [0, {crosscoder.n_models}), got {model_index!r}")
     if hidden_size(model) != crosscoder.d_model:
-        raise ValueError(f"the model's width is {hidden_size(model)}, the crosscoder's d_model {crosscoder.d_model}")
+        raise InputError(f"the model's width is {hidden_size(model)}, the crosscoder's d_model {crosscoder.d_model}")
 
 
 def _raw_rows(crosscoder, ids, model_index):
@@ -66,15 +67,15 @@ def max_activations(source: MaxActivation, latents: torch.Tensor) -> torch.Tenso
     """
     if isinstance(source, LatentScalingResult):
         if source.activation_max is None:
-            raise ValueError("the LatentScalingResult records no activation_max")
+            raise InputError("the LatentScalingResult records no activation_max")
         where = {int(j): i for i, j in enumerate(source.latents.tolist())}
         missing = [int(j) for j in latents if int(j) not in where]
         if missing:
-            raise ValueError(f"the LatentScalingResult did not score latents {missing[:5]}")
+            raise InputError(f"the LatentScalingResult did not score latents {missing[:5]}")
         values = source.activation_max[[where[int(j)] for j in latents]]
     elif isinstance(source, dict):
         if "max_activation" not in source:
-            raise ValueError("the latent table has no 'max_activation' column (run it with a LatentScalingResult)")
+            raise InputError("the latent table has no 'max_activation' column (run it with a LatentScalingResult)")
         column = source["max_activation"]
         values = torch.tensor([float(column[int(j)]) for j in latents])
     elif isinstance(source, (int, float)):
@@ -82,10 +83,10 @@ def max_activations(source: MaxActivation, latents: torch.Tensor) -> torch.Tenso
     else:
         values = torch.as_tensor(source, dtype=torch.float32).flatten()
         if values.numel() != len(latents):
-            raise ValueError(f"max_activation has {values.numel()} values for {len(latents)} latents")
+            raise InputError(f"max_activation has {values.numel()} values for {len(latents)} latents")
     values = values.float()
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("max_activation holds non-finite values (a latent that never fired?)")
+        raise InputError("max_activation holds non-finite values (a latent that never fired?)")
     return values
 
 
@@ -128,10 +129,10 @@ def steer(
     """
     _check(model, crosscoder, model_index)
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     ids = _latent_ids(latents, crosscoder)
     if max_activation is None:
-        raise ValueError(
+        raise InputError(
             "max_activation is required: a number, one value per latent, or a LatentScalingResult / latent table "
             "that records the latents' maximum activations"
         )
@@ -187,7 +188,7 @@ def ablate(
     u, sv, _ = torch.linalg.svd(rows.T, full_matrices=False)
     rank = int((sv > sv.max() * 1e-6).sum()) if sv.numel() and float(sv.max()) > 0 else 0
     if rank == 0:
-        raise ValueError("the chosen latents' decoder rows are all zero: nothing to ablate")
+        raise InputError("the chosen latents' decoder rows are all zero: nothing to ablate")
     basis = u[:, :rank].float()
 
     def project(hidden):

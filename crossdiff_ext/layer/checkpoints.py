@@ -10,13 +10,17 @@ they are given (CrossCoder passes itself), which keeps this module below the lay
 import inspect
 import json
 import os
+import pickle
+import struct
 from collections.abc import Mapping
 from typing import Any, Optional, TypeVar, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import atomic
+from ..errors import InputError, MissingInputError
 from . import sharded
 
 # Version 2 added target_rms and the input-normalisation buffers; version 1 files read as target_rms=None.
@@ -58,27 +62,73 @@ def save_pretrained(model: torch.nn.Module, directory: Union[os.PathLike, str]) 
 
 
 def read_config(path: Union[os.PathLike, str]) -> dict[str, Any]:
-    """The JSON object of a config.json; FileNotFoundError or ValueError naming the file otherwise."""
+    """The JSON object of a config.json; MissingInputError or InputError naming the file otherwise."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (expected a directory written by save_pretrained)")
+        directory = os.path.dirname(os.fspath(path)) or "."
+        if not os.path.isdir(directory):
+            raise MissingInputError(f"{directory}: no such checkpoint directory")
+        raise MissingInputError(f"{path}: no {CONFIG_NAME} (expected a directory written by save_pretrained)")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+        raise InputError(f"{path}: cannot read JSON ({e})") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def _safetensors_cause(path):
+    """Why a safetensors file does not load, when its size says so: the header's own length and the tensors'
+    byte ranges give the size the file must have."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"truncated: {size} bytes, shorter than the 8-byte header length"
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        if 8 + length > size:
+            return f"truncated: {size} bytes, the header alone needs {8 + length}"
+        try:
+            header = json.loads(fh.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid JSON"
+    if 8 + length + end > size:
+        return f"truncated: {size} bytes, the header describes {8 + length + end}"
+    return None
+
+
+def load_weights(path: Union[os.PathLike, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a model.safetensors on the CPU, with errors that name the file and the cause.
+
+    Args:
+        path: The safetensors file.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        MissingInputError: The file does not exist.
+        InputError: It is not a readable safetensors file (truncated, or a corrupt header).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{path}: no such file")
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as e:
+        cause = _safetensors_cause(path) or str(e)
+        raise InputError(f"{path}: not a readable safetensors file ({cause}; safetensors: {e})") from e
 
 
 def check_state(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict key and shape check with messages that name the key; dtype casts are left to the caller."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: state dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        raise InputError(f"{source}: state dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
     for name, ref in expected.items():
         if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
+            raise InputError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
 
 
 def build(
@@ -107,7 +157,7 @@ def torch_dtype(value: Union[torch.dtype, str], source: str) -> torch.dtype:
             return value
         value = str(value).removeprefix("torch.")
     if value not in DTYPES:
-        raise ValueError(f"{source}: dtype must be one of {sorted(DTYPES)}, got {value!r}")
+        raise InputError(f"{source}: dtype must be one of {sorted(DTYPES)}, got {value!r}")
     return DTYPES[value]
 
 
@@ -128,24 +178,28 @@ def from_pretrained(
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     config = read_config(config_path)
     if config.pop("format", None) != FORMAT:
-        raise ValueError(
+        raise InputError(
             f'{config_path}: not a {FORMAT} checkpoint (no "format": "{FORMAT}"); for the paper\'s '
             "dictionary_learning checkpoints use crossdiff_ext.load_dictionary_learning"
         )
     version = config.pop("format_version", None)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{config_path}: format_version {version!r} is not supported (this version reads "
             f"<= {FORMAT_VERSION}; upgrade crossdiff_ext)"
         )
     unknown = sorted(set(config) - (set(inspect.signature(cls).parameters) - {"device"}))
     if unknown:
-        raise ValueError(f"{config_path}: unknown config keys {unknown}")
+        raise InputError(f"{config_path}: unknown config keys {unknown}")
     config["dtype"] = torch_dtype(dtype if dtype is not None else config.get("dtype", "float32"), config_path)
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
-    tensors = load_file(weights_path, device="cpu")
-    check_state(tensors, cls(**config, device="meta").state_dict(), weights_path)
+        raise MissingInputError(f"{weights_path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
+    try:  # the constructor's argument checks, on the meta device: they raise ValueError for a bad setting
+        expected = cls(**config, device="meta").state_dict()
+    except ValueError as e:
+        raise InputError(f"{config_path}: {e}") from e
+    tensors = load_weights(weights_path)
+    check_state(tensors, expected, weights_path)
     return build(cls, config, tensors, device).eval()
 
 
@@ -162,7 +216,7 @@ def load_merged(
     shards = [from_pretrained(cls, os.path.join(directory, s["dir"]), dtype=dtype) for s in sharding["shards"]]
     for s, cc in zip(sharding["shards"], shards):
         if cc.dict_size != s["end"] - s["first"]:
-            raise ValueError(
+            raise InputError(
                 f"{directory}/{s['dir']}: holds {cc.dict_size} latents, {sharded.SHARDING_NAME} says "
                 f"{s['end'] - s['first']}"
             )
@@ -172,8 +226,13 @@ def load_merged(
 
 
 def _load_torch(path):
-    with open(path, "rb") as fh:  # RNG states stay CPU byte tensors; the caller moves what it needs
-        return torch.load(fh, map_location="cpu", weights_only=False)
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{path}: no such file (a checkpoint's training state)")
+    try:
+        with open(path, "rb") as fh:  # RNG states stay CPU byte tensors; the caller moves what it needs
+            return torch.load(fh, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load's errors for a damaged file
+        raise InputError(f"{path}: not a readable torch.save file ({e})") from e
 
 
 def read_training_state(
@@ -182,7 +241,7 @@ def read_training_state(
     """(model state dict, trainer state) of the whole crosscoder from any step directory, sharded or not. The
     trainer state has the trainer's keys: step, optimizer, schedule, tokens_since_fired, data, rng, config."""
     if not sharded.is_sharded(checkpoint):
-        weights = load_file(os.path.join(checkpoint, WEIGHTS_NAME), device="cpu")
+        weights = load_weights(os.path.join(checkpoint, WEIGHTS_NAME))
         return weights, _load_torch(os.path.join(checkpoint, sharded.TRAINER_NAME))
     sharding = sharded.read_sharding(checkpoint)
     model = load_merged(cls, checkpoint).state_dict()

@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import torch
 
+from ..errors import InputError
+
 SHARDING_NAME, TRAINER_NAME, OPTIMIZER_NAME = "sharding.json", "trainer.pt", "optimizer.pt"
 SLICED = ("W_enc", "b_enc", "W_dec")  # split along the latent dimension; every other tensor is replicated
 SLICED_PARAMS = (0, 1, 2)  # optimizer state of W_enc, b_enc, W_dec (CrossCoder.parameters() order); b_dec is 3
@@ -31,7 +33,8 @@ def is_sharded(directory: Union[os.PathLike, str]) -> bool:
 
 
 def read_sharding(directory: Union[os.PathLike, str]) -> dict[str, Any]:
-    """The sharding record of a step directory, checked to tile [0, dict_size); ValueError otherwise."""
+    """The sharding record of a step directory, checked to tile [0, dict_size); InputError (a ValueError)
+    naming the file otherwise."""
     path = os.path.join(directory, SHARDING_NAME)
     try:
         with open(path, encoding="utf-8") as f:
@@ -41,7 +44,7 @@ def read_sharding(directory: Union[os.PathLike, str]) -> dict[str, Any]:
         if [s["first"] for s in shards] != ends or shards[-1]["end"] != sharding["dict_size"]:
             raise ValueError("the shards do not tile [0, dict_size)")
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{path}: not a valid sharding record ({e})") from e
+        raise InputError(f"{path}: not a valid sharding record ({e})") from e
     return sharding
 
 

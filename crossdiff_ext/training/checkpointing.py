@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 
 from .. import atomic
+from ..errors import MissingInputError, OutputExistsError
 from ..layer import sharded
 
 if TYPE_CHECKING:
@@ -99,9 +100,9 @@ def resume_checkpoint(config: TrainConfig, resume: bool) -> Optional[str]:
     """The checkpoint to resume from (None for a fresh run), after checking the request against the directory."""
     checkpoint = latest_checkpoint(config.checkpoint_dir) if resume else None
     if resume and checkpoint is None:
-        raise FileNotFoundError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
+        raise MissingInputError(f"resume=True but no checkpoint under checkpoint_dir = {config.checkpoint_dir!r}")
     if not resume and latest_checkpoint(config.checkpoint_dir):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"checkpoint_dir = {config.checkpoint_dir!r} already holds checkpoints (newest "
             f"{latest_checkpoint(config.checkpoint_dir)}); pass resume=True to continue that run "
             "or choose a new directory"

@@ -160,6 +160,7 @@ class Runtime:
         tokens_since_fired: torch.Tensor,
     ) -> None:
         """This process's part of a whole crosscoder's training state (any layout wrote it)."""
+        checkpoints.check_state(weights, self.cc.state_dict(), f"cannot resume from {checkpoint}")
         self.cc.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         if self.scaler is not None:
