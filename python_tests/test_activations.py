@@ -86,6 +86,7 @@ def test_collect_feeds_the_same_tokens_and_drops_bos(pair, data, tmp_path):
         shard_rows=50,
         device="cpu",
         progress=False,
+        pack_window=1,  # documents in their order
     )
     tok = make_tokenizer()
     docs = [activations.tokenize(d, tok, 1024) for d in activations.read_documents(data)]
@@ -104,6 +105,41 @@ def test_collect_feeds_the_same_tokens_and_drops_bos(pair, data, tmp_path):
         tok.convert_tokens_to_ids("user"),
         tok.convert_tokens_to_ids(":"),
     ]  # chat data went through the chat template
+
+
+def test_collect_sorts_documents_by_length_within_a_window(pair, data, tmp_path):
+    options = dict(drop_first=1, dtype="float32", batch_size=2, device="cpu", progress=False)
+    packed = activations.collect(*pair, 1, data, tmp_path / "packed", pack_window=3, **options)
+    plain = activations.collect(*pair, 1, data, tmp_path / "plain", pack_window=1, **options)
+    tok = make_tokenizer()
+    docs = [activations.tokenize(d, tok, 1024) for d in activations.read_documents(data)]
+    expected = []
+    for start in range(0, len(docs), 6):  # windows of batch_size x pack_window documents, longest first
+        expected += sorted(docs[start : start + 6], key=lambda ids: -len(ids))
+    assert torch.equal(packed.token_ids(), torch.tensor([t for ids in expected for t in ids[1:]]))
+    assert packed.meta["info"]["pack_window"] == 3
+
+    # The same rows as documents in their order, up to float rounding of other padded shapes.
+    def by_document(store):
+        starts = (store.positions() == 1).nonzero().squeeze(1).tolist() + [len(store)]
+        pieces = [store[torch.arange(a, b)] for a, b in zip(starts[:-1], starts[1:])]
+        return sorted(pieces, key=lambda x: (x.shape[0], x.flatten()[:4].tolist()))
+
+    for a, b in zip(by_document(packed), by_document(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_collect_refuses_to_resume_another_collection(pair, data, tmp_path, monkeypatch):
+    activations.collect(*pair, 1, data, tmp_path / "s", device="cpu", progress=False, max_tokens=20)
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(ValueError, match="holds another collection: .*layer 1 \\(now 2\\)"):
+        activations.collect(*pair, 2, data, tmp_path / "s", device="cpu", progress=False, resume=True)
+    with pytest.raises(ValueError, match="pack_window 64 \\(now 8\\)"):
+        activations.collect(*pair, 1, data, tmp_path / "s", device="cpu", progress=False, resume=True, pack_window=8)
 
 
 def test_collect_resumes_to_the_same_store(pair, data, tmp_path):

@@ -322,8 +322,8 @@ COLLECT_CASES = {
     "no documents": r"data '.*bad\.jsonl' holds no documents",
     "layer out of range": r"layer must be an int in \[0, 3\) for the base model \(3 blocks\), got 3",
     "tokenizers differ": r"the tokenizers disagree \(57 vs 57 tokens; only in base: \['w47', 'w48', 'w49'\]",
-    "NaN activations": r"batch 0 of the collection \(documents 0 to 5, 0-based, of '.*data\.jsonl'\).*54 of the 54 "
-    r"rows to append hold non-finite activations .*of models \[1\]",
+    "NaN activations": r"batch 0 of the collection \(documents \[0, 1, 2, 3, 4, 5\], 0-based, of '.*data\.jsonl'\)"
+    r".*54 of the 54 rows to append hold non-finite activations .*of models \[1\]",
     "store exists": r"already holds a store; pass resume=True",
     "out is a file": r"--out '.*s' is a file, not a directory",
     "batch size 0": r"argument --batch-size: expected an int >= 1, got 0",

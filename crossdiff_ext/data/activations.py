@@ -16,7 +16,8 @@ uninterrupted run did (runs it whole, keeps the rows not yet stored) and, on the
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -26,7 +27,15 @@ from .decoder_blocks import hidden_size, run_to_layer
 from .models import check_tokenizers, load_pair, model_name
 from .store import ActivationStore, StoreWriter
 
-__all__ = ["check_tokenizers", "collect", "paired_activations", "read_documents", "template_token_ids", "tokenize"]
+__all__ = [
+    "check_tokenizers",
+    "collect",
+    "iter_documents",
+    "paired_activations",
+    "read_documents",
+    "template_token_ids",
+    "tokenize",
+]
 
 
 def _record(record, where):
@@ -56,26 +65,37 @@ def _hub_dataset(spec):
     return datasets.load_dataset(name, split=split or "train")
 
 
-def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union[str, list[Any]]]:
-    """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
-    non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
-    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset)."""
+def iter_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> Iterator[Union[str, list[Any]]]:
+    """The documents of `source`, one at a time (see read_documents): a file is read line by line, so memory does
+    not grow with the corpus.
+
+    Args:
+        source: A JSONL / .txt file, a directory of those, "hf:NAME[:SPLIT]", or an iterable of documents.
+
+    Yields:
+        Each document: a string, or a list of {"role", "content"} messages.
+
+    Raises:
+        MissingInputError: The path does not exist.
+        InputError: A line is not UTF-8 or not a JSON object, or a record has neither "text" nor "messages" (the
+            file and line are named).
+    """
     if isinstance(source, str) and source.startswith("hf:"):
         source = _hub_dataset(source)
     if not isinstance(source, (str, os.PathLike)):
         if not hasattr(source, "__iter__"):
-            raise ValueError(f"data must be a path, 'hf:NAME' or an iterable of documents, got {type(source).__name__}")
-        return [_record(r, f"document {i}") for i, r in enumerate(source)]
+            raise InputError(f"data must be a path, 'hf:NAME' or an iterable of documents, got {type(source).__name__}")
+        for i, r in enumerate(source):
+            yield _record(r, f"document {i}")
+        return
     path = os.fspath(source)
     if os.path.isdir(path):
-        docs = []
         for name in sorted(os.listdir(path)):
             if name.endswith((".jsonl", ".txt")):
-                docs += read_documents(os.path.join(path, name))
-        return docs
+                yield from iter_documents(os.path.join(path, name))
+        return
     if not os.path.exists(path):
         raise MissingInputError(f"data {path!r} does not exist")
-    docs = []
     try:
         with open(path, "rb") as fh:  # bytes, decoded per line: a decoding error then names its line
             for i, raw in enumerate(fh, 1):
@@ -92,12 +112,18 @@ def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union
                         raise InputError(f"{path}:{i}: not JSON ({err})") from None
                     if not isinstance(record, dict):
                         raise InputError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-                    docs.append(_record(record, f"{path}:{i}"))
+                    yield _record(record, f"{path}:{i}")
                 else:
-                    docs.append(line)
+                    yield line
     except (IsADirectoryError, PermissionError) as err:
         raise InputError(f"data {path!r} cannot be read ({err})") from None
-    return docs
+
+
+def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union[str, list[Any]]]:
+    """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
+    non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
+    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset)."""
+    return list(iter_documents(source))
 
 
 def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_length: int) -> list[int]:
@@ -114,6 +140,36 @@ def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_
     return list(ids)[:context_length]
 
 
+def _windows(documents, tokenizer, context_length, drop_first, window, sort):
+    """The documents tokenized `window` at a time, those with a row to keep, longest first within each window when
+    `sort` (stable): (document index, ids) in the order collect runs and stores them."""
+    chunk = []
+    for index, doc in enumerate(documents):
+        ids = tokenize(doc, tokenizer, context_length)
+        if len(ids) > drop_first:
+            chunk.append((index, ids))
+        if len(chunk) == window:
+            yield sorted(chunk, key=lambda item: -len(item[1])) if sort else chunk
+            chunk = []
+    if chunk:
+        yield sorted(chunk, key=lambda item: -len(item[1])) if sort else chunk
+
+
+def _check_resumable(out, info):
+    """Before any model loads: a store to resume must hold this run (the same models, layer and batching)."""
+    path = os.path.join(os.fspath(out), "store.json")
+    try:
+        with open(path) as fh:
+            stored = json.load(fh).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: StoreWriter names what is wrong with it
+    changed = sorted(k for k in info if k in stored and stored[k] != info[k])
+    if changed:
+        raise InputError(
+            f"{path} holds another collection: " + ", ".join(f"{k} {stored[k]!r} (now {info[k]!r})" for k in changed)
+        )
+
+
 def collect(
     base: Union[str, tuple[Any, Any]],
     chat: Union[str, tuple[Any, Any]],
@@ -124,32 +180,69 @@ def collect(
     max_tokens: Optional[int] = None,
     context_length: int = 1024,
     batch_size: int = 8,
-    drop_first: int = 0,
+    drop_first: int = 1,
     dtype: str = "float16",
     shard_rows: int = 1 << 18,
     device: Optional[Union[torch.device, str]] = None,
     model_dtype: Optional[Union[torch.dtype, str]] = None,
     resume: bool = False,
     progress: bool = True,
+    pack_window: int = 64,
 ) -> ActivationStore:
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
-    base/chat: model directories or hub names (or already loaded (model, tokenizer) pairs). Returns the store."""
-    if drop_first < 0 or context_length < 1 or batch_size < 1:
-        raise InputError(
-            f"drop_first must be >= 0, context_length and batch_size >= 1; got {drop_first}, {context_length}, "
-            f"{batch_size}"
-        )
-    if not resume and os.path.exists(os.path.join(os.fspath(out), "store.json")):  # before the models load
+
+    Documents stream: they are read and tokenized `pack_window` batches at a time, and within such a window
+    sorted by length (longest first) before they are cut into batches, so a batch pads little. The batches are
+    a function of the documents alone, so a resumed run runs exactly the batches of an uninterrupted one.
+
+    Args:
+        base: The base model: a directory, a hub name, or a loaded (model, tokenizer) pair.
+        chat: The chat model, likewise (its tokenizer and chat template read the documents).
+        layer: The block whose output is stored (each model runs only up to it).
+        data: A JSONL / .txt file or directory, "hf:NAME[:SPLIT]", or an iterable of documents.
+        out: The store directory.
+        max_tokens: Stop after this many rows (None: the whole data).
+        context_length: Tokens kept per document.
+        batch_size: Documents per forward.
+        drop_first: Leading positions of every document not stored (default 1: the first position's massive
+            activation; 0 keeps it).
+        dtype: Storage dtype: float16, bfloat16 or float32.
+        shard_rows: Rows per shard file.
+        device: Where the models run (default: CUDA when available).
+        model_dtype: dtype to load the models in (None: the checkpoint's).
+        resume: Continue a store this collection started.
+        progress: Show a tqdm bar over documents with the tokens per second.
+        pack_window: Batches per length-sorting window (1: no sorting, documents in their order).
+
+    Returns:
+        The ActivationStore at `out`.
+
+    Raises:
+        InputError: A bad setting, an unreadable or empty data file (file and line named), models that do not fit
+            each other, a layer out of range, or a store at `out` that holds another collection (all before any
+            weights load); non-finite activations (the batch and documents named).
+        OutputExistsError: `out` holds a store and resume is False.
+    """
+    for name, value, low in (
+        ("drop_first", drop_first, 0),
+        ("context_length", context_length, 1),
+        ("batch_size", batch_size, 1),
+        ("pack_window", pack_window, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{name} must be an int >= {low}, got {value!r}")
+    store_json = os.path.join(os.fspath(out), "store.json")
+    if not resume and os.path.exists(store_json):  # before the models load
         raise OutputExistsError(f"{os.fspath(out)} already holds a store; pass resume=True to append to it")
     source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
-    documents = read_documents(data)  # before the models load: a bad data file fails at once
-    if not documents:
-        raise InputError(f"data {source} holds no documents")
-
-    (m_base, t_base), (m_chat, t_chat) = load_pair(base, chat, [layer], dtype=model_dtype)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
-    d = hidden_size(m_base)
+    count = None
+    if isinstance(data, (str, os.PathLike)) and not os.fspath(data).startswith("hf:"):
+        # One pass that keeps nothing: a bad line fails before the models load, and the bar knows the total.
+        count = sum(1 for _ in iter_documents(data))
+        if count == 0:
+            raise InputError(f"data {source} holds no documents")
+    elif hasattr(data, "__len__"):
+        count = len(data)
     info = dict(
         base=model_name(base),
         chat=model_name(chat),
@@ -157,63 +250,78 @@ def collect(
         drop_first=drop_first,
         context_length=context_length,
         hidden_states_index=layer + 1,
+        batch_size=batch_size,
+        pack_window=pack_window,
     )
+    if resume and os.path.exists(store_json):
+        _check_resumable(out, info)
+
+    (m_base, t_base), (m_chat, t_chat) = load_pair(base, chat, [layer], dtype=model_dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
     writer = StoreWriter(
         out,
         2,
-        d,
+        hidden_size(m_base),
         dtype=dtype,
         shard_rows=shard_rows,
         info=info,
-        resume=resume and os.path.exists(os.path.join(os.fspath(out), "store.json")),
+        resume=resume and os.path.exists(store_json),
     )
     skip = writer.meta["rows"]
     if max_tokens is not None and skip >= max_tokens:
         writer.close()
         return ActivationStore(out)
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
-    docs = [tokenize(doc, t_chat, context_length) for doc in documents]
     written = skip
     limit = max_tokens if max_tokens is not None else float("inf")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(max(0, len(ids) - drop_first) for ids in docs)
-        bar = tqdm(
-            total=total if max_tokens is None else min(total, max_tokens), initial=skip, desc="collect", unit="tok"
-        )
-    # The batches are fixed by the documents alone (batch_size documents that keep a token each), so a resumed run
-    # pads and runs exactly the batches of an uninterrupted one: the same shapes give the same floats.
-    with_rows = [(index, ids) for index, ids in enumerate(docs) if len(ids) > drop_first]
+        bar = tqdm(total=count, desc="collect", unit="doc", dynamic_ncols=True)
+    started, fresh, n_batches, seen = time.perf_counter(), 0, 0, 0
     try:
-        for n_batches, start in enumerate(range(0, len(with_rows), batch_size)):
-            group = with_rows[start : start + batch_size]
-            stored = sum(len(ids) - drop_first for _, ids in group)
-            if skip >= stored:  # the whole batch is already in the store (resume)
-                skip -= stored
-                continue
-            batch = []  # (ids, first position to keep): rows already in the store are run but not kept
-            for _, ids in group:
-                take = min(skip, len(ids) - drop_first)
-                batch.append((ids, drop_first + take))
-                skip -= take
-            rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad, device)
-            if written + rows.shape[0] > limit:
-                keep = max(0, int(limit - written))
-                rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
-            try:
-                writer.append(rows, tokens, positions)
-            except InputError as err:  # non-finite activations: name the documents that produced them
-                raise InputError(
-                    f"batch {n_batches} of the collection (documents {group[0][0]} to {group[-1][0]}, 0-based, "
-                    f"of {source}), model 0 = base, 1 = chat: {err}"
-                ) from err
-            written += rows.shape[0]
+        for window in _windows(
+            iter_documents(data), t_chat, context_length, drop_first, batch_size * pack_window, pack_window > 1
+        ):
+            for start in range(0, len(window), batch_size):
+                group = window[start : start + batch_size]
+                n_batches += 1
+                stored = sum(len(ids) - drop_first for _, ids in group)
+                if skip >= stored:  # the whole batch is already in the store (resume)
+                    skip -= stored
+                    continue
+                batch = []  # (ids, first position to keep): rows already in the store are run but not kept
+                for _, ids in group:
+                    take = min(skip, len(ids) - drop_first)
+                    batch.append((ids, drop_first + take))
+                    skip -= take
+                rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad, device)
+                if written + rows.shape[0] > limit:
+                    keep = max(0, int(limit - written))
+                    rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
+                try:
+                    writer.append(rows, tokens, positions)
+                except InputError as err:  # non-finite activations: name the documents that produced them
+                    documents = sorted(index for index, _ in group)
+                    raise InputError(
+                        f"batch {n_batches - 1} of the collection (documents {documents}, 0-based, of {source}), "
+                        f"model 0 = base, 1 = chat: {err}"
+                    ) from err
+                written += rows.shape[0]
+                fresh += rows.shape[0]
+                if written >= limit:
+                    break
             if bar is not None:
-                bar.update(rows.shape[0])
+                last = max(index for index, _ in window) + 1  # documents read so far
+                bar.update(last - seen)
+                seen = last
+                bar.set_postfix(tokens=written, tok_s=f"{fresh / max(time.perf_counter() - started, 1e-9):.0f}")
             if written >= limit:
                 break
+        if written == 0 and count is None:
+            raise InputError(f"data {source} holds no documents with a token to keep (drop_first = {drop_first})")
         writer.close()
     finally:
         if bar is not None:
