@@ -252,6 +252,7 @@ def collect(args: argparse.Namespace) -> int:
         context_length=args.context_length,
         batch_size=args.batch_size,
         drop_first=args.drop_first,
+        pack_window=args.pack_window,
         dtype=args.dtype,
         shard_rows=args.shard_rows,
         device=args.device,
@@ -669,6 +670,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument(
         "--drop-first", type=_at_least(0), default=1, help="tokens dropped at the start of every sequence (BOS)"
+    )
+    p.add_argument(
+        "--pack-window",
+        type=_at_least(1),
+        default=64,
+        help="batches per window whose documents are sorted by length (1: none)",
     )
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--shard-rows", type=_at_least(1), default=1 << 18)
