@@ -12,6 +12,7 @@ BENCHES = {
     "recovery": "kernels_bench.recovery",
     "causal_cost": "kernels_bench.causal_cost",
     "online_training": "kernels_bench.online_training",
+    "collect_stream": "kernels_bench.collect_stream",
 }
 
 
