@@ -317,6 +317,7 @@ def miniature(args: argparse.Namespace) -> int:
         seed=args.seed,
         l1_coefficient=args.l1_coefficient,
         l1_reconstruction=args.l1_reconstruction,
+        init=args.init,
         progress=not args.quiet,
     )
     for r in summary["results"]:
@@ -393,6 +394,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default="squared",
         choices=["squared", "l2"],
         help="the L1 crosscoder's reconstruction loss (squared, as in the paper's L1 runs; BatchTopK trains on l2)",
+    )
+    p.add_argument(
+        "--init", default="independent", choices=["independent", "shared"], help="the crosscoders' init (both)"
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=miniature)

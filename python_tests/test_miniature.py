@@ -64,8 +64,9 @@ def test_matching_compares_the_models_where_latent_and_concept_live():
     assert mini.concept_of_latents(W_dec, directions).tolist() == [0, 1, -1, -1]
 
 
-# Measured: 18 s on 2 shared CPU cores (both crosscoders, 1500 steps each at lr 3e-3, 12,000 tokens, d = 32,
-# F = 64). With the L1 penalty's decoder norms detached it fails: 0 Complete Shrinkage, 1 Latent Decoupling.
+# Measured: 18 s on 2 CPU cores, 59 s while other jobs loaded them (both crosscoders, 1500 steps each at lr 3e-3,
+# 12,000 tokens, d = 32, F = 64). With the L1 penalty's decoder norms detached it fails: 0 Complete Shrinkage, 1
+# Latent Decoupling.
 SMALL = dict(
     n_tokens=12000, d_model=32, n_shared=8, n_chat_only=4, n_base_only=2, n_weak_in_base=2,
     n_frequent_weak=6, n_jittered=6,

@@ -230,6 +230,7 @@ def run(
     planted_overrides: Optional[dict[str, Any]] = None,
     dict_size: Optional[int] = None,
     k: Optional[int] = None,
+    init: str = "independent",
 ) -> dict[str, Any]:
     """Train both crosscoders on one planted dictionary, write summary.json (and miniature.png where matplotlib
     is installed) under `out`; returns the summary.
@@ -246,6 +247,7 @@ def run(
         planted_overrides: Arguments of synthetic.planted_dictionary that replace those of PLANTED.
         dict_size: F of both crosscoders (None: DICT_SIZE).
         k: BatchTopK's k (None: K).
+        init: The crosscoders' init, "independent" (each model's rows drawn apart, the paper's) or "shared".
 
     Returns:
         The summary: {"planted": the settings, "results": one dict per crosscoder}.
@@ -265,6 +267,7 @@ def run(
             k=k if activation == "batch_topk" else None,
             activation=activation,
             threshold_start_step=100,
+            init=init,
         )
         results.append(_study(name, cc, planted, steps, lr, seed, progress, l1_coefficient, reconstruction))
     os.makedirs(out, exist_ok=True)
@@ -273,6 +276,7 @@ def run(
             settings,
             dict_size=dict_size,
             k=k,
+            init=init,
             steps=steps,
             lr=lr,
             l1_coefficient=l1_coefficient,
