@@ -66,7 +66,7 @@ def test_matching_compares_the_models_where_latent_and_concept_live():
 
 # Measured: 18 s on 2 CPU cores, 59 s while other jobs loaded them (both crosscoders, 1500 steps each at lr 3e-3,
 # 12,000 tokens, d = 32, F = 64). With the L1 penalty's decoder norms detached it fails: 0 Complete Shrinkage, 1
-# Latent Decoupling.
+# Latent Decoupling. Seeds 1 and 2 (not tested) measured 6 and 3, 3 and 4 artifacts in L1, none in BatchTopK.
 SMALL = dict(
     n_tokens=12000, d_model=32, n_shared=8, n_chat_only=4, n_base_only=2, n_weak_in_base=2,
     n_frequent_weak=6, n_jittered=6,
@@ -87,7 +87,7 @@ def test_miniature_reproduces_the_finding(tmp_path, monkeypatch, capsys):
         assert r["chat_only_by_delta_norm"] == len(r["chat_only_latents"])
     # L1 makes artifacts of both mechanisms, Latent Scaling with the paper's thresholds flags them all, and it
     # keeps every planted chat-only concept; BatchTopK makes at most a third as many.
-    assert l1["artifacts"]["complete_shrinkage"] >= 4 and l1["artifacts"]["latent_decoupling"] >= 2
+    assert l1["artifacts"]["complete_shrinkage"] >= 3 and l1["artifacts"]["latent_decoupling"] >= 2
     assert l1["artifacts_flagged"] >= 0.9
     assert l1["true_chat_only_kept"] >= 0.9 and topk["true_chat_only_kept"] >= 0.9
     assert 3 * sum(topk["artifacts"].values()) <= sum(l1["artifacts"].values())
