@@ -11,7 +11,8 @@ crossdiff steer --checkpoint CC --model M --layer L --latents J ... --prompt TEX
                  the latents steered in (or --ablate: projected out)
 
 crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary,
-                                Delta_norm's chat-only latents against the truth, Latent Scaling's verdicts
+                                Delta_norm's chat-only latents against the truth, the L1 artifacts (Complete
+                                Shrinkage, Latent Decoupling) and Latent Scaling's verdicts
 
 crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair (built once, cached),
                   paired activations, BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports;
@@ -458,17 +459,26 @@ def miniature(args: argparse.Namespace) -> int:
     """`crossdiff miniature`: L1 vs BatchTopK on a planted dictionary (demo/miniature.py); prints the results."""
     _output_dir(args.out)
     summary = mini.run(
-        args.out, steps=args.steps, seed=args.seed, l1_coefficient=args.l1_coefficient, progress=not args.quiet
+        args.out,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        l1_coefficient=args.l1_coefficient,
+        l1_reconstruction=args.l1_reconstruction,
+        init=args.init,
+        progress=not args.quiet,
     )
     for r in summary["results"]:
+        art = r["artifacts"]
         print(
             f"{r['model']:>9}: FVE {r['fve']:.3f}, L0 {r['l0']}; Delta_norm > 0.9: {r['chat_only_by_delta_norm']} "
             f"latents, {r['of_which_not_chat_only']} of them not a planted chat-only concept "
-            f"{r['false_chat_only_kinds']}; Latent Scaling on those: {r['latent_scaling_verdicts_on_false']}; "
-            f"nu_error of weak-in-base latents (planted {summary['planted']['weak_scale']}): "
-            f"{r['weak_in_base_nu_error']}"
+            f"{r['false_chat_only_kinds']}; artifacts: {art['complete_shrinkage']} Complete Shrinkage, "
+            f"{art['latent_decoupling']} Latent Decoupling, flagged by Latent Scaling: {r['artifacts_flagged']}; "
+            f"true chat-only concepts kept: {r['true_chat_only_kept']}; Latent Scaling on the false ones: "
+            f"{r['latent_scaling_verdicts_on_false']}"
         )
-    print(f"{args.out}/summary.json, {args.out}/miniature.png")
+    print(f"{summary['seconds']} s; {args.out}/summary.json, {args.out}/miniature.png")
     return 0
 
 
@@ -646,7 +656,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default="miniature")
     p.add_argument("--steps", type=_at_least(1), default=3000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--l1-coefficient", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (both crosscoders)")
+    p.add_argument("--l1-coefficient", type=float, default=0.15, help="mu of the L1 crosscoder")
+    p.add_argument(
+        "--l1-reconstruction",
+        default="squared",
+        choices=["squared", "l2"],
+        help="the L1 crosscoder's reconstruction loss (squared, as in the paper's L1 runs; BatchTopK trains on l2)",
+    )
+    p.add_argument(
+        "--init", default="independent", choices=["independent", "shared"], help="the crosscoders' init (both)"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=miniature)
 

@@ -174,18 +174,3 @@ def test_latent_table(tmp_path):
         with pytest.raises(ImportError, match="Parquet needs pyarrow"):
             cx.write_table(table, tmp_path / "latents.parquet")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.csv"]
-
-
-def test_miniature_command(tmp_path, capsys):
-    import json
-
-    from crossdiff_ext import cli
-
-    assert cli.main(["miniature", "--out", str(tmp_path), "--steps", "1200", "--quiet"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["model"] for r in summary["results"]] == ["L1", "BatchTopK"]
-    assert (tmp_path / "miniature.png").stat().st_size > 10_000
-    topk = summary["results"][1]
-    # Latent Scaling recovers the planted base/chat ratio of the weak-in-base concepts the crosscoder found.
-    assert topk["weak_in_base_nu_error"] and all(abs(v - 0.3) < 0.05 for v in topk["weak_in_base_nu_error"])
-    assert "BatchTopK: FVE" in capsys.readouterr().out

@@ -28,6 +28,21 @@ def test_l1_penalty_weights_by_decoder_norm():
     assert float(losses.l1_penalty(codes, w)) == (1 * 10 + 2 * 1000 + 3 * 100) / 2
 
 
+def test_l1_penalty_differentiates_the_decoder_norms():
+    # The selection weights are detached; the penalty's are not: without the gradient through ||W_dec[j, m]|| the
+    # L1 crosscoder could not shrink a decoder row (Complete Shrinkage), only its codes.
+    cc = cx.CrossCoder(4, 3, 2, activation="relu")
+    codes = SparseCodes(
+        torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([0, 2, 3]), 2, 3
+    )
+    w = losses.decoder_norms(cc)
+    torch.testing.assert_close(w, cc.decoder_norm_weights())
+    losses.l1_penalty(codes, w).backward()
+    f_sum = torch.tensor([1.0, 3.0, 2.0]) / 2  # each latent's codes, summed, over the 2 rows
+    unit = cc.W_dec.detach() / torch.linalg.vector_norm(cc.W_dec.detach(), dim=2, keepdim=True)
+    torch.testing.assert_close(cc.W_dec.grad, f_sum[:, None, None] * unit)
+
+
 def dense_aux_reference(cc, x, recon, dead, k_aux):
     """SPEC's formula with dense tensors over all latents."""
     B, F = x.shape[0], cc.dict_size

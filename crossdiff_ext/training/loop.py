@@ -322,7 +322,7 @@ def run(
                 terms["aux"] = runtime.aux_loss(x, out.recon, dead, config.k_aux)
                 loss = recon_loss + config.aux_alpha * terms["aux"]
             else:
-                terms["l1"] = runtime.l1_penalty(out.codes, cc.decoder_norm_weights())
+                terms["l1"] = runtime.l1_penalty(out.codes, losses.decoder_norms(cc))
                 loss = recon_loss + config.l1_coefficient * terms["l1"]
             loss_value, values = runtime.loss_values(loss, terms)
             if not math.isfinite(loss_value):

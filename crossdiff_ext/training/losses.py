@@ -28,6 +28,13 @@ def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") 
     return err.pow(2).sum(-1).mean()
 
 
+def decoder_norms(cc: CrossCoder) -> torch.Tensor:
+    """[F] float32 w_j = sum_m ||W_dec[j, m]||_2, differentiable in W_dec: the L1 penalty's weights. (The
+    selection weights, cc.decoder_norm_weights(), are detached: without the gradient through the norms the
+    penalty cannot shrink a decoder row, only the codes, and the decoder grows to make up for them.)"""
+    return torch.linalg.vector_norm(cc.W_dec, dim=2, dtype=torch.float32).sum(1)
+
+
 def l1_penalty(codes: SparseCodes, w: torch.Tensor) -> torch.Tensor:
     """mean_b sum_j f[b, j] * w_j over the kept (sparse) codes: the L1 crosscoder's sparsity term."""
     return (codes.values.float() * w[codes.indices.long()]).sum() / codes.n_rows
