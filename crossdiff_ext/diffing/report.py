@@ -89,18 +89,13 @@ def _figures(table):
     return figs
 
 
-def _context_html(example, decode):
-    parts = []
-    for i, token in enumerate(example.tokens):
-        text = html.escape(decode(token)).replace("\n", "\u21b5")
-        parts.append(f'<span class="focus">{text}</span>' if i == example.focus else text)
-    return "".join(parts)
-
-
-def _decoder(tokenizer):
-    if tokenizer is None:
-        return lambda token: f"[{token}]"
-    return lambda token: tokenizer.decode([token])
+def _context_html(example, tokenizer):
+    if tokenizer is None:  # token ids only
+        parts = [f"[{token}]" for token in example.tokens]
+        parts[example.focus] = f'<span class="focus">{parts[example.focus]}</span>'
+        return "".join(parts)
+    before, token, after = (html.escape(t).replace("\n", "\u21b5") for t in example.text(tokenizer))
+    return f'{before}<span class="focus">{token}</span>{after}'
 
 
 def render(
@@ -115,7 +110,6 @@ def render(
     """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot); examples:
     {latent: LatentExamples} for the latents to show; tokenizer: turns token ids into text (ids otherwise)."""
     figs = _figures(table)
-    decode = _decoder(tokenizer)
     classes = {}
     for c in table["class"]:
         classes[c] = classes.get(c, 0) + 1
@@ -164,7 +158,7 @@ def render(
         if examples and j in examples:
             ex = examples[j]
             ctx = "<br>".join(
-                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, decode)}</span>" for e in ex.top[:5]
+                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, tokenizer)}</span>" for e in ex.top[:5]
             )
         out.append(
             f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
