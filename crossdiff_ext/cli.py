@@ -58,6 +58,7 @@ def demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        threads=args.threads or None,
     )
     try:
         config.validate()
@@ -357,6 +358,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the same table on any core count; 0: torch's default)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo, parser=p)

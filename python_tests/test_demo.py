@@ -189,3 +189,52 @@ def test_demo_arguments_are_checked(capsys):
     assert "--layer is required" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be positive"):
         dm.run(dm.DemoConfig(steps=0))
+
+
+def test_the_pair_is_the_same_whatever_the_thread_count(tmp_path, monkeypatch):
+    # The pair's weights depend on the torch thread count (the rounding of its GEMMs and reductions), so the build
+    # pins it (the recipe's, 1) and the cache key covers the recipe and the torch version; everything else is
+    # seeded, so two builds are equal byte for byte. A tiny recipe: a few seconds.
+    recipe = tm.PairRecipe(
+        hidden_size=16,
+        intermediate_size=32,
+        layers=1,
+        heads=2,
+        pretrain_steps=3,
+        pretrain_documents=16,
+        finetune_steps=3,
+        finetune_conversations=16,
+        batch_size=4,
+    )
+    monkeypatch.setattr(tm, "behaviour", lambda *a, **k: {})  # greedy generation: slow and beside the point here
+    fit, seen = tm._fit, []
+    monkeypatch.setattr(tm, "_fit", lambda *a, **k: seen.append(torch.get_num_threads()) or fit(*a, **k))
+    before = torch.get_num_threads()
+    try:
+        for threads, name in ((2, "a"), (1, "b")):
+            torch.set_num_threads(threads)
+            record = tm.build_pair(tmp_path / name, recipe, progress=False)
+            assert record["threads"] == 1 and torch.get_num_threads() == threads  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1, 1]
+    for model in ("base", "chat"):
+        a, b = ((tmp_path / n / model / "model.safetensors").read_bytes() for n in "ab")
+        assert a == b, model
+    assert tm.PairRecipe(threads=2).key() != tm.PairRecipe().key()
+    key = tm.PairRecipe().key()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert tm.PairRecipe().key() != key  # the torch version is part of the key
+
+
+def test_the_demo_runs_on_its_thread_count(monkeypatch):
+    monkeypatch.setattr(dm, "_run", lambda config: torch.get_num_threads())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert dm.run(dm.DemoConfig(threads=1)) == 1 and torch.get_num_threads() == 2
+        assert dm.run(dm.DemoConfig(threads=None)) == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        dm.run(dm.DemoConfig(threads=0))
