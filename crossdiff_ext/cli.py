@@ -149,6 +149,7 @@ def demo(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         causal_conversations=args.causal_conversations,
+        threads=args.threads or None,
     )
     _settings(config.validate)
     _output_dir(args.out)
@@ -636,6 +637,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="held-out conversations of the causal patching experiment (0: skip it)",
     )
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the same table on any core count; 0: torch's default)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=demo)

@@ -156,3 +156,40 @@ def test_scale_and_report_commands(pair, data, tmp_path):  # noqa: F811
         colours = im.convert("L").getextrema()
     assert colours[0] < 100 < colours[1]  # dark text/plots on a light page
     assert os.path.getsize(page) > 10_000
+
+
+def test_contexts_read_as_text():
+    # The word-level tokenizer of the demo, and a byte-level BPE (spaces live inside the tokens, and a character
+    # may span two tokens): the parts concatenate to the decoded context, the activating token is marked.
+    from test_latent_scaling import artifact_crosscoder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from crossdiff_ext.demo import toy_language as tl
+
+    words = tl.make_tokenizer()
+    ids = words("how do i make tea ?", add_special_tokens=False)["input_ids"]
+    e = examples.Example(latent=1, activation=2.5, row=7, tokens=ids, focus=4)
+    assert e.text(words) == ("how do i make ", "tea", "?")  # the decoder puts no space before "?"
+    assert examples.split_context(words, ids, 0) == ("", "how", " do i make tea?")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = "how do i make tea? très bien"
+    bpe.train_from_iterator([text] * 4, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    bpe = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = bpe(text, add_special_tokens=False)["input_ids"]
+    for focus in range(len(ids)):
+        before, token, after = examples.split_context(bpe, ids, focus)
+        assert before + token + after == text and token.strip() == token
+    tea = next(i for i in range(len(ids)) if bpe.decode(ids[i : i + 1]).strip() == "tea")
+    assert examples.split_context(bpe, ids, tea) == ("how do i make ", "tea", "? très bien")
+
+    cc, x = artifact_crosscoder()
+    table = cx.latent_table(cc, cx.latent_scaling(cc, x))
+    found = {1: examples.LatentExamples(1, 1, top=[e])}
+    page = report.render(table, examples=found, tokenizer=words)
+    assert 'how do i make <span class="focus">tea</span>?' in page
+    assert '[101][102]<span class="focus">[103]</span>' in report.render(
+        table, examples={1: examples.LatentExamples(1, 1, top=[examples.Example(1, 1.0, 0, [101, 102, 103], 2)])}
+    )

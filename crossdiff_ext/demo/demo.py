@@ -33,7 +33,7 @@ from ..layer import CrossCoder
 from ..training import TrainConfig
 from . import toy_language as tl
 from .causal_evidence import causal_evidence, describe_causal
-from .toy_models import toy_pair
+from .toy_models import fixed_threads, toy_pair
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,6 +60,9 @@ class DemoConfig:
     device: Optional[str] = None
     progress: bool = True
     causal_conversations: int = 200  # held-out conversations of the patching experiment (0: none)
+    # torch threads of the whole run (None: torch's default). Fixed, so the printed table is the same on machines
+    # with different core counts: the rounding of GEMMs and reductions depends on the thread count.
+    threads: Optional[int] = 1
 
     def validate(self) -> None:
         """Refuse inconsistent settings (a half-given model pair, a missing --layer, non-positive sizes)."""
@@ -74,6 +77,8 @@ class DemoConfig:
                 name not in ("text_documents", "chat_documents") and getattr(self, name) < 1
             ):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.text_documents + self.chat_documents < 1:
             raise ValueError("text_documents + chat_documents must be at least 1")
         if self.k is not None and self.dict_size is not None and not 1 <= self.k <= self.dict_size:
@@ -138,14 +143,8 @@ def describe_latents(
             counts[t] = counts.get(t, 0) + 1
         context = ""
         if top:
-            e = top[0]
-            context = (
-                tokenizer.decode(e.tokens[: e.focus])
-                + " ["
-                + tokenizer.decode([e.tokens[e.focus]])
-                + "] "
-                + tokenizer.decode(e.tokens[e.focus + 1 :])
-            ).strip()
+            before, token, after = top[0].text(tokenizer)
+            context = f"{before}[{token}]{after}".strip()
         out.append(
             dict(
                 latent=j,
@@ -184,9 +183,14 @@ def evaluate(cc: CrossCoder, store: ActivationStore, batch_size: int = 4096) -> 
 
 def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to OUT/summary.json)."""
+    config.validate()
+    with fixed_threads(config.threads):
+        return _run(config)
+
+
+def _run(config):
     from transformers import AutoTokenizer
 
-    config.validate()
     if not config.progress:
         from transformers.utils import logging as hf_logging
 
@@ -321,6 +325,7 @@ def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         seconds=timings,
         device=str(device),
         torch=torch.__version__,
+        threads=torch.get_num_threads(),
     )
     atomic.write_json(os.path.join(config.out, "summary.json"), summary, indent=1)
     return summary
@@ -338,7 +343,7 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
         )
     lines.append(
         f"{summary['tokens']} paired activations of layer {summary['layer']}; template tokens "
-        f"{summary['template_tokens']}"
+        f"{summary['template_tokens']}; torch {summary['torch']} on {summary['threads']} thread(s)"
     )
     lines.append(
         f"{'crosscoder':>10} {'FVE':>6} {'L0':>6} {'chat-only':>9} {'specific':>8} {'artifacts':>9} {'on template':>11}"

@@ -1,15 +1,18 @@
 """The demo's model pair: a tiny Llama trained on the generated language's plain text (base), then fine-tuned on
-its chat conversations (chat), built on the CPU in 101-110 s (measured on the 2-core CI machine) and cached, so
-later runs load it.
+its chat conversations (chat), built on the CPU once and cached, so later runs load it (the build took 265 s on
+one thread of the 2-core CI machine while other jobs shared it).
 
 The cache directory is $CROSSDIFF_CACHE, else $XDG_CACHE_HOME/crossdiff_ext, else ~/.cache/crossdiff_ext; a pair
-lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the recipe, so a changed recipe builds a
-new pair. The pair is built in a temporary directory beside it and renamed into place: an interrupted build
-leaves no half-written pair behind.
+lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the recipe and the torch version, so a
+changed recipe or torch builds a new pair. The pair trains on a fixed number of torch threads (the recipe's, 1 by
+default) whatever the machine's core count: the rounding of its GEMMs and reductions depends on the thread
+count, so a pair built on another count would be another pair under the same key. The pair is built in a
+temporary directory beside it and renamed into place: an interrupted build leaves no half-written pair behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -18,7 +21,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 
@@ -29,7 +32,7 @@ from . import toy_language as tl
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,11 @@ class PairRecipe:
     lr: float = 3e-3
     finetune_lr: float = 2e-3
     seed: int = 0
+    threads: int = 1  # torch threads of the build: the weights depend on it
 
     def key(self) -> str:
-        """12 hex digits hashing the recipe (and RECIPE_VERSION): the cache key of its pair."""
-        blob = json.dumps(dict(asdict(self), version=RECIPE_VERSION), sort_keys=True).encode()
+        """12 hex digits hashing the recipe, RECIPE_VERSION and the torch version: the cache key of its pair."""
+        blob = json.dumps(dict(asdict(self), version=RECIPE_VERSION, torch=torch.__version__), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -175,6 +179,34 @@ def build_pair(
 ) -> dict[str, Any]:
     """Train the base model on plain text and fine-tune a copy on chat; save both (with the tokenizer) under
     directory/base and directory/chat, and what was measured in directory/pair.json. Returns that record."""
+    with fixed_threads(recipe.threads):
+        return _build_pair(directory, recipe, progress)
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block on `threads` torch threads (None: leave the count as it is), restoring the count after.
+
+    Args:
+        threads: the intra-op thread count, >= 1, or None.
+
+    Raises:
+        ValueError: if threads is < 1.
+    """
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None), got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build_pair(directory, recipe, progress):
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
     tokenizer = tl.make_tokenizer()
@@ -208,6 +240,7 @@ def build_pair(
         behaviour=dict(base=behaviour(base, tokenizer), chat=behaviour(chat_model, tokenizer)),
         seconds=round(time.perf_counter() - t0, 1),
         torch=torch.__version__,
+        threads=torch.get_num_threads(),
     )
     for name, model in (("base", base), ("chat", chat_model)):
         model.save_pretrained(os.path.join(directory, name))

@@ -5,13 +5,16 @@ holds token ids and positions (what `crossdiff collect` writes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import torch
 
 from ..data.store import ActivationStore
 from ..layer.crosscoder import CrossCoder
 from .latent_scaling import inference_pass
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -25,6 +28,21 @@ class Example:
     focus: int  # index of the token itself within `tokens`
     quantile: Optional[float] = None  # None for a top example; the activation quantile it was drawn at otherwise
 
+    def text(self, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str]:
+        """The context as text, split around the activating token: (before, token, after).
+
+        The whole context is decoded at once, so words keep the spaces the tokenizer puts between them (decoding
+        token by token and gluing the pieces loses them); the three parts concatenate to that text exactly, and
+        the whitespace around the activating token belongs to its neighbours.
+
+        Args:
+            tokenizer: the tokenizer of the models whose activations the store holds.
+
+        Returns:
+            (text before the token, the token's text, text after it).
+        """
+        return split_context(tokenizer, self.tokens, self.focus)
+
 
 @dataclass
 class LatentExamples:
@@ -34,6 +52,51 @@ class LatentExamples:
     count: int  # tokens where the latent fired
     top: list[Example] = field(default_factory=list)
     quantiles: list[Example] = field(default_factory=list)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_context(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], focus: int) -> tuple[str, str, str]:
+    """Decode `tokens` as one text and split it around the token at index `focus`: (before, token, after).
+
+    The split points are where decoding the tokens before the focus, and through it, stops agreeing with the
+    whole text, so the parts concatenate to the whole decoded text for any tokenizer (word-level, byte-level BPE
+    whose prefix may end inside a character, SentencePiece). Whitespace at either end of the token's part moves
+    to its neighbours.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        tokens: the context's token ids.
+        focus: index into `tokens` of the activating token.
+
+    Returns:
+        (text before the token, the token's text, text after it).
+
+    Raises:
+        ValueError: if `focus` is not an index into `tokens`.
+    """
+    if not 0 <= focus < len(tokens):
+        raise ValueError(f"focus must index the {len(tokens)} tokens, got {focus}")
+    tokens = [int(t) for t in tokens]
+
+    def decode(ids):
+        return tokenizer.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
+
+    whole = decode(tokens)
+    start = _common_prefix(decode(tokens[:focus]), whole)
+    end = max(start, _common_prefix(decode(tokens[: focus + 1]), whole))
+    token = whole[start:end]
+    lead, trail = len(token) - len(token.lstrip()), len(token) - len(token.rstrip())
+    if token.strip():  # a token that decodes to whitespace only stays as it is
+        start, end = start + lead, end - trail
+    return whole[:start], whole[start:end], whole[end:]
 
 
 def sequence_starts(positions: torch.Tensor) -> torch.Tensor:

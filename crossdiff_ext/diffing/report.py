@@ -123,18 +123,13 @@ def kl_figure(kl: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     return _png(fig)
 
 
-def _context_html(example, decode):
-    parts = []
-    for i, token in enumerate(example.tokens):
-        text = html.escape(decode(token)).replace("\n", "\u21b5")
-        parts.append(f'<span class="focus">{text}</span>' if i == example.focus else text)
-    return "".join(parts)
-
-
-def _decoder(tokenizer):
-    if tokenizer is None:
-        return lambda token: f"[{token}]"
-    return lambda token: tokenizer.decode([token])
+def _context_html(example, tokenizer):
+    if tokenizer is None:  # token ids only
+        parts = [f"[{token}]" for token in example.tokens]
+        parts[example.focus] = f'<span class="focus">{parts[example.focus]}</span>'
+        return "".join(parts)
+    before, token, after = (html.escape(t).replace("\n", "\u21b5") for t in example.text(tokenizer))
+    return f'{before}<span class="focus">{token}</span>{after}'
 
 
 def render(
@@ -151,7 +146,6 @@ def render(
     "causal_score" column is shown when present); examples: {latent: LatentExamples} for the latents to show;
     tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json)."""
     figs = _figures(table)
-    decode = _decoder(tokenizer)
     classes = {}
     for c in table["class"]:
         classes[c] = classes.get(c, 0) + 1
@@ -212,7 +206,7 @@ def render(
         if examples and j in examples:
             ex = examples[j]
             ctx = "<br>".join(
-                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, decode)}</span>" for e in ex.top[:5]
+                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, tokenizer)}</span>" for e in ex.top[:5]
             )
         out.append(
             f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"

@@ -124,7 +124,8 @@ def batch_topk_sharded(
     flat = torch.nonzero(keep.flatten()).squeeze(1)
     score = s.flatten()[flat]
     positive = score > 0
-    values = torch.where(positive, f.flatten()[flat], torch.zeros((), dtype=f.dtype, device=f.device))
+    # A non-positive score carries 0; a NaN score keeps its f (the rule of ops.select).
+    values = torch.where(score <= 0, torch.zeros((), dtype=f.dtype, device=f.device), f.flatten()[flat])
     indices = (flat % F_local).to(csr.index_dtype(F_local))
     row_ptr = csr.row_ptr_from_rows(flat // F_local, B)
     local_min = (

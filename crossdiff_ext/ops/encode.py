@@ -11,8 +11,8 @@ from . import validate
 
 def paired_encode_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch paired_encode: ReLU(x W_enc^T + b_enc) [B, F] in x's dtype, accumulated in fp32."""
-    B, F = x.shape[0], W_enc.shape[0]
-    pre = x.reshape(B, -1).float() @ W_enc.reshape(F, -1).float().T + b_enc.float()
+    B, F, K = x.shape[0], W_enc.shape[0], x.shape[1] * x.shape[2]  # K explicit: B, F or K may be 0
+    pre = x.reshape(B, K).float() @ W_enc.reshape(F, K).float().T + b_enc.float()
     return torch.relu(pre).to(x.dtype)
 
 
@@ -32,10 +32,10 @@ def _backward(ctx, grad_f):
     # The dense op's own gradient (standalone use). The CrossCoder never materialises grad_f: it uses the
     # sparse backward of ops.autograd.EncodeSparse.
     x, W_enc, f = ctx.saved_tensors
-    B, F = x.shape[0], W_enc.shape[0]
+    B, F, K = x.shape[0], W_enc.shape[0], x.shape[1] * x.shape[2]
     gpre = torch.where(f > 0, grad_f, torch.zeros((), dtype=grad_f.dtype, device=grad_f.device))
-    grad_x = (gpre @ W_enc.reshape(F, -1)).view(x.shape) if ctx.needs_input_grad[0] else None
-    grad_W = (gpre.T @ x.reshape(B, -1)).view(W_enc.shape) if ctx.needs_input_grad[1] else None
+    grad_x = (gpre @ W_enc.reshape(F, K)).view(x.shape) if ctx.needs_input_grad[0] else None
+    grad_W = (gpre.T @ x.reshape(B, K)).view(W_enc.shape) if ctx.needs_input_grad[1] else None
     grad_b = gpre.sum(0) if ctx.needs_input_grad[2] else None
     return grad_x, grad_W, grad_b
 

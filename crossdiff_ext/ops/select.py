@@ -2,6 +2,8 @@
 
 Reference, fake kernels, autograd formulas and the backend-dispatching entry points. The tie rule every
 backend follows: among equal scores the lower flat index b * F + j wins; -0 equals +0; NaN ranks highest.
+A NaN score (NaN in f or w, or inf * 0) is selected by both ops before any number, whatever K or theta, and
+keeps its f as the value, as torch.topk keeps NaN: a NaN propagates to the decoder output instead of vanishing.
 """
 
 import math
@@ -27,7 +29,8 @@ def batch_topk_reference(
     flat = torch.sort(chosen).values
     score = s[flat]
     positive = score > 0
-    values = torch.where(positive, f.flatten()[flat], torch.zeros((), dtype=f.dtype, device=f.device))
+    # A non-positive score carries 0; a NaN score is not non-positive and keeps its f.
+    values = torch.where(score <= 0, torch.zeros((), dtype=f.dtype, device=f.device), f.flatten()[flat])
     indices = (flat % F).to(csr.index_dtype(F))
     row_ptr = csr.row_ptr_from_rows(flat // F, B)
     min_score = torch.where(positive, score, torch.full_like(score, math.inf)).min()
@@ -37,9 +40,10 @@ def batch_topk_reference(
 def threshold_select_reference(
     f: torch.Tensor, w: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch threshold_select: every entry with s = f * w > theta, in CSR order."""
+    """Plain-PyTorch threshold_select: every entry with s = f * w > theta or s NaN, in CSR order."""
     B, F = f.shape
-    flat = torch.nonzero(selection_scores(f, w).flatten() > theta).squeeze(1)
+    s = selection_scores(f, w).flatten()
+    flat = torch.nonzero((s > theta) | s.isnan()).squeeze(1)
     values = f.flatten()[flat]
     indices = (flat % F).to(csr.index_dtype(F))
     return values, indices, csr.row_ptr_from_rows(flat // F, B)
@@ -121,7 +125,7 @@ def batch_topk(
 
 
 def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entries with s = f * w > theta (theta >= 0): (values [nnz], indices [nnz], row_ptr [B+1])."""
+    """Entries with s = f * w > theta (theta >= 0) or s NaN: (values [nnz], indices [nnz], row_ptr [B+1])."""
     validate.threshold_select(f, w, theta)
     return backends.kernels(backends.resolve(f.device)).threshold_select(f, w, float(theta))
 

@@ -18,12 +18,15 @@ from . import csr, native, validate
 def sparse_decode_reference(
     values: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """Plain-PyTorch sparse_decode: the dense codes [B, F] @ W (+ bias) in fp32, returned in W's dtype."""
-    F = W.shape[0]
-    dense = csr.to_dense(values.float(), indices, row_ptr, F)
-    out = dense @ W.reshape(F, -1).float()
+    """Plain-PyTorch sparse_decode: the sum over the stored entries of values[e] W[indices[e]] (+ bias) in fp32,
+    returned in W's dtype. Not a dense [B, F] @ W: its zeros would multiply every row of W, so a NaN or inf in a
+    row that no code uses would reach every output."""
+    F, B, D = W.shape[0], row_ptr.shape[0] - 1, W.shape[1] * W.shape[2]  # D explicit: any size may be 0
+    rows = csr.rows_of(row_ptr, values.shape[0])
+    terms = values.float()[:, None] * W.reshape(F, D).float()[indices.long()]
+    out = terms.new_zeros(B, terms.shape[1]).index_add(0, rows, terms)
     if bias is not None:
-        out = out + bias.reshape(1, -1).float()
+        out = out + bias.reshape(1, D).float()
     return out.to(W.dtype).view(row_ptr.shape[0] - 1, *W.shape[1:])
 
 
@@ -31,10 +34,10 @@ def sparse_values_grad_reference(
     grad_out: torch.Tensor, indices: torch.Tensor, row_ptr: torch.Tensor, W: torch.Tensor
 ) -> torch.Tensor:
     """Plain-PyTorch sparse_values_grad: the per-entry dot products in fp32, returned in W's dtype."""
-    B, F = grad_out.shape[0], W.shape[0]
+    B, F, D = grad_out.shape[0], W.shape[0], W.shape[1] * W.shape[2]
     rows = csr.rows_of(row_ptr, indices.shape[0])
-    g = grad_out.reshape(B, -1).float()[rows]
-    return (g * W.reshape(F, -1).float()[indices.long()]).sum(-1).to(W.dtype)
+    g = grad_out.reshape(B, D).float()[rows]
+    return (g * W.reshape(F, D).float()[indices.long()]).sum(-1).to(W.dtype)
 
 
 def latent_order_reference(
@@ -54,8 +57,9 @@ def sparse_weight_grad_reference(
     F, B = col_ptr.shape[0] - 1, dense.shape[0]
     latent = csr.rows_of(col_ptr, perm.shape[0])
     v = values[perm].float()
-    grad = torch.zeros(F, dense[0].numel(), dtype=torch.float32, device=dense.device)
-    grad.index_add_(0, latent, v[:, None] * dense.reshape(B, -1).float()[rows])
+    D = dense.shape[1] * dense.shape[2]
+    grad = torch.zeros(F, D, dtype=torch.float32, device=dense.device)
+    grad.index_add_(0, latent, v[:, None] * dense.reshape(B, D).float()[rows])
     sums = torch.zeros(F, dtype=torch.float32, device=dense.device).index_add_(0, latent, v)
     return grad.to(dense.dtype).view(F, *dense.shape[1:]), sums
 

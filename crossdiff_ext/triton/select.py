@@ -117,7 +117,7 @@ def _classify(s, key, inside, state_ptr, theta, TOPK: tl.constexpr):
         above = inside & (high > prefix)
         tie = inside & (high == prefix)
     else:
-        above = inside & (s > theta)
+        above = inside & ((s > theta) | (s != s))  # a NaN score is selected (it ranks highest)
         tie = inside & (s != s) & (s == s)  # never: threshold selection has no boundary ties
     return above, tie
 
@@ -187,8 +187,8 @@ def _write_kernel(
         chosen = (above | (tie & (ranks < need))).to(tl.int64)
         slot = pos + tl.cumsum(chosen, 0) - chosen
         keep = chosen != 0
-        if TOPK:  # entries kept with a non-positive score carry 0 (SPEC: no gradient reaches them)
-            f = tl.where(s > 0, f, 0.0)
+        if TOPK:  # entries kept with a non-positive score carry 0 (SPEC: no gradient reaches them); NaN keeps f
+            f = tl.where(s <= 0, 0.0, f)
         tl.store(values_ptr + slot, f, mask=keep)
         tl.store(indices_ptr + slot, cols.to(indices_ptr.dtype.element_ty), mask=keep)
         n = tl.sum(chosen, 0)

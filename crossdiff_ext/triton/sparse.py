@@ -247,7 +247,8 @@ def sparse_weight_grad(
     grad = torch.empty(F, *dense.shape[1:], dtype=dense.dtype, device=dense.device)
     sums = torch.empty(F, dtype=torch.float32, device=dense.device)
     block_d = _launch.row_block(D)
-    _weight_grad_kernel[(F, triton.cdiv(D, block_d))](
+    # at least one column block: block 0 also writes the value sums, which exist when D = M * d is 0
+    _weight_grad_kernel[(F, max(1, triton.cdiv(D, block_d)))](
         values.contiguous(),
         dense,
         col_ptr.contiguous(),

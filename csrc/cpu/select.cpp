@@ -170,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_impl(const
     const int64_t flat = from_above ? above[a++] : cand[c++];
     const int64_t b = flat / F, j = flat - b * F;
     const float s = static_cast<float>(fp[flat]) * wp[j];
-    // The kept value is the unscaled f; an entry kept with a non-positive score carries 0.
-    vp[out] = s > 0.0f ? fp[flat] : scalar_t(0);
+    // The kept value is the unscaled f; an entry kept with a non-positive score carries 0. A NaN score is not
+    // non-positive: it keeps its f (NaN, or the inf whose weight was 0), so NaN reaches the output.
+    vp[out] = s <= 0.0f ? scalar_t(0) : fp[flat];
     if (s > 0.0f) min_score = std::min(min_score, s);
     ip[out] = static_cast<index_t>(j);
     ++rp[b + 1];
@@ -195,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_impl(const at::T
   for_each_chunk(B, chunks, [&](int64_t, int64_t r0, int64_t r1) {
     for (int64_t b = r0; b < r1; ++b) {
       int64_t n = 0;
-      for (int64_t j = 0; j < F; ++j) n += static_cast<float>(fp[b * F + j]) * wp[j] > theta;
+      for (int64_t j = 0; j < F; ++j) n += !(static_cast<float>(fp[b * F + j]) * wp[j] <= theta);
       rp[b + 1] = n;
     }
   });
@@ -209,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_impl(const at::T
     for (int64_t b = r0; b < r1; ++b) {
       int64_t out = rp[b];
       for (int64_t j = 0; j < F; ++j)
-        if (static_cast<float>(fp[b * F + j]) * wp[j] > theta) {
+        if (!(static_cast<float>(fp[b * F + j]) * wp[j] <= theta)) {  // a NaN score is selected
           vp[out] = fp[b * F + j];
           ip[out++] = static_cast<index_t>(j);
         }

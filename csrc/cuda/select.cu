@@ -141,7 +141,7 @@ __device__ __forceinline__ void classify(const TileScores<scalar_t, VEC>& ts, ui
       above[v] = ts.in[v] && high > prefix;
       tie[v] = ts.in[v] && high == prefix;
     } else {
-      above[v] = ts.in[v] && ts.s[v] > theta;
+      above[v] = ts.in[v] && !(ts.s[v] <= theta);  // a NaN score is selected (it ranks highest)
       tie[v] = false;
     }
   }
@@ -220,8 +220,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       if (chosen[v]) {
-        // batch top-k: an entry kept with a non-positive score carries 0 (SPEC: no gradient reaches it)
-        values[slot] = (TOPK && !(ts.s[v] > 0.0f)) ? scalar_t(0) : ts.f[v];
+        // batch top-k: an entry kept with a non-positive score carries 0 (SPEC: no gradient reaches it); a NaN
+        // score keeps its f, so NaN reaches the output
+        values[slot] = (TOPK && ts.s[v] <= 0.0f) ? scalar_t(0) : ts.f[v];
         indices[slot] = static_cast<index_t>(ts.col + v);
         ++slot;
       }
