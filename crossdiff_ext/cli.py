@@ -257,7 +257,7 @@ def collect(args: argparse.Namespace) -> int:
         pack_window=args.pack_window,
         dtype=args.dtype,
         shard_rows=args.shard_rows,
-        device=args.device,
+        device=None if args.device is None else args.device[0] if len(args.device) == 1 else args.device,
         resume=args.resume,
         progress=not args.quiet,
     )
@@ -706,7 +706,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--shard-rows", type=_at_least(1), default=1 << 18)
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--device", nargs="+", default=None, help="one device for both models, or two: base chat (default: cuda if any)"
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=collect)

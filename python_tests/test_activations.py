@@ -300,3 +300,17 @@ def test_command_line_collect_and_train(pair, data, tmp_path, capsys):
     cc = cx.CrossCoder.from_pretrained(tmp_path / "run2" / "step-00000003")
     assert cc.target_rms == 1.0 and cc.W_enc.dtype == torch.float32 and not torch.equal(cc.input_scale, torch.ones(2))
     assert cli.main(["train", "--store", "a", "--store", "b", "--mix", "1", "--out", "r", "--dict-size", "8"]) == 2
+
+
+def test_collect_places_each_model_and_defaults_to_float32_on_the_cpu(pair, data, tmp_path):
+    from crossdiff_ext.data import models
+
+    assert models.model_devices(None)[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert models.model_devices(("cpu", "meta")) == (torch.device("cpu"), torch.device("meta"))
+    assert models.default_model_dtype(torch.device("cuda")) == torch.bfloat16
+    assert models.default_model_dtype(torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="one device or two"):
+        models.model_devices(["cpu", "cpu", "cpu"])
+    one = activations.collect(*pair, 1, data, tmp_path / "one", device="cpu", dtype="float32", progress=False)
+    two = activations.collect(*pair, 1, data, tmp_path / "two", device=["cpu", "cpu"], dtype="float32", progress=False)
+    assert torch.equal(one[0 : len(one)], two[0 : len(two)])

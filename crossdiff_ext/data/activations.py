@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError, MissingInputError, OutputExistsError
 from .decoder_blocks import hidden_size, run_to_layer
-from .models import check_tokenizers, load_pair, model_name
+from .models import Devices, check_tokenizers, default_model_dtype, load_pair, model_devices, model_name
 from .store import ActivationStore, StoreWriter
 
 __all__ = [
@@ -183,7 +183,7 @@ def collect(
     drop_first: int = 1,
     dtype: str = "float16",
     shard_rows: int = 1 << 18,
-    device: Optional[Union[torch.device, str]] = None,
+    device: Devices = None,
     model_dtype: Optional[Union[torch.dtype, str]] = None,
     resume: bool = False,
     progress: bool = True,
@@ -208,8 +208,10 @@ def collect(
             activation; 0 keeps it).
         dtype: Storage dtype: float16, bfloat16 or float32.
         shard_rows: Rows per shard file.
-        device: Where the models run (default: CUDA when available).
-        model_dtype: dtype to load the models in (None: the checkpoint's).
+        device: Where the models run: one device, or (base, chat) for models that do not fit together (default:
+            CUDA when available).
+        model_dtype: dtype to load the models in (default: bfloat16 on a GPU, float32 on the CPU; loaded models
+            given as (model, tokenizer) keep theirs).
         resume: Continue a store this collection started.
         progress: Show a tqdm bar over documents with the tokens per second.
         pack_window: Batches per length-sorting window (1: no sorting, documents in their order).
@@ -256,9 +258,11 @@ def collect(
     if resume and os.path.exists(store_json):
         _check_resumable(out, info)
 
-    (m_base, t_base), (m_chat, t_chat) = load_pair(base, chat, [layer], dtype=model_dtype)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    m_base, m_chat = m_base.to(device).eval(), m_chat.to(device).eval()
+    base_device, chat_device = model_devices(device)
+    (m_base, t_base), (m_chat, t_chat) = load_pair(
+        base, chat, [layer], dtype=model_dtype or default_model_dtype(chat_device)
+    )
+    m_base, m_chat = m_base.to(base_device).eval(), m_chat.to(chat_device).eval()
     writer = StoreWriter(
         out,
         2,
@@ -297,7 +301,7 @@ def collect(
                     take = min(skip, len(ids) - drop_first)
                     batch.append((ids, drop_first + take))
                     skip -= take
-                rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad, device)
+                rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad)
                 if written + rows.shape[0] > limit:
                     keep = max(0, int(limit - written))
                     rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
@@ -336,9 +340,9 @@ def paired_activations(
     batch: Sequence[tuple[Sequence[int], int]],
     layer: int,
     pad: int,
-    device: Union[torch.device, str],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both models' block-`layer` activations of a batch of token lists, padded on the right.
+    """Both models' block-`layer` activations of a batch of token lists, padded on the right; each model runs
+    where its weights are.
 
     Args:
         m_base: The base model.
@@ -346,7 +350,6 @@ def paired_activations(
         batch: (token ids, first position to keep) per sequence.
         layer: The block whose output is read (each model runs only up to it).
         pad: The padding token id.
-        device: Where the models run.
 
     Returns:
         (rows [n, 2, d] fp32 on the CPU, token ids [n], positions [n]) of the kept tokens, sequence by sequence.
@@ -359,12 +362,14 @@ def paired_activations(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
         keep[i, first : len(ids)] = True
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    states = [run_to_layer(m, layer, input_ids=input_ids, attention_mask=attention) for m in (m_base, m_chat)]
-    keep = keep.to(device)
-    rows = torch.stack([s[keep] for s in states], dim=1).float().cpu()
-    positions = torch.arange(length, device=device).expand(len(batch), length)[keep].cpu()
-    return rows, input_ids[keep].cpu(), positions
+    states = []
+    for model in (m_base, m_chat):
+        where = next(model.parameters()).device
+        h = run_to_layer(model, layer, input_ids=input_ids.to(where), attention_mask=attention.to(where))
+        states.append(h[keep.to(where)].float().cpu())
+    rows = torch.stack(states, dim=1)
+    positions = torch.arange(length).expand(len(batch), length)[keep]
+    return rows, input_ids[keep], positions
 
 
 def template_token_ids(tokenizer: Any) -> list[int]:

@@ -102,6 +102,41 @@ def load_pair(
     return load(base, tok_b, "base"), load(chat, tok_c, "chat")
 
 
+Devices = Union[None, torch.device, str, Sequence[Union[torch.device, str]]]
+
+
+def model_devices(device: Devices) -> tuple[torch.device, torch.device]:
+    """(base device, chat device) from one device for both, a pair (models that do not fit together), or None
+    (CUDA when available, else the CPU).
+
+    Args:
+        device: None, a device, or a sequence of two devices (base, chat).
+
+    Returns:
+        The two devices.
+
+    Raises:
+        InputError: A sequence of another length, or a name torch does not know.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, (list, tuple)):
+        if len(device) != 2:
+            raise InputError(f"device must be one device or two (base, chat), got {len(device)}: {list(device)}")
+        names = list(device)
+    else:
+        names = [device, device]
+    try:
+        return torch.device(names[0]), torch.device(names[1])
+    except RuntimeError as err:
+        raise InputError(f"device {device!r}: {err}") from None
+
+
+def default_model_dtype(device: torch.device) -> torch.dtype:
+    """The dtype models are loaded in when none is asked for: bfloat16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def model_name(spec: ModelSpec) -> str:
     """How a model spec is recorded: its path or hub name, or the class name of a loaded model."""
     return type(spec[0]).__name__ if isinstance(spec, tuple) else os.fspath(spec)

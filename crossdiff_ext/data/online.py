@@ -20,7 +20,7 @@ import torch
 from ..errors import InputError
 from .activations import paired_activations, read_documents, tokenize
 from .decoder_blocks import hidden_size
-from .models import ModelSpec, load_pair, model_name
+from .models import Devices, ModelSpec, default_model_dtype, load_pair, model_devices, model_name
 
 
 class OnlineActivations:
@@ -38,8 +38,9 @@ class OnlineActivations:
         drop_first: Leading positions of each document not harvested (1: the first position's massive
             activation).
         seed: Seed of the shuffles.
-        device: Where the models run and the buffer lives (default: CUDA when available).
-        model_dtype: dtype to load the models in (default: the checkpoint's).
+        device: Where the models run: one device, or (base, chat) for models that do not fit together; the buffer
+            lives on the chat model's (default: CUDA when available).
+        model_dtype: dtype to load the models in (default: bfloat16 on a GPU, float32 on the CPU).
 
     Raises:
         ValueError: Bad sizes, models that do not fit each other, a layer out of range (before any weights
@@ -59,7 +60,7 @@ class OnlineActivations:
         forward_batch: int = 8,
         drop_first: int = 1,
         seed: int = 0,
-        device: Optional[Union[torch.device, str]] = None,
+        device: Devices = None,
         model_dtype: Optional[Union[torch.dtype, str]] = None,
     ):
         for name, value, low in (
@@ -75,9 +76,12 @@ class OnlineActivations:
         documents = read_documents(data)
         if not documents:
             raise InputError("data holds no documents")
-        (m_base, _), (m_chat, tokenizer) = load_pair(base, chat, [layer], dtype=model_dtype)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.m_base, self.m_chat = m_base.to(self.device).eval(), m_chat.to(self.device).eval()
+        base_device, chat_device = model_devices(device)
+        (m_base, _), (m_chat, tokenizer) = load_pair(
+            base, chat, [layer], dtype=model_dtype or default_model_dtype(chat_device)
+        )
+        self.device = chat_device  # the buffer's, and the batches'
+        self.m_base, self.m_chat = m_base.to(base_device).eval(), m_chat.to(chat_device).eval()
         self.ids = [tokenize(doc, tokenizer, context_length) for doc in documents]
         self.ids = [ids for ids in self.ids if len(ids) > drop_first]
         if not self.ids:
@@ -99,7 +103,7 @@ class OnlineActivations:
         while count < rows:
             stop = min(self.document + self.forward_batch, len(self.ids))
             batch = [(self.ids[i], self.drop_first) for i in range(self.document, stop)]
-            new, _, _ = paired_activations(self.m_base, self.m_chat, batch, self.layer, self.pad, self.device)
+            new, _, _ = paired_activations(self.m_base, self.m_chat, batch, self.layer, self.pad)
             parts.append(new.to(self.device))
             count += new.shape[0]
             self.document = stop
