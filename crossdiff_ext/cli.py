@@ -247,7 +247,7 @@ def collect(args: argparse.Namespace) -> int:
     store = activations.collect(
         args.base,
         args.chat,
-        args.layer,
+        args.layer[0] if len(args.layer) == 1 else args.layer,
         args.data,
         args.out,
         max_tokens=args.max_tokens,
@@ -261,7 +261,9 @@ def collect(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
     )
-    print(f"{args.out}: {len(store)} tokens of layer {args.layer}, [2, {store.d_model}] each, {store.meta['dtype']}")
+    stores = store if isinstance(store, dict) else {args.layer[0]: store}
+    for layer, one in stores.items():
+        print(f"{one.path}: {len(one)} tokens of layer {layer}, [2, {one.d_model}] each, {one.meta['dtype']}")
     return 0
 
 
@@ -684,7 +686,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("collect", help="paired activations of a base and a fine-tuned model -> activation store")
     p.add_argument("--base", required=True, help="base model: directory or hub name")
     p.add_argument("--chat", required=True, help="fine-tuned model: directory or hub name (its tokenizer is used)")
-    p.add_argument("--layer", type=int, required=True, help="residual stream after this block (0-based)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        nargs="+",
+        required=True,
+        help="residual stream after this block (0-based); several: one store per layer under --out, one pass",
+    )
     p.add_argument(
         "--data",
         required=True,

@@ -314,3 +314,34 @@ def test_collect_places_each_model_and_defaults_to_float32_on_the_cpu(pair, data
     one = activations.collect(*pair, 1, data, tmp_path / "one", device="cpu", dtype="float32", progress=False)
     two = activations.collect(*pair, 1, data, tmp_path / "two", device=["cpu", "cpu"], dtype="float32", progress=False)
     assert torch.equal(one[0 : len(one)], two[0 : len(two)])
+
+
+def test_collect_several_layers_in_one_pass(pair, data, tmp_path):
+    options = dict(dtype="float32", device="cpu", progress=False, batch_size=4, shard_rows=40)
+    models = [transformers.AutoModelForCausalLM.from_pretrained(p) for p in pair]
+    tok = make_tokenizer()
+    fired = []
+    for m in models:  # nothing after the deepest layer asked for (1 of 3 blocks) runs
+        m.model.layers[2].register_forward_hook(lambda *a: fired.append("block 2"))
+        m.lm_head.register_forward_hook(lambda *a: fired.append("head"))
+    both = activations.collect((models[0], tok), (models[1], tok), [0, 1], data, tmp_path / "both", **options)
+    assert fired == [] and sorted(both) == [0, 1]
+    for layer in (0, 1):
+        alone = activations.collect(*pair, layer, data, tmp_path / f"alone-{layer}", **options)
+        assert both[layer].path == str(tmp_path / "both" / f"layer-{layer}")
+        assert both[layer].meta["info"]["layer"] == layer
+        assert torch.equal(both[layer][0 : len(alone)], alone[0 : len(alone)]) and len(both[layer]) == len(alone)
+        assert torch.equal(both[layer].token_ids(), alone.token_ids())
+    # Resume with the stores at different points (a crash between two stores' writes): each continues from its own.
+    for layer, rows in ((0, 45), (1, 13)):
+        activations.collect(*pair, layer, data, tmp_path / "resumed" / f"layer-{layer}", max_tokens=rows, **options)
+    resumed = activations.collect(*pair, [0, 1], data, tmp_path / "resumed", resume=True, **options)
+    for layer in (0, 1):
+        assert torch.equal(resumed[layer][0 : len(resumed[layer])], both[layer][0 : len(both[layer])])
+    with pytest.raises(ValueError, match="lists a block more than once"):
+        activations.collect(*pair, [1, 1], data, tmp_path / "x", **options)
+    from crossdiff_ext import cli
+
+    args = ["collect", "--base", pair[0], "--chat", pair[1], "--layer", "0", "1", "--data", data, "--device", "cpu"]
+    assert cli.main([*args, "--out", str(tmp_path / "cli"), "--quiet", "--max-tokens", "10"]) == 0
+    assert [len(activations.ActivationStore(tmp_path / "cli" / f"layer-{x}")) for x in (0, 1)] == [10, 10]

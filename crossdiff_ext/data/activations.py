@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import InputError, MissingInputError, OutputExistsError
-from .decoder_blocks import hidden_size, run_to_layer
+from .decoder_blocks import hidden_size, run_to_layers
 from .models import Devices, check_tokenizers, default_model_dtype, load_pair, model_devices, model_name
 from .store import ActivationStore, StoreWriter
 
@@ -173,7 +173,7 @@ def _check_resumable(out, info):
 def collect(
     base: Union[str, tuple[Any, Any]],
     chat: Union[str, tuple[Any, Any]],
-    layer: int,
+    layer: Union[int, Sequence[int]],
     data: Union[os.PathLike, str, Iterable[Any]],
     out: Union[os.PathLike, str],
     *,
@@ -188,8 +188,9 @@ def collect(
     resume: bool = False,
     progress: bool = True,
     pack_window: int = 64,
-) -> ActivationStore:
-    """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`.
+) -> Union[ActivationStore, dict[int, ActivationStore]]:
+    """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`; with a list
+    of layers, one store per layer under `out` (out/layer-L), all from one forward up to the deepest.
 
     Documents stream: they are read and tokenized `pack_window` batches at a time, and within such a window
     sorted by length (longest first) before they are cut into batches, so a batch pads little. The batches are
@@ -198,7 +199,7 @@ def collect(
     Args:
         base: The base model: a directory, a hub name, or a loaded (model, tokenizer) pair.
         chat: The chat model, likewise (its tokenizer and chat template read the documents).
-        layer: The block whose output is stored (each model runs only up to it).
+        layer: The block whose output is stored, or a list of blocks (each model runs only up to the deepest).
         data: A JSONL / .txt file or directory, "hf:NAME[:SPLIT]", or an iterable of documents.
         out: The store directory.
         max_tokens: Stop after this many rows (None: the whole data).
@@ -217,7 +218,7 @@ def collect(
         pack_window: Batches per length-sorting window (1: no sorting, documents in their order).
 
     Returns:
-        The ActivationStore at `out`.
+        The ActivationStore at `out`, or {layer: ActivationStore} for a list of layers.
 
     Raises:
         InputError: A bad setting, an unreadable or empty data file (file and line named), models that do not fit
@@ -233,9 +234,17 @@ def collect(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise InputError(f"{name} must be an int >= {low}, got {value!r}")
-    store_json = os.path.join(os.fspath(out), "store.json")
-    if not resume and os.path.exists(store_json):  # before the models load
-        raise OutputExistsError(f"{os.fspath(out)} already holds a store; pass resume=True to append to it")
+    single = isinstance(layer, int) and not isinstance(layer, bool)
+    layers = [layer] if single else list(layer) if isinstance(layer, (list, tuple)) else None
+    if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise InputError(f"layer must be a block index or a non-empty list of them, got {layer!r}")
+    if len(set(layers)) != len(layers):
+        raise InputError(f"layer lists a block more than once: {layers}")
+    outs = {x: os.fspath(out) if single else os.path.join(os.fspath(out), f"layer-{x}") for x in layers}
+    has_store = {x: os.path.exists(os.path.join(path, "store.json")) for x, path in outs.items()}
+    for x, path in outs.items():
+        if not resume and has_store[x]:  # before the models load
+            raise OutputExistsError(f"{path} already holds a store; pass resume=True to append to it")
     source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
     count = None
     if isinstance(data, (str, os.PathLike)) and not os.fspath(data).startswith("hf:"):
@@ -245,42 +254,47 @@ def collect(
             raise InputError(f"data {source} holds no documents")
     elif hasattr(data, "__len__"):
         count = len(data)
-    info = dict(
-        base=model_name(base),
-        chat=model_name(chat),
-        layer=layer,
-        drop_first=drop_first,
-        context_length=context_length,
-        hidden_states_index=layer + 1,
-        batch_size=batch_size,
-        pack_window=pack_window,
-    )
-    if resume and os.path.exists(store_json):
-        _check_resumable(out, info)
+    infos = {
+        x: dict(
+            base=model_name(base),
+            chat=model_name(chat),
+            layer=x,
+            drop_first=drop_first,
+            context_length=context_length,
+            hidden_states_index=x + 1,
+            batch_size=batch_size,
+            pack_window=pack_window,
+        )
+        for x in layers
+    }
+    for x in layers:
+        if resume and has_store[x]:
+            _check_resumable(outs[x], infos[x])
 
     base_device, chat_device = model_devices(device)
     (m_base, t_base), (m_chat, t_chat) = load_pair(
-        base, chat, [layer], dtype=model_dtype or default_model_dtype(chat_device)
+        base, chat, layers, dtype=model_dtype or default_model_dtype(chat_device)
     )
     m_base, m_chat = m_base.to(base_device).eval(), m_chat.to(chat_device).eval()
-    writer = StoreWriter(
-        out,
-        2,
-        hidden_size(m_base),
-        dtype=dtype,
-        shard_rows=shard_rows,
-        info=info,
-        resume=resume and os.path.exists(store_json),
-    )
-    skip = writer.meta["rows"]
-    if max_tokens is not None and skip >= max_tokens:
-        writer.close()
-        return ActivationStore(out)
-    pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
-    written = skip
+    writers = {
+        x: StoreWriter(
+            outs[x],
+            2,
+            hidden_size(m_base),
+            dtype=dtype,
+            shard_rows=shard_rows,
+            info=infos[x],
+            resume=resume and has_store[x],
+        )
+        for x in layers
+    }
+    # Each store resumes at its own row count: a crash between two stores' writes leaves one a batch ahead.
+    skip = {x: w.meta["rows"] for x, w in writers.items()}
+    written = dict(skip)
     limit = max_tokens if max_tokens is not None else float("inf")
+    pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
     bar = None
-    if progress:
+    if progress and not all(written[x] >= limit for x in layers):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=count, desc="collect", unit="doc", dynamic_ncols=True)
@@ -289,51 +303,114 @@ def collect(
         for window in _windows(
             iter_documents(data), t_chat, context_length, drop_first, batch_size * pack_window, pack_window > 1
         ):
+            if all(written[x] >= limit for x in layers):
+                break
             for start in range(0, len(window), batch_size):
                 group = window[start : start + batch_size]
                 n_batches += 1
                 stored = sum(len(ids) - drop_first for _, ids in group)
-                if skip >= stored:  # the whole batch is already in the store (resume)
-                    skip -= stored
+                firsts = {}  # per store: the first position of each document to keep
+                for x in layers:
+                    if written[x] >= limit:
+                        continue
+                    if skip[x] >= stored:  # the whole batch is already in this store (resume)
+                        skip[x] -= stored
+                        continue
+                    firsts[x] = []  # rows already in the store are run but not kept
+                    for _, ids in group:
+                        take = min(skip[x], len(ids) - drop_first)
+                        firsts[x].append(drop_first + take)
+                        skip[x] -= take
+                if not firsts:
                     continue
-                batch = []  # (ids, first position to keep): rows already in the store are run but not kept
-                for _, ids in group:
-                    take = min(skip, len(ids) - drop_first)
-                    batch.append((ids, drop_first + take))
-                    skip -= take
-                rows, tokens, positions = paired_activations(m_base, m_chat, batch, layer, pad)
-                if written + rows.shape[0] > limit:
-                    keep = max(0, int(limit - written))
-                    rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
-                try:
-                    writer.append(rows, tokens, positions)
-                except InputError as err:  # non-finite activations: name the documents that produced them
-                    documents = sorted(index for index, _ in group)
-                    raise InputError(
-                        f"batch {n_batches - 1} of the collection (documents {documents}, 0-based, of {source}), "
-                        f"model 0 = base, 1 = chat: {err}"
-                    ) from err
-                written += rows.shape[0]
-                fresh += rows.shape[0]
-                if written >= limit:
+                states, input_ids = paired_states(m_base, m_chat, [ids for _, ids in group], list(firsts), pad)
+                for x, first in firsts.items():
+                    rows, tokens, positions = kept_rows(states[x], input_ids, [len(i) for _, i in group], first)
+                    if written[x] + rows.shape[0] > limit:
+                        keep = max(0, int(limit - written[x]))
+                        rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
+                    try:
+                        writers[x].append(rows, tokens, positions)
+                    except InputError as err:  # non-finite activations: name the documents that produced them
+                        documents = sorted(index for index, _ in group)
+                        raise InputError(
+                            f"batch {n_batches - 1} of the collection (documents {documents}, 0-based, of "
+                            f"{source}), layer {x}, model 0 = base, 1 = chat: {err}"
+                        ) from err
+                    written[x] += rows.shape[0]
+                    fresh += rows.shape[0]
+                if all(written[x] >= limit for x in layers):
                     break
             if bar is not None:
                 last = max(index for index, _ in window) + 1  # documents read so far
                 bar.update(last - seen)
                 seen = last
-                bar.set_postfix(tokens=written, tok_s=f"{fresh / max(time.perf_counter() - started, 1e-9):.0f}")
-            if written >= limit:
-                break
-        if written == 0 and count is None:
+                rate = fresh / len(layers) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(tokens=min(written.values()), tok_s=f"{rate:.0f}")
+        if all(w == 0 for w in written.values()) and count is None:
             raise InputError(f"data {source} holds no documents with a token to keep (drop_first = {drop_first})")
-        writer.close()
+        for w in writers.values():
+            w.close()
     finally:
         if bar is not None:
             bar.close()
-    return ActivationStore(out)
+    if single:
+        return ActivationStore(outs[layer])
+    return {x: ActivationStore(outs[x]) for x in layers}
 
 
 @torch.no_grad()
+def paired_states(
+    m_base: Any, m_chat: Any, id_lists: Sequence[Sequence[int]], layers: Sequence[int], pad: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Both models' block outputs at `layers` for a batch of token lists, padded on the right, from one forward
+    of each model up to the deepest layer (each model runs where its weights are).
+
+    Args:
+        m_base: The base model.
+        m_chat: The chat model.
+        id_lists: The token ids of each sequence.
+        layers: The blocks read.
+        pad: The padding token id.
+
+    Returns:
+        ({layer: [B, T, 2, d] fp32 on the CPU (model 0 = base, 1 = chat)}, input ids [B, T]).
+    """
+    length = max(len(ids) for ids in id_lists)
+    input_ids = torch.full((len(id_lists), length), pad, dtype=torch.long)
+    attention = torch.zeros(len(id_lists), length, dtype=torch.long)
+    for i, ids in enumerate(id_lists):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+    per_model = []
+    for model in (m_base, m_chat):
+        where = next(model.parameters()).device
+        found = run_to_layers(model, layers, input_ids=input_ids.to(where), attention_mask=attention.to(where))
+        per_model.append({x: h.float().cpu() for x, h in found.items()})
+    return {x: torch.stack([per_model[0][x], per_model[1][x]], dim=2) for x in layers}, input_ids
+
+
+def kept_rows(
+    states: torch.Tensor, input_ids: torch.Tensor, lengths: Sequence[int], firsts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of the real tokens of each sequence from its first kept position, in sequence order.
+
+    Args:
+        states: [B, T, 2, d] (paired_states).
+        input_ids: [B, T].
+        lengths: Real tokens per sequence.
+        firsts: First position kept per sequence.
+
+    Returns:
+        (rows [n, 2, d], token ids [n], positions [n]).
+    """
+    keep = torch.zeros(input_ids.shape, dtype=torch.bool)
+    for i, (n, first) in enumerate(zip(lengths, firsts)):
+        keep[i, first:n] = True
+    positions = torch.arange(input_ids.shape[1]).expand(input_ids.shape)[keep]
+    return states[keep], input_ids[keep], positions
+
+
 def paired_activations(
     m_base: Any,
     m_chat: Any,
@@ -354,22 +431,8 @@ def paired_activations(
     Returns:
         (rows [n, 2, d] fp32 on the CPU, token ids [n], positions [n]) of the kept tokens, sequence by sequence.
     """
-    length = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
-    keep = torch.zeros(len(batch), length, dtype=torch.bool)
-    attention = torch.zeros(len(batch), length, dtype=torch.long)
-    for i, (ids, first) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        keep[i, first : len(ids)] = True
-    states = []
-    for model in (m_base, m_chat):
-        where = next(model.parameters()).device
-        h = run_to_layer(model, layer, input_ids=input_ids.to(where), attention_mask=attention.to(where))
-        states.append(h[keep.to(where)].float().cpu())
-    rows = torch.stack(states, dim=1)
-    positions = torch.arange(length).expand(len(batch), length)[keep]
-    return rows, input_ids[keep], positions
+    states, input_ids = paired_states(m_base, m_chat, [ids for ids, _ in batch], [layer], pad)
+    return kept_rows(states[layer], input_ids, [len(ids) for ids, _ in batch], [first for _, first in batch])
 
 
 def template_token_ids(tokenizer: Any) -> list[int]:

@@ -177,11 +177,54 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def run_to_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Tensor:
-    """Run the model's forward only up to block `layer` and return that block's output.
+def run_to_layers(model: nn.Module, layers: Sequence[int], **inputs: Any) -> dict[int, torch.Tensor]:
+    """Run the model's forward only up to the deepest of `layers` and return each of those blocks' outputs.
 
-    No later block, final norm or LM head runs: a hook on the block raises once it has the output, and the
-    forward is abandoned there (with use_cache=False, so no cache is left half-filled).
+    No later block, final norm or LM head runs: a hook on the deepest block raises once it has the output, and
+    the forward is abandoned there (with use_cache=False, so no cache is left half-filled).
+
+    Args:
+        model: A transformers decoder.
+        layers: Block indices, each in [0, n_layers).
+        **inputs: The model's forward arguments (input_ids, attention_mask, ...).
+
+    Returns:
+        {layer: that block's hidden states [B, T, d]} (hidden_states[layer + 1] of a full forward, except for
+        the last block, where transformers applies the final norm to that entry).
+
+    Raises:
+        InputError: A layer out of range, or no layers.
+    """
+    if not layers:
+        raise InputError("layers must name at least one block")
+    for layer in layers:
+        check_layer(model, layer)
+    blocks, last, captured = decoder_blocks(model), max(layers), {}
+
+    def keep(layer):
+        def hook(module, args, output):
+            captured[layer] = block_hidden(output)
+            if layer == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in sorted(set(layers))]
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if last not in captured:
+        raise RuntimeError(f"the forward of {type(model).__name__} finished without running block {last}")
+    return {layer: captured[layer] for layer in layers}
+
+
+def run_to_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Tensor:
+    """Run the model's forward only up to block `layer` and return that block's output (run_to_layers with one
+    layer).
 
     Args:
         model: A transformers decoder.
@@ -189,29 +232,12 @@ def run_to_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Tensor:
         **inputs: The model's forward arguments (input_ids, attention_mask, ...).
 
     Returns:
-        Block `layer`'s hidden states [B, T, d] (equal to hidden_states[layer + 1] of a full forward, except
-        for the last block, where transformers applies the final norm to that entry).
+        Block `layer`'s hidden states [B, T, d].
 
     Raises:
-        ValueError: layer out of range.
+        InputError: layer out of range.
     """
-    check_layer(model, layer)
-    captured = {}
-
-    def stop(module, args, output):
-        captured["hidden"] = block_hidden(output)
-        raise _StopForward
-
-    handle = decoder_blocks(model)[layer].register_forward_hook(stop)
-    try:
-        model(**inputs, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "hidden" not in captured:
-        raise RuntimeError(f"the forward of {type(model).__name__} finished without running block {layer}")
-    return captured["hidden"]
+    return run_to_layers(model, [layer], **inputs)[layer]
 
 
 @contextlib.contextmanager
