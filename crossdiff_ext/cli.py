@@ -255,6 +255,7 @@ def collect(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         drop_first=args.drop_first,
         pack_window=args.pack_window,
+        max_norm_ratio=args.max_norm_ratio,
         dtype=args.dtype,
         shard_rows=args.shard_rows,
         device=None if args.device is None else args.device[0] if len(args.device) == 1 else args.device,
@@ -711,6 +712,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=_at_least(1),
         default=64,
         help="batches per window whose documents are sorted by length (1: none)",
+    )
+    p.add_argument(
+        "--max-norm-ratio",
+        type=float,
+        default=None,
+        help="drop rows whose norm exceeds this multiple of the batch's median row norm (e.g. 10; default: keep all)",
     )
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--shard-rows", type=_at_least(1), default=1 << 18)

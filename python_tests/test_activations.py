@@ -345,3 +345,28 @@ def test_collect_several_layers_in_one_pass(pair, data, tmp_path):
     args = ["collect", "--base", pair[0], "--chat", pair[1], "--layer", "0", "1", "--data", data, "--device", "cpu"]
     assert cli.main([*args, "--out", str(tmp_path / "cli"), "--quiet", "--max-tokens", "10"]) == 0
     assert [len(activations.ActivationStore(tmp_path / "cli" / f"layer-{x}")) for x in (0, 1)] == [10, 10]
+
+
+def test_norm_filter_drops_outliers_counts_them_and_resumes_exactly(pair, data, tmp_path):
+    options = dict(dtype="float32", device="cpu", progress=False, batch_size=64, pack_window=1)
+    every = activations.collect(*pair, 1, data, tmp_path / "every", **options)
+    x = every[0 : len(every)]
+    norms = torch.linalg.vector_norm(x, dim=2)  # one batch holds every document: its median is the whole store's
+    inside = (norms <= 1.05 * norms.median(dim=0).values).all(1)
+    assert 0 < int((~inside).sum()) < len(every)
+    kept = activations.collect(*pair, 1, data, tmp_path / "kept", max_norm_ratio=1.05, shard_rows=7, **options)
+    assert torch.equal(kept[0 : len(kept)], x[inside]) and torch.equal(kept.token_ids(), every.token_ids()[inside])
+    documents = len([d for d in activations.read_documents(data)])
+    assert kept.meta["dropped"] == {"first_positions": documents, "norm_outliers": int((~inside).sum())}
+    assert kept.meta["info"]["max_norm_ratio"] == 1.05 and "norm_outliers" not in every.meta["dropped"]
+    # Stopped part way (a shard boundary between candidates) and resumed: the same store and counts.
+    part = activations.collect(
+        *pair, 1, data, tmp_path / "part", max_norm_ratio=1.05, shard_rows=7, max_tokens=23, **options
+    )
+    assert len(part) == 23
+    whole = activations.collect(
+        *pair, 1, data, tmp_path / "part", max_norm_ratio=1.05, shard_rows=7, resume=True, **options
+    )
+    assert torch.equal(whole[0 : len(whole)], kept[0 : len(kept)]) and whole.meta["dropped"] == kept.meta["dropped"]
+    with pytest.raises(ValueError, match="max_norm_ratio must be a number > 1"):
+        activations.collect(*pair, 1, data, tmp_path / "bad", max_norm_ratio=0.5, **options)

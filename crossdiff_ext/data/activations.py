@@ -188,6 +188,7 @@ def collect(
     resume: bool = False,
     progress: bool = True,
     pack_window: int = 64,
+    max_norm_ratio: Optional[float] = None,
 ) -> Union[ActivationStore, dict[int, ActivationStore]]:
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`; with a list
     of layers, one store per layer under `out` (out/layer-L), all from one forward up to the deepest.
@@ -216,6 +217,9 @@ def collect(
         resume: Continue a store this collection started.
         progress: Show a tqdm bar over documents with the tokens per second.
         pack_window: Batches per length-sorting window (1: no sorting, documents in their order).
+        max_norm_ratio: Drop rows whose norm in either model exceeds this multiple of that model's median row
+            norm over the batch (e.g. 10: the outliers of massive activations past the first position); None
+            keeps every row. store.json counts the rows dropped per reason ("dropped").
 
     Returns:
         The ActivationStore at `out`, or {layer: ActivationStore} for a list of layers.
@@ -226,6 +230,10 @@ def collect(
             weights load); non-finite activations (the batch and documents named).
         OutputExistsError: `out` holds a store and resume is False.
     """
+    if max_norm_ratio is not None and not (
+        isinstance(max_norm_ratio, (int, float)) and not isinstance(max_norm_ratio, bool) and max_norm_ratio > 1
+    ):
+        raise InputError(f"max_norm_ratio must be a number > 1 or None, got {max_norm_ratio!r}")
     for name, value, low in (
         ("drop_first", drop_first, 0),
         ("context_length", context_length, 1),
@@ -264,6 +272,7 @@ def collect(
             hidden_states_index=x + 1,
             batch_size=batch_size,
             pack_window=pack_window,
+            **({} if max_norm_ratio is None else {"max_norm_ratio": float(max_norm_ratio)}),
         )
         for x in layers
     }
@@ -288,9 +297,10 @@ def collect(
         )
         for x in layers
     }
-    # Each store resumes at its own row count: a crash between two stores' writes leaves one a batch ahead.
-    skip = {x: w.meta["rows"] for x, w in writers.items()}
-    written = dict(skip)
+    # Each store resumes where it stands among the candidate rows (a crash between two stores' writes leaves one a
+    # batch ahead); the batches, and the norm filter's decisions, are functions of the documents alone.
+    resume_at = {x: w.candidates_end for x, w in writers.items()}
+    written = {x: w.meta["rows"] for x, w in writers.items()}
     limit = max_tokens if max_tokens is not None else float("inf")
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
     bar = None
@@ -298,7 +308,8 @@ def collect(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=count, desc="collect", unit="doc", dynamic_ncols=True)
-    started, fresh, n_batches, seen = time.perf_counter(), 0, 0, 0
+    started, fresh, n_batches, seen, consumed = time.perf_counter(), 0, 0, 0, 0
+    first_positions = 0  # of the documents read, for the counts
     try:
         for window in _windows(
             iter_documents(data), t_chat, context_length, drop_first, batch_size * pack_window, pack_window > 1
@@ -308,31 +319,31 @@ def collect(
             for start in range(0, len(window), batch_size):
                 group = window[start : start + batch_size]
                 n_batches += 1
-                stored = sum(len(ids) - drop_first for _, ids in group)
-                firsts = {}  # per store: the first position of each document to keep
-                for x in layers:
-                    if written[x] >= limit:
-                        continue
-                    if skip[x] >= stored:  # the whole batch is already in this store (resume)
-                        skip[x] -= stored
-                        continue
-                    firsts[x] = []  # rows already in the store are run but not kept
-                    for _, ids in group:
-                        take = min(skip[x], len(ids) - drop_first)
-                        firsts[x].append(drop_first + take)
-                        skip[x] -= take
-                if not firsts:
+                n_candidates = sum(len(ids) - drop_first for _, ids in group)
+                first_positions += drop_first * len(group)
+                base_index, consumed = consumed, consumed + n_candidates
+                wanted = [x for x in layers if written[x] < limit and resume_at[x] < consumed]
+                if not wanted:  # already in every store (resume), or every store is full
                     continue
-                states, input_ids = paired_states(m_base, m_chat, [ids for _, ids in group], list(firsts), pad)
-                for x, first in firsts.items():
-                    rows, tokens, positions = kept_rows(states[x], input_ids, [len(i) for _, i in group], first)
+                ids = [ids for _, ids in group]
+                states, input_ids = paired_states(m_base, m_chat, ids, wanted, pad)
+                for x in wanted:
+                    rows, tokens, positions = kept_rows(
+                        states[x], input_ids, [len(i) for i in ids], [drop_first] * len(ids)
+                    )
+                    index = torch.arange(base_index, consumed)
+                    keep = index >= resume_at[x]
+                    if max_norm_ratio is not None:
+                        norms = torch.linalg.vector_norm(rows, dim=2)  # [n, 2]
+                        keep &= (norms <= max_norm_ratio * norms.median(dim=0).values).all(1)
+                    rows, tokens, positions, index = rows[keep], tokens[keep], positions[keep], index[keep]
                     if written[x] + rows.shape[0] > limit:
-                        keep = max(0, int(limit - written[x]))
-                        rows, tokens, positions = rows[:keep], tokens[:keep], positions[:keep]
+                        n = max(0, int(limit - written[x]))
+                        rows, tokens, positions, index = rows[:n], tokens[:n], positions[:n], index[:n]
                     try:
-                        writers[x].append(rows, tokens, positions)
+                        writers[x].append(rows, tokens, positions, candidates=index)
                     except InputError as err:  # non-finite activations: name the documents that produced them
-                        documents = sorted(index for index, _ in group)
+                        documents = sorted(i for i, _ in group)
                         raise InputError(
                             f"batch {n_batches - 1} of the collection (documents {documents}, 0-based, of "
                             f"{source}), layer {x}, model 0 = base, 1 = chat: {err}"
@@ -349,7 +360,13 @@ def collect(
                 bar.set_postfix(tokens=min(written.values()), tok_s=f"{rate:.0f}")
         if all(w == 0 for w in written.values()) and count is None:
             raise InputError(f"data {source} holds no documents with a token to keep (drop_first = {drop_first})")
-        for w in writers.values():
+        for x, w in writers.items():
+            # Counted from the documents and the candidate index alone, so a resumed run counts what an
+            # uninterrupted one does: the candidates up to where this store stopped, less the rows it kept.
+            end = consumed if written[x] < limit else w.candidates_end_after_close()
+            w.meta["dropped"] = dict(first_positions=first_positions)
+            if max_norm_ratio is not None:
+                w.meta["dropped"]["norm_outliers"] = end - written[x]
             w.close()
     finally:
         if bar is not None:

@@ -162,14 +162,22 @@ class StoreWriter:
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
         self._rows, self._tokens, self._positions = [], [], []
         self._pending = 0
+        shards = self.meta["shards"]
+        self._candidates_end = shards[-1].get("candidates_end") if shards else None
         for name in os.listdir(self.path):  # temporary files a crash left behind never counted: drop them
             if name.startswith((".shard-", ".tokens-", ".positions-", ".store.json.")) and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.path, name))
 
     def append(
-        self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        token_ids: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        candidates: Optional[torch.Tensor] = None,
     ) -> None:
-        """Append rows x [n, M, d] (cast to the store dtype; must stay finite), optionally token ids / positions [n]."""
+        """Append rows x [n, M, d] (cast to the store dtype; must stay finite), optionally token ids / positions [n],
+        and the index of each row among the rows its writer considered (candidates [n], increasing): each shard then
+        records where its writer stands (candidates_end), so a resumed writer that drops rows knows where to go on."""
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
             raise ValueError(
@@ -187,7 +195,7 @@ class StoreWriter:
                 f"Inf, or values beyond the range of {self.meta['dtype']}): rows {rows[:5]}"
                 f"{' ...' if len(rows) > 5 else ''} of models {models}; refusing to store them"
             )
-        for name, t in (("token_ids", token_ids), ("positions", positions)):
+        for name, t in (("token_ids", token_ids), ("positions", positions), ("candidates", candidates)):
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
                 raise ValueError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
         start = 0
@@ -198,6 +206,8 @@ class StoreWriter:
                 self._tokens.append(token_ids[start : start + take].to("cpu", torch.int64))
             if positions is not None:
                 self._positions.append(positions[start : start + take].to("cpu", torch.int64))
+            if candidates is not None and take:
+                self._candidates_end = int(candidates[start + take - 1]) + 1
             self._pending += take
             start += take
             if self._pending == self.meta["shard_rows"]:
@@ -226,6 +236,8 @@ class StoreWriter:
                 sums[fname] = checksum(data)
                 entry[key] = fname
         entry["checksums"] = sums
+        if self._candidates_end is not None:
+            entry["candidates_end"] = self._candidates_end
         self._merge_stats(rows)
         self.meta["shards"].append(entry)
         self.meta["rows"] += entry["rows"]
@@ -246,9 +258,21 @@ class StoreWriter:
         s["m2"] = (m2_a + m2_b + delta.pow(2) * (n_a * n_b / n)).tolist()
         s["count"] = n
 
+    def candidates_end_after_close(self) -> int:
+        """candidates_end counting the rows appended but not yet in a shard."""
+        return self._candidates_end if self._candidates_end is not None else self.meta["rows"] + self._pending
+
+    @property
+    def candidates_end(self) -> int:
+        """Where the writer stands among the rows it considered: the candidates_end of the last shard written
+        (rows, for stores written without candidates)."""
+        shards = self.meta["shards"]
+        return int(shards[-1].get("candidates_end", self.meta["rows"])) if shards else 0
+
     def close(self) -> None:
-        """Write the last (partial) shard and the final metadata."""
+        """Write the last (partial) shard and the final metadata (meta changes made since the last shard too)."""
         self._flush_shard()
+        atomic.write_json(self.meta_path, self.meta, indent=1)
 
     def __enter__(self):
         return self
