@@ -10,7 +10,7 @@ Each class also derives from the built-in exception that the same check raised b
 FileNotFoundError, FileExistsError), so code that catches those keeps working.
 """
 
-__all__ = ["InputError", "MissingInputError", "OutputExistsError"]
+__all__ = ["InputError", "MissingInputError", "OutputExistsError", "require_int"]
 
 
 class InputError(ValueError):
@@ -23,3 +23,18 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class OutputExistsError(InputError, FileExistsError):
     """The output path already holds results that the call would not overwrite."""
+
+
+def require_int(name: str, value: object, low: int) -> None:
+    """Check a setting that must be an int >= low (a bool is not an int here).
+
+    Args:
+        name: The setting's name, for the message.
+        value: Its value.
+        low: The smallest value allowed.
+
+    Raises:
+        InputError: value is not an int >= low.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise InputError(f"{name} must be an int >= {low}, got {value!r}")

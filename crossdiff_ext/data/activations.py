@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import InputError, MissingInputError, OutputExistsError
+from ..errors import InputError, MissingInputError, OutputExistsError, require_int
 from .decoder_blocks import hidden_size, run_to_layers
 from .models import Devices, check_tokenizers, default_model_dtype, load_pair, model_devices, model_name
 from .store import ActivationStore, StoreWriter
@@ -240,8 +240,7 @@ def collect(
         ("batch_size", batch_size, 1),
         ("pack_window", pack_window, 1),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise InputError(f"{name} must be an int >= {low}, got {value!r}")
+        require_int(name, value, low)
     single = isinstance(layer, int) and not isinstance(layer, bool)
     layers = [layer] if single else list(layer) if isinstance(layer, (list, tuple)) else None
     if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):

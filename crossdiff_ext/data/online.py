@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, require_int
 from .activations import paired_activations, read_documents, tokenize
 from .decoder_blocks import hidden_size
 from .models import Devices, ModelSpec, default_model_dtype, load_pair, model_devices, model_name
@@ -69,8 +69,7 @@ class OnlineActivations:
             ("forward_batch", forward_batch, 1),
             ("drop_first", drop_first, 0),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InputError(f"{name} must be an int >= {low}, got {value!r}")
+            require_int(name, value, low)
         if not isinstance(buffer_tokens, int) or buffer_tokens < batch_size:
             raise InputError(f"buffer_tokens must be an int >= batch_size = {batch_size}, got {buffer_tokens!r}")
         documents = read_documents(data)

@@ -36,7 +36,7 @@ from .. import ops
 from ..data.activations import read_documents, template_token_ids
 from ..data.decoder_blocks import block_hidden, decoder_blocks, output_format, run_to_layer, skip_through_layer
 from ..data.models import ModelSpec, load_pair, model_name
-from ..errors import InputError
+from ..errors import InputError, require_int
 from ..layer import CrossCoder
 from .latent_sets import paper_latent_sets
 from .scored_positions import SUBSETS, check_documents, is_conversation, score_document, subset_mask
@@ -161,11 +161,6 @@ def _check_crosscoder(crosscoder):
         raise InputError("the crosscoder's inference threshold is unset (-1): patching needs its inference-mode codes")
 
 
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise InputError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def _check_sets(latent_sets, n_latents):
     if not isinstance(latent_sets, Mapping):
         raise InputError(f"latent_sets must map set names to latent-id tensors, got {type(latent_sets).__name__}")
@@ -257,6 +252,13 @@ class _Batch:
     h_chat: torch.Tensor
     logp_chat: torch.Tensor  # [n_scored, V] fp32 (or wider)
     formats: list  # decoder_blocks.output_format of the chat model's blocks 0..L
+    p_chat: torch.Tensor = None  # exp(logp_chat), once per batch rather than once per latent set
+    h_none: torch.Tensor = None  # set "none": h_base at the patched positions, h_chat elsewhere
+
+    def __post_init__(self):
+        self.p_chat = self.logp_chat.exp()
+        self.h_none = self.h_chat.clone()
+        self.h_none[self.patched] = self.h_base[self.patched]
 
 
 def _recorded_forward(pair, ids, attention):
@@ -327,30 +329,29 @@ def _log_probs(logits):
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def _kl(logp_chat, logits):
-    logp = _log_probs(logits)
-    return (logp_chat.exp() * (logp_chat - logp)).sum(-1)
+def _kl(batch, logits):
+    """KL(P_chat || P) per scored position, P from the scored positions' logits."""
+    return (batch.p_chat * (batch.logp_chat - _log_probs(logits))).sum(-1)
 
 
 def _run_patched(pair, batch, delta):
     """KL per scored position of the chat model with block L's output h_base + delta at the patched positions."""
-    h = batch.h_chat.clone()
-    h[batch.patched] = batch.h_base[batch.patched]
+    h = batch.h_none.clone()  # the later blocks receive it: keep the batch's copy safe from in-place edits
     if delta is not None:
         wide = torch.promote_types(h.dtype, torch.float32)  # add in fp32 (or the model's wider dtype), then round
         h[batch.patched] = (batch.h_base[batch.patched].to(wide) + delta.to(h.device, wide)).to(h.dtype)
     with torch.no_grad():
         logits = _patched_logits(pair, batch, h)
-    return _kl(batch.logp_chat, logits[batch.labels != 0])
+    return _kl(batch, logits[batch.labels != 0])
 
 
 def _prepare(crosscoder, layer, data, first_k, ignore_first, batch_size, context_length):
     _check_crosscoder(crosscoder)
-    _check_int("layer", layer, 0)
-    _check_int("first_k", first_k, 1)
-    _check_int("ignore_first", ignore_first, 0)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("context_length", context_length, 1)
+    require_int("layer", layer, 0)
+    require_int("first_k", first_k, 1)
+    require_int("ignore_first", ignore_first, 0)
+    require_int("batch_size", batch_size, 1)
+    require_int("context_length", context_length, 1)
     docs = read_documents(data)
     check_documents(docs)
     return docs
@@ -499,13 +500,11 @@ def attribution(
     try:
         for batch in _batches(pair, scored, batch_size, ignore_first, progress):
             codes = _codes(crosscoder, batch)
-            h = batch.h_chat.detach().clone()
-            h[batch.patched] = batch.h_base[batch.patched]
-            h.requires_grad_(True)
+            h = batch.h_none.detach().clone().requires_grad_(True)
             chosen = subset_mask(batch.labels[batch.labels != 0], subset)
             with torch.enable_grad():
                 logits = _patched_logits(pair, batch, h)
-                kl = _kl(batch.logp_chat, logits[batch.labels != 0])[chosen].sum()
+                kl = _kl(batch, logits[batch.labels != 0])[chosen].sum()
                 (grad,) = torch.autograd.grad(kl, h)
             g = grad[batch.patched].float().to(direction.device)
             dots = ops.sparse_values_grad(g[:, None, :].contiguous(), codes.indices, codes.row_ptr, direction)

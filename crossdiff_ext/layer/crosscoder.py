@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..errors import require_int
 from ..ops.autograd import decode_sparse, encode_sparse
 from ..ops.relu_crosscoder import relu_crosscoder
 from . import checkpoints
@@ -132,8 +133,7 @@ class CrossCoder(nn.Module):
     ):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            require_int(name, value, low)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if activation == "batch_topk":
