@@ -142,6 +142,19 @@ def test_threshold_select_matches_reference(name, B, F, k, poison):
 
 
 @pytest.mark.parametrize("name", backend_params())
+def test_threshold_is_compared_in_fp32(name, poison):
+    # A theta above fp32's largest value rounds to inf, like the scores: an inf score is not above it.
+    device = backend_device(name)
+    f = torch.tensor([[math.inf, 3e38, 1.0, 0.0]], device=device)
+    w = torch.ones(4, device=device)
+    for theta, kept in ((6e38, []), (3.2e38, [0]), (0.5, [0, 1, 2])):
+        got = run(name, ops.threshold_select, f, w, theta)
+        expected = ops.threshold_select_reference(f.cpu(), w.cpu(), theta)
+        assert_same_selection(got, expected)
+        assert got[1].cpu().tolist() == kept
+
+
+@pytest.mark.parametrize("name", backend_params())
 def test_selection_gradients_reach_kept_entries_only(name):
     device = backend_device(name)
     g = rng(3)

@@ -287,6 +287,9 @@ def batch_topk(
 def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the threshold selection: (values [nnz], indices [nnz], row_ptr [B+1]); one host sync for nnz."""
     f, w = f.contiguous(), w.contiguous()
+    # Scores are fp32, and so is theta on every backend: rounded here once, since Triton's interpreter would
+    # compare against the unrounded Python float (a theta beyond fp32's range is inf, which no score exceeds).
+    theta = float(torch.tensor(theta, dtype=torch.float32))
     B, F = f.shape
     if B * F == 0:  # no tiles to launch (and _tiling would divide by zero): empty codes, B + 1 zero row pointers
         return (
@@ -305,7 +308,7 @@ def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[to
         dummy,
         above,
         ties,
-        float(theta),
+        theta,
         F,
         n_col_tiles,
         n_tiles,
@@ -315,4 +318,4 @@ def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[to
         num_warps=_launch.select_warps(block),
     )
     nnz = int(above.sum())  # the output size is data-dependent: one host sync (inference path)
-    return _compact(f, w, dict(radix=dummy, above=above, ties=ties), float(theta), nnz, False, tiling)
+    return _compact(f, w, dict(radix=dummy, above=above, ties=ties), theta, nnz, False, tiling)
