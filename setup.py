@@ -7,6 +7,11 @@ Environment flags:
   TORCH_CUDA_ARCH_LIST  defaults to "8.0+PTX;9.0a" (generic Ampere + PTX, and Hopper) when unset; no GPU is
                         visible on the build machines
   MAX_JOBS           parallel compile jobs (ninja)
+
+The extension is built against Python's stable ABI (abi3, Py_LIMITED_API = 3.10): its only Python code is the
+module init in csrc/ops.cpp, so one build (crossdiff_ext/_C.abi3.so) loads under every CPython >= 3.10 with the
+same torch. That is what lets a build made on a Python 3.11 machine run on a GPU machine's Python 3.12
+(kernels_bench/gpu_session.sh prebuild).
 """
 
 import glob
@@ -19,6 +24,8 @@ import sysconfig
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
+# The oldest CPython whose stable ABI the extension targets (csrc/ops.cpp uses PyModule_Create and two methods).
+LIMITED_API = "0x030A0000"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 os.chdir(ROOT)  # the relative source paths below are relative to this file
@@ -71,7 +78,7 @@ def _extension():
     # Paths relative to this file: setuptools lists extension sources in the package manifest, which refuses
     # absolute paths (pip builds with the repository root as the working directory).
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    define = [("CROSSDIFF_SOURCE_HASH", f'"{_load_source_hash()}"')]
+    define = [("CROSSDIFF_SOURCE_HASH", f'"{_load_source_hash()}"'), ("Py_LIMITED_API", LIMITED_API)]
     # -ffp-contract=off: no multiply-add contraction, so every score is the rounded product f * w (score_key.h).
     cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fdiagnostics-color=always"]
     link_flags = []
@@ -88,7 +95,7 @@ def _extension():
             define_macros=define,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
-            py_limited_api=False,
+            py_limited_api=True,
         )
     # cpp_extension reads CUDA_HOME at import; set it before building so it finds this nvcc.
     os.environ["CUDA_HOME"] = cuda_home
@@ -106,7 +113,19 @@ def _extension():
         define_macros=define + [("CROSSDIFF_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=link_flags,
+        py_limited_api=True,
     )
+
+
+class _BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus: an in-place build removes a version-tagged _C left by an older build, which
+    Python would import before the abi3 one (its suffix comes first in importlib's extension suffixes)."""
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            for stale in glob.glob(os.path.join(ROOT, "crossdiff_ext", "_C.cpython-*.so")):
+                os.remove(stale)
 
 
 # Metadata, dependencies, extras and the console script live in pyproject.toml; this file adds what only code can
@@ -117,5 +136,7 @@ setup(
     # PEP 561 marker
     package_data={"crossdiff_ext": ["auto_tables.json", "py.typed"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
+    cmdclass={"build_ext": _BuildExtension.with_options(no_python_abi_suffix=False)},
+    # the wheel's tag says what the build is: cp310-abi3
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -7,6 +7,10 @@ built here, beside the dense peers and the measured ceilings, in one run on one 
          Writes kernels_bench/results/cpu-<cpu model>.{json,md,png}.
   quick  a smoke test on whatever device is here (tiny shapes, no sweeps); writes nothing unless --out.
 
+--lean (any suite) keeps what a short GPU loan can afford: the ceilings, every op per backend beside cuBLAS and
+torch.topk, the selection's per-kernel times (one profiled batch_topk per backend), the training step per backend
+beside the dense eager peer, peak memory; no sweeps, no torch.compile peer, no step profile, no Latent Scaling.
+
 Ceilings measured in the same run: the GEMM of the encoder's exact shape (torch.mm: cuBLAS on a GPU) and the
 device's copy bandwidth (bytes read + written per second of a large copy). Floors derive from them
 (kernels_bench/floors.py). Peers: the dense PyTorch BatchTopK crosscoder written like the paper's code
@@ -376,9 +380,29 @@ def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_bat
     return out
 
 
-def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag=None, breakdowns=None):
+def selection_kernel_times(cx, shape, device, dtype, backends, timer, steps=3):
+    """{backend: per-kernel times of one batch_topk call}: which pass of the selection costs what. Profiled apart
+    from the timed cases (the profiler's overhead stays out of their medians)."""
+    from crossdiff_ext import ops
+
+    cc, x = build(cx, shape, device, dtype)
+    w = cc.decoder_norm_weights()
+    f = ops.paired_encode_reference(x, cc.W_enc.detach(), cc.b_enc.detach())
+    K = cc.k * x.shape[0]
+    out = {}
+    for name in backends:
+        call = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))
+        call()
+        sync(device)
+        median = timer(call)["median_ms"]
+        out[name] = breakdown.profile_step(call, device, median, steps=steps, top=8)
+    return out
+
+
+def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag=None, breakdowns=None, lean=False):
     """The training step for every backend and the peers; with `breakdowns` (a dict), also where each backend's
-    step time goes (kernels_bench/breakdown.py)."""
+    step time goes (kernels_bench/breakdown.py). `lean`: the dense eager peer only (no torch.compile, no
+    sparsify)."""
     extra = dict(shape=dict(shape)) if tag else {}
     for name in backends:
         cc, x = build(cx, shape, device, dtype)
@@ -390,9 +414,11 @@ def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag
         del cc, step
     if not peers:
         return
-    for compiled in (False, True):
+    for compiled in (False,) if lean else (False, True):
         impl = "dense PyTorch (paper code)" + (" + torch.compile" if compiled else "")
         run_case(cases, "train_step", impl, "torch", dense_step(dense, x, compiled), timer, device, **extra)
+    if lean:
+        return
     step, why = sparsify_step(shape, x)
     if step is None:
         cases.append(
@@ -502,6 +528,13 @@ def markdown(result):
         ]
     for name, b in (result.get("breakdown") or {}).items():
         lines += [""] + breakdown.markdown(b, f"Where our training step's time goes ({name})")
+    for name, b in (result.get("selection_kernels") or {}).items():
+        lines += [""] + breakdown.markdown(b, f"Where one batch_topk call's time goes ({name})")
+    if result.get("auto_table"):
+        lines += ["", "## Backend `auto` would pick (lower median per op)", "", "| op | backend | medians ms |"]
+        lines += ["|---|---|---|"]
+        for op, (chosen, times) in result["auto_table"].items():
+            lines.append(f"| {op} | {chosen} | " + ", ".join(f"{b} {t:.3f}" for b, t in times.items()) + " |")
     sweep = [c for c in result["cases"] if "shape" in c]
     if sweep:
         lines += [
@@ -567,6 +600,19 @@ def plot(result, path):
     return path
 
 
+def lean_auto_table(result, device):
+    """backend auto's per-op choice implied by this run's op cases (GPU, paper suite), or None."""
+    if device.type != "cuda" or result["suite"] != "paper":
+        return None
+    from . import auto_table
+
+    try:
+        return auto_table.choose(dict(result, complete=True))
+    except ValueError as err:  # an op errored (e.g. out of memory): say so instead of a partial table
+        print(f"  auto table: {err}", flush=True)
+        return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m kernels_bench --suite", description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")
@@ -580,6 +626,12 @@ def main(argv=None):
         default=None,
         help="start no further sweep shape after this many minutes (the result so far is written after "
         "the main shape and after every sweep shape, so a run cut off still leaves its numbers)",
+    )
+    p.add_argument(
+        "--lean",
+        action="store_true",
+        help="what a short GPU loan affords: no sweeps, torch.compile peer, step profile or Latent Scaling; adds "
+        "the selection's per-kernel times and the per-op auto table",
     )
     p.add_argument("--out", help="result stem (default: results/<device> for the paper and cpu suites)")
     args = p.parse_args(argv)
@@ -647,15 +699,23 @@ def main(argv=None):
             timing.write_atomic(stem + ".md", markdown(result))
             print(f"wrote {stem}.json, {stem}.md" + (f", {result['plot']}" if result["plot"] else ""), flush=True)
 
+    if args.lean:
+        result["lean"] = True
     op_cases(cx, shape, device, dtype, backends, timer, cases)
-    step_cases(cx, shape, device, dtype, backends, timer, cases, breakdowns=None if args.no_profile else breakdowns)
-    result["latent_scaling_throughput_vs_forward"] = latent_scaling_cases(
-        cx, shape, device, dtype, backends, timer, cases
-    )
+    save()  # the op cases survive a run cut off later
+    if args.lean:
+        result["selection_kernels"] = selection_kernel_times(cx, shape, device, dtype, backends, timer)
+        step_cases(cx, shape, device, dtype, backends, timer, cases, lean=True)
+        result["auto_table"] = lean_auto_table(result, device)
+    else:
+        step_cases(cx, shape, device, dtype, backends, timer, cases, breakdowns=None if args.no_profile else breakdowns)
+        result["latent_scaling_throughput_vs_forward"] = latent_scaling_cases(
+            cx, shape, device, dtype, backends, timer, cases
+        )
     save()
     sweeps = (
         []
-        if args.no_sweeps
+        if args.no_sweeps or args.lean
         else (
             [dict(shape, dict_size=F) for F in suite["f_sweep"]]
             + [dict(shape, k=k) for k in suite["k_sweep"] if k != shape["k"]]

@@ -10,6 +10,14 @@ import torch
 # package imports triton only on the first Triton launch). A GPU machine runs them compiled.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Exact comparisons of half/bf16 encoder outputs against the fp32-accumulated reference need cuBLAS to reduce
+    # in fp32 too: PyTorch lets it reduce split-K partial sums in half/bf16 by default (docs/backends.md).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    # One Triton encoder config: autotuning would time every config for every new shape the tests draw.
+    os.environ.setdefault("CROSSDIFF_TRITON_ENCODE_CONFIG", "first")
 
 import crossdiff_ext as cx  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) smoke test on CPU tensors (C++ kernels, and Triton under its interpreter): the
-training step traces without graph breaks and
+"""torch.compile(fullgraph=True) of the training step on every backend: the C++ kernels and Triton under its
+interpreter on CPU tensors, the CUDA ops and compiled Triton on a GPU. The step traces without graph breaks and
 matches eager, including the threshold buffer update."""
 
 import pytest
@@ -12,15 +12,14 @@ import crossdiff_ext as cx
 @pytest.mark.parametrize("name", backend_params())
 @pytest.mark.parametrize("activation,dense_code_density", [("batch_topk", 1.0), ("relu", 1.0), ("relu", 0.0)])
 def test_training_step_compiles_fullgraph(name, activation, dense_code_density):
-    if backend_device(name) != "cpu":
-        pytest.skip("the compile smoke test runs on CPU tensors")
+    device = backend_device(name)
     cx.set_backend(name)
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     k = 4 if activation == "batch_topk" else None
     kwargs = dict(k=k, activation=activation, threshold_start_step=0, dense_code_density=dense_code_density)
-    eager = cx.CrossCoder(12, 48, 2, **kwargs)
-    compiled_cc = cx.CrossCoder(12, 48, 2, **kwargs)
+    eager = cx.CrossCoder(12, 48, 2, **kwargs, device=device)
+    compiled_cc = cx.CrossCoder(12, 48, 2, **kwargs, device=device)
     compiled_cc.load_state_dict(eager.state_dict())
 
     def step(cc, x):
@@ -29,7 +28,7 @@ def test_training_step_compiles_fullgraph(name, activation, dense_code_density):
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     for _ in range(3):
-        x = torch.randn(10, 2, 12, generator=g)
+        x = torch.randn(10, 2, 12, generator=g).to(device)
         loss_e, values_e = step(eager, x)
         loss_c, values_c = compiled(compiled_cc, x)
         loss_e.backward()

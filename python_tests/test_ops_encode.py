@@ -51,10 +51,11 @@ def test_paired_encode_reads_strided_models_in_place(name):
     # x[b, m] rows that are not adjacent in memory (a model stride larger than d).
     device = backend_device(name)
     g = rng(5)
-    big = torch.randn(9, 2, 24, generator=g, device=device)
+    # drawn on the CPU (the generator's device), then moved: the same values on every backend
+    big = torch.randn(9, 2, 24, generator=g).to(device)
     x = big[:, :, 3:20]
-    W = torch.randn(31, 2, 17, generator=g, device=device)
-    b = torch.randn(31, generator=g, device=device)
+    W = torch.randn(31, 2, 17, generator=g).to(device)
+    b = torch.randn(31, generator=g).to(device)
     with cx.backend(name):
         f = ops.paired_encode(x, W, b)
     close(f, ops.paired_encode_reference(x.contiguous(), W, b), torch.float32, scale=4.0)
@@ -64,10 +65,10 @@ def test_paired_encode_reads_strided_models_in_place(name):
 def test_paired_encode_gradients(name):
     device = backend_device(name)
     g = rng(6)
-    x0 = torch.randn(13, 2, 9, generator=g, device=device)
-    W0 = torch.randn(21, 2, 9, generator=g, device=device) / 3
-    b0 = torch.randn(21, generator=g, device=device)
-    upstream = torch.randn(13, 21, generator=g, device=device)
+    x0 = torch.randn(13, 2, 9, generator=g).to(device)
+    W0 = (torch.randn(21, 2, 9, generator=g) / 3).to(device)
+    b0 = torch.randn(21, generator=g).to(device)
+    upstream = torch.randn(13, 21, generator=g).to(device)
     grads = {}
     for backend in (name, "reference"):
         leaves = [t.clone().requires_grad_(True) for t in (x0, W0, b0)]

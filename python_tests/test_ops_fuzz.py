@@ -370,7 +370,8 @@ def test_fuzz_sparse_decode(name, poison):
     def check(case):
         values, indices, row_ptr, W, _, bias, exact = sparse_inputs(case, device)
         got = run(name, ops.sparse_decode, values, indices, row_ptr, W, bias)
-        expected = ops.sparse_decode_reference(values.cpu(), indices.cpu(), row_ptr.cpu(), W.cpu(), bias)
+        cpu_bias = None if bias is None else bias.cpu()
+        expected = ops.sparse_decode_reference(values.cpu(), indices.cpu(), row_ptr.cpu(), W.cpu(), cpu_bias)
         compare(got, expected, exact, case["dtype"], scale=8.0, what="out")
 
     check()

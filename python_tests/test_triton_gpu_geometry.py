@@ -79,14 +79,9 @@ def test_sparse_ops_at_gpu_geometry(gpu_geometry, poison):
 
 
 def test_encoder_with_gpu_grouping(monkeypatch):
-    import triton
-
     from crossdiff_ext.triton import encode
 
-    config = triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=8), num_warps=4, num_stages=1)
-    monkeypatch.setattr(encode._encode_kernel, "configs", [config])  # one config: the autotuner just runs it
-    monkeypatch.setattr(encode, "HALF_CONFIGS", [config])
-    monkeypatch.setattr(encode, "FP32_CONFIGS", [config])
+    monkeypatch.setenv(encode.PIN_ENV, "16,32,32,8,1,4")  # BLOCK_B, BLOCK_F, BLOCK_K, GROUP_B, stages, warps
     device, g = backend_device("triton"), rng(47)
     B, M, d, F = 16 * 9 + 5, 2, 24, 70  # 10 row tiles: one full band of 8 and a band of 2; a partial F tile
     x = torch.randn(B, M, d, generator=g).to(device)
@@ -97,3 +92,28 @@ def test_encoder_with_gpu_grouping(monkeypatch):
     wide = torch.randn(B, M, d + 5, generator=g).to(device)
     x2 = wide[:, :, 2 : 2 + d]
     close(run(ops.paired_encode, x2, W, b), ops.paired_encode_reference(x2.cpu(), W.cpu(), b.cpu()))
+
+
+def test_encoder_pin_setting_is_checked_before_launch(monkeypatch):
+    from crossdiff_ext.triton import encode
+
+    g = rng(53)
+    x, W, b = torch.randn(5, 2, 8, generator=g), torch.randn(7, 2, 8, generator=g), torch.randn(7, generator=g)
+    device = backend_device("triton")
+    x, W, b = x.to(device), W.to(device), b.to(device)
+    for bad in ("16,32", "16,32,32,8,1,3", "8,32,32,8,1,4", "a,b,c,d,e,f"):
+        monkeypatch.setenv(encode.PIN_ENV, bad)
+        with pytest.raises(cx.InputError, match=encode.PIN_ENV):
+            run(ops.paired_encode, x, W, b)
+    monkeypatch.setenv(encode.PIN_ENV, "first")
+    assert encode.pinned_config(ieee=True) is encode.FP32_CONFIGS[0]
+    assert encode.pinned_config(ieee=False) is encode.HALF_CONFIGS[0]
+    close(run(ops.paired_encode, x, W, b), ops.paired_encode_reference(x.cpu(), W.cpu(), b.cpu()))
+
+
+def test_encoder_autotune_key_buckets_the_batch():
+    # A new batch size in the same octave must not tune again: the key holds the bucket, never B itself.
+    from crossdiff_ext.triton import encode
+
+    assert "B_BUCKET" in encode._encode_autotuned.keys and "B" not in encode._encode_autotuned.keys
+    assert [encode.batch_bucket(B) for B in (0, 1, 3000, 4096, 4097)] == [1, 1, 4096, 4096, 8192]

@@ -179,10 +179,11 @@ def encoder_variants(target, all_configs):
                     "d": "i32",
                     "stride_xb": "i32",
                     "stride_xm": "i32",
+                    "B_BUCKET": "i32",
                 }
                 compile_one(
                     f"encode._encode_kernel[{dt}, flat={flat}, {config.kwargs}]",
-                    encode._encode_kernel.fn,
+                    encode._encode_kernel,
                     sig,
                     {"FLAT": flat, "IEEE": dt == "fp32", **config.kwargs},
                     target,

@@ -8,11 +8,19 @@ into (model, feature) and addressed with x's model stride, so nothing is concate
 accumulation; fp32 inputs use IEEE products (no TF32), matching the reference's fp32 matmul.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from ..errors import InputError
 from . import _launch
+
+# Pins the encoder's launch config instead of autotuning: "first" (the first config of the dtype's list below) or
+# "BLOCK_B,BLOCK_F,BLOCK_K,GROUP_B,num_stages,num_warps". Unset or empty: autotune. The GPU tests pin "first": the
+# autotuner would time every config for every new shape they draw.
+PIN_ENV = "CROSSDIFF_TRITON_ENCODE_CONFIG"
 
 
 def _config(bb, bf, bk, stages, warps):
@@ -50,13 +58,35 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if any(c is w for w in wanted)]
 
 
-# B is part of the key: training runs one batch size, so each shape is tuned once (a new B tunes again).
-@triton.autotune(
-    configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
-    key=["B", "F", "K", "FLAT", "IEEE"],
-    prune_configs_by=dict(early_config_prune=_prune),
-)
-@triton.jit
+def batch_bucket(B: int) -> int:
+    """The autotuning key's batch size: B rounded up to a power of two, so that a new batch size within the same
+    octave reuses the tuned config instead of timing every config again."""
+    return triton.next_power_of_2(max(int(B), 1))
+
+
+def pinned_config(ieee: bool) -> "triton.Config | None":
+    """The config that PIN_ENV pins for fp32 (`ieee`) or half inputs; None when the encoder autotunes."""
+    spec = os.environ.get(PIN_ENV, "").strip()
+    if not spec:
+        return None
+    if spec == "first":
+        return (FP32_CONFIGS if ieee else HALF_CONFIGS)[0]
+    try:
+        bb, bf, bk, gb, stages, warps = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise InputError(
+            f"{PIN_ENV}={spec!r}: expected 'first' or six ints BLOCK_B,BLOCK_F,BLOCK_K,GROUP_B,num_stages,num_warps"
+        ) from None
+    blocks = dict(BLOCK_B=bb, BLOCK_F=bf, BLOCK_K=bk, GROUP_B=gb)
+    if any(v < 1 or v & (v - 1) for v in (bb, bf, bk, warps)) or min(bb, bf, bk) < 16 or gb < 1 or stages < 1:
+        raise InputError(
+            f"{PIN_ENV}={spec!r}: BLOCK_B, BLOCK_F, BLOCK_K must be powers of two >= 16 and num_warps a power of "
+            "two; GROUP_B and num_stages >= 1"
+        )
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+@triton.jit(do_not_specialize=["B_BUCKET"])  # one compiled kernel whatever the bucket
 def _encode_kernel(
     x_ptr,
     W_ptr,
@@ -68,6 +98,7 @@ def _encode_kernel(
     d,
     stride_xb,
     stride_xm,
+    B_BUCKET,  # read by the autotuner's key only
     FLAT: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -109,6 +140,14 @@ def _encode_kernel(
     tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty), mask=in_b[:, None] & in_f[None, :])
 
 
+# Tuned once per (batch octave, F, K, layout, dtype): training runs one batch size, inference a few.
+_encode_autotuned = triton.autotune(
+    configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
+    key=["B_BUCKET", "F", "K", "FLAT", "IEEE"],
+    prune_configs_by=dict(early_config_prune=_prune),
+)(_encode_kernel)
+
+
 def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
     """Launch the paired encoder: f [B, F] in x's dtype (fp32 accumulation)."""
     B, M, d = x.shape
@@ -120,11 +159,24 @@ def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> 
     K = M * d
     flat = M == 1 or x.stride(1) == d
 
+    ieee = x.dtype == torch.float32
+
     def grid(meta):
         return (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(F, meta["BLOCK_F"]),)
 
-    if B > 0:
+    if B == 0:
+        return f
+    args = (x, W_enc, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), batch_bucket(B))
+    pinned = pinned_config(ieee)
+    if pinned is None:
+        _encode_autotuned[grid](*args, FLAT=flat, IEEE=ieee)
+    else:
         _encode_kernel[grid](
-            x, W_enc, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), FLAT=flat, IEEE=x.dtype == torch.float32
+            *args,
+            FLAT=flat,
+            IEEE=ieee,
+            **pinned.kwargs,
+            num_warps=pinned.num_warps,
+            num_stages=pinned.num_stages,
         )
     return f
