@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import InputError, MissingInputError
-from .decoder_blocks import check_layer, hidden_size
+from .blocks import check_layer, hidden_size
 
 ModelSpec = Union[str, os.PathLike, tuple[Any, Any]]
 
