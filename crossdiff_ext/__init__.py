@@ -6,10 +6,8 @@ Importing the package loads the C++ extension (crossdiff_ext._C), which register
 from . import ops
 from .backends import available as available_backends
 from .backends import backend, get_backend, set_backend
-from .data import ActivationStore, MixedBatches
-
-# The public face re-exports the planted dictionaries of demo/ (the core itself never imports demo/).
-from .demo.synthetic import planted_dictionary
+from .data import ActivationStore, MixedBatches, OnlineActivations, StoreWriter
+from .data.activations import collect
 from .diffing import (
     LatentScalingResult,
     ablate,
@@ -24,9 +22,11 @@ from .diffing import (
     steer,
     write_table,
 )
+from .diffing.causal import attribution, patch_kl
 from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
 from .training import TrainConfig, TrainResult, train
+from .truth import PlantedDictionary, RecoveryScore, planted_dictionary, score_recovery
 
 __version__ = "0.1.0"
 
@@ -51,12 +51,20 @@ __all__ = [
     "latent_scaling",
     "LatentScalingResult",
     "causal",
+    "patch_kl",
+    "attribution",
     "steer",
     "ablate",
     "planted_dictionary",
+    "PlantedDictionary",
+    "score_recovery",
+    "RecoveryScore",
     "TrainConfig",
     "TrainResult",
     "train",
+    "collect",
+    "OnlineActivations",
+    "StoreWriter",
     "MixedBatches",
     "ActivationStore",
     "InputError",

@@ -68,7 +68,7 @@ def random_llama(shape, seed):
 
 def forward_flops(model, shape, upto=None):
     """FLOPs per batch of a forward through blocks 0..upto (all, with the head, when upto is None)."""
-    from crossdiff_ext.data.decoder_blocks import decoder_blocks
+    from crossdiff_ext.models.blocks import decoder_blocks
 
     blocks = decoder_blocks(model)
     per_token_block = 2 * sum(p.numel() for p in blocks[0].parameters())
@@ -97,7 +97,7 @@ class IdTokenizer:
 
 def measure(shape, reps):
     import crossdiff_ext as cx
-    from crossdiff_ext.data.decoder_blocks import run_to_layer
+    from crossdiff_ext.models.blocks import run_to_layer
 
     base, chat = random_llama(shape, 0), random_llama(shape, 1)
     tokenizer = IdTokenizer(shape.vocab)

@@ -4,8 +4,9 @@ Per seed, one planted dictionary (shared, chat-only, base-only and weak-in-base 
 is drawn and a BatchTopK and an L1 crosscoder are trained on it, each from the independent per-model init (the
 default, as in the paper's runs) and from the shared init. For every planted concept: recovered when the most
 similar latent's concatenated decoder row has cosine > 0.9, and "in band" when that latent's Delta_norm lies in the
-concept kind's band (chat-only > 0.9, base-only < 0.1, shared within 0.1 of 0.5, weak-in-base in between).
-Results are pooled per kind over the seeds, so one lucky seed cannot carry them.
+concept kind's band (chat-only > 0.9, base-only < 0.1, shared within 0.1 of 0.5, weak-in-base in between): the
+scoring of crossdiff_ext.truth.score_recovery. Results are pooled per kind over the seeds, so one lucky seed cannot
+carry them.
 
     python -m kernels_bench recovery --seeds 5          # the default setting, writes results/recovery.{json,md}
     python -m kernels_bench recovery --quick            # small and short, writes nothing unless --out
@@ -21,15 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import atomic
-from crossdiff_ext.demo import synthetic
-from crossdiff_ext.layer import norms
+from crossdiff_ext import atomic, truth
 
 from . import timing
-
-# The band each concept kind's latent belongs in (norms.BANDS names).
-EXPECTED_BAND = {"shared": "shared", "chat_only": "chat_only", "base_only": "base_only", "weak_in_base": "other"}
-KINDS = tuple(EXPECTED_BAND)
 
 
 @dataclass
@@ -94,39 +89,7 @@ def train_and_match(setting: Setting, seed: int, activation: str, init: str, pla
             log_every=setting.steps,
         ),
     )
-    latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
-    dn = norms.delta_norm(cc)[latent]
-    band = norms.delta_norm_band(dn)
-    return [
-        dict(
-            kind=kind,
-            cosine=float(cosine[i]),
-            delta_norm=float(dn[i]),
-            band=norms.BANDS[int(band[i])],
-            recovered=bool(cosine[i] > 0.9),
-            in_band=bool(cosine[i] > 0.9) and norms.BANDS[int(band[i])] == EXPECTED_BAND[kind],
-        )
-        for i, kind in enumerate(planted.kinds)
-    ]
-
-
-def pool(rows: list) -> dict:
-    """Per kind over all rows: recovery, in-band fraction (of all concepts of the kind) and the Delta_norm range of
-    the recovered ones."""
-    out = {}
-    for kind in KINDS:
-        mine = [r for r in rows if r["kind"] == kind]
-        if not mine:
-            continue
-        found = [r["delta_norm"] for r in mine if r["recovered"]]
-        out[kind] = dict(
-            concepts=len(mine),
-            recovery=sum(r["recovered"] for r in mine) / len(mine),
-            in_band=sum(r["in_band"] for r in mine) / len(mine),
-            delta_norm_min=min(found) if found else None,
-            delta_norm_max=max(found) if found else None,
-        )
-    return out
+    return cx.score_recovery(cc, planted).rows()
 
 
 CASES = (("batch_topk", "independent"), ("batch_topk", "shared"), ("relu", "independent"), ("relu", "shared"))
@@ -158,9 +121,13 @@ def run(setting: Setting, seeds, cases=CASES, after_seed=None, previous=None) ->
             t = time.perf_counter()
             mine = train_and_match(setting, seed, activation, init, planted)
             rows[name][seed] = mine
-            results[name]["per_seed"][seed] = dict(pool(mine), seconds=round(time.perf_counter() - t, 1))
+            results[name]["per_seed"][seed] = dict(
+                truth.recovery_by_kind(mine), seconds=round(time.perf_counter() - t, 1)
+            )
         for name in results:
-            results[name]["pooled"] = pool([r for seed_rows in rows[name].values() for r in seed_rows])
+            results[name]["pooled"] = truth.recovery_by_kind(
+                [r for seed_rows in rows[name].values() for r in seed_rows]
+            )
         done.append(seed)
         result = dict(
             setting=asdict(setting),

@@ -45,7 +45,7 @@ import crossdiff_ext as cx  # noqa: E402
 from crossdiff_ext import atomic, cli  # noqa: E402
 from crossdiff_ext.data.store import ActivationStore, StoreWriter  # noqa: E402
 from crossdiff_ext.layer import checkpoints  # noqa: E402
-from crossdiff_ext.training import checkpointing  # noqa: E402
+from crossdiff_ext.training import checkpoints as checkpointing  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_activations import make_model  # noqa: E402

@@ -303,7 +303,7 @@ def test_command_line_collect_and_train(pair, data, tmp_path, capsys):
 
 
 def test_collect_places_each_model_and_defaults_to_float32_on_the_cpu(pair, data, tmp_path):
-    from crossdiff_ext.data import models
+    from crossdiff_ext.models import loading as models
 
     assert models.model_devices(None)[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert models.model_devices(("cpu", "meta")) == (torch.device("cpu"), torch.device("meta"))

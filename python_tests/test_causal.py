@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext.data import decoder_blocks
 from crossdiff_ext.diffing import causal, scored_positions
+from crossdiff_ext.models import blocks as decoder_blocks
 
 transformers = pytest.importorskip("transformers")
 from test_activations import WORDS, make_model, make_tokenizer, pair  # noqa: E402, F401  (fixture)

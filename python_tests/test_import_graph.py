@@ -9,10 +9,10 @@ own ancestor packages: they are already initialised when it runs (a module impor
 explicitly, e.g. `import crossdiff_ext as cx`, still counts: it uses what that __init__ gathers).
 
 Layers, bottom to top: the foundation modules (backends.py, atomic.py, errors.py, _extension.py, _build_hash.py)
-< ops/ and triton/ < layer/ < data/ < training/ < diffing/ < distributed/ < demo/ < cli.py < the top-level
-__init__.py and __main__.py. A module may import its own layer and the ones below it, never one above. The
-top-level __init__ is the public face, not core: it re-exports demo's planted_dictionary, and nothing in the
-package imports it.
+< ops/ and triton/ < layer/ < models/ < data/ < training/ < diffing/ < truth/ < distributed/ < demo/ < the
+command line (cli.py, or the cli/ package with one module per subcommand) < the top-level __init__.py and
+__main__.py. A module may import its own layer and the ones below it, never one above. The top-level __init__ is
+the public face: nothing in the package imports it, and like the rest of the core it never imports demo/.
 
 Private names. `from M import _name` and `M._name` (M bound by an import of a crossdiff_ext module) are refused
 when _name is not a module: what another module needs gets a public name in its owner. A private MODULE (a file
@@ -33,9 +33,11 @@ LAYERS = [
     ("foundation", None),
     ("ops", ("ops", "triton")),
     ("layer", ("layer",)),
+    ("models", ("models",)),
     ("data", ("data",)),
     ("training", ("training",)),
     ("diffing", ("diffing",)),
+    ("truth", ("truth",)),
     ("distributed", ("distributed",)),
     ("demo", ("demo",)),
     ("cli", ("cli",)),
@@ -215,7 +217,7 @@ def test_the_core_never_imports_demo():
         f"{m} imports {t}"
         for m, targets in graph().items()
         for t in targets
-        if t in demo and layer_of(m) is not None and layer_of(m)[1] not in ("demo", "cli", "top")
+        if t in demo and layer_of(m) is not None and layer_of(m)[1] not in ("demo", "cli")
     )
     assert not users, "the core imports demo/:\n" + "\n".join(users)
 
@@ -283,3 +285,10 @@ def test_graph_reads_every_module(module):
     # the graph is only as good as its parse: every module must parse and resolve
     for imp in _imports(module)[1]:
         assert imp.target in MODULES or imp.target in COMPILED, f"{module}:{imp.line}: {imp.target}"
+
+
+def test_the_command_line_is_one_layer_as_a_module_or_a_package():
+    # cli.py and a cli/ package of one module per subcommand sit at the same place: above demo/, below the top.
+    cli = layer_of(f"{PACKAGE}.cli")
+    assert cli[1] == "cli" and layer_of(f"{PACKAGE}.cli.train") == cli
+    assert layer_of(f"{PACKAGE}.demo")[0] < cli[0] < layer_of(PACKAGE)[0]

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import crossdiff_ext as cx
-from crossdiff_ext import cli
+from crossdiff_ext import cli, truth
 from crossdiff_ext.demo import miniature as mini
-from crossdiff_ext.demo import synthetic
 
 
 def test_artifact_kinds_carry_their_ground_truth():
@@ -19,7 +18,7 @@ def test_artifact_kinds_carry_their_ground_truth():
         n_frequent_weak=3, n_jittered=3, frequent_scale=0.4, jitter=0.5, orthogonal=True, noise=0.0, seed=1,
     )  # fmt: skip
     kinds = p.kinds
-    assert kinds[-6:] == ["frequent_weak"] * 3 + ["jittered"] * 3 and p.kind_ids.max() == len(synthetic.KINDS) - 1
+    assert kinds[-6:] == ["frequent_weak"] * 3 + ["jittered"] * 3 and p.kind_ids.max() == len(truth.KINDS) - 1
     u = p.directions[:, 1][[i for i, k in enumerate(kinds) if k != "base_only"]]
     torch.testing.assert_close(u @ u.T, torch.eye(u.shape[0]), atol=1e-5, rtol=0)  # orthonormal
     fw = [i for i, k in enumerate(kinds) if k == "frequent_weak"]
@@ -39,7 +38,7 @@ def test_artifact_kinds_carry_their_ground_truth():
     assert p.activations[:, fw].max() <= 0.6 + 1e-6
     # Without the new kinds the generator draws what it always drew.
     plain = cx.planted_dictionary(n_tokens=500, d_model=16, seed=2)
-    assert plain.base_activations is None and set(plain.kinds) == set(synthetic.KINDS[:4])
+    assert plain.base_activations is None and set(plain.kinds) == set(truth.KINDS[:4])
     with pytest.raises(ValueError, match="orthogonal directions need at most d_model"):
         cx.planted_dictionary(d_model=8, orthogonal=True)
     with pytest.raises(ValueError, match="jitter must be in"):
@@ -61,7 +60,7 @@ def test_matching_compares_the_models_where_latent_and_concept_live():
             torch.stack([e[2], 0.01 * e[3]]),  # base-only latent, concept 2 lives in the chat only
         ]
     )
-    assert mini.concept_of_latents(W_dec, directions).tolist() == [0, 1, -1, -1]
+    assert truth.assign_latents_to_concepts(W_dec, directions).tolist() == [0, 1, -1, -1]
 
 
 # Measured: 18 s on 2 CPU cores, 59 s while other jobs loaded them (both crosscoders, 1500 steps each at lr 3e-3,

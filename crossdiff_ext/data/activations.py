@@ -23,8 +23,8 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import InputError, MissingInputError, OutputExistsError, require_int
-from .decoder_blocks import hidden_size, run_to_layers
-from .models import Devices, check_tokenizers, default_model_dtype, load_pair, model_devices, model_name
+from ..models.blocks import hidden_size, run_to_layers
+from ..models.loading import Devices, check_tokenizers, default_model_dtype, load_pair, model_devices, model_name
 from .store import ActivationStore, StoreWriter
 
 __all__ = [

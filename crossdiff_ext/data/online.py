@@ -18,9 +18,9 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import InputError, require_int
+from ..models.blocks import hidden_size
+from ..models.loading import Devices, ModelSpec, default_model_dtype, load_pair, model_devices, model_name
 from .activations import paired_activations, read_documents, tokenize
-from .decoder_blocks import hidden_size
-from .models import Devices, ModelSpec, default_model_dtype, load_pair, model_devices, model_name
 
 
 class OnlineActivations:

@@ -3,24 +3,20 @@ an L1 and a BatchTopK crosscoder on the same data, count the latents Delta_norm 
 artifacts of the L1 loss (Complete Shrinkage, Latent Decoupling), and whether Latent Scaling with the paper's
 thresholds flags them while keeping the true chat-only concepts.
 
-The planted dictionary (demo/synthetic.py) holds the four plain kinds plus the two built for the artifacts:
+The planted dictionary (truth.planted) holds the four plain kinds plus the two built for the artifacts:
 frequent_weak concepts (small, frequent, at `frequent_scale` in the base model: Complete Shrinkage's setting) and
 jittered ones (the same direction in both models, the base magnitude jittered per token: Latent Decoupling's).
 Directions are orthonormal, so what a crosscoder does follows from the kinds.
 
-Matching a learned latent to a planted concept: the latent lives in model m when its decoder row there has at
-least 0.2 of the norm of its largest row (so a latent with Delta_norm > 0.9 lives in the chat model only, a shared
-one in both); a concept lives where its direction is nonzero. The latent is matched to the concept with the
-highest mean cosine over the models where both live, provided that cosine is above 0.9 in each of them and they
-share at least one model; else it is "unmatched". An artifact is a fired latent with Delta_norm > 0.9 matched to
-a concept of the kind built for that mechanism (synthetic.ARTIFACT_KINDS).
+Each learned latent is assigned a planted concept model by model (truth.assign_latents_to_concepts: a cosine above
+0.9 in every model where both live), or none ("unmatched"). An artifact is a fired latent with Delta_norm > 0.9
+assigned to a concept of the kind built for that mechanism (truth.ARTIFACT_KINDS).
 
 Everything is drawn from one seed; the JSON summary and the figure are written to `out`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Optional, Union
@@ -32,7 +28,7 @@ from ..diffing import analysis
 from ..diffing.latent_scaling import latent_scaling
 from ..layer import CrossCoder
 from ..training import TrainConfig, train
-from . import synthetic
+from ..truth import ARTIFACT_KINDS, assign_latents_to_concepts, planted_dictionary
 
 # The planted dictionary of the default run (d = 64 holds its 54 orthonormal directions).
 PLANTED = dict(
@@ -54,40 +50,7 @@ PLANTED = dict(
 )
 DICT_SIZE = 128
 K = 6  # BatchTopK: about the mean number of concepts active per token (6.6 at the defaults)
-MIN_COSINE = 0.9
-LIVES = 0.2  # a latent lives in a model where its row has >= 0.2 of its largest row's norm (Delta_norm 0.9)
 FALSE_KINDS = ("shared", "weak_in_base", "base_only", "frequent_weak", "jittered", "unmatched")
-
-
-def concept_of_latents(
-    W_dec: torch.Tensor, directions: torch.Tensor, min_cosine: float = MIN_COSINE, lives: float = LIVES
-) -> torch.Tensor:
-    """[F] int64 the planted concept each latent is matched to (-1: unmatched), by the rule of the module
-    docstring.
-
-    Args:
-        W_dec: [F, M, d] decoder rows.
-        directions: [C, M, d] planted directions.
-        min_cosine: Cosine a match needs in every model where latent and concept both live.
-        lives: Fraction of its largest row's norm above which a latent lives in a model.
-
-    Returns:
-        [F] int64 concept index per latent, -1 where none matches.
-    """
-    W = W_dec.detach().float()
-    D = directions.float()
-    norms = torch.linalg.vector_norm(W, dim=2)  # [F, M]
-    latent_lives = norms >= lives * norms.max(dim=1, keepdim=True).values.clamp_min(1e-12)
-    concept_lives = torch.linalg.vector_norm(D, dim=2) > 0  # [C, M]
-    cos = torch.einsum(
-        "fmd,cmd->fcm", torch.nn.functional.normalize(W, dim=2), torch.nn.functional.normalize(D, dim=2)
-    )  # [F, C, M]
-    both = latent_lives[:, None, :] & concept_lives[None, :, :]
-    ok = ((cos > min_cosine) | ~both).all(dim=2) & both.any(dim=2)
-    score = torch.where(both, cos, torch.zeros(())).sum(2) / both.sum(2).clamp_min(1)
-    score = torch.where(ok, score, torch.full_like(score, -math.inf))
-    best = score.max(dim=1)
-    return torch.where(torch.isfinite(best.values), best.indices, torch.full_like(best.indices, -1))
 
 
 def _count(names):
@@ -115,13 +78,13 @@ def _study(name, cc, planted, steps, lr, seed, progress, l1_coefficient, reconst
     last = train(cc, planted.x, cfg).last
     scaling = latent_scaling(cc, planted.x, batch_size=4096)
     table = analysis.latent_table(cc, scaling)
-    concept = concept_of_latents(cc.W_dec, planted.directions).tolist()
+    concept = assign_latents_to_concepts(cc.W_dec, planted.directions).tolist()
     kinds = ["unmatched" if c < 0 else planted.kinds[c] for c in concept]
     fired = (scaling.activation_count > 0).tolist()
     verdict = table["class"]
     chat_only = [j for j, dn in enumerate(table["delta_norm"]) if dn > 0.9 and fired[j]]
     false_chat_only = [j for j in chat_only if kinds[j] != "chat_only"]
-    artifacts = {mech: [j for j in chat_only if kinds[j] == kind] for mech, kind in synthetic.ARTIFACT_KINDS.items()}
+    artifacts = {mech: [j for j in chat_only if kinds[j] == kind] for mech, kind in ARTIFACT_KINDS.items()}
     artifact_ids = [j for ids in artifacts.values() for j in ids]
     planted_chat_only = [c for c, kind in enumerate(planted.kinds) if kind == "chat_only"]
     kept = [c for c in planted_chat_only if any(concept[j] == c and verdict[j] == "chat_specific" for j in chat_only)]
@@ -244,7 +207,7 @@ def run(
         l1_reconstruction: The L1 crosscoder's reconstruction loss, "squared" (the paper's L1 runs) or "l2";
             BatchTopK always trains on the unsquared "l2" (the reference default).
         progress: Show progress bars.
-        planted_overrides: Arguments of synthetic.planted_dictionary that replace those of PLANTED.
+        planted_overrides: Arguments of truth.planted_dictionary that replace those of PLANTED.
         dict_size: F of both crosscoders (None: DICT_SIZE).
         k: BatchTopK's k (None: K).
         init: The crosscoders' init, "independent" (each model's rows drawn apart, the paper's) or "shared".
@@ -255,7 +218,7 @@ def run(
     dict_size = DICT_SIZE if dict_size is None else dict_size
     k = K if k is None else k
     settings = dict(PLANTED, seed=seed, **(planted_overrides or {}))
-    planted = synthetic.planted_dictionary(**settings)
+    planted = planted_dictionary(**settings)
     results = []
     t0 = time.perf_counter()
     for name, activation, reconstruction in (("L1", "relu", l1_reconstruction), ("BatchTopK", "batch_topk", "l2")):

@@ -34,10 +34,10 @@ import torch
 
 from .. import ops
 from ..data.activations import read_documents, template_token_ids
-from ..data.decoder_blocks import block_hidden, decoder_blocks, output_format, run_to_layer, skip_through_layer
-from ..data.models import ModelSpec, load_pair, model_name
 from ..errors import InputError, require_int
 from ..layer import CrossCoder
+from ..models.blocks import block_hidden, decoder_blocks, output_format, run_to_layer, skip_through_layer
+from ..models.loading import ModelSpec, load_pair, model_name
 from .latent_sets import paper_latent_sets
 from .scored_positions import SUBSETS, check_documents, is_conversation, score_document, subset_mask
 

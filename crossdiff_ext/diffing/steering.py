@@ -12,9 +12,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..data.decoder_blocks import edit_block_output, hidden_size
 from ..errors import InputError
 from ..layer import CrossCoder
+from ..models.blocks import edit_block_output, hidden_size
 from .latent_scaling import LatentScalingResult
 
 MODES = ("all_tokens", "prompt")

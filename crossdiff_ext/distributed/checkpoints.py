@@ -32,7 +32,7 @@ from ..layer.sharded import (
     slice_optimizer_state,
     slice_state,
 )
-from ..training.checkpointing import prune, save_torch, step_dir_name
+from ..training.checkpoints import prune, save_torch, step_dir_name
 from .mesh import latent_range
 
 if TYPE_CHECKING:

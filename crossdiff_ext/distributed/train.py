@@ -23,7 +23,7 @@ from ..layer import CrossCoderOutput, SparseCodes
 from ..layer.norms import band_counts
 from ..layer.sharded import slice_optimizer_state, slice_state
 from ..training import losses as single
-from ..training.checkpointing import rng_state
+from ..training.checkpoints import rng_state
 from ..training.config import TrainConfig, TrainResult
 from ..training.loop import BatchSource, Runtime, TrainData, run
 from . import losses

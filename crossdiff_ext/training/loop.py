@@ -29,7 +29,7 @@ from ..data.batches import BatchSource
 from ..layer import CrossCoder, CrossCoderOutput, SparseCodes, checkpoints
 from ..layer.norms import band_counts
 from . import losses
-from .checkpointing import latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoints import latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import MIXED_PRECISION, TrainConfig, TrainResult
 
 TrainData = Union[torch.Tensor, ActivationStore, BatchSource, Iterable[torch.Tensor]]

@@ -35,7 +35,7 @@ def n_layers(model: nn.Module) -> int:
         The number of blocks.
 
     Raises:
-        ValueError: The config names no layer count.
+        InputError: The config names no layer count.
     """
     return _config_int(model.config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
 
@@ -50,7 +50,7 @@ def hidden_size(model_or_config: Any) -> int:
         d.
 
     Raises:
-        ValueError: The config names no width.
+        InputError: The config names no width.
     """
     config = getattr(model_or_config, "config", model_or_config)
     return _config_int(config, ("hidden_size", "n_embd", "d_model"), "hidden size")
@@ -74,7 +74,7 @@ def check_layer(config_or_model: Any, layer: int, name: str = "the model") -> No
         name: How the model is called in the message (e.g. "the base model").
 
     Raises:
-        ValueError: layer is not an int in [0, n_layers).
+        InputError: layer is not an int in [0, n_layers).
     """
     config = getattr(config_or_model, "config", config_or_model)
     count = _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
@@ -95,7 +95,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
         The nn.ModuleList of its blocks.
 
     Raises:
-        ValueError: No such list, or more than one candidate.
+        InputError: No such list, or more than one candidate.
     """
     count = n_layers(model)
     for path in _KNOWN_PATHS:
@@ -152,7 +152,7 @@ def skip_through_layer(model: nn.Module, layer: int, hidden: torch.Tensor, forma
             use_cache / output_attentions settings).
 
     Raises:
-        ValueError: layer out of range, or formats not one per skipped block.
+        InputError: layer out of range, or formats not one per skipped block.
     """
     check_layer(model, layer)
     if len(formats) != layer + 1:
@@ -253,7 +253,7 @@ def edit_block_output(model: nn.Module, layer: int, edit: Callable[[torch.Tensor
         edit: A function of the block's hidden states returning new ones of the same shape.
 
     Raises:
-        ValueError: layer out of range.
+        InputError: layer out of range.
     """
     check_layer(model, layer)
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..errors import InputError, MissingInputError
-from .decoder_blocks import check_layer, hidden_size
+from .blocks import check_layer, hidden_size
 
 ModelSpec = Union[str, os.PathLike, tuple[Any, Any]]
 
@@ -25,7 +25,7 @@ def check_tokenizers(tokenizer_base: Any, tokenizer_chat: Any) -> None:
         tokenizer_chat: The chat model's tokenizer.
 
     Raises:
-        ValueError: The vocabularies differ (the message lists a few differences).
+        InputError: The vocabularies differ (the message lists a few differences).
     """
     vb, vc = tokenizer_base.get_vocab(), tokenizer_chat.get_vocab()
     if vb != vc:
@@ -74,8 +74,8 @@ def load_pair(
         ((base_model, base_tokenizer), (chat_model, chat_tokenizer)).
 
     Raises:
-        FileNotFoundError: A model directory does not exist.
-        ValueError: The tokenizers or widths differ (from each other or from `width`), or a layer is out of range
+        MissingInputError: A model directory does not exist.
+        InputError: The tokenizers or widths differ (from each other or from `width`), or a layer is out of range
             (all checked before any weights are loaded).
     """
     (config_b, tok_b), (config_c, tok_c) = _config_and_tokenizer(base, "base"), _config_and_tokenizer(chat, "chat")
