@@ -170,7 +170,11 @@ PYTEST_COUNTS = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfa
 
 def pytest_figures(log: str) -> dict:
     """Counts from pytest's closing line; per-test PASSED/FAILED lines (-v) when the run was cut off."""
-    closing = [line for line in log.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    closing = [
+        line
+        for line in log.splitlines()
+        if re.search(r"\d+ (passed|failed|skipped|error)", line) and not line.startswith("=========")
+    ]  # compute-sanitizer's own "========= ERROR SUMMARY: 0 errors" is not pytest's line
     if closing:
         return {kind.rstrip("s"): int(n) for n, kind in PYTEST_COUNTS.findall(closing[-1])}
     return {
@@ -215,6 +219,7 @@ def bench_figures(out: str) -> dict:
 FIGURES = {
     "env": lambda log, out: line_figures(log, ("commit", "python", "torch", "triton", "gpu", "nvidia-smi")),
     "import": lambda log, out: line_figures(log, ("prebuilt", "imported", "backends", "import error")),
+    "import-retry": lambda log, out: line_figures(log, ("imported", "backends", "import error")),
     "import-after-build": lambda log, out: line_figures(log, ("imported", "backends", "import error")),
     "op-tests": lambda log, out: pytest_figures(log),
     "scale-tests": lambda log, out: pytest_figures(log),

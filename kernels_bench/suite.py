@@ -248,31 +248,53 @@ def sparsify_step(shape, x):
     return step, None
 
 
-def check_agreement(cx, cc, x, backend):
-    """Our forward loss on `backend` and the dense peer's from the same weights must agree before timing."""
-    dense = DenseBatchTopKCrossCoder(
+def dense_peer(cc, x):
+    """The dense PyTorch crosscoder with cc's weights."""
+    return DenseBatchTopKCrossCoder(
         cc.d_model, cc.dict_size, cc.n_models, k=cc.k, dtype=x.dtype, device=x.device
     ).load_from_crosscoder(cc)
+
+
+def check_agreement(cx, cc, x, backend):
+    """Our forward loss on `backend` and the dense peer's from the same weights must agree before timing."""
+    dense = dense_peer(cc, x)
     with torch.no_grad(), cx.backend(backend):
         ours = float(recon_loss(x, cc(x).recon))
     with torch.no_grad():
         theirs = float(recon_loss(x, dense(x)))
     rtol = 1e-4 if x.dtype == torch.float32 else 2e-2
     if not abs(ours - theirs) <= rtol * abs(theirs):
-        raise SystemExit(f"{backend}: loss {ours:.6g} disagrees with the dense peer's {theirs:.6g}; refusing to time")
+        raise Disagreement(f"{backend}: loss {ours:.6g} disagrees with the dense peer's {theirs:.6g}")
     return dense
 
 
+class Disagreement(Exception):
+    """A backend's result differs from the reference (or the dense peer's): its case is recorded, not timed."""
+
+
+def error_text(err):
+    """One line naming the exception: Triton's compile errors and CUDA errors alike."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:240]
+
+
+def record_error(cases, name, impl, backend, err, **extra):
+    case = dict(name=name, impl=impl, backend=backend, error=error_text(err), **extra)
+    cases.append(case)
+    print(f"  {name:18s} {impl:34s} {backend:9s} error: {case['error']}", flush=True)
+    return case
+
+
 def run_case(cases, name, impl, backend, fn, timer, device, **extra):
-    """Time one case; an out-of-memory or other runtime failure is recorded, not fatal."""
+    """Time one case; any failure (out of memory, a CUDA error, a Triton compile error) is recorded, not fatal:
+    a first run on a new GPU must keep every other number."""
     case = dict(name=name, impl=impl, backend=backend, **extra)
     try:
         fn()  # warm-up: compile, autotune, allocate
         sync(device)
         case.update(timer(fn))
         case["peak_mem_gb"] = peak_memory_gb(device, fn)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # keep the rest of the suite
-        case["error"] = str(err).splitlines()[0][:200]
+    except Exception as err:  # keep the rest of the suite
+        case["error"] = error_text(err)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     cases.append(case)
@@ -291,7 +313,7 @@ def in_backend(cx, name, fn):
     return call
 
 
-def op_cases(cx, shape, device, dtype, backends, timer, cases):
+def op_cases(cx, shape, device, dtype, backends, timer, cases, after_backend=lambda: None):
     from crossdiff_ext import ops
 
     cc, x = build(cx, shape, device, dtype)
@@ -312,9 +334,14 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
         device,
     )
     for name in backends:
-        got = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))()
-        if not torch.equal(got[1], indices) or not torch.equal(got[2], row_ptr):
-            raise SystemExit(f"{name}: batch_topk disagrees with the reference; refusing to time")
+        try:
+            got = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))()
+            if not torch.equal(got[1], indices) or not torch.equal(got[2], row_ptr):
+                raise Disagreement(f"{name}: batch_topk disagrees with the reference")
+            selection_agrees = True
+        except Exception as err:  # recorded; this backend's other ops are still timed on the reference's codes
+            record_error(cases, "batch_topk", "crossdiff_ext", name, err, agreement=False)
+            selection_agrees = False
 
         def decoder_backward():
             gv = ops.sparse_values_grad(grad_out, indices, row_ptr, W)
@@ -333,8 +360,11 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases):
             "sparse_weight_grad": lambda: ops.sparse_weight_grad(values, grad_out, *order),
             "decoder_backward": decoder_backward,
         }
+        if not selection_agrees:
+            del timed["batch_topk"]
         for op, fn in timed.items():
             run_case(cases, op, "crossdiff_ext", name, in_backend(cx, name, fn), timer, device)
+        after_backend()
 
 
 def latent_scaling_cases(cx, shape, device, dtype, backends, timer, cases, n_batches=2):
@@ -392,10 +422,13 @@ def selection_kernel_times(cx, shape, device, dtype, backends, timer, steps=3):
     out = {}
     for name in backends:
         call = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))
-        call()
-        sync(device)
-        median = timer(call)["median_ms"]
-        out[name] = breakdown.profile_step(call, device, median, steps=steps, top=8)
+        try:
+            call()
+            sync(device)
+            median = timer(call)["median_ms"]
+            out[name] = breakdown.profile_step(call, device, median, steps=steps, top=8)
+        except Exception as err:  # recorded; the training step is still measured
+            out[name] = dict(error=error_text(err))
     return out
 
 
@@ -404,9 +437,14 @@ def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag
     step time goes (kernels_bench/breakdown.py). `lean`: the dense eager peer only (no torch.compile, no
     sparsify)."""
     extra = dict(shape=dict(shape)) if tag else {}
+    dense = None
     for name in backends:
         cc, x = build(cx, shape, device, dtype)
-        dense = check_agreement(cx, cc, x, name) if peers else None
+        try:
+            dense = check_agreement(cx, cc, x, name) if peers else None
+        except Exception as err:  # a disagreeing or failing backend is recorded, not timed
+            record_error(cases, "train_step", "crossdiff_ext CrossCoder", name, err, **extra)
+            continue
         step = ours_step(cx, cc, x, name)
         case = run_case(cases, "train_step", "crossdiff_ext CrossCoder", name, step, timer, device, **extra)
         if breakdowns is not None and "median_ms" in case:
@@ -414,6 +452,9 @@ def step_cases(cx, shape, device, dtype, backends, timer, cases, peers=True, tag
         del cc, step
     if not peers:
         return
+    if dense is None:  # no backend agreed with it: the peer is still timed
+        cc, x = build(cx, shape, device, dtype)
+        dense = dense_peer(cc, x)
     for compiled in (False,) if lean else (False, True):
         impl = "dense PyTorch (paper code)" + (" + torch.compile" if compiled else "")
         run_case(cases, "train_step", impl, "torch", dense_step(dense, x, compiled), timer, device, **extra)
@@ -529,7 +570,8 @@ def markdown(result):
     for name, b in (result.get("breakdown") or {}).items():
         lines += [""] + breakdown.markdown(b, f"Where our training step's time goes ({name})")
     for name, b in (result.get("selection_kernels") or {}).items():
-        lines += [""] + breakdown.markdown(b, f"Where one batch_topk call's time goes ({name})")
+        title = f"Where one batch_topk call's time goes ({name})"
+        lines += [""] + ([f"{title}: {b['error']}"] if "error" in b else breakdown.markdown(b, title))
     if result.get("auto_table"):
         lines += ["", "## Backend `auto` would pick (lower median per op)", "", "| op | backend | medians ms |"]
         lines += ["|---|---|---|"]
@@ -701,8 +743,8 @@ def main(argv=None):
 
     if args.lean:
         result["lean"] = True
-    op_cases(cx, shape, device, dtype, backends, timer, cases)
-    save()  # the op cases survive a run cut off later
+    save()  # the ceilings survive a run cut off later, and so does each backend's op cases
+    op_cases(cx, shape, device, dtype, backends, timer, cases, after_backend=save)
     if args.lean:
         result["selection_kernels"] = selection_kernel_times(cx, shape, device, dtype, backends, timer)
         step_cases(cx, shape, device, dtype, backends, timer, cases, lean=True)

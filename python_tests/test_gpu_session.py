@@ -13,7 +13,7 @@ from kernels_bench import gpu_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "kernels_bench", "gpu_session.sh")
-STAGES = ["env", "import", "op-tests", "scale-tests", "scale-run", "bench", "memcheck", "compile-tests", "racecheck"]
+STAGES = ["env", "import", "op-tests", "scale-tests", "scale-run", "bench", "memcheck", "racecheck", "compile-tests"]
 
 
 def rehearse(out, **env):

@@ -234,3 +234,35 @@ def test_quick_suite_runs_end_to_end_and_writes_its_result(tmp_path, monkeypatch
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["sweeps_skipped"] == [dict(tiny, dict_size=512)] and not saved["breakdown"]
     assert "Not run (time budget): F=512 k=4." in (tmp_path / "b.md").read_text()
+
+
+def test_lean_suite_records_a_failing_backend_and_measures_the_rest(tmp_path, monkeypatch):
+    # A first GPU run must keep every number it can: a kernel that crashes (a Triton compile error, say) or
+    # disagrees with the reference becomes an error case, and the other cases, the peer and the files remain.
+    import json
+
+    import torch
+
+    import crossdiff_ext as cx
+    from crossdiff_ext import ops
+
+    tiny = dict(batch=32, n_models=2, d_model=8, dict_size=64, k=2)
+    monkeypatch.setitem(
+        suite.SUITES, "quick", dict(device="cpu", dtype=torch.float32, shape=tiny, f_sweep=[], k_sweep=[])
+    )
+    real_topk = ops.batch_topk
+
+    def broken_topk(f, w, K):
+        if cx.get_backend() == "cpu" and f.shape[0] == tiny["batch"]:
+            raise TypeError("a kernel that fails to compile")
+        return real_topk(f, w, K)
+
+    monkeypatch.setattr(ops, "batch_topk", broken_topk)
+    suite.main(["--suite", "quick", "--lean", "--backends", "cpu", "--reps", "1", "--out", str(tmp_path / "q")])
+    saved = json.loads((tmp_path / "q.json").read_text())
+    errors = {c["name"]: c["error"] for c in saved["cases"] if "error" in c}
+    assert errors["batch_topk"] == "TypeError: a kernel that fails to compile"
+    timed = {c["name"] for c in saved["cases"] if "median_ms" in c}
+    assert {"paired_encode", "sparse_decode", "decoder_backward", "train_step"} <= timed and "batch_topk" in timed
+    assert "error" in saved["selection_kernels"]["cpu"] and saved["complete"]
+    assert "TypeError: a kernel that fails to compile" in (tmp_path / "q.md").read_text()
