@@ -5,13 +5,11 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import crossdiff_ext as cx
 from crossdiff_ext.data import activations
 from crossdiff_ext.data.store import ActivationStore
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(50)]
 

@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
+import transformers
+from test_activations import WORDS, make_model, make_tokenizer, pair  # noqa: F401  (fixture)
 
 import crossdiff_ext as cx
 from crossdiff_ext.data import decoder_blocks
 from crossdiff_ext.diffing import causal, scored_positions
-
-transformers = pytest.importorskip("transformers")
-from test_activations import WORDS, make_model, make_tokenizer, pair  # noqa: E402, F401  (fixture)
 
 LAYER = 1
 

@@ -4,14 +4,13 @@ weights load."""
 
 import pytest
 import torch
+import transformers
+from test_activations import data, pair  # noqa: F401  (fixtures)
 
 import crossdiff_ext as cx
 from crossdiff_ext import cli
 from crossdiff_ext.data import activations
 from crossdiff_ext.data.online import OnlineActivations
-
-transformers = pytest.importorskip("transformers")
-from test_activations import data, pair  # noqa: E402, F401  (fixtures)
 
 LAYER = 1
 
