@@ -43,7 +43,7 @@ class OnlineActivations:
         model_dtype: dtype to load the models in (default: bfloat16 on a GPU, float32 on the CPU).
 
     Raises:
-        ValueError: Bad sizes, models that do not fit each other, a layer out of range (before any weights
+        InputError: Bad sizes, models that do not fit each other, a layer out of range (before any weights
             load), or documents that yield no rows.
     """
 
@@ -150,7 +150,7 @@ class OnlineActivations:
             state: What state_dict returned.
 
         Raises:
-            ValueError: The saved rows do not fit this source (another width), or the position is past the
+            InputError: The saved rows do not fit this source (another width), or the position is past the
                 documents.
         """
         unread = state["unread"]

@@ -180,7 +180,7 @@ class StoreWriter:
         records where its writer stands (candidates_end), so a resumed writer that drops rows knows where to go on."""
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
-            raise ValueError(
+            raise InputError(
                 f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
@@ -197,7 +197,7 @@ class StoreWriter:
             )
         for name, t in (("token_ids", token_ids), ("positions", positions), ("candidates", candidates)):
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
-                raise ValueError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
+                raise InputError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
         start = 0
         while start < x.shape[0]:
             take = min(x.shape[0] - start, self.meta["shard_rows"] - self._pending)
@@ -488,7 +488,7 @@ class StoreBatches:
     ):
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if len(self.store) < batch_size:
             raise InputError(
                 f"{self.store.path}: the store has {len(self.store)} rows, fewer than one batch of {batch_size}"
@@ -598,7 +598,7 @@ class StoreBatches:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a state_dict's position; ValueError when it was saved for another store or settings."""
+        """Resume at a state_dict's position; InputError when it was saved for another store or settings."""
         if state.get("kind") != "store":
             raise InputError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a store")
         for key, now in (

@@ -142,7 +142,7 @@ def raw_decoder_difference(crosscoder: CrossCoder, variant: str = "replace") -> 
         [F, d] float32.
 
     Raises:
-        ValueError: variant is unknown.
+        InputError: variant is unknown.
     """
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -398,7 +398,7 @@ def patch_kl(
         The PatchResult; .kl[set][subset] = (mean, ci95_half_width, n).
 
     Raises:
-        ValueError: Bad arguments, models that do not fit each other or the crosscoder, empty or unknown latent
+        InputError: Bad arguments, models that do not fit each other or the crosscoder, empty or unknown latent
             ids, or a conversation without an assistant turn (all before any model runs).
     """
     if variant not in VARIANTS:
@@ -486,7 +486,7 @@ def attribution(
         is patched in; negative lowers the KL.
 
     Raises:
-        ValueError: As for patch_kl, or subset is unknown.
+        InputError: As for patch_kl, or subset is unknown.
     """
     if subset not in SUBSETS:
         raise InputError(f"subset must be one of {SUBSETS}, got {subset!r}")

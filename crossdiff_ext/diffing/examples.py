@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 import torch
 
 from ..data.store import ActivationStore
+from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .latent_scaling import inference_pass
 
@@ -80,10 +81,10 @@ def split_context(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], foc
         (text before the token, the token's text, text after it).
 
     Raises:
-        ValueError: if `focus` is not an index into `tokens`.
+        InputError: if `focus` is not an index into `tokens`.
     """
     if not 0 <= focus < len(tokens):
-        raise ValueError(f"focus must index the {len(tokens)} tokens, got {focus}")
+        raise InputError(f"focus must index the {len(tokens)} tokens, got {focus}")
     tokens = [int(t) for t in tokens]
 
     def decode(ids):
@@ -123,18 +124,18 @@ def max_activating_examples(
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
     sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
     if not isinstance(store, ActivationStore):
-        raise ValueError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
+        raise InputError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
     token_ids, positions = store.token_ids(), store.positions()
     if token_ids is None or positions is None:
-        raise ValueError(
+        raise InputError(
             f"{store.path}: the store has no token ids/positions; examples need a store written by `crossdiff collect`"
         )
     latents = [int(j) for j in latents]
     bad = [j for j in latents if not 0 <= j < cc.dict_size]
     if bad:
-        raise ValueError(f"latents must be ids in [0, {cc.dict_size}), got {bad}")
+        raise InputError(f"latents must be ids in [0, {cc.dict_size}), got {bad}")
     if cc.activation == "batch_topk" and float(cc.threshold) < 0:
-        raise ValueError("the crosscoder's inference threshold is unset (-1); set cc.threshold or train longer")
+        raise InputError("the crosscoder's inference threshold is unset (-1); set cc.threshold or train longer")
     if not latents:
         return {}
     wanted = torch.zeros(cc.dict_size, dtype=torch.bool, device=cc.W_enc.device)
@@ -184,7 +185,7 @@ def token_share(
     """[F] float64: the share of each latent's total inference-mode activation over the store that falls on tokens
     whose id is in `token_ids` (e.g. the chat template's tokens); NaN for latents that never fire. One pass."""
     if not isinstance(store, ActivationStore) or store.token_ids() is None:
-        raise ValueError("store must be an ActivationStore with token ids (written by `crossdiff collect`)")
+        raise InputError("store must be an ActivationStore with token ids (written by `crossdiff collect`)")
     ids = store.token_ids()
     chosen = torch.zeros(int(max(ids.max().item(), max(token_ids, default=0))) + 1, dtype=torch.bool)
     chosen[torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)] = True

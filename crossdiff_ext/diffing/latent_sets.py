@@ -59,7 +59,7 @@ def paper_latent_sets(
         {set name: int64 latent ids}.
 
     Raises:
-        ValueError: scaling lacks a target, the thresholds are out of range, or fewer than two chat-leaning
+        InputError: scaling lacks a target, the thresholds are out of range, or fewer than two chat-leaning
             latents have a valid nu.
     """
     if not isinstance(crosscoder, CrossCoder):

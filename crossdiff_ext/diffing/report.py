@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from .. import atomic
 from ..data.store import ActivationStore
+from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
 from .examples import LatentExamples, max_activating_examples
@@ -275,7 +276,7 @@ def report_crosscoder(
     scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
     if causal is not None and causal.get("attribution") is not None:
         if len(causal["attribution"]) != cc.dict_size:
-            raise ValueError(
+            raise InputError(
                 f"the causal result scores {len(causal['attribution'])} latents, the crosscoder has {cc.dict_size}"
             )
         table["causal_score"] = list(causal["attribution"])
