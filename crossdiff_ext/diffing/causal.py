@@ -410,40 +410,56 @@ def patch_kl(
     was_training = crosscoder.training
     crosscoder.eval()
     direction = raw_decoder_difference(crosscoder, variant)[:, None, :]
-    members = {}
-    for name, ids in sets.items():
-        member = torch.zeros(crosscoder.dict_size, dtype=torch.bool, device=direction.device)
-        member[ids.to(direction.device)] = True
-        members[name] = member
+    members = _set_members(sets, crosscoder.dict_size, direction.device)
     totals = {name: _Accumulator() for name in BUILT_IN + tuple(sets)}
     try:
         for batch in _batches(pair, scored, batch_size, ignore_first, progress):
-            labels = batch.labels[batch.labels != 0]
-            codes = _codes(crosscoder, batch)
-            with torch.no_grad():
-                recon = crosscoder.decode(codes).float()
-            totals["none"].add(_run_patched(pair, batch, None), labels)
-            totals["all"].add(_run_patched(pair, batch, recon[:, 1] - recon[:, 0]), labels)
-            values = codes.values.float()
-            for name, member in members.items():
-                chosen = values * member[codes.indices.long()]
-                delta = ops.sparse_decode(chosen, codes.indices, codes.row_ptr, direction)[:, 0]
-                totals[name].add(_run_patched(pair, batch, delta), labels)
+            _patch_batch(pair, crosscoder, batch, direction, members, totals)
     finally:
         crosscoder.train(was_training)
     subsets = SUBSETS if any(is_conversation(d) for d in docs) else ("all",)
     kl = {name: acc.result(subsets) for name, acc in totals.items()}
     sizes = {"none": 0, "all": crosscoder.dict_size} | {name: int(ids.numel()) for name, ids in sets.items()}
-    randoms = [name for name in sets if _RANDOM.match(name)]
+    _pool_random_sets(kl, sizes, totals, subsets)
+    return PatchResult(
+        kl, sizes, variant, layer, first_k, ignore_first, len(docs), base=model_name(base), chat=model_name(chat)
+    )
+
+
+def _set_members(sets, dict_size, device):
+    """{name: [F] bool mask of the set's latents}."""
+    members = {}
+    for name, ids in sets.items():
+        member = torch.zeros(dict_size, dtype=torch.bool, device=device)
+        member[ids.to(device)] = True
+        members[name] = member
+    return members
+
+
+def _patch_batch(pair, crosscoder, batch, direction, members, totals):
+    """Add one batch's KL at the scored positions to each set's total: "none", "all", then every latent set."""
+    labels = batch.labels[batch.labels != 0]
+    codes = _codes(crosscoder, batch)
+    with torch.no_grad():
+        recon = crosscoder.decode(codes).float()
+    totals["none"].add(_run_patched(pair, batch, None), labels)
+    totals["all"].add(_run_patched(pair, batch, recon[:, 1] - recon[:, 0]), labels)
+    values = codes.values.float()
+    for name, member in members.items():
+        chosen = values * member[codes.indices.long()]
+        delta = ops.sparse_decode(chosen, codes.indices, codes.row_ptr, direction)[:, 0]
+        totals[name].add(_run_patched(pair, batch, delta), labels)
+
+
+def _pool_random_sets(kl, sizes, totals, subsets):
+    """In place: the random sets (random_*) pooled as one "random" entry of kl and sizes, when there are any."""
+    randoms = [name for name in totals if _RANDOM.match(name)]
     if randoms:
         pooled = _Accumulator()
         for name in randoms:
             pooled.merge(totals[name])
         kl["random"] = pooled.result(subsets)
         sizes["random"] = sizes[randoms[0]]
-    return PatchResult(
-        kl, sizes, variant, layer, first_k, ignore_first, len(docs), base=model_name(base), chat=model_name(chat)
-    )
 
 
 def attribution(
