@@ -177,7 +177,12 @@ class StoreWriter:
     ) -> None:
         """Append rows x [n, M, d] (cast to the store dtype; must stay finite), optionally token ids / positions [n],
         and the index of each row among the rows its writer considered (candidates [n], increasing): each shard then
-        records where its writer stands (candidates_end), so a resumed writer that drops rows knows where to go on."""
+        records where its writer stands (candidates_end), so a resumed writer that drops rows knows where to go on.
+
+        Raises:
+            InputError: x is not [n, M, d] for this store, token_ids / positions / candidates are not [n], or x
+                holds a value that is not finite in the store dtype (nothing is appended then).
+        """
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
             raise InputError(
