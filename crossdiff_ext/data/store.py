@@ -118,7 +118,13 @@ class StoreWriter:
         info: Optional[Mapping[str, Any]] = None,
         resume: bool = False,
     ):
-        """info: free-form metadata; on resume it must equal the stored info (the rows must mean the same)."""
+        """info: free-form metadata; on resume it must equal the stored info (the rows must mean the same).
+
+        Raises:
+            InputError: An unknown dtype or shard_rows < 1; on resume, a store of other models, width, dtype or
+                info, or one that ActivationStore cannot open.
+            OutputExistsError: `path` holds a store and resume is False.
+        """
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if shard_rows < 1:
