@@ -399,6 +399,14 @@ def test_dictionary_learning_file_errors(tmp_path):
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(InputError, match="list.pt: expected a state dict, got list"):
         cx.load_dictionary_learning(tmp_path / "list.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 not a zip archive")
+    with pytest.raises(InputError, match="damaged.pt: not a readable torch.save file"):
+        cx.load_dictionary_learning(tmp_path / "damaged.pt")
+    safetensors.torch.save_file(paper_state(), tmp_path / "cut.safetensors")
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.safetensors: not a readable safetensors file"):
+        cx.load_dictionary_learning(tmp_path / "cut.safetensors")
     make().save_pretrained(tmp_path / "ours")  # our format handed to the wrong loader
     with pytest.raises(InputError, match="CrossCoder.from_pretrained"):
         cx.load_dictionary_learning(tmp_path / "ours")
