@@ -234,6 +234,7 @@ def collect(
         InputError: A bad setting, an unreadable or empty data file (file and line named), models that do not fit
             each other, a layer out of range, or a store at `out` that holds another collection (all before any
             weights load); non-finite activations (the batch and documents named).
+        MissingInputError: `data` names a path that does not exist.
         OutputExistsError: `out` holds a store and resume is False.
     """
     _check_settings(max_norm_ratio, drop_first, context_length, batch_size, pack_window)
