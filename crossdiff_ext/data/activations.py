@@ -128,12 +128,21 @@ def _json_document(line, where):
 def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union[str, list[Any]]]:
     """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
     non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
-    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset)."""
+    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset).
+
+    Raises:
+        MissingInputError, InputError: As iter_documents.
+    """
     return list(iter_documents(source))
 
 
 def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_length: int) -> list[int]:
-    """Token ids of a document (a string, or chat messages through the chat template), cut to context_length."""
+    """Token ids of a document (a string, or chat messages through the chat template), cut to context_length.
+
+    Raises:
+        InputError: The document is neither a string nor a message list, or it is chat data and the tokenizer has
+            no chat template.
+    """
     if isinstance(doc, str):
         ids = tokenizer(doc)["input_ids"]
     elif isinstance(doc, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in doc):
