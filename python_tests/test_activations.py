@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+import transformers
 
 import crossdiff_ext as cx
 from crossdiff_ext.data import activations
 from crossdiff_ext.data.store import ActivationStore
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+from crossdiff_ext.errors import InputError, MissingInputError
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(50)]
 
@@ -136,9 +135,9 @@ def test_collect_refuses_to_resume_another_collection(pair, data, tmp_path, monk
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    with pytest.raises(ValueError, match="holds another collection: .*layer 1 \\(now 2\\)"):
+    with pytest.raises(InputError, match="holds another collection: .*layer 1 \\(now 2\\)"):
         activations.collect(*pair, 2, data, tmp_path / "s", device="cpu", progress=False, resume=True)
-    with pytest.raises(ValueError, match="pack_window 64 \\(now 8\\)"):
+    with pytest.raises(InputError, match="pack_window 64 \\(now 8\\)"):
         activations.collect(*pair, 1, data, tmp_path / "s", device="cpu", progress=False, resume=True, pack_window=8)
 
 
@@ -161,15 +160,15 @@ def test_collect_resumes_to_the_same_store(pair, data, tmp_path):
 
 def test_collect_errors_are_clear(pair, data, tmp_path):
     other = make_model(tmp_path / "other", 2, words=WORDS[:-3] + ["x", "y", "z"])
-    with pytest.raises(ValueError, match="tokenizers disagree"):
+    with pytest.raises(InputError, match="tokenizers disagree"):
         activations.collect(pair[0], other, 1, data, tmp_path / "s1", device="cpu", progress=False)
-    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\)"):
+    with pytest.raises(InputError, match=r"layer must be an int in \[0, 3\)"):
         activations.collect(*pair, 3, data, tmp_path / "s2", device="cpu", progress=False)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingInputError, match="does not exist"):
         activations.collect(*pair, 1, str(tmp_path / "missing.jsonl"), tmp_path / "s3", device="cpu", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w1"}\n')
-    with pytest.raises(ValueError, match="needs 'text' or 'messages'"):
+    with pytest.raises(InputError, match="needs 'text' or 'messages'"):
         activations.collect(*pair, 1, str(bad), tmp_path / "s4", device="cpu", progress=False)
 
 
@@ -192,7 +191,7 @@ def test_dataset_rows_are_documents(pair, data, tmp_path):
     a = activations.collect(*pair, 1, data, tmp_path / "a", device="cpu", progress=False)
     b = activations.collect(*pair, 1, rows, tmp_path / "b", device="cpu", progress=False)
     assert torch.equal(a[:], b[:]) and torch.equal(a.token_ids(), b.token_ids())
-    with pytest.raises(ValueError, match=r"document 1: a record needs 'text' or 'messages', got keys \['prompt'\]"):
+    with pytest.raises(InputError, match=r"document 1: a record needs 'text' or 'messages', got keys \['prompt'\]"):
         activations.read_documents([{"text": "w1"}, {"prompt": "w2"}])
     try:
         import datasets  # noqa: F401
@@ -309,7 +308,7 @@ def test_collect_places_each_model_and_defaults_to_float32_on_the_cpu(pair, data
     assert models.model_devices(("cpu", "meta")) == (torch.device("cpu"), torch.device("meta"))
     assert models.default_model_dtype(torch.device("cuda")) == torch.bfloat16
     assert models.default_model_dtype(torch.device("cpu")) == torch.float32
-    with pytest.raises(ValueError, match="one device or two"):
+    with pytest.raises(InputError, match="one device or two"):
         models.model_devices(["cpu", "cpu", "cpu"])
     one = activations.collect(*pair, 1, data, tmp_path / "one", device="cpu", dtype="float32", progress=False)
     two = activations.collect(*pair, 1, data, tmp_path / "two", device=["cpu", "cpu"], dtype="float32", progress=False)
@@ -338,7 +337,7 @@ def test_collect_several_layers_in_one_pass(pair, data, tmp_path):
     resumed = activations.collect(*pair, [0, 1], data, tmp_path / "resumed", resume=True, **options)
     for layer in (0, 1):
         assert torch.equal(resumed[layer][0 : len(resumed[layer])], both[layer][0 : len(both[layer])])
-    with pytest.raises(ValueError, match="lists a block more than once"):
+    with pytest.raises(InputError, match="lists a block more than once"):
         activations.collect(*pair, [1, 1], data, tmp_path / "x", **options)
     from crossdiff_ext import cli
 
@@ -368,5 +367,5 @@ def test_norm_filter_drops_outliers_counts_them_and_resumes_exactly(pair, data, 
         *pair, 1, data, tmp_path / "part", max_norm_ratio=1.05, shard_rows=7, resume=True, **options
     )
     assert torch.equal(whole[0 : len(whole)], kept[0 : len(kept)]) and whole.meta["dropped"] == kept.meta["dropped"]
-    with pytest.raises(ValueError, match="max_norm_ratio must be a number > 1"):
+    with pytest.raises(InputError, match="max_norm_ratio must be a number > 1"):
         activations.collect(*pair, 1, data, tmp_path / "bad", max_norm_ratio=0.5, **options)

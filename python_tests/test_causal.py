@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+import transformers
+from test_activations import WORDS, make_model, make_tokenizer, pair  # noqa: F401  (fixture)
 
 import crossdiff_ext as cx
 from crossdiff_ext.diffing import causal, scored_positions
+from crossdiff_ext.errors import InputError, MissingInputError
 from crossdiff_ext.models import blocks as decoder_blocks
-
-transformers = pytest.importorskip("transformers")
-from test_activations import WORDS, make_model, make_tokenizer, pair  # noqa: E402, F401  (fixture)
 
 LAYER = 1
 
@@ -340,7 +340,7 @@ def test_paper_latent_sets():
     # Both nu fall with j here, so the highest ids are the most chat-specific by Latent Scaling.
     assert sorted(sets["latent_scaling_better"].tolist()) == sorted(valid)[-half:]
     assert set(sets) >= {"random_0", "random_1"} and sets["random_0"].tolist() != sets["random_1"].tolist()
-    with pytest.raises(ValueError, match="halves need at least 2"):
+    with pytest.raises(InputError, match="halves need at least 2"):
         cx.causal.paper_latent_sets(cc, scaling, min_delta_norm=1.0)
 
 
@@ -387,10 +387,10 @@ def test_steer_and_ablate(models):
         with cx.steer(chat, cc, latents, layer=LAYER, scale=4.0, max_activation=3.0):
             steered_gen = chat.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
         assert steered_gen.shape == out.shape
-    with pytest.raises(ValueError, match="max_activation is required"):
+    with pytest.raises(InputError, match="max_activation is required"):
         with cx.steer(chat, cc, latents, layer=LAYER):
             pass
-    with pytest.raises(ValueError, match="latents has ids outside"):
+    with pytest.raises(InputError, match="latents has ids outside"):
         with cx.ablate(chat, cc, [99], layer=LAYER):
             pass
 
@@ -426,7 +426,7 @@ def test_bad_input_is_refused_before_any_model_runs(pair, tmp_path, no_weights):
     ]
     for change, message in cases:
         args = dict(base=base, chat=chat, crosscoder=cc, layer=LAYER, data=DOCS, sets={"a": [1]}) | change
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(InputError, match=message):
             cx.causal.patch_kl(
                 args["base"],
                 args["chat"],
@@ -437,7 +437,7 @@ def test_bad_input_is_refused_before_any_model_runs(pair, tmp_path, no_weights):
                 variant=change.get("variant", "replace"),
                 progress=False,
             )
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingInputError, match="does not exist"):
         cx.causal.attribution(str(tmp_path / "missing"), chat, cc, LAYER, DOCS)
 
 

@@ -12,6 +12,7 @@ from conftest import DTYPES, close, grid_tensor
 
 import crossdiff_ext as cx
 from crossdiff_ext import atomic
+from crossdiff_ext.errors import InputError, MissingInputError
 from crossdiff_ext.layer import checkpoints
 
 D, F = 8, 24
@@ -164,23 +165,23 @@ def test_save_overwrites(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(MissingInputError, match="config.json"):
         cx.CrossCoder.from_pretrained(tmp_path)
     make().save_pretrained(tmp_path)
     config_path = tmp_path / "config.json"
     config = json.loads(config_path.read_text())
 
     config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "format"}))
-    with pytest.raises(ValueError, match="config.json.*not a crossdiff_ext checkpoint"):
+    with pytest.raises(InputError, match="config.json.*not a crossdiff_ext checkpoint"):
         cx.CrossCoder.from_pretrained(tmp_path)
     config_path.write_text(json.dumps(dict(config, format_version=3)))
-    with pytest.raises(ValueError, match="format_version 3"):
+    with pytest.raises(InputError, match="format_version 3"):
         cx.CrossCoder.from_pretrained(tmp_path)
     config_path.write_text(json.dumps(dict(config, bogus=1)))
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(InputError, match="bogus"):
         cx.CrossCoder.from_pretrained(tmp_path)
     config_path.write_text(json.dumps(dict(config, dict_size=F + 1)))
-    with pytest.raises(ValueError, match=r"W_enc has shape \(24, 2, 8\), expected \(25, 2, 8\)"):
+    with pytest.raises(InputError, match=r"W_enc has shape \(24, 2, 8\), expected \(25, 2, 8\)"):
         cx.CrossCoder.from_pretrained(tmp_path)
 
     config_path.write_text(json.dumps(config))
@@ -188,10 +189,10 @@ def test_from_pretrained_errors(tmp_path):
     safetensors.torch.save_file(
         {k: v for k, v in tensors.items() if k != "b_dec"} | {"extra": torch.ones(1)}, tmp_path / "model.safetensors"
     )
-    with pytest.raises(ValueError, match=r"missing keys \['b_dec'\], unexpected keys \['extra'\]"):
+    with pytest.raises(InputError, match=r"missing keys \['b_dec'\], unexpected keys \['extra'\]"):
         cx.CrossCoder.from_pretrained(tmp_path)
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(MissingInputError, match="model.safetensors"):
         cx.CrossCoder.from_pretrained(tmp_path)
 
 
@@ -368,7 +369,7 @@ def with_(sd, **changes):
     ],
 )
 def test_dictionary_learning_errors(changes, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         cx.load_dictionary_learning(with_(paper_state(), **changes))
 
 
@@ -386,22 +387,30 @@ def test_dictionary_learning_hub_config_errors(tmp_path, config_changes, match):
     safetensors.torch.save_file(paper_state(), tmp_path / "model.safetensors")
     config = dict(activation_dim=D, dict_size=F, num_layers=2, k=4, code_normalization="CROSSCODER")
     (tmp_path / "config.json").write_text(json.dumps(config | config_changes))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         cx.load_dictionary_learning(tmp_path)
 
 
 def test_dictionary_learning_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(MissingInputError, match="model.safetensors"):
         cx.load_dictionary_learning(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(MissingInputError, match="nope.pt"):
         cx.load_dictionary_learning(tmp_path / "nope.pt")
     torch.save([torch.ones(1)], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="list.pt: expected a state dict, got list"):
+    with pytest.raises(InputError, match="list.pt: expected a state dict, got list"):
         cx.load_dictionary_learning(tmp_path / "list.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 not a zip archive")
+    with pytest.raises(InputError, match="damaged.pt: not a readable torch.save file"):
+        cx.load_dictionary_learning(tmp_path / "damaged.pt")
+    safetensors.torch.save_file(paper_state(), tmp_path / "cut.safetensors")
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.safetensors: not a readable safetensors file"):
+        cx.load_dictionary_learning(tmp_path / "cut.safetensors")
     make().save_pretrained(tmp_path / "ours")  # our format handed to the wrong loader
-    with pytest.raises(ValueError, match="CrossCoder.from_pretrained"):
+    with pytest.raises(InputError, match="CrossCoder.from_pretrained"):
         cx.load_dictionary_learning(tmp_path / "ours")
-    with pytest.raises(ValueError, match="not a crossdiff_ext checkpoint"):
+    with pytest.raises(InputError, match="not a crossdiff_ext checkpoint"):
         safetensors.torch.save_file(paper_state(), tmp_path / "model.safetensors")
         (tmp_path / "config.json").write_text(json.dumps(dict(activation_dim=D, dict_size=F, num_layers=2)))
         cx.CrossCoder.from_pretrained(tmp_path)  # and the paper's format handed to ours

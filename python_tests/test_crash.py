@@ -20,9 +20,6 @@ import crossdiff_ext as cx
 from crossdiff_ext import atomic
 from crossdiff_ext.data.store import ActivationStore, StoreWriter
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 

@@ -10,6 +10,7 @@ from conftest import backend_device, backend_params, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.diffing.latent_scaling import latent_scaling_reference
+from crossdiff_ext.errors import InputError
 
 
 def random_cc(activation, M=2, d=12, F=37, seed=0, dtype=torch.float32, device="cpu"):
@@ -88,18 +89,18 @@ def test_normalised_crosscoder_scales_in_its_own_space():
 def test_errors_are_named():
     cc = random_cc("batch_topk")
     x = torch.randn(10, 2, 12)
-    with pytest.raises(ValueError, match="targets must be distinct names"):
+    with pytest.raises(InputError, match="targets must be distinct names"):
         cx.latent_scaling(cc, x, targets=("recon",))
-    with pytest.raises(ValueError, match="probe"):
+    with pytest.raises(InputError, match="probe"):
         cx.latent_scaling(cc, x, probe="instruct")
-    with pytest.raises(ValueError, match=r"latents must be ids in \[0, 37\)"):
+    with pytest.raises(InputError, match=r"latents must be ids in \[0, 37\)"):
         cx.latent_scaling(cc, x, latents=[37])
-    with pytest.raises(ValueError, match=r"batches must be \[B, M, d\] = \[B, 2, 12\]"):
+    with pytest.raises(InputError, match=r"batches must be \[B, M, d\] = \[B, 2, 12\]"):
         cx.latent_scaling(cc, torch.randn(10, 2, 11))
-    with pytest.raises(ValueError, match="base and chat must be different"):
+    with pytest.raises(InputError, match="base and chat must be different"):
         cx.latent_scaling(cc, x, base=1, chat=1)
     cc.threshold.fill_(-1)
-    with pytest.raises(ValueError, match="threshold is unset"):
+    with pytest.raises(InputError, match="threshold is unset"):
         cx.latent_scaling(cc, x)
 
 

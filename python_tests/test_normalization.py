@@ -9,6 +9,7 @@ from conftest import rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.data.store import StoreWriter
+from crossdiff_ext.errors import InputError
 
 D, F = 8, 32
 
@@ -104,13 +105,13 @@ def test_dictionary_learning_normaliser_round_trip():
 def test_dictionary_learning_normaliser_errors(tmp_path):
     sd = cx.to_dictionary_learning(normalized_cc())
     bad = dict(sd, activation_mean=torch.zeros(3, D))
-    with pytest.raises(ValueError, match=r"activation_mean has shape \(3, 8\), expected \(2, 8\)"):
+    with pytest.raises(InputError, match=r"activation_mean has shape \(3, 8\), expected \(2, 8\)"):
         cx.load_dictionary_learning(bad)
     import safetensors.torch
 
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(dict(keep_relative_variance=False)))
-    with pytest.raises(ValueError, match="keep_relative_variance=False"):
+    with pytest.raises(InputError, match="keep_relative_variance=False"):
         cx.load_dictionary_learning(tmp_path)
 
 

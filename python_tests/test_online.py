@@ -4,14 +4,14 @@ weights load."""
 
 import pytest
 import torch
+import transformers
+from test_activations import data, pair  # noqa: F401  (fixtures)
 
 import crossdiff_ext as cx
 from crossdiff_ext import cli
 from crossdiff_ext.data import activations
 from crossdiff_ext.data.online import OnlineActivations
-
-transformers = pytest.importorskip("transformers")
-from test_activations import data, pair  # noqa: E402, F401  (fixtures)
+from crossdiff_ext.errors import InputError
 
 LAYER = 1
 
@@ -73,9 +73,9 @@ def test_bad_input_before_any_weights_load(pair, data, monkeypatch):  # noqa: F8
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\)"):
+    with pytest.raises(InputError, match=r"layer must be an int in \[0, 3\)"):
         OnlineActivations(*pair, 3, data, batch_size=8)
-    with pytest.raises(ValueError, match="buffer_tokens must be an int >= batch_size"):
+    with pytest.raises(InputError, match="buffer_tokens must be an int >= batch_size"):
         OnlineActivations(*pair, LAYER, data, batch_size=8, buffer_tokens=4)
-    with pytest.raises(ValueError, match="no documents"):
+    with pytest.raises(InputError, match="no documents"):
         OnlineActivations(*pair, LAYER, [], batch_size=8)

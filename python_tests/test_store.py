@@ -9,6 +9,7 @@ from conftest import rng
 
 import crossdiff_ext as cx
 from crossdiff_ext.data.store import ActivationStore, StoreBatches, StoreWriter
+from crossdiff_ext.errors import InputError, MissingInputError, OutputExistsError
 
 
 @pytest.mark.parametrize(
@@ -40,9 +41,9 @@ def test_writer_resumes_at_the_last_whole_shard(tmp_path):
     w.append(x[:150])  # two whole shards written; 22 rows pending when the "crash" happens
     del w
     assert len(ActivationStore(tmp_path)) == 128
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(OutputExistsError, match="resume=True"):
         StoreWriter(tmp_path, 2, 4, dtype="float32")
-    with pytest.raises(ValueError, match="cannot resume"):
+    with pytest.raises(InputError, match="cannot resume"):
         StoreWriter(tmp_path, 2, 5, dtype="float32", resume=True)
     with StoreWriter(tmp_path, 2, 4, dtype="float32", resume=True) as w:
         w.append(x[128:])
@@ -56,19 +57,19 @@ def test_corrupted_or_missing_shards_are_named(tmp_path):
     shard = tmp_path / "shard-00001.bin"
     data = shard.read_bytes()
     shard.write_bytes(data[:-7])
-    with pytest.raises(ValueError, match="shard-00001.bin has .* bytes.*truncated"):
+    with pytest.raises(InputError, match="shard-00001.bin has .* bytes.*truncated"):
         ActivationStore(tmp_path)
     os.unlink(shard)
-    with pytest.raises(FileNotFoundError, match="shard-00001.bin listed in store.json is missing"):
+    with pytest.raises(MissingInputError, match="shard-00001.bin listed in store.json is missing"):
         ActivationStore(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not an activation store"):
+    with pytest.raises(MissingInputError, match="not an activation store"):
         ActivationStore(tmp_path / "nothing")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(InputError, match="non-finite"):
         StoreWriter(tmp_path / "b", 2, 4).append(torch.full((3, 2, 4), float("nan")))
-    with pytest.raises(ValueError, match="beyond the range of float16"):
+    with pytest.raises(InputError, match="beyond the range of float16"):
         StoreWriter(tmp_path / "c", 2, 4, dtype="float16").append(torch.full((3, 2, 4), 1e5))
     StoreWriter(tmp_path / "d", 2, 4, info=dict(layer=3)).close()
-    with pytest.raises(ValueError, match=r"settings differ in \['layer'\]"):
+    with pytest.raises(InputError, match=r"settings differ in \['layer'\]"):
         StoreWriter(tmp_path / "d", 2, 4, info=dict(layer=4), resume=True)
 
 
@@ -131,10 +132,10 @@ def test_mixed_batches_keep_proportions_and_resume(tmp_path):
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(after, [again.next() for _ in range(3)]))
     again.close()
-    with pytest.raises(ValueError, match="sum to 1"):
+    with pytest.raises(InputError, match="sum to 1"):
         cx.MixedBatches([(web, 0.5), (store, 0.25)], 16)
     cc = cx.CrossCoder(4, 16, 2, k=2)
-    with pytest.raises(ValueError, match="batches of 16 rows, but batch_size = 32"):
+    with pytest.raises(InputError, match="batches of 16 rows, but batch_size = 32"):
         cx.train(cc, cx.MixedBatches([(web, 0.5), (store, 0.5)], 16), cx.TrainConfig(batch_size=32, progress=False))
     result = cx.train(
         cc,

@@ -96,6 +96,11 @@ def iter_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> Iterator[U
         return
     if not os.path.exists(path):
         raise MissingInputError(f"data {path!r} does not exist")
+    yield from _file_documents(path)
+
+
+def _file_documents(path):
+    """The documents of one JSONL or text file, line by line."""
     try:
         with open(path, "rb") as fh:  # bytes, decoded per line: a decoding error then names its line
             for i, raw in enumerate(fh, 1):
@@ -103,31 +108,41 @@ def iter_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> Iterator[U
                     line = raw.decode("utf-8").strip()
                 except UnicodeDecodeError as err:
                     raise InputError(f"{path}:{i}: not UTF-8 text ({err})") from None
-                if not line:
-                    continue
-                if path.endswith(".jsonl"):
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise InputError(f"{path}:{i}: not JSON ({err})") from None
-                    if not isinstance(record, dict):
-                        raise InputError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-                    yield _record(record, f"{path}:{i}")
-                else:
-                    yield line
+                if line:
+                    yield _json_document(line, f"{path}:{i}") if path.endswith(".jsonl") else line
     except (IsADirectoryError, PermissionError) as err:
         raise InputError(f"data {path!r} cannot be read ({err})") from None
+
+
+def _json_document(line, where):
+    """The document of one JSONL line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: not JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return _record(record, where)
 
 
 def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union[str, list[Any]]]:
     """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
     non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
-    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset)."""
+    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset).
+
+    Raises:
+        MissingInputError, InputError: As iter_documents.
+    """
     return list(iter_documents(source))
 
 
 def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_length: int) -> list[int]:
-    """Token ids of a document (a string, or chat messages through the chat template), cut to context_length."""
+    """Token ids of a document (a string, or chat messages through the chat template), cut to context_length.
+
+    Raises:
+        InputError: The document is neither a string nor a message list, or it is chat data and the tokenizer has
+            no chat template.
+    """
     if isinstance(doc, str):
         ids = tokenizer(doc)["input_ids"]
     elif isinstance(doc, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in doc):
@@ -228,62 +243,23 @@ def collect(
         InputError: A bad setting, an unreadable or empty data file (file and line named), models that do not fit
             each other, a layer out of range, or a store at `out` that holds another collection (all before any
             weights load); non-finite activations (the batch and documents named).
+        MissingInputError: `data` names a path that does not exist.
         OutputExistsError: `out` holds a store and resume is False.
     """
-    if max_norm_ratio is not None and not (
-        isinstance(max_norm_ratio, (int, float)) and not isinstance(max_norm_ratio, bool) and max_norm_ratio > 1
-    ):
-        raise InputError(f"max_norm_ratio must be a number > 1 or None, got {max_norm_ratio!r}")
-    for name, value, low in (
-        ("drop_first", drop_first, 0),
-        ("context_length", context_length, 1),
-        ("batch_size", batch_size, 1),
-        ("pack_window", pack_window, 1),
-    ):
-        require_int(name, value, low)
-    single = isinstance(layer, int) and not isinstance(layer, bool)
-    layers = [layer] if single else list(layer) if isinstance(layer, (list, tuple)) else None
-    if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        raise InputError(f"layer must be a block index or a non-empty list of them, got {layer!r}")
-    if len(set(layers)) != len(layers):
-        raise InputError(f"layer lists a block more than once: {layers}")
+    _check_settings(max_norm_ratio, drop_first, context_length, batch_size, pack_window)
+    single, layers = _layer_list(layer)
     outs = {x: os.fspath(out) if single else os.path.join(os.fspath(out), f"layer-{x}") for x in layers}
-    has_store = {x: os.path.exists(os.path.join(path, "store.json")) for x, path in outs.items()}
-    for x, path in outs.items():
-        if not resume and has_store[x]:  # before the models load
-            raise OutputExistsError(f"{path} already holds a store; pass resume=True to append to it")
-    source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
-    count = None
-    if isinstance(data, (str, os.PathLike)) and not os.fspath(data).startswith("hf:"):
-        # One pass that keeps nothing: a bad line fails before the models load, and the bar knows the total.
-        count = sum(1 for _ in iter_documents(data))
-        if count == 0:
-            raise InputError(f"data {source} holds no documents")
-    elif hasattr(data, "__len__"):
-        count = len(data)
+    has_store = _existing_stores(outs, resume)
+    source, count = _describe_data(data)
     infos = {
-        x: dict(
-            base=model_name(base),
-            chat=model_name(chat),
-            layer=x,
-            drop_first=drop_first,
-            context_length=context_length,
-            hidden_states_index=x + 1,
-            batch_size=batch_size,
-            pack_window=pack_window,
-            **({} if max_norm_ratio is None else {"max_norm_ratio": float(max_norm_ratio)}),
-        )
+        x: _store_info(base, chat, x, drop_first, context_length, batch_size, pack_window, max_norm_ratio)
         for x in layers
     }
     for x in layers:
         if resume and has_store[x]:
             _check_resumable(outs[x], infos[x])
 
-    base_device, chat_device = model_devices(device)
-    (m_base, t_base), (m_chat, t_chat) = load_pair(
-        base, chat, layers, dtype=model_dtype or default_model_dtype(chat_device)
-    )
-    m_base, m_chat = m_base.to(base_device).eval(), m_chat.to(chat_device).eval()
+    m_base, m_chat, t_chat = _load_models(base, chat, layers, device, model_dtype)
     writers = {
         x: StoreWriter(
             outs[x],
@@ -296,83 +272,221 @@ def collect(
         )
         for x in layers
     }
-    # Each store resumes where it stands among the candidate rows (a crash between two stores' writes leaves one a
-    # batch ahead); the batches, and the norm filter's decisions, are functions of the documents alone.
-    resume_at = {x: w.candidates_end for x, w in writers.items()}
-    written = {x: w.meta["rows"] for x, w in writers.items()}
-    limit = max_tokens if max_tokens is not None else float("inf")
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
-    bar = None
-    if progress and not all(written[x] >= limit for x in layers):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=count, desc="collect", unit="doc", dynamic_ncols=True)
-    started, fresh, n_batches, seen, consumed = time.perf_counter(), 0, 0, 0, 0
-    first_positions = 0  # of the documents read, for the counts
+    run = _Collection(writers, (m_base, m_chat), pad, drop_first, max_tokens, max_norm_ratio, source)
+    bar = _Progress(count, len(layers)) if progress and not run.full() else None
     try:
-        for window in _windows(
+        windows = _windows(
             iter_documents(data), t_chat, context_length, drop_first, batch_size * pack_window, pack_window > 1
-        ):
-            if all(written[x] >= limit for x in layers):
+        )
+        for window in windows:
+            if run.full():
                 break
-            for start in range(0, len(window), batch_size):
-                group = window[start : start + batch_size]
-                n_batches += 1
-                n_candidates = sum(len(ids) - drop_first for _, ids in group)
-                first_positions += drop_first * len(group)
-                base_index, consumed = consumed, consumed + n_candidates
-                wanted = [x for x in layers if written[x] < limit and resume_at[x] < consumed]
-                if not wanted:  # already in every store (resume), or every store is full
-                    continue
-                ids = [ids for _, ids in group]
-                states, input_ids = paired_states(m_base, m_chat, ids, wanted, pad)
-                for x in wanted:
-                    rows, tokens, positions = kept_rows(
-                        states[x], input_ids, [len(i) for i in ids], [drop_first] * len(ids)
-                    )
-                    index = torch.arange(base_index, consumed)
-                    keep = index >= resume_at[x]
-                    if max_norm_ratio is not None:
-                        norms = torch.linalg.vector_norm(rows, dim=2)  # [n, 2]
-                        keep &= (norms <= max_norm_ratio * norms.median(dim=0).values).all(1)
-                    rows, tokens, positions, index = rows[keep], tokens[keep], positions[keep], index[keep]
-                    if written[x] + rows.shape[0] > limit:
-                        n = max(0, int(limit - written[x]))
-                        rows, tokens, positions, index = rows[:n], tokens[:n], positions[:n], index[:n]
-                    try:
-                        writers[x].append(rows, tokens, positions, candidates=index)
-                    except InputError as err:  # non-finite activations: name the documents that produced them
-                        documents = sorted(i for i, _ in group)
-                        raise InputError(
-                            f"batch {n_batches - 1} of the collection (documents {documents}, 0-based, of "
-                            f"{source}), layer {x}, model 0 = base, 1 = chat: {err}"
-                        ) from err
-                    written[x] += rows.shape[0]
-                    fresh += rows.shape[0]
-                if all(written[x] >= limit for x in layers):
-                    break
+            run.window(window, batch_size)
             if bar is not None:
-                last = max(index for index, _ in window) + 1  # documents read so far
-                bar.update(last - seen)
-                seen = last
-                rate = fresh / len(layers) / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(tokens=min(written.values()), tok_s=f"{rate:.0f}")
-        if all(w == 0 for w in written.values()) and count is None:
+                bar.window_done(window, run)
+        if run.wrote_nothing() and count is None:
             raise InputError(f"data {source} holds no documents with a token to keep (drop_first = {drop_first})")
-        for x, w in writers.items():
-            # Counted from the documents and the candidate index alone, so a resumed run counts what an
-            # uninterrupted one does: the candidates up to where this store stopped, less the rows it kept.
-            end = consumed if written[x] < limit else w.candidates_end_after_close()
-            w.meta["dropped"] = dict(first_positions=first_positions)
-            if max_norm_ratio is not None:
-                w.meta["dropped"]["norm_outliers"] = end - written[x]
-            w.close()
+        run.close()
     finally:
         if bar is not None:
             bar.close()
     if single:
         return ActivationStore(outs[layer])
     return {x: ActivationStore(outs[x]) for x in layers}
+
+
+def _check_settings(max_norm_ratio, drop_first, context_length, batch_size, pack_window):
+    """collect's numeric settings, before anything is read."""
+    if max_norm_ratio is not None and not (
+        isinstance(max_norm_ratio, (int, float)) and not isinstance(max_norm_ratio, bool) and max_norm_ratio > 1
+    ):
+        raise InputError(f"max_norm_ratio must be a number > 1 or None, got {max_norm_ratio!r}")
+    for name, value, low in (
+        ("drop_first", drop_first, 0),
+        ("context_length", context_length, 1),
+        ("batch_size", batch_size, 1),
+        ("pack_window", pack_window, 1),
+    ):
+        require_int(name, value, low)
+
+
+def _layer_list(layer):
+    """(whether `layer` names one block, the blocks as a list of distinct ints)."""
+    single = isinstance(layer, int) and not isinstance(layer, bool)
+    layers = [layer] if single else list(layer) if isinstance(layer, (list, tuple)) else None
+    if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise InputError(f"layer must be a block index or a non-empty list of them, got {layer!r}")
+    if len(set(layers)) != len(layers):
+        raise InputError(f"layer lists a block more than once: {layers}")
+    return single, layers
+
+
+def _existing_stores(outs, resume):
+    """{layer: whether its store directory already holds a store}; one there without resume is refused before
+    the models load."""
+    has_store = {x: os.path.exists(os.path.join(path, "store.json")) for x, path in outs.items()}
+    for x, path in outs.items():
+        if not resume and has_store[x]:
+            raise OutputExistsError(f"{path} already holds a store; pass resume=True to append to it")
+    return has_store
+
+
+def _describe_data(data):
+    """(how messages name `data`, its number of documents or None when unknown without reading a hub dataset)."""
+    source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
+    count = None
+    if isinstance(data, (str, os.PathLike)) and not os.fspath(data).startswith("hf:"):
+        # One pass that keeps nothing: a bad line fails before the models load, and the bar knows the total.
+        count = sum(1 for _ in iter_documents(data))
+        if count == 0:
+            raise InputError(f"data {source} holds no documents")
+    elif hasattr(data, "__len__"):
+        count = len(data)
+    return source, count
+
+
+def _store_info(base, chat, layer, drop_first, context_length, batch_size, pack_window, max_norm_ratio):
+    """The "info" of one layer's store.json: what a resumed run must match."""
+    return dict(
+        base=model_name(base),
+        chat=model_name(chat),
+        layer=layer,
+        drop_first=drop_first,
+        context_length=context_length,
+        hidden_states_index=layer + 1,
+        batch_size=batch_size,
+        pack_window=pack_window,
+        **({} if max_norm_ratio is None else {"max_norm_ratio": float(max_norm_ratio)}),
+    )
+
+
+def _load_models(base, chat, layers, device, model_dtype):
+    """(base model, chat model, chat tokenizer), each model on its device in eval mode."""
+    base_device, chat_device = model_devices(device)
+    (m_base, _), (m_chat, t_chat) = load_pair(base, chat, layers, dtype=model_dtype or default_model_dtype(chat_device))
+    return m_base.to(base_device).eval(), m_chat.to(chat_device).eval(), t_chat
+
+
+def _norm_inliers(rows, max_norm_ratio):
+    """Which rows [n, 2, d] stay under max_norm_ratio times the batch's median row norm, in both models."""
+    norms = torch.linalg.vector_norm(rows, dim=2)  # [n, 2]
+    return (norms <= max_norm_ratio * norms.median(dim=0).values).all(1)
+
+
+class _Collection:
+    """The batches of one collection, run through both models into one store per layer, with the accounting that
+    makes a resumed run equal an uninterrupted one.
+
+    Rows are numbered by candidate index: every kept-position token of every document, in batch order, whether
+    stored or not. Each store resumes where it stands among the candidates (a crash between two stores' writes
+    leaves one a batch ahead); the batches, and the norm filter's decisions, are functions of the documents alone.
+    """
+
+    def __init__(self, writers, models, pad, drop_first, max_tokens, max_norm_ratio, source):
+        self.writers = writers
+        self.models = models
+        self.pad = pad
+        self.drop_first = drop_first
+        self.limit = max_tokens if max_tokens is not None else float("inf")
+        self.max_norm_ratio = max_norm_ratio
+        self.source = source
+        self.resume_at = {x: w.candidates_end for x, w in writers.items()}
+        self.written = {x: w.meta["rows"] for x, w in writers.items()}
+        self.consumed = 0  # candidates of the batches seen
+        self.first_positions = 0  # dropped leading positions of the documents seen
+        self.n_batches = 0
+        self.fresh = 0  # rows this run stored, over all stores
+
+    def full(self) -> bool:
+        """Every store holds max_tokens rows."""
+        return all(self.written[x] >= self.limit for x in self.writers)
+
+    def wrote_nothing(self) -> bool:
+        return all(w == 0 for w in self.written.values())
+
+    def window(self, window, batch_size):
+        """Run a length-sorted window batch by batch, until every store is full."""
+        for start in range(0, len(window), batch_size):
+            self.batch(window[start : start + batch_size])
+            if self.full():
+                break
+
+    def batch(self, group):
+        """Run one batch of (document index, ids) through the models for the stores that still want its rows."""
+        self.n_batches += 1
+        self.first_positions += self.drop_first * len(group)
+        first_index = self.consumed
+        self.consumed += sum(len(ids) - self.drop_first for _, ids in group)
+        wanted = [x for x in self.writers if self.written[x] < self.limit and self.resume_at[x] < self.consumed]
+        if not wanted:  # already in every store (resume), or every store is full
+            return
+        ids = [ids for _, ids in group]
+        states, input_ids = paired_states(*self.models, ids, wanted, self.pad)
+        for x in wanted:
+            rows, tokens, positions = kept_rows(
+                states[x], input_ids, [len(i) for i in ids], [self.drop_first] * len(ids)
+            )
+            index = torch.arange(first_index, self.consumed)
+            self._store(x, group, *self._selected(x, rows, tokens, positions, index))
+
+    def _selected(self, x, *columns):
+        """The columns (rows, tokens, positions, candidate index) of the rows layer x's store takes: those past
+        where it resumed, inside the norm filter, up to max_tokens."""
+        index = columns[-1]
+        keep = index >= self.resume_at[x]
+        if self.max_norm_ratio is not None:
+            keep &= _norm_inliers(columns[0], self.max_norm_ratio)
+        columns = [c[keep] for c in columns]
+        if self.written[x] + columns[0].shape[0] > self.limit:
+            n = max(0, int(self.limit - self.written[x]))
+            columns = [c[:n] for c in columns]
+        return columns
+
+    def _store(self, x, group, rows, tokens, positions, index):
+        try:
+            self.writers[x].append(rows, tokens, positions, candidates=index)
+        except InputError as err:  # non-finite activations: name the documents that produced them
+            documents = sorted(i for i, _ in group)
+            raise InputError(
+                f"batch {self.n_batches - 1} of the collection (documents {documents}, 0-based, of "
+                f"{self.source}), layer {x}, model 0 = base, 1 = chat: {err}"
+            ) from err
+        self.written[x] += rows.shape[0]
+        self.fresh += rows.shape[0]
+
+    def close(self):
+        """Write each store's counts of dropped rows and its last shard."""
+        for x, w in self.writers.items():
+            # Counted from the documents and the candidate index alone, so a resumed run counts what an
+            # uninterrupted one does: the candidates up to where this store stopped, less the rows it kept.
+            end = self.consumed if self.written[x] < self.limit else w.candidates_end_after_close()
+            w.meta["dropped"] = dict(first_positions=self.first_positions)
+            if self.max_norm_ratio is not None:
+                w.meta["dropped"]["norm_outliers"] = end - self.written[x]
+            w.close()
+
+
+class _Progress:
+    """A tqdm bar over the documents read, with the rows stored per second and store."""
+
+    def __init__(self, total, n_stores):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="collect", unit="doc", dynamic_ncols=True)
+        self.n_stores = n_stores
+        self.seen = 0
+        self.started = time.perf_counter()
+
+    def window_done(self, window, run):
+        last = max(index for index, _ in window) + 1  # documents read so far
+        self.bar.update(last - self.seen)
+        self.seen = last
+        rate = run.fresh / self.n_stores / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(tokens=min(run.written.values()), tok_s=f"{rate:.0f}")
+
+    def close(self):
+        self.bar.close()
 
 
 @torch.no_grad()
@@ -454,9 +568,13 @@ def paired_activations(
 def template_token_ids(tokenizer: Any) -> list[int]:
     """The ids the chat template adds around the messages: a two-turn conversation rendered with the template,
     minus the ids of its contents tokenized alone (with and without a leading space). For a template whose markup
-    shares tokens with ordinary text (a newline, a role name), those tokens count as template tokens everywhere."""
+    shares tokens with ordinary text (a newline, a role name), those tokens count as template tokens everywhere.
+
+    Raises:
+        InputError: The tokenizer has no chat template.
+    """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template")
+        raise InputError("the tokenizer has no chat template")
     contents = ["alpha", "omega"]
     messages = [{"role": "user", "content": contents[0]}, {"role": "assistant", "content": contents[1]}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True)

@@ -12,6 +12,7 @@ from typing import Any, Optional, Protocol, Union
 
 import torch
 
+from ..errors import InputError
 from .sampling import epoch_generator, part_of
 from .store import ActivationStore, StoreBatches
 
@@ -52,14 +53,14 @@ class TensorBatches:
         pin_memory: bool = False,
     ):
         if not isinstance(data, torch.Tensor) or data.dim() != 3:
-            raise ValueError(
+            raise InputError(
                 f"data must be a tensor [N, M, d], got {type(data).__name__}"
                 + (f" of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else "")
             )
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if data.shape[0] < batch_size:
-            raise ValueError(f"data has {data.shape[0]} rows, fewer than one batch of batch_size = {batch_size}")
+            raise InputError(f"data has {data.shape[0]} rows, fewer than one batch of batch_size = {batch_size}")
         self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
         self.device = torch.device(device) if device is not None else data.device
         self.pin_memory = pin_memory and data.device.type == "cpu" and self.device.type == "cuda"
@@ -102,16 +103,16 @@ class TensorBatches:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a state_dict's position; ValueError when it was saved for other data."""
+        """Resume at a state_dict's position; InputError when it was saved for other data."""
         if state.get("kind") != "tensor":
-            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a tensor")
+            raise InputError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a tensor")
         for key in ("seed", "batch_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise InputError(
                     f"cannot resume: the checkpoint's data {key} is {state[key]}, now {getattr(self, key)}"
                 )
         if state["n_rows"] != self.data.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume: the checkpoint was trained on {state['n_rows']} rows, the data now has "
                 f"{self.data.shape[0]}"
             )
@@ -132,7 +133,7 @@ class IterableBatches:
         self._it = None
 
     def next(self) -> torch.Tensor:
-        """The next batch; RuntimeError when the iterable ends, ValueError when it yields a non-tensor."""
+        """The next batch; RuntimeError when the iterable ends, InputError when it yields a non-tensor."""
         if self._it is None:
             self._it = iter(self.iterable)
         try:
@@ -144,7 +145,7 @@ class IterableBatches:
             ) from None
         self.consumed += 1
         if not isinstance(batch, torch.Tensor):
-            raise ValueError(f"batches must be tensors [B, M, d], got {type(batch).__name__}")
+            raise InputError(f"batches must be tensors [B, M, d], got {type(batch).__name__}")
         return batch.to(self.device) if self.device is not None else batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class IterableBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a state_dict's position by replaying the iterable."""
         if state.get("kind") != "iterable":
-            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} data, not an iterable")
+            raise InputError(f"the checkpoint's data position is for {state.get('kind')!r} data, not an iterable")
         self._it = iter(self.iterable)
         self.consumed = 0
         for _ in range(state["consumed"]):  # replay: exact when the iterable is deterministic
@@ -176,7 +177,7 @@ class MixedBatches:
         device: Device of the batches.
 
     Raises:
-        ValueError: No sources, fractions that are not positive or do not sum to 1, or a batch_size that gives
+        InputError: No sources, fractions that are not positive or do not sum to 1, or a batch_size that gives
             some source no rows.
     """
 
@@ -189,14 +190,14 @@ class MixedBatches:
         device: Optional[Union[torch.device, str]] = None,
     ):
         if not sources:
-            raise ValueError("MixedBatches needs at least one (data, fraction) pair")
+            raise InputError("MixedBatches needs at least one (data, fraction) pair")
         fractions = [float(f) for _, f in sources]
         if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"fractions must be > 0 and sum to 1, got {fractions}")
+            raise InputError(f"fractions must be > 0 and sum to 1, got {fractions}")
         counts = [int(round(f * batch_size)) for f in fractions[:-1]]
         counts.append(batch_size - sum(counts))
         if any(c < 1 for c in counts):
-            raise ValueError(f"batch_size = {batch_size} gives some source no rows per batch ({counts})")
+            raise InputError(f"batch_size = {batch_size} gives some source no rows per batch ({counts})")
         self.batch_size, self.counts = batch_size, counts
         self.sources = [
             as_batches(data, c, seed=seed * 7919 + i, device=device)
@@ -226,11 +227,11 @@ class MixedBatches:
             state: What state_dict returned.
 
         Raises:
-            ValueError: The state is not a mixture with the same rows per source (or a source's own state does
+            InputError: The state is not a mixture with the same rows per source (or a source's own state does
                 not match it).
         """
         if state.get("kind") != "mixed" or state["counts"] != self.counts:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume: the checkpoint's data was {state.get('kind')!r} with rows per source "
                 f"{state.get('counts')}, now 'mixed' with {self.counts}"
             )
@@ -284,12 +285,12 @@ def as_batches(
         return StoreBatches(data, batch_size, seed=seed, device=device)
     if hasattr(data, "next") and hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
         if getattr(data, "batch_size", batch_size) != batch_size:
-            raise ValueError(
+            raise InputError(
                 f"the batch source yields batches of {data.batch_size} rows, but batch_size = {batch_size}"
             )
         return data
     if hasattr(data, "__iter__"):
         return IterableBatches(data, device=device)
-    raise ValueError(
+    raise InputError(
         f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got {type(data).__name__}"
     )

@@ -43,7 +43,7 @@ class OnlineActivations:
         model_dtype: dtype to load the models in (default: bfloat16 on a GPU, float32 on the CPU).
 
     Raises:
-        ValueError: Bad sizes, models that do not fit each other, a layer out of range (before any weights
+        InputError: Bad sizes, models that do not fit each other, a layer out of range (before any weights
             load), or documents that yield no rows.
     """
 
@@ -120,7 +120,11 @@ class OnlineActivations:
             self._moments = (x.mean(0).cpu(), x.var(0, unbiased=False).cpu())
 
     def next(self) -> torch.Tensor:
-        """The next batch [batch_size, 2, d] fp32 on the source's device."""
+        """The next batch of rows, refilling the shuffle buffer when half of it is read.
+
+        Returns:
+            A batch [batch_size, 2, d], fp32, on the source's device.
+        """
         if self.buffer.shape[0] - self.read < max(self.batch_size, self.buffer_tokens // 2):
             self._refill()
         batch = self.buffer[self.read : self.read + self.batch_size]
@@ -128,13 +132,21 @@ class OnlineActivations:
         return batch
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, variance) [2, d] float64 of the first buffer fill, for the crosscoder's input normaliser."""
+        """The statistics of the first buffer fill, for the crosscoder's input normaliser.
+
+        Returns:
+            (mean, variance), each [2, d] float64.
+        """
         if self._moments is None:
             self._refill()
         return self._moments
 
     def state_dict(self) -> dict[str, Any]:
-        """The position: document, epoch, generator state, the unread rows and the normaliser's moments."""
+        """The position, for an exact resume.
+
+        Returns:
+            The document, epoch, generator state, the unread rows and the normaliser's moments.
+        """
         return dict(
             document=self.document,
             epoch=self.epoch,
@@ -150,7 +162,7 @@ class OnlineActivations:
             state: What state_dict returned.
 
         Raises:
-            ValueError: The saved rows do not fit this source (another width), or the position is past the
+            InputError: The saved rows do not fit this source (another width), or the position is past the
                 documents.
         """
         unread = state["unread"]

@@ -106,7 +106,17 @@ class ShardCheck(NamedTuple):
 
 
 class StoreWriter:
-    """Append paired activations [n, M, d] (and optionally token ids [n]); shards of `shard_rows` rows."""
+    """Append paired activations [n, M, d] (and optionally token ids [n]); shards of `shard_rows` rows.
+
+    Args:
+        path: The store's folder (created; it holds store.json and the shards).
+        n_models: M, the models whose activations each row pairs.
+        d_model: d, the width of each model's activations.
+        dtype: The stored dtype: "float16", "bfloat16" or "float32".
+        shard_rows: Rows per shard file.
+        info: Free-form metadata; on resume it must equal the stored info (the rows must mean the same).
+        resume: Append to the store at `path` instead of refusing it.
+    """
 
     def __init__(
         self,
@@ -118,7 +128,13 @@ class StoreWriter:
         info: Optional[Mapping[str, Any]] = None,
         resume: bool = False,
     ):
-        """info: free-form metadata; on resume it must equal the stored info (the rows must mean the same)."""
+        """Open a new store, or the one at `path` to resume it (see the class's Args).
+
+        Raises:
+            InputError: An unknown dtype or shard_rows < 1; on resume, a store of other models, width, dtype or
+                info, or one that ActivationStore cannot open.
+            OutputExistsError: `path` holds a store and resume is False.
+        """
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if shard_rows < 1:
@@ -177,10 +193,21 @@ class StoreWriter:
     ) -> None:
         """Append rows x [n, M, d] (cast to the store dtype; must stay finite), optionally token ids / positions [n],
         and the index of each row among the rows its writer considered (candidates [n], increasing): each shard then
-        records where its writer stands (candidates_end), so a resumed writer that drops rows knows where to go on."""
+        records where its writer stands (candidates_end), so a resumed writer that drops rows knows where to go on.
+
+        Args:
+            x: The rows [n, M, d].
+            token_ids: The token id of each row [n], or None.
+            positions: The position of each row's token in its document [n], or None.
+            candidates: Each row's index among the rows the writer considered [n], increasing, or None.
+
+        Raises:
+            InputError: x is not [n, M, d] for this store, token_ids / positions / candidates are not [n], or x
+                holds a value that is not finite in the store dtype (nothing is appended then).
+        """
         M, d = self.meta["n_models"], self.meta["d_model"]
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (M, d):
-            raise ValueError(
+            raise InputError(
                 f"x must be a tensor [n, M, d] = [n, {M}, {d}], got "
                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
@@ -197,7 +224,7 @@ class StoreWriter:
             )
         for name, t in (("token_ids", token_ids), ("positions", positions), ("candidates", candidates)):
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
-                raise ValueError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
+                raise InputError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
         start = 0
         while start < x.shape[0]:
             take = min(x.shape[0] - start, self.meta["shard_rows"] - self._pending)
@@ -259,7 +286,11 @@ class StoreWriter:
         s["count"] = n
 
     def candidates_end_after_close(self) -> int:
-        """candidates_end counting the rows appended but not yet in a shard."""
+        """candidates_end counting the rows appended but not yet in a shard.
+
+        Returns:
+            Where the writer will stand among the rows it considered once the pending rows are written.
+        """
         return self._candidates_end if self._candidates_end is not None else self.meta["rows"] + self._pending
 
     @property
@@ -488,7 +519,7 @@ class StoreBatches:
     ):
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if len(self.store) < batch_size:
             raise InputError(
                 f"{self.store.path}: the store has {len(self.store)} rows, fewer than one batch of {batch_size}"
@@ -598,7 +629,7 @@ class StoreBatches:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a state_dict's position; ValueError when it was saved for another store or settings."""
+        """Resume at a state_dict's position; InputError when it was saved for another store or settings."""
         if state.get("kind") != "store":
             raise InputError(f"the checkpoint's data position is for {state.get('kind')!r} data, not a store")
         for key, now in (

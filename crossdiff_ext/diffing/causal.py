@@ -142,7 +142,7 @@ def raw_decoder_difference(crosscoder: CrossCoder, variant: str = "replace") -> 
         [F, d] float32.
 
     Raises:
-        ValueError: variant is unknown.
+        InputError: variant is unknown.
     """
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -398,7 +398,7 @@ def patch_kl(
         The PatchResult; .kl[set][subset] = (mean, ci95_half_width, n).
 
     Raises:
-        ValueError: Bad arguments, models that do not fit each other or the crosscoder, empty or unknown latent
+        InputError: Bad arguments, models that do not fit each other or the crosscoder, empty or unknown latent
             ids, or a conversation without an assistant turn (all before any model runs).
     """
     if variant not in VARIANTS:
@@ -410,40 +410,56 @@ def patch_kl(
     was_training = crosscoder.training
     crosscoder.eval()
     direction = raw_decoder_difference(crosscoder, variant)[:, None, :]
-    members = {}
-    for name, ids in sets.items():
-        member = torch.zeros(crosscoder.dict_size, dtype=torch.bool, device=direction.device)
-        member[ids.to(direction.device)] = True
-        members[name] = member
+    members = _set_members(sets, crosscoder.dict_size, direction.device)
     totals = {name: _Accumulator() for name in BUILT_IN + tuple(sets)}
     try:
         for batch in _batches(pair, scored, batch_size, ignore_first, progress):
-            labels = batch.labels[batch.labels != 0]
-            codes = _codes(crosscoder, batch)
-            with torch.no_grad():
-                recon = crosscoder.decode(codes).float()
-            totals["none"].add(_run_patched(pair, batch, None), labels)
-            totals["all"].add(_run_patched(pair, batch, recon[:, 1] - recon[:, 0]), labels)
-            values = codes.values.float()
-            for name, member in members.items():
-                chosen = values * member[codes.indices.long()]
-                delta = ops.sparse_decode(chosen, codes.indices, codes.row_ptr, direction)[:, 0]
-                totals[name].add(_run_patched(pair, batch, delta), labels)
+            _patch_batch(pair, crosscoder, batch, direction, members, totals)
     finally:
         crosscoder.train(was_training)
     subsets = SUBSETS if any(is_conversation(d) for d in docs) else ("all",)
     kl = {name: acc.result(subsets) for name, acc in totals.items()}
     sizes = {"none": 0, "all": crosscoder.dict_size} | {name: int(ids.numel()) for name, ids in sets.items()}
-    randoms = [name for name in sets if _RANDOM.match(name)]
+    _pool_random_sets(kl, sizes, totals, subsets)
+    return PatchResult(
+        kl, sizes, variant, layer, first_k, ignore_first, len(docs), base=model_name(base), chat=model_name(chat)
+    )
+
+
+def _set_members(sets, dict_size, device):
+    """{name: [F] bool mask of the set's latents}."""
+    members = {}
+    for name, ids in sets.items():
+        member = torch.zeros(dict_size, dtype=torch.bool, device=device)
+        member[ids.to(device)] = True
+        members[name] = member
+    return members
+
+
+def _patch_batch(pair, crosscoder, batch, direction, members, totals):
+    """Add one batch's KL at the scored positions to each set's total: "none", "all", then every latent set."""
+    labels = batch.labels[batch.labels != 0]
+    codes = _codes(crosscoder, batch)
+    with torch.no_grad():
+        recon = crosscoder.decode(codes).float()
+    totals["none"].add(_run_patched(pair, batch, None), labels)
+    totals["all"].add(_run_patched(pair, batch, recon[:, 1] - recon[:, 0]), labels)
+    values = codes.values.float()
+    for name, member in members.items():
+        chosen = values * member[codes.indices.long()]
+        delta = ops.sparse_decode(chosen, codes.indices, codes.row_ptr, direction)[:, 0]
+        totals[name].add(_run_patched(pair, batch, delta), labels)
+
+
+def _pool_random_sets(kl, sizes, totals, subsets):
+    """In place: the random sets (random_*) pooled as one "random" entry of kl and sizes, when there are any."""
+    randoms = [name for name in totals if _RANDOM.match(name)]
     if randoms:
         pooled = _Accumulator()
         for name in randoms:
             pooled.merge(totals[name])
         kl["random"] = pooled.result(subsets)
         sizes["random"] = sizes[randoms[0]]
-    return PatchResult(
-        kl, sizes, variant, layer, first_k, ignore_first, len(docs), base=model_name(base), chat=model_name(chat)
-    )
 
 
 def attribution(
@@ -486,7 +502,7 @@ def attribution(
         is patched in; negative lowers the KL.
 
     Raises:
-        ValueError: As for patch_kl, or subset is unknown.
+        InputError: As for patch_kl, or subset is unknown.
     """
     if subset not in SUBSETS:
         raise InputError(f"subset must be one of {SUBSETS}, got {subset!r}")

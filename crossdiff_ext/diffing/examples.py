@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 import torch
 
 from ..data.store import ActivationStore
+from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .latent_scaling import inference_pass
 
@@ -80,10 +81,10 @@ def split_context(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], foc
         (text before the token, the token's text, text after it).
 
     Raises:
-        ValueError: if `focus` is not an index into `tokens`.
+        InputError: if `focus` is not an index into `tokens`.
     """
     if not 0 <= focus < len(tokens):
-        raise ValueError(f"focus must index the {len(tokens)} tokens, got {focus}")
+        raise InputError(f"focus must index the {len(tokens)} tokens, got {focus}")
     tokens = [int(t) for t in tokens]
 
     def decode(ids):
@@ -121,38 +122,17 @@ def max_activating_examples(
 ) -> dict[int, LatentExamples]:
     """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
-    sequence. Streams the store once; keeps (activation, row) only for the chosen latents."""
-    if not isinstance(store, ActivationStore):
-        raise ValueError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
-    token_ids, positions = store.token_ids(), store.positions()
-    if token_ids is None or positions is None:
-        raise ValueError(
-            f"{store.path}: the store has no token ids/positions; examples need a store written by `crossdiff collect`"
-        )
-    latents = [int(j) for j in latents]
-    bad = [j for j in latents if not 0 <= j < cc.dict_size]
-    if bad:
-        raise ValueError(f"latents must be ids in [0, {cc.dict_size}), got {bad}")
-    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
-        raise ValueError("the crosscoder's inference threshold is unset (-1); set cc.threshold or train longer")
+    sequence. Streams the store once; keeps (activation, row) only for the chosen latents.
+
+    Raises:
+        InputError: store is not an ActivationStore with token ids and positions, a latent id is out of range, or
+            the BatchTopK threshold is unset.
+    """
+    token_ids, positions = _store_tokens(store)
+    latents = _checked_latents(cc, latents)
     if not latents:
         return {}
-    wanted = torch.zeros(cc.dict_size, dtype=torch.bool, device=cc.W_enc.device)
-    wanted[torch.tensor(latents, device=wanted.device)] = True
-    found_latent, found_value, found_row = [], [], []
-    offset = 0
-    with inference_pass(cc, store, batch_size, desc="examples" if progress else None) as batches:
-        for x in batches:
-            codes = cc.encode(
-                cc.normalize(x.float()).to(cc.input_dtype), normalized=True, use_threshold=cc.activation == "batch_topk"
-            )
-            idx = codes.indices.long()
-            keep = wanted[idx] & (codes.values != 0)
-            found_latent.append(idx[keep].cpu())
-            found_value.append(codes.values[keep].float().cpu())
-            found_row.append(codes.rows()[keep].cpu() + offset)
-            offset += x.shape[0]
-    lat, val, row = torch.cat(found_latent), torch.cat(found_value), torch.cat(found_row)
+    lat, val, row = _firing_entries(cc, store, latents, batch_size, progress)
     seq_id = torch.cumsum(sequence_starts(positions).long(), 0)
 
     def example(j: int, value: torch.Tensor, r: torch.Tensor, q: Optional[float] = None) -> Example:
@@ -177,6 +157,49 @@ def max_activating_examples(
     return out
 
 
+def _store_tokens(store):
+    """(token ids, positions) of a store written by collect."""
+    if not isinstance(store, ActivationStore):
+        raise InputError(f"store must be an ActivationStore (it holds the token ids), got {type(store).__name__}")
+    token_ids, positions = store.token_ids(), store.positions()
+    if token_ids is None or positions is None:
+        raise InputError(
+            f"{store.path}: the store has no token ids/positions; examples need a store written by `crossdiff collect`"
+        )
+    return token_ids, positions
+
+
+def _checked_latents(cc, latents):
+    """The latent ids as a list of ints, once they are in range and cc can give inference-mode codes."""
+    latents = [int(j) for j in latents]
+    bad = [j for j in latents if not 0 <= j < cc.dict_size]
+    if bad:
+        raise InputError(f"latents must be ids in [0, {cc.dict_size}), got {bad}")
+    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
+        raise InputError("the crosscoder's inference threshold is unset (-1); set cc.threshold or train longer")
+    return latents
+
+
+def _firing_entries(cc, store, latents, batch_size, progress):
+    """(latent, activation, store row) of every nonzero inference-mode code of the chosen latents, in one pass."""
+    wanted = torch.zeros(cc.dict_size, dtype=torch.bool, device=cc.W_enc.device)
+    wanted[torch.tensor(latents, device=wanted.device)] = True
+    found_latent, found_value, found_row = [], [], []
+    offset = 0
+    with inference_pass(cc, store, batch_size, desc="examples" if progress else None) as batches:
+        for x in batches:
+            codes = cc.encode(
+                cc.normalize(x.float()).to(cc.input_dtype), normalized=True, use_threshold=cc.activation == "batch_topk"
+            )
+            idx = codes.indices.long()
+            keep = wanted[idx] & (codes.values != 0)
+            found_latent.append(idx[keep].cpu())
+            found_value.append(codes.values[keep].float().cpu())
+            found_row.append(codes.rows()[keep].cpu() + offset)
+            offset += x.shape[0]
+    return torch.cat(found_latent), torch.cat(found_value), torch.cat(found_row)
+
+
 @torch.inference_mode()
 def token_share(
     cc: CrossCoder, store: ActivationStore, token_ids: Iterable[int], *, batch_size: int = 4096
@@ -184,7 +207,7 @@ def token_share(
     """[F] float64: the share of each latent's total inference-mode activation over the store that falls on tokens
     whose id is in `token_ids` (e.g. the chat template's tokens); NaN for latents that never fire. One pass."""
     if not isinstance(store, ActivationStore) or store.token_ids() is None:
-        raise ValueError("store must be an ActivationStore with token ids (written by `crossdiff collect`)")
+        raise InputError("store must be an ActivationStore with token ids (written by `crossdiff collect`)")
     ids = store.token_ids()
     chosen = torch.zeros(int(max(ids.max().item(), max(token_ids, default=0))) + 1, dtype=torch.bool)
     chosen[torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)] = True

@@ -28,6 +28,7 @@ import torch
 
 from .. import ops
 from ..data.store import ActivationStore
+from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 
 TARGETS = ("reconstruction", "error")
@@ -90,16 +91,16 @@ def _batches(data: ScalingData, batch_size: int, device: torch.device) -> Iterat
     if isinstance(data, (torch.Tensor, ActivationStore)):
         n = data.shape[0] if isinstance(data, torch.Tensor) else len(data)
         if n < 1:
-            raise ValueError("data holds no tokens")
+            raise InputError("data holds no tokens")
         for start in range(0, n, batch_size):
             yield data[start : start + batch_size].to(device)
     elif hasattr(data, "__iter__"):
         for i, batch in enumerate(data):
             if not isinstance(batch, torch.Tensor):
-                raise ValueError(f"batch {i} of data is a {type(batch).__name__}, expected a tensor [B, M, d]")
+                raise InputError(f"batch {i} of data is a {type(batch).__name__}, expected a tensor [B, M, d]")
             yield batch.to(device)
     else:
-        raise ValueError(
+        raise InputError(
             f"data must be a tensor [N, M, d], an activation store or an iterable of batches, got {type(data).__name__}"
         )
 
@@ -144,7 +145,7 @@ def _segment_sums(q, col_ptr, perm):
 
 def _model_index(name, value, n_models):
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_models:
-        raise ValueError(f"{name} must be a model index in [0, {n_models}), got {value!r}")
+        raise InputError(f"{name} must be a model index in [0, {n_models}), got {value!r}")
     return value
 
 
@@ -182,88 +183,33 @@ def latent_scaling(
         A LatentScalingResult over the latents scored.
 
     Raises:
-        ValueError: cc is not a CrossCoder; targets, probe, base, chat, batch_size or latents are invalid; the
-            BatchTopK threshold is unset; a batch is not [B, M, d]; or data yielded no batches.
+        InputError: cc is not a CrossCoder; targets, probe, base, chat, batch_size or latents are invalid; the
+            BatchTopK threshold is unset; data is not a tensor, store or iterable of tensors; a batch is not
+            [B, M, d]; or data yielded no batches.
     """
-    if not isinstance(cc, CrossCoder):
-        raise ValueError(f"cc must be a crossdiff_ext.CrossCoder, got {type(cc).__name__}")
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if not targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
-        raise ValueError(f"targets must be distinct names from {TARGETS}, got {targets!r}")
-    base, chat = _model_index("base", base, cc.n_models), _model_index("chat", chat, cc.n_models)
-    if base == chat:
-        raise ValueError(f"base and chat must be different models, got {base} for both")
-    probe_m = {"chat": chat, "base": base}.get(probe, probe)
-    probe_m = _model_index("probe ('chat', 'base' or a model index)", probe_m, cc.n_models)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    F, M, device = cc.dict_size, cc.n_models, cc.W_enc.device
-    if latents is not None:
-        latents = torch.as_tensor(latents, dtype=torch.int64).flatten()
-        if latents.numel() and (int(latents.min()) < 0 or int(latents.max()) >= F):
-            raise ValueError(f"latents must be ids in [0, {F}), got range [{int(latents.min())}, {int(latents.max())}]")
-    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
-        raise ValueError(
-            "the crosscoder's inference threshold is unset (-1): Latent Scaling needs the "
-            "inference-mode codes; train past threshold_start_step or set cc.threshold"
-        )
-
+    targets, base, chat, probe_m = _check_settings(cc, targets, probe, base, chat, batch_size)
+    latents = _latent_ids(latents, cc.dict_size)
+    _check_threshold(cc)
     W_dec = cc.W_dec.detach().float()
     probe_rows = W_dec[:, probe_m].contiguous()  # [F, d]
-    probe_W = probe_rows[:, None, :]  # [F, 1, d]: the per-entry dot over one model's coordinates
-    columns = [(t, m) for t in targets for m in range(M)]
-    sums = torch.zeros(F, len(columns) + 3, dtype=torch.float64, device=device)  # f*p per column, f^2, f, 1
-    largest = torch.zeros(F, dtype=torch.float64, device=device)  # f > 0 where kept; max is order-independent
-    tokens = 0
+    columns = [(t, m) for t in targets for m in range(cc.n_models)]
     with inference_pass(cc, data, batch_size, desc="latent scaling" if progress else None) as batches:
-        for x in batches:
-            if x.dim() != 3 or tuple(x.shape[1:]) != (M, cc.d_model):
-                raise ValueError(f"batches must be [B, M, d] = [B, {M}, {cc.d_model}], got {tuple(x.shape)}")
-            xn = cc.normalize(x.float()).to(cc.input_dtype)
-            codes = cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True)
-            recon = cc.decode(codes, normalized=True).float()
-            f = codes.values.float()
-            col_ptr, perm, _ = ops.latent_order(codes.indices, codes.row_ptr, F)
-            q = []
-            for target, m in columns:
-                y = recon[:, m] if target == "reconstruction" else xn[:, m].float() - recon[:, m]
-                p = ops.sparse_values_grad(y[:, None, :].contiguous(), codes.indices, codes.row_ptr, probe_W)
-                q.append(f * p)
-            q += [f * f, f, (f != 0).float()]
-            sums += _segment_sums(torch.stack(q, dim=1), col_ptr, perm)
-            largest.scatter_reduce_(0, codes.indices.long(), f.double(), reduce="amax")
-            tokens += x.shape[0]
-    if tokens == 0:
-        raise ValueError("data yielded no batches")
-
-    C = sums[:, len(columns)]
-    norm2 = probe_rows.double().pow(2).sum(-1)
-    denom = norm2 * C
-    fired = denom > 0
-    beta = {}
-    for i, (target, m) in enumerate(columns):
-        numer = sums[:, i]
-        if target == "error":  # f_j W_dec[j, m] added back: <d_j, W_dec[j, m]> * C_j
-            numer = numer + (probe_rows.double() * W_dec[:, m].double()).sum(-1) * C
-        b = torch.where(
-            fired, numer / torch.where(fired, denom, torch.ones_like(denom)), torch.full_like(denom, math.nan)
-        )
-        beta[(target, m)] = b
-    nan = torch.full((F,), math.nan, dtype=torch.float64, device=device)
+        sums, largest, tokens = _stream_sums(cc, batches, columns, probe_rows)
+    beta = _betas(sums, columns, probe_rows, W_dec)
+    nan = torch.full((cc.dict_size,), math.nan, dtype=torch.float64, device=sums.device)
 
     def ratio(target: str) -> torch.Tensor:
         if target not in targets:
             return nan
         return beta[(target, base)] / beta[(target, chat)]
 
-    nu_error, nu_reconstruction = ratio("error"), ratio("reconstruction")
     count, f_sum = sums[:, -1].round().to(torch.int64), sums[:, -2]
-    ids = torch.arange(F, device=device) if latents is None else latents.to(device)
+    ids = torch.arange(cc.dict_size, device=sums.device) if latents is None else latents.to(sums.device)
     pick = lambda t: t[ids].cpu()
     return LatentScalingResult(
         beta={k: pick(v) for k, v in beta.items()},
-        nu_error=pick(nu_error),
-        nu_reconstruction=pick(nu_reconstruction),
+        nu_error=pick(ratio("error")),
+        nu_reconstruction=pick(ratio("reconstruction")),
         latents=ids.cpu(),
         activation_count=pick(count),
         activation_sum=pick(f_sum),
@@ -274,6 +220,97 @@ def latent_scaling(
         targets=targets,
         activation_max=pick(torch.where(count > 0, largest, torch.full_like(largest, math.nan))),
     )
+
+
+def _check_settings(cc, targets, probe, base, chat, batch_size):
+    """(targets as a tuple, base, chat, probe model index) once every setting of latent_scaling is valid for cc."""
+    if not isinstance(cc, CrossCoder):
+        raise InputError(f"cc must be a crossdiff_ext.CrossCoder, got {type(cc).__name__}")
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
+        raise InputError(f"targets must be distinct names from {TARGETS}, got {targets!r}")
+    base, chat = _model_index("base", base, cc.n_models), _model_index("chat", chat, cc.n_models)
+    if base == chat:
+        raise InputError(f"base and chat must be different models, got {base} for both")
+    probe_m = {"chat": chat, "base": base}.get(probe, probe)
+    probe_m = _model_index("probe ('chat', 'base' or a model index)", probe_m, cc.n_models)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return targets, base, chat, probe_m
+
+
+def _check_threshold(cc):
+    """A BatchTopK crosscoder needs its inference threshold for the inference-mode codes."""
+    if cc.activation == "batch_topk" and float(cc.threshold) < 0:
+        raise InputError(
+            "the crosscoder's inference threshold is unset (-1): Latent Scaling needs the "
+            "inference-mode codes; train past threshold_start_step or set cc.threshold"
+        )
+
+
+def _latent_ids(latents, dict_size):
+    """The latent ids to score as a 1-D int64 tensor, or None for all of them."""
+    if latents is None:
+        return None
+    latents = torch.as_tensor(latents, dtype=torch.int64).flatten()
+    if latents.numel() and (int(latents.min()) < 0 or int(latents.max()) >= dict_size):
+        raise InputError(
+            f"latents must be ids in [0, {dict_size}), got range [{int(latents.min())}, {int(latents.max())}]"
+        )
+    return latents
+
+
+def _stream_sums(cc, batches, columns, probe_rows):
+    """One pass over the batches: (per-latent float64 sums [F, len(columns) + 3] of f * p per column, f^2, f and
+    1; the largest f per latent; the number of tokens)."""
+    probe_W = probe_rows[:, None, :]  # [F, 1, d]: the per-entry dot over one model's coordinates
+    F, device = cc.dict_size, cc.W_enc.device
+    sums = torch.zeros(F, len(columns) + 3, dtype=torch.float64, device=device)
+    largest = torch.zeros(F, dtype=torch.float64, device=device)  # f > 0 where kept; max is order-independent
+    tokens = 0
+    for x in batches:
+        if x.dim() != 3 or tuple(x.shape[1:]) != (cc.n_models, cc.d_model):
+            raise InputError(f"batches must be [B, M, d] = [B, {cc.n_models}, {cc.d_model}], got {tuple(x.shape)}")
+        codes, q = _batch_products(cc, x, columns, probe_W)
+        col_ptr, perm, _ = ops.latent_order(codes.indices, codes.row_ptr, F)
+        sums += _segment_sums(q, col_ptr, perm)
+        largest.scatter_reduce_(0, codes.indices.long(), codes.values.double(), reduce="amax")
+        tokens += x.shape[0]
+    if tokens == 0:
+        raise InputError("data yielded no batches")
+    return sums, largest, tokens
+
+
+def _batch_products(cc, x, columns, probe_W):
+    """(the batch's inference-mode codes, q [nnz, len(columns) + 3]: per kept code, f * p for each (target, model)
+    column, then f^2, f and 1)."""
+    xn = cc.normalize(x.float()).to(cc.input_dtype)
+    codes = cc.encode(xn, use_threshold=cc.activation == "batch_topk", normalized=True)
+    recon = cc.decode(codes, normalized=True).float()
+    f = codes.values.float()
+    q = []
+    for target, m in columns:
+        y = recon[:, m] if target == "reconstruction" else xn[:, m].float() - recon[:, m]
+        p = ops.sparse_values_grad(y[:, None, :].contiguous(), codes.indices, codes.row_ptr, probe_W)
+        q.append(f * p)
+    q += [f * f, f, (f != 0).float()]
+    return codes, torch.stack(q, dim=1)
+
+
+def _betas(sums, columns, probe_rows, W_dec):
+    """{(target, m): [F] float64 beta} from the streamed sums (NaN where a latent never fired)."""
+    C = sums[:, len(columns)]
+    denom = probe_rows.double().pow(2).sum(-1) * C
+    fired = denom > 0
+    beta = {}
+    for i, (target, m) in enumerate(columns):
+        numer = sums[:, i]
+        if target == "error":  # f_j W_dec[j, m] added back: <d_j, W_dec[j, m]> * C_j
+            numer = numer + (probe_rows.double() * W_dec[:, m].double()).sum(-1) * C
+        beta[(target, m)] = torch.where(
+            fired, numer / torch.where(fired, denom, torch.ones_like(denom)), torch.full_like(denom, math.nan)
+        )
+    return beta
 
 
 def latent_scaling_reference(

@@ -59,35 +59,15 @@ def paper_latent_sets(
         {set name: int64 latent ids}.
 
     Raises:
-        ValueError: scaling lacks a target, the thresholds are out of range, or fewer than two chat-leaning
+        InputError: scaling lacks a target, the thresholds are out of range, or fewer than two chat-leaning
             latents have a valid nu.
     """
-    if not isinstance(crosscoder, CrossCoder):
-        raise InputError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
-    if not isinstance(scaling, LatentScalingResult):
-        raise InputError(f"scaling must be a LatentScalingResult, got {type(scaling).__name__}")
-    missing = [t for t in ("error", "reconstruction") if t not in scaling.targets]
-    if missing:
-        raise InputError(f"scaling must have both targets 'error' and 'reconstruction'; it lacks {missing}")
-    if not 0.0 <= min_delta_norm <= 1.0:
-        raise InputError(f"min_delta_norm must be in [0, 1], got {min_delta_norm}")
-    if not isinstance(n, int) or n < 2 or not isinstance(n_random, int) or n_random < 0:
-        raise InputError(f"n must be an int >= 2 and n_random an int >= 0, got n={n!r}, n_random={n_random!r}")
+    _check_arguments(crosscoder, scaling, min_delta_norm, n, n_random)
     F = crosscoder.dict_size
-    dn = delta_norm(crosscoder, scaling.base, scaling.chat).double().cpu()
     nu_e = _per_latent(scaling.nu_error, scaling.latents, F)
     nu_r = _per_latent(scaling.nu_reconstruction, scaling.latents, F)
-    chat_leaning = torch.argsort(-dn, stable=True)
-    chat_leaning = chat_leaning[dn[chat_leaning] >= min_delta_norm][:n]
+    chat_leaning, valid = _chat_leaning(crosscoder, scaling, nu_e, nu_r, min_delta_norm, n)
     low, high = NU_RANGE
-    valid = chat_leaning[
-        torch.isfinite(nu_e[chat_leaning])
-        & torch.isfinite(nu_r[chat_leaning])
-        & (nu_e[chat_leaning] >= low)
-        & (nu_e[chat_leaning] <= high)
-        & (nu_r[chat_leaning] >= low)
-        & (nu_r[chat_leaning] <= high)
-    ]
     half = len(valid) // 2
     if half < 1:
         raise InputError(
@@ -107,3 +87,36 @@ def paper_latent_sets(
         generator = torch.Generator().manual_seed(seed + i)
         sets[f"random_{i}"] = torch.randperm(F, generator=generator)[:half]
     return {name: ids.to(torch.int64).clone() for name, ids in sets.items()}
+
+
+def _check_arguments(crosscoder, scaling, min_delta_norm, n, n_random):
+    """paper_latent_sets' arguments, before anything is computed."""
+    if not isinstance(crosscoder, CrossCoder):
+        raise InputError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+    if not isinstance(scaling, LatentScalingResult):
+        raise InputError(f"scaling must be a LatentScalingResult, got {type(scaling).__name__}")
+    missing = [t for t in ("error", "reconstruction") if t not in scaling.targets]
+    if missing:
+        raise InputError(f"scaling must have both targets 'error' and 'reconstruction'; it lacks {missing}")
+    if not 0.0 <= min_delta_norm <= 1.0:
+        raise InputError(f"min_delta_norm must be in [0, 1], got {min_delta_norm}")
+    if not isinstance(n, int) or n < 2 or not isinstance(n_random, int) or n_random < 0:
+        raise InputError(f"n must be an int >= 2 and n_random an int >= 0, got n={n!r}, n_random={n_random!r}")
+
+
+def _chat_leaning(crosscoder, scaling, nu_e, nu_r, min_delta_norm, n):
+    """(the chat-leaning latents, those of them with both nu finite and in NU_RANGE), each in descending
+    Delta_norm order; nu_e and nu_r are [F] per latent."""
+    dn = delta_norm(crosscoder, scaling.base, scaling.chat).double().cpu()
+    chat_leaning = torch.argsort(-dn, stable=True)
+    chat_leaning = chat_leaning[dn[chat_leaning] >= min_delta_norm][:n]
+    low, high = NU_RANGE
+    valid = chat_leaning[
+        torch.isfinite(nu_e[chat_leaning])
+        & torch.isfinite(nu_r[chat_leaning])
+        & (nu_e[chat_leaning] >= low)
+        & (nu_e[chat_leaning] <= high)
+        & (nu_r[chat_leaning] >= low)
+        & (nu_r[chat_leaning] <= high)
+    ]
+    return chat_leaning, valid

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from .. import atomic
 from ..data.store import ActivationStore
+from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
 from .examples import LatentExamples, max_activating_examples
@@ -145,11 +146,16 @@ def render(
     """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot; a
     "causal_score" column is shown when present); examples: {latent: LatentExamples} for the latents to show;
     tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json)."""
-    figs = _figures(table)
-    classes = {}
-    for c in table["class"]:
-        classes[c] = classes.get(c, 0) + 1
-    F = len(table["latent"])
+    out = _head_html(title, meta)
+    out += _classes_html(table)
+    out += _figures_html(_figures(table), causal)
+    out += _top_latents_html(table, fine_tuned_latents(table, top), examples, tokenizer)
+    out.append("</table></body></html>")
+    return "\n".join(out)
+
+
+def _head_html(title, meta):
+    """The page's head, title and the run's metadata line."""
     out = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
@@ -162,15 +168,28 @@ def render(
         out.append(
             "<p>" + "; ".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}" for k, v in meta.items()) + "</p>"
         )
-    out.append("<h2>Latent classes</h2><table><tr><th>class</th><th>latents</th><th>share</th></tr>")
+    return out
+
+
+def _classes_html(table):
+    """The table of latent classes, most frequent first, with their share of the latents."""
+    classes = {}
+    for c in table["class"]:
+        classes[c] = classes.get(c, 0) + 1
+    out = ["<h2>Latent classes</h2><table><tr><th>class</th><th>latents</th><th>share</th></tr>"]
     for name, count in sorted(classes.items(), key=lambda kv: -kv[1]):
-        out.append(f"<tr><td>{html.escape(name)}</td><td>{count}</td><td>{count / F:.1%}</td></tr>")
+        out.append(f"<tr><td>{html.escape(name)}</td><td>{count}</td><td>{count / len(table['latent']):.1%}</td></tr>")
     out.append("</table>")
-    out.append(
+    return out
+
+
+def _figures_html(figs, causal):
+    """The figures with their captions: Delta_norm, the nu scatter when scaled, the cosines, the causal KL."""
+    out = [
         "<h2>Delta_norm</h2><p>Relative decoder norm difference; dashed lines: the paper's bands (base-only "
         "&lt; 0.1, shared 0.4-0.6, chat-only &gt; 0.9).</p>"
         f"<img alt='Delta_norm histogram' src='data:image/png;base64,{figs['delta_norm']}'>"
-    )
+    ]
     if "nu" in figs:
         out.append(
             "<h2>Latent Scaling</h2><p>nu = beta(base) / beta(chat) per chat-only latent. Low nu_error and "
@@ -190,23 +209,27 @@ def render(
             f"whiskers: 95% intervals.</p><img alt='KL per latent set' src='data:image/png;base64,"
             f"{kl_figure(causal['kl'])}'>"
         )
+    return out
 
-    ranked = fine_tuned_latents(table, top)
-    out.append(
+
+def _top_latents_html(table, ranked, examples, tokenizer):
+    """The table of the ranked latents (left open), with their max-activating contexts when given."""
+    F = len(table["latent"])
+    out = [
         "<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th><th>Delta_norm</th>"
         "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th>"
         + ("<th>causal score</th>" if "causal_score" in table else "")
         + "<th>max-activating contexts</th></tr>"
-    )
+    ]
     for j in ranked:
         nu_e = table.get("nu_error", [math.nan] * F)[j]
         nu_r = table.get("nu_reconstruction", [math.nan] * F)[j]
         freq = table.get("firing_frequency", [math.nan] * F)[j]
         ctx = ""
         if examples and j in examples:
-            ex = examples[j]
             ctx = "<br>".join(
-                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, tokenizer)}</span>" for e in ex.top[:5]
+                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, tokenizer)}</span>"
+                for e in examples[j].top[:5]
             )
         out.append(
             f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
@@ -214,8 +237,7 @@ def render(
             + (f"<td>{table['causal_score'][j]:.3g}</td>" if "causal_score" in table else "")
             + f"<td>{ctx}</td></tr>"
         )
-    out.append("</table></body></html>")
-    return "\n".join(out)
+    return out
 
 
 def write_report(path: Union[str, os.PathLike], table: Mapping[str, Sequence[Any]], **kwargs: Any) -> str:
@@ -275,7 +297,7 @@ def report_crosscoder(
     scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
     if causal is not None and causal.get("attribution") is not None:
         if len(causal["attribution"]) != cc.dict_size:
-            raise ValueError(
+            raise InputError(
                 f"the causal result scores {len(causal['attribution'])} latents, the crosscoder has {cc.dict_size}"
             )
         table["causal_score"] = list(causal["attribution"])

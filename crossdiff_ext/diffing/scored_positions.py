@@ -53,7 +53,7 @@ def check_documents(docs: Sequence[Any]) -> None:
         docs: Documents as data.activations.read_documents returns them.
 
     Raises:
-        ValueError: No documents, or a conversation without an assistant message (its index is named).
+        InputError: No documents, or a conversation without an assistant message (its index is named).
     """
     if not docs:
         raise InputError("data holds no documents")
@@ -82,7 +82,7 @@ def assistant_spans(messages: Sequence[dict[str, Any]], tokenizer: Any) -> list[
         One range per assistant message, in order (template tokens inside it included).
 
     Raises:
-        ValueError: The template renders a turn that is not a prefix of the whole conversation.
+        InputError: The template renders a turn that is not a prefix of the whole conversation.
     """
     full = _chat_ids(tokenizer, messages)
     spans = []
@@ -126,7 +126,7 @@ def score_document(
         The ScoredDocument.
 
     Raises:
-        ValueError: The document is neither a string nor a conversation, or its template turns cannot be located.
+        InputError: The document is neither a string nor a conversation, or its template turns cannot be located.
     """
     ids = tokenize(doc, tokenizer, context_length)
     labels = torch.zeros(len(ids), dtype=torch.int8)

@@ -63,7 +63,7 @@ def max_activations(source: MaxActivation, latents: torch.Tensor) -> torch.Tenso
         [len(latents)] float32.
 
     Raises:
-        ValueError: The source does not record every latent, or has the wrong length.
+        InputError: The source does not record every latent, or has the wrong length.
     """
     if isinstance(source, LatentScalingResult):
         if source.activation_max is None:
@@ -125,7 +125,7 @@ def steer(
         The [d] raw-space vector added.
 
     Raises:
-        ValueError: Bad arguments, or no max_activation (checked on entry, before any forward).
+        InputError: Bad arguments, or no max_activation (checked on entry, before any forward).
     """
     _check(model, crosscoder, model_index)
     if mode not in MODES:
@@ -180,7 +180,7 @@ def ablate(
         Q, the [d, r] orthonormal basis projected out.
 
     Raises:
-        ValueError: Bad arguments, or all chosen rows are zero.
+        InputError: Bad arguments, or all chosen rows are zero.
     """
     _check(model, crosscoder, model_index)
     ids = _latent_ids(latents, crosscoder)

@@ -151,7 +151,7 @@ def build(
 
 
 def torch_dtype(value: Union[torch.dtype, str], source: str) -> torch.dtype:
-    """A torch dtype or its name -> one of DTYPES' dtypes; ValueError naming `source` otherwise."""
+    """A torch dtype or its name -> one of DTYPES' dtypes; InputError naming `source` otherwise."""
     if isinstance(value, torch.dtype):
         if value in DTYPES.values():
             return value

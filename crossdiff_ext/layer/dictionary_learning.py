@@ -6,13 +6,14 @@ directory (model.safetensors + config.json); see load_dictionary_learning.
 
 import math
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file
 
-from .checkpoints import CONFIG_NAME, DTYPES, FORMAT, WEIGHTS_NAME, build, read_config, torch_dtype
+from ..errors import InputError, MissingInputError
+from .checkpoints import CONFIG_NAME, DTYPES, FORMAT, WEIGHTS_NAME, build, load_weights, read_config, torch_dtype
 from .crosscoder import CrossCoder
 
 # dictionary_learning's CodeNormalization enum (values from enum.auto()). Only CROSSCODER (w_j = sum over models
@@ -29,35 +30,42 @@ def _read_dictionary_learning(path):
     if os.path.isdir(path):
         weights = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{path}: a dictionary_learning hub directory needs {WEIGHTS_NAME}")
+            raise MissingInputError(f"{path}: a dictionary_learning hub directory needs {WEIGHTS_NAME}")
         path = weights
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingInputError(f"{path}: no such file or directory")
     if path.endswith(".safetensors"):
         config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
         config = read_config(config_path) if os.path.isfile(config_path) else None
         if config is not None and config.get("format") == FORMAT:
-            raise ValueError(f"{config_path}: this is a {FORMAT} checkpoint; load it with CrossCoder.from_pretrained")
-        return load_file(path, device="cpu"), config, path
-    # .pt / .pth / .bin (and anything else): the library saves plain state dicts with torch.save.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            raise InputError(f"{config_path}: this is a {FORMAT} checkpoint; load it with CrossCoder.from_pretrained")
+        return load_weights(path), config, path
+    return _read_torch_state(path), None, path
+
+
+def _read_torch_state(path):
+    """The state dict of a .pt / .pth / .bin file (the library saves plain state dicts with torch.save)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load's errors for a damaged file
+        raise InputError(f"{path}: not a readable torch.save file ({e})") from e
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state, None, path
+        raise InputError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
 
 
 def _scalar(state, key, source):
     t = state[key]
     if not isinstance(t, torch.Tensor) or t.numel() != 1:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{source}: {key} must be a scalar tensor, got {shape}")
+        raise InputError(f"{source}: {key} must be a scalar tensor, got {shape}")
     return t.reshape(()).item()
 
 
 def _expect_shape(state, key, shape, source, meaning):
     got = tuple(state[key].shape)
     if got != shape:
-        raise ValueError(f"{source}: {key} has shape {got}, expected {shape} ({meaning})")
+        raise InputError(f"{source}: {key} has shape {got}, expected {shape} ({meaning})")
 
 
 def load_dictionary_learning(
@@ -83,82 +91,29 @@ def load_dictionary_learning(
         The CrossCoder, in eval mode.
 
     Raises:
-        FileNotFoundError: The path does not exist, or a hub directory lacks model.safetensors.
-        ValueError: The checkpoint is not a dictionary_learning CrossCoder we can load faithfully: unknown or
-            missing keys, inconsistent shapes, fewer than 2 models, an unsupported code or input normalisation,
-            a config.json that disagrees with the tensors, an unsupported dtype, or one of our own checkpoints
-            (load those with CrossCoder.from_pretrained).
+        MissingInputError: The path does not exist, or a hub directory lacks model.safetensors.
+        InputError: The file is not a readable safetensors or torch.save file, or the checkpoint is not a
+            dictionary_learning CrossCoder we can load faithfully: unknown or missing keys, inconsistent shapes,
+            fewer than 2 models, an unsupported code or input normalisation, a config.json that disagrees with the
+            tensors, an unsupported dtype, or one of our own checkpoints (load those with
+            CrossCoder.from_pretrained).
     """
     if isinstance(path_or_state_dict, Mapping):
         state, config, source = path_or_state_dict, None, "state dict"
     else:
         state, config, source = _read_dictionary_learning(path_or_state_dict)
-    # torch.compile'd modules save their keys under _orig_mod.; None stands for an absent optional buffer.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items() if v is not None}
-    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ValueError(f"{source}: {not_tensors} are not tensors")
-    if "W_enc" in state:
-        raise ValueError(f"{source}: holds W_enc: a {FORMAT} checkpoint, load it with CrossCoder.from_pretrained")
-    unknown = sorted(set(state) - _DL_KEYS)
-    if unknown:
-        raise ValueError(f"{source}: unknown keys {unknown} (a dictionary_learning CrossCoder has {sorted(_DL_KEYS)})")
-    missing = [k for k in _DL_WEIGHTS if k not in state]
-    if missing:
-        raise ValueError(f"{source}: missing tensors {missing}")
-
-    enc = state["encoder.weight"]
-    if enc.dim() != 3:
-        raise ValueError(f"{source}: encoder.weight has shape {tuple(enc.shape)}, expected rank 3 [M, d, F]")
-    M, d, F = enc.shape
-    _expect_shape(state, "decoder.weight", (M, F, d), source, "[M, F, d] from encoder.weight [M, d, F]")
-    _expect_shape(state, "encoder.bias", (F,), source, "[F]")
-    _expect_shape(state, "decoder.bias", (M, d), source, "[M, d]")
-    if M < 2:
-        raise ValueError(f"{source}: num_layers (M) = {M}: a crosscoder needs at least 2 models")
-
-    code_norm = (
-        _CODE_NORMS.get(int(_scalar(state, "code_normalization_id", source)), "unknown")
-        if "code_normalization_id" in state
-        else "CROSSCODER"
-    )  # absent: saved before the enum existed
-    if code_norm != "CROSSCODER":
-        raise ValueError(
-            f"{source}: code_normalization_id = {code_norm} is not supported (only CROSSCODER, "
-            "w_j = sum_m ||W_dec[j, m]||)"
-        )
-    if "threshold" in state and state["threshold"].numel() != 1:
-        raise ValueError(
-            f"{source}: threshold has shape {tuple(state['threshold'].shape)}, expected a scalar; a "
-            f"per-model threshold [M] = [{M}] is the DECOUPLED code normalisation, not supported"
-        )
-    # The library's normaliser is a no-op unless both mean and std are real (its default is NaN-filled); with
-    # them, it maps x -> (x - mean) * global_scale per model (keep_relative_variance=True), as our target_rms.
-    normalizer = None
-    if all(k in state and not torch.isnan(state[k]).any() for k in ("activation_mean", "activation_std")):
-        if config is not None and config.get("keep_relative_variance") is False:
-            raise ValueError(
-                f"{source}: keep_relative_variance=False (per-feature standardisation) is not supported; "
-                "only the per-model global scale (keep_relative_variance=True) is"
-            )
-        for key in ("activation_mean", "activation_std"):
-            _expect_shape(state, key, (M, d), source, "[M, d]")
-        target_rms = float(_scalar(state, "target_rms", source)) if "target_rms" in state else 1.0
-        std = state["activation_std"].double()
-        scale = state.get("activation_global_scale")
-        if scale is None:
-            scale = target_rms / (std.pow(2).sum(-1) + 1e-8).sqrt()
-        _expect_shape(dict(activation_global_scale=scale), "activation_global_scale", (M,), source, "[M]")
-        normalizer = dict(target_rms=target_rms, input_mean=state["activation_mean"], input_std=std, input_scale=scale)
-
+    state = _library_tensors(state, source)
+    M, d, F = _dimensions(state, source)
+    _check_code_normalization(state, M, source)
+    normalizer = _normalizer(state, config, M, d, source)
     k = int(_scalar(state, "k", source)) if "k" in state else None
     if config is not None:
         k = _check_hub_config(config, M, d, F, k, source)
-
+    enc = state["encoder.weight"]
     if dtype is None:
         dtype = enc.dtype
         if dtype not in DTYPES.values():
-            raise ValueError(f"{source}: encoder.weight is {dtype}; pass dtype= one of {sorted(DTYPES)}")
+            raise InputError(f"{source}: encoder.weight is {dtype}; pass dtype= one of {sorted(DTYPES)}")
     cc_config = dict(
         d_model=d,
         dict_size=F,
@@ -168,8 +123,91 @@ def load_dictionary_learning(
         dtype=torch_dtype(dtype, "dtype"),
         target_rms=normalizer and normalizer.pop("target_rms"),
     )
+    try:  # the constructor's argument checks (a k out of range): the checkpoint is what is wrong
+        return build(CrossCoder, cc_config, _our_tensors(state, normalizer), device).eval()
+    except InputError:
+        raise
+    except ValueError as e:
+        raise InputError(f"{source}: {e}") from e
+
+
+def _library_tensors(state, source):
+    """The checkpoint's tensors by the library's names, once they are all known and the weights all present."""
+    # torch.compile'd modules save their keys under _orig_mod.; None stands for an absent optional buffer.
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items() if v is not None}
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise InputError(f"{source}: {not_tensors} are not tensors")
+    if "W_enc" in state:
+        raise InputError(f"{source}: holds W_enc: a {FORMAT} checkpoint, load it with CrossCoder.from_pretrained")
+    unknown = sorted(set(state) - _DL_KEYS)
+    if unknown:
+        raise InputError(f"{source}: unknown keys {unknown} (a dictionary_learning CrossCoder has {sorted(_DL_KEYS)})")
+    missing = [k for k in _DL_WEIGHTS if k not in state]
+    if missing:
+        raise InputError(f"{source}: missing tensors {missing}")
+    return state
+
+
+def _dimensions(state, source):
+    """(models M, width d, latents F) from encoder.weight [M, d, F], once the other weights agree."""
+    enc = state["encoder.weight"]
+    if enc.dim() != 3:
+        raise InputError(f"{source}: encoder.weight has shape {tuple(enc.shape)}, expected rank 3 [M, d, F]")
+    M, d, F = enc.shape
+    _expect_shape(state, "decoder.weight", (M, F, d), source, "[M, F, d] from encoder.weight [M, d, F]")
+    _expect_shape(state, "encoder.bias", (F,), source, "[F]")
+    _expect_shape(state, "decoder.bias", (M, d), source, "[M, d]")
+    if M < 2:
+        raise InputError(f"{source}: num_layers (M) = {M}: a crosscoder needs at least 2 models")
+    return M, d, F
+
+
+def _check_code_normalization(state, M, source):
+    """Only the CROSSCODER code normalisation selects the latents our crosscoder selects."""
+    code_norm = (
+        _CODE_NORMS.get(int(_scalar(state, "code_normalization_id", source)), "unknown")
+        if "code_normalization_id" in state
+        else "CROSSCODER"
+    )  # absent: saved before the enum existed
+    if code_norm != "CROSSCODER":
+        raise InputError(
+            f"{source}: code_normalization_id = {code_norm} is not supported (only CROSSCODER, "
+            "w_j = sum_m ||W_dec[j, m]||)"
+        )
+    if "threshold" in state and state["threshold"].numel() != 1:
+        raise InputError(
+            f"{source}: threshold has shape {tuple(state['threshold'].shape)}, expected a scalar; a "
+            f"per-model threshold [M] = [{M}] is the DECOUPLED code normalisation, not supported"
+        )
+
+
+def _normalizer(state, config, M, d, source):
+    """The input normaliser as our buffers (target_rms, input_mean, input_std, input_scale), or None."""
+    # The library's normaliser is a no-op unless both mean and std are real (its default is NaN-filled); with
+    # them, it maps x -> (x - mean) * global_scale per model (keep_relative_variance=True), as our target_rms.
+    if not all(k in state and not torch.isnan(state[k]).any() for k in ("activation_mean", "activation_std")):
+        return None
+    if config is not None and config.get("keep_relative_variance") is False:
+        raise InputError(
+            f"{source}: keep_relative_variance=False (per-feature standardisation) is not supported; "
+            "only the per-model global scale (keep_relative_variance=True) is"
+        )
+    for key in ("activation_mean", "activation_std"):
+        _expect_shape(state, key, (M, d), source, "[M, d]")
+    target_rms = float(_scalar(state, "target_rms", source)) if "target_rms" in state else 1.0
+    std = state["activation_std"].double()
+    scale = state.get("activation_global_scale")
+    if scale is None:
+        scale = target_rms / (std.pow(2).sum(-1) + 1e-8).sqrt()
+    _expect_shape(dict(activation_global_scale=scale), "activation_global_scale", (M,), source, "[M]")
+    return dict(target_rms=target_rms, input_mean=state["activation_mean"], input_std=std, input_scale=scale)
+
+
+def _our_tensors(state, normalizer):
+    """The library's tensors in our layout and names, with the normaliser's buffers when there is one."""
     ours = {
-        "W_enc": enc.permute(2, 0, 1),
+        "W_enc": state["encoder.weight"].permute(2, 0, 1),
         "b_enc": state["encoder.bias"],
         "W_dec": state["decoder.weight"].permute(1, 0, 2),
         "b_dec": state["decoder.bias"],
@@ -177,20 +215,20 @@ def load_dictionary_learning(
         "num_batches_tracked": torch.tensor(0),
     }
     ours.update(normalizer or {})
-    return build(CrossCoder, cc_config, ours, device).eval()
+    return ours
 
 
 def _check_hub_config(config, M, d, F, k, source):
     """Cross-check a hub config.json against the tensors; returns k (the config's when the tensors lack it)."""
     for key, value in (("num_layers", M), ("activation_dim", d), ("dict_size", F)):
         if key in config and config[key] != value:
-            raise ValueError(f"{source}: config.json {key} = {config[key]!r} but the tensors give {value}")
+            raise InputError(f"{source}: config.json {key} = {config[key]!r} but the tensors give {value}")
     norm = config.get("code_normalization")
     if norm is not None and str(norm).upper() != "CROSSCODER":
-        raise ValueError(f"{source}: config.json code_normalization = {norm!r} is not supported (only CROSSCODER)")
+        raise InputError(f"{source}: config.json code_normalization = {norm!r} is not supported (only CROSSCODER)")
     if config.get("k") is not None:
         if k is not None and int(config["k"]) != k:
-            raise ValueError(f"{source}: config.json k = {config['k']!r} but the k tensor is {k}")
+            raise InputError(f"{source}: config.json k = {config['k']!r} but the k tensor is {k}")
         k = int(config["k"])
     return k
 
