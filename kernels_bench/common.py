@@ -1,5 +1,5 @@
-"""What the benchmarks' training steps share: SPEC's learning rate, the reconstruction loss, the trainer's
-optimizer, and the profiler run that the breakdowns are read from."""
+"""What the benchmarks' training steps share: the default learning rate of docs/math.md ("Optimiser"), the
+reconstruction loss, the trainer's optimizer, and the profiler run that the breakdowns are read from."""
 
 import math
 import time
@@ -10,7 +10,7 @@ BETAS = (0.9, 0.999)
 
 
 def lr_for(F):
-    return 2e-4 / math.sqrt(F / 2**14)  # SPEC's default
+    return 2e-4 / math.sqrt(F / 2**14)  # docs/math.md, "Optimiser"
 
 
 def recon_loss(x, recon):

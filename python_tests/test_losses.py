@@ -1,5 +1,5 @@
-"""SPEC's training losses: reconstruction, L1 penalty, the dead-latent auxiliary loss (value and where its gradient
-goes), dead counters, geometric median."""
+"""The training losses of docs/math.md ("Losses"): reconstruction, L1 penalty, the dead-latent auxiliary loss
+(value and where its gradient goes), dead counters, geometric median."""
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ def test_l1_penalty_differentiates_the_decoder_norms():
 
 
 def dense_aux_reference(cc, x, recon, dead, k_aux):
-    """SPEC's formula with dense tensors over all latents."""
+    """docs/math.md's formula with dense tensors over all latents."""
     B, F = x.shape[0], cc.dict_size
     f = torch.relu(x.reshape(B, -1) @ cc.W_enc.reshape(F, -1).T + cc.b_enc)
     s = torch.where(dead, f * cc.decoder_norm_weights(), torch.full((), -1.0))

@@ -42,8 +42,9 @@ __all__ = [
     "write_table",
 ]
 
-# Latent Scaling's verdicts on a chat-only latent (SPEC: low nu = genuinely chat-specific; high nu_error = Complete
-# Shrinkage; high nu_reconstruction = Latent Decoupling; the paper's notebooks keep nu_error < 0.2, nu_recon < 0.5).
+# Latent Scaling's verdicts on a chat-only latent (docs/math.md, "Latent Scaling": low nu = genuinely
+# chat-specific; high nu_error = Complete Shrinkage; high nu_reconstruction = Latent Decoupling; the paper's
+# notebooks keep nu_error < 0.2, nu_recon < 0.5).
 VERDICTS = ("chat_specific", "complete_shrinkage", "latent_decoupling", "shrinkage_and_decoupling", "never_fired")
 
 

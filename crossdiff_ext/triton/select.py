@@ -187,7 +187,9 @@ def _write_kernel(
         chosen = (above | (tie & (ranks < need))).to(tl.int64)
         slot = pos + tl.cumsum(chosen, 0) - chosen
         keep = chosen != 0
-        if TOPK:  # entries kept with a non-positive score carry 0 (SPEC: no gradient reaches them); NaN keeps f
+        # entries kept with a non-positive score carry 0 (docs/math.md, "BatchTopK crosscoder": no gradient
+        # reaches them); NaN keeps f
+        if TOPK:
             f = tl.where(s <= 0, 0.0, f)
         tl.store(values_ptr + slot, f, mask=keep)
         tl.store(indices_ptr + slot, cols.to(indices_ptr.dtype.element_ty), mask=keep)
