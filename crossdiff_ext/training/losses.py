@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from ..layer import CrossCoder, SparseCodes
 
@@ -21,7 +23,7 @@ def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") 
     """Mean over rows and models of ||x[b, m] - recon[b, m]||_2 ("l2", the reference default) or of its square
     ("squared")."""
     if kind not in RECONSTRUCTIONS:
-        raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
+        raise InputError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
     err = x.float() - recon.float()  # upcast first: a bf16 difference would lose the small errors
     if kind == "l2":
         return torch.linalg.vector_norm(err, dim=-1).mean()
