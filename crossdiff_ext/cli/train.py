@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .. import distributed as cxd
 from .. import training
 from ..data import MixedBatches, OnlineActivations
 from ..data.store import ActivationStore
@@ -135,8 +136,6 @@ def _init_distributed(args: argparse.Namespace) -> torch.device:
 
 
 def _train_sharded(cc: CrossCoder, data: Any, config: training.TrainConfig, args: argparse.Namespace) -> None:
-    from .. import distributed as cxd
-
     try:
         mesh = cxd.make_mesh(args.latent_parallel)
         model = cxd.ShardedCrossCoder.from_crosscoder(cc, mesh).to(args.device)

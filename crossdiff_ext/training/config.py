@@ -17,12 +17,16 @@ from . import losses
 
 MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# A check returns None for a good value, else what was expected and what came ("expected ..., got ...").
+# A check returns None for a good value, else what was expected (e.g. "an int >= 1"); validate() words the message.
 Check = Callable[[Any], Optional[str]]
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def int_at_least(low: int, optional: bool = False) -> Check:
@@ -31,7 +35,7 @@ def int_at_least(low: int, optional: bool = False) -> Check:
     def check(value: Any) -> Optional[str]:
         if (optional and value is None) or (_is_int(value) and value >= low):
             return None
-        return f"expected an int >= {low}{' or none' if optional else ''}, got {value!r}"
+        return f"an int >= {low}{' or None' if optional else ''}"
 
     return check
 
@@ -40,34 +44,28 @@ def positive(optional: bool = False) -> Check:
     """A check: a number > 0 (or None when optional)."""
 
     def check(value: Any) -> Optional[str]:
-        if optional and value is None:
+        if (optional and value is None) or (_is_number(value) and value > 0):
             return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return None
-        return f"expected a number > 0{' or none' if optional else ''}, got {value!r}"
+        return f"a number > 0{' or None' if optional else ''}"
 
     return check
 
 
 def non_negative(value: Any) -> Optional[str]:
     """A check: a number >= 0."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return None
-    return f"expected a number >= 0, got {value!r}"
+    return None if _is_number(value) and value >= 0 else "a number >= 0"
 
 
 def fraction_or_none(value: Any) -> Optional[str]:
     """A check: a number in [0, 1), or None."""
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
-        return None
-    return f"expected a number in [0, 1) or none, got {value!r}"
+    return None if value is None or (_is_number(value) and 0 <= value < 1) else "a number in [0, 1) or None"
 
 
 def one_of(*choices: Any) -> Check:
     """A check: one of the choices."""
 
     def check(value: Any) -> Optional[str]:
-        return None if value in choices else f"expected one of {list(choices)}, got {value!r}"
+        return None if value in choices else f"one of {list(choices)}"
 
     check.choices = choices  # listed in the generated flag's help
     return check
@@ -75,25 +73,24 @@ def one_of(*choices: Any) -> Check:
 
 def betas_in_unit_interval(value: Any) -> Optional[str]:
     """A check: Adam's (beta1, beta2), each in [0, 1)."""
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(b, (int, float)) for b in value):
-        if all(0 <= b < 1 for b in value):
-            return None
-    return f"expected two numbers in [0, 1), got {value!r}"
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(b) and 0 <= b < 1 for b in value):
+        return None
+    return "two numbers in [0, 1)"
 
 
 def boolean(value: Any) -> Optional[str]:
     """A check: True or False."""
-    return None if isinstance(value, bool) else f"expected True or False, got {value!r}"
+    return None if isinstance(value, bool) else "True or False"
 
 
 def optional_path(value: Any) -> Optional[str]:
     """A check: a path (str or os.PathLike) or None."""
-    return None if value is None or isinstance(value, (str, os.PathLike)) else f"expected a path or none, got {value!r}"
+    return None if value is None or isinstance(value, (str, os.PathLike)) else "a path or None"
 
 
 def integer(value: Any) -> Optional[str]:
     """A check: any int."""
-    return None if _is_int(value) else f"expected an int, got {value!r}"
+    return None if _is_int(value) else "an int"
 
 
 def setting(default: Any, doc: str, check: Check) -> Any:
@@ -186,17 +183,22 @@ class TrainConfig:
         """Check every setting's type and range.
 
         Args:
-            names: What to call a field in the message, by field name (e.g. the command-line flag that set it);
-                a field not in it is called TrainConfig.<field>.
+            names: The command-line flag of each field, by field name: a bad value's message then reads
+                "<flag>: expected <what>, got <value>"; without one, "TrainConfig.<field> must be <what>, got
+                <value>".
 
         Raises:
             InputError: A setting is out of its range or not one of its allowed values (the message names it).
         """
         names = names or {}
         for spec in fields(self):
-            problem = spec.metadata["check"](getattr(self, spec.name))
-            if problem is not None:
-                raise InputError(f"{names.get(spec.name, f'TrainConfig.{spec.name}')}: {problem}")
+            value = getattr(self, spec.name)
+            expected = spec.metadata["check"](value)
+            if expected is None:
+                continue
+            if spec.name in names:
+                raise InputError(f"{names[spec.name]}: expected {expected}, got {value!r}")
+            raise InputError(f"TrainConfig.{spec.name} must be {expected}, got {value!r}")
 
     def learning_rate(self, dict_size: int) -> float:
         """The run's peak learning rate: `lr`, or docs/math.md's default 2e-4 / sqrt(F / 2^14) when lr is None.
