@@ -50,7 +50,7 @@ def fired_latents(codes: SparseCodes) -> torch.Tensor:
 
 
 def update_dead_counters(tokens_since_fired: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
-    """In place: += B for every latent, reset to 0 where the latent fired (SPEC: dead after >= dead_tokens).
+    """In place: += B for every latent, reset to 0 where the latent fired (docs/math.md: dead after >= dead_tokens).
 
     The trainers call it with the current batch BEFORE the aux loss, as the paper's trainer does, so a latent
     selected in this batch is never dead."""
@@ -76,7 +76,7 @@ def aux_k(cc: CrossCoder, k_aux: Optional[int], n_dead: int) -> int:
 def aux_loss(
     cc: CrossCoder, x: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor, k_aux: Optional[int] = None
 ) -> torch.Tensor:
-    """SPEC's auxiliary loss for dead latents.
+    """docs/math.md's auxiliary loss for dead latents.
 
     Per row, the k_aux = min(d/2, n_dead) dead latents with the largest scores s = f * w are decoded from their
     unscaled f, without the decoder bias: xhat_aux. With e = x - recon detached,
