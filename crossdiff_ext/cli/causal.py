@@ -11,7 +11,7 @@ from ..diffing import causal
 from ..diffing.latent_scaling import latent_scaling
 from ..errors import InputError
 from ..layer import CrossCoder
-from .common import add_latents_argument, check_latent_ids, output_file, parse_latents
+from .common import add_latents_argument, at_least, check_latent_ids, output_file, parse_latents
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,19 +19,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a two-model crosscoder directory")
     p.add_argument("--base", required=True, help="base model directory or hub name")
     p.add_argument("--chat", required=True, help="chat model directory or hub name")
-    p.add_argument("--layer", type=int, required=True, help="the crosscoder's layer (block index)")
+    p.add_argument("--layer", type=at_least(0), required=True, help="the crosscoder's layer (block index)")
     p.add_argument("--data", required=True, help="JSONL / .txt file or directory, or hf:NAME[:SPLIT]")
     p.add_argument("--store", default=None, help="an activation store: the paper's latent sets from Latent Scaling")
     add_latents_argument(p, required=False)
     p.add_argument("--out", required=True, help="causal.json")
     p.add_argument("--variant", default="replace", choices=list(causal.VARIANTS))
-    p.add_argument("--first-k", type=int, default=10)
-    p.add_argument("--ignore-first", type=int, default=1)
+    p.add_argument("--first-k", type=at_least(1), default=10)
+    p.add_argument("--ignore-first", type=at_least(0), default=1)
     p.add_argument("--min-delta-norm", type=float, default=0.6)
-    p.add_argument("--max-latents", type=int, default=3176, help="at most this many chat-leaning latents")
+    p.add_argument("--max-latents", type=at_least(1), default=3176, help="at most this many chat-leaning latents")
     p.add_argument("--attribution", action="store_true", help="also the first-order causal score of every latent")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--context-length", type=int, default=1024)
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--context-length", type=at_least(1), default=1024)
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
 

@@ -10,23 +10,23 @@ from ..diffing import steering
 from ..diffing.latent_scaling import latent_scaling
 from ..errors import InputError
 from ..layer import CrossCoder
-from .common import add_latents_argument, check_latent_ids, load_model, parse_latents
+from .common import add_latents_argument, at_least, check_latent_ids, load_model, parse_latents
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register steer's flags."""
     p.add_argument("--checkpoint", required=True, help="a crosscoder directory")
     p.add_argument("--model", required=True, help="the model to steer (directory or hub name)")
-    p.add_argument("--layer", type=int, required=True, help="the crosscoder's layer (block index)")
+    p.add_argument("--layer", type=at_least(0), required=True, help="the crosscoder's layer (block index)")
     add_latents_argument(p, required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--scale", type=float, default=1.0, help="multiple of each latent's maximum activation")
     p.add_argument("--max-activation", type=float, default=None, help="default: measured over --store")
     p.add_argument("--store", default=None, help="activation store the maximum activations are measured on")
     p.add_argument("--mode", default="all_tokens", choices=list(steering.MODES))
-    p.add_argument("--model-index", type=int, default=1, help="the decoder whose rows steer (default 1: chat)")
+    p.add_argument("--model-index", type=at_least(0), default=1, help="the decoder whose rows steer (default 1: chat)")
     p.add_argument("--ablate", action="store_true", help="project the latents' directions out instead")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=20)
     p.add_argument("--device", default=None)
 
 

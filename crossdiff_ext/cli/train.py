@@ -23,11 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, action="append", help="activation store; repeat to mix several")
     p.add_argument("--base", default=None, help="online: the base model (no store; both models run as training goes)")
     p.add_argument("--chat", default=None, help="online: the chat model")
-    p.add_argument("--layer", type=int, default=None, help="online: the block whose output is harvested")
+    p.add_argument("--layer", type=at_least(0), default=None, help="online: the block whose output is harvested")
     p.add_argument("--data", default=None, help="online: JSONL / .txt file or directory, or hf:NAME[:SPLIT]")
-    p.add_argument("--buffer-tokens", type=int, default=1 << 16, help="online: rows in the shuffle buffer")
-    p.add_argument("--context-length", type=int, default=1024, help="online: tokens kept per document")
-    p.add_argument("--drop-first", type=int, default=1, help="online: leading positions not harvested")
+    p.add_argument("--buffer-tokens", type=at_least(1), default=1 << 16, help="online: rows in the shuffle buffer")
+    p.add_argument("--context-length", type=at_least(1), default=1024, help="online: tokens kept per document")
+    p.add_argument("--drop-first", type=at_least(0), default=1, help="online: leading positions not harvested")
     p.add_argument(
         "--mix",
         type=float,
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fraction of every batch per --store, in order (default: equal shares)",
     )
     p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--dict-size", type=int, required=True)
+    p.add_argument("--dict-size", type=at_least(1), required=True)
     p.add_argument("-k", type=int, default=100)
     p.add_argument("--activation", default="batch_topk", choices=["batch_topk", "relu"])
     p.add_argument(
