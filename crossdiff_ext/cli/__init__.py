@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="crossdiff", description="Model diffing with crosscoders.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, module, what in SUBCOMMANDS:
-        p = sub.add_parser(name, help=what, description=(module.__doc__ or what).strip().splitlines()[0])
+        p = sub.add_parser(name, help=what, description=" ".join((module.__doc__ or what).split()))
         module.add_arguments(p)
         p.set_defaults(run=module.run)
     return parser
