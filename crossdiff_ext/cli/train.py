@@ -112,7 +112,12 @@ def _mixture(args: argparse.Namespace, stores: list[ActivationStore]) -> Any:
     if len(stores) == 1:
         return stores[0]
     fractions = args.mix or [1.0 / len(stores)] * len(stores)
-    return MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
+    try:
+        return MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
+    except InputError:
+        raise
+    except ValueError as err:  # MixedBatches reports a mix that leaves a source no rows as a plain ValueError
+        raise InputError(f"--mix {' '.join(map(str, fractions))} with --batch-size {args.batch_size}: {err}") from err
 
 
 def _init_distributed(args: argparse.Namespace) -> torch.device:
