@@ -1,4 +1,4 @@
-"""`python -m crossdiff_ext ...` is the `crossdiff` command (crossdiff_ext/cli.py)."""
+"""`python -m crossdiff_ext ...` is the `crossdiff` command (crossdiff_ext/cli/)."""
 
 import sys
 

@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
+from .errors import InputError
+
 FAULT_ENV = "CROSSDIFF_FAULT"
 fault_steps = 0  # write steps (and, separately, file writes) this process took while CROSSDIFF_FAULT was set
 fault_writes = 0
@@ -40,7 +42,7 @@ def fault_point(stage: str, path: str) -> None:
 
     Raises:
         OSError: ENOSPC, at the file write that CROSSDIFF_FAULT=enospc:N names.
-        ValueError: CROSSDIFF_FAULT holds something else than kill:N, enospc:N or count.
+        InputError: CROSSDIFF_FAULT holds something else than kill:N, enospc:N or count.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -48,7 +50,7 @@ def fault_point(stage: str, path: str) -> None:
     global fault_steps, fault_writes
     kind, _, n = spec.partition(":")
     if kind not in ("kill", "enospc", "count") or (kind != "count" and not n.isdigit()):
-        raise ValueError(f"{FAULT_ENV} must be kill:N, enospc:N or count, got {spec!r}")
+        raise InputError(f"{FAULT_ENV} must be kill:N, enospc:N or count, got {spec!r}")
     fault_steps += 1
     fault_writes += stage == "written"
     hit = (kind == "kill" and fault_steps == int(n)) or (

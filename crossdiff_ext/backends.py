@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from . import _extension
+from .errors import InputError
 
 NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 # The crossdiff ops every backend implements (the schemas are declared in csrc/ops.cpp).
@@ -56,7 +57,7 @@ def _unavailable_reason(name):
                 "(TRITON_INTERPRET=1 before triton is imported)"
             )
         return None
-    raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+    raise InputError(f"backend must be one of {NAMES}, got {name!r}")
 
 
 def available() -> tuple[str, ...]:
@@ -82,7 +83,7 @@ def set_backend(name: str) -> None:
 
     Raises:
         RuntimeError: The backend is not available in this build (nothing falls back silently).
-        ValueError: `name` is not a backend name.
+        InputError: `name` is not a backend name.
     """
     _require(name)
     _current[0] = name
@@ -111,7 +112,7 @@ def backend(name: str) -> Iterator[None]:
 
     Raises:
         RuntimeError: The backend is not available in this build.
-        ValueError: `name` is not a backend name.
+        InputError: `name` is not a backend name.
     """
     _require(name)
     previous = _current[0]

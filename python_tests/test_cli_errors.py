@@ -139,7 +139,7 @@ RESUME_CASES = {
 }
 TRAIN_CASES = {
     "k out of range": (["-k", "9"], r"k must be an int in \[1, dict_size = 8\] for batch_topk, got 9"),
-    "steps out of range": (["--steps", "0"], r"TrainConfig\.steps must be an int >= 1, got 0"),
+    "steps out of range": (["--steps", "0"], r"^crossdiff train: error: --steps: expected an int >= 1, got 0$"),
     "batch larger than the store": (["--batch-size", "100"], r"has 70 rows, fewer than one batch of 100"),
     "stores of different widths": (["--store", "WIDE"], r"the stores' shapes differ: .*d=4.*d=6"),
     "mix without a fraction per store": (["--store", "STORE", "--mix", "1"], r"--mix needs one fraction per --store"),
@@ -383,7 +383,7 @@ def test_a_bug_keeps_its_traceback(assets, tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise ValueError("an internal mistake")
 
-    monkeypatch.setattr(cli.training, "train", bug)
+    monkeypatch.setattr(cli.train.training, "train", bug)
     with pytest.raises(ValueError, match="an internal mistake"):
         cli.main(_command("train", Inputs(assets, tmp_path)))
 

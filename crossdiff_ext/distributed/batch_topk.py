@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import InputError
 from ..ops import csr
 
 BINS = 1 << 16
@@ -89,7 +90,7 @@ def batch_topk_sharded(
     ops.batch_topk's CSR layout (indices are local to the shard; add the shard's first latent id for global ids)
     and min_score, the smallest kept positive score over all ranks (inf if none)."""
     if f.dim() != 2 or w.dim() != 1 or w.shape[0] != f.shape[1]:
-        raise ValueError(f"f must be [B, F_r] and w [F_r], got {tuple(f.shape)} and {tuple(w.shape)}")
+        raise InputError(f"f must be [B, F_r] and w [F_r], got {tuple(f.shape)} and {tuple(w.shape)}")
     B, F_local = f.shape
     groups = _groups(group, data_group)
     G, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -98,15 +99,15 @@ def batch_topk_sharded(
     sizes[part, rank, 0], sizes[part, rank, 1] = B, F_local
     sizes = _all_reduce(sizes, groups)
     if bool((sizes[:, :, 0] != B).any()):
-        raise ValueError(
+        raise InputError(
             f"every rank must hold the same number of rows; rows per [data rank, latent rank]: "
             f"{sizes[:, :, 0].tolist()}"
         )
     if bool((sizes[:, :, 1] != sizes[:1, :, 1]).any()):
-        raise ValueError(f"latent shard sizes differ between data replicas: {sizes[:, :, 1].tolist()}")
+        raise InputError(f"latent shard sizes differ between data replicas: {sizes[:, :, 1].tolist()}")
     total = D * B * int(sizes[0, :, 1].sum())
     if not 1 <= K <= total:
-        raise ValueError(f"K must be in [1, B * F] = [1, {total}], got {K}")
+        raise InputError(f"K must be in [1, B * F] = [1, {total}], got {K}")
     s = f.float() * w.float()
     keys = score_keys(s)
     t, greater = kth_largest_key(keys, K, group, data_group)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ..data.batches import BatchSource
 from ..data.sampling import part_of
+from ..errors import InputError
 
 
 class _SlicedBatches:
@@ -21,7 +22,7 @@ class _SlicedBatches:
     def next(self) -> torch.Tensor:
         batch = self.source.next()
         if batch.shape[0] % self.part[1]:
-            raise ValueError(
+            raise InputError(
                 f"a batch of {batch.shape[0]} rows cannot be split over {self.part[1]} data-parallel ranks"
             )
         return part_of(batch, self.part)
@@ -44,7 +45,7 @@ def shard_source(source: BatchSource, index: int, count: int) -> BatchSource:
         return source
     batch_size = getattr(source, "batch_size", None)
     if batch_size is not None and batch_size % count:
-        raise ValueError(f"batch_size = {batch_size} must be divisible by the data-parallel size {count}")
+        raise InputError(f"batch_size = {batch_size} must be divisible by the data-parallel size {count}")
     if hasattr(source, "part"):
         source.part = (index, count)
         return source

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import backends
+from ..errors import InputError
 from ..layer import checkpoints
 from ..layer.codes import SparseCodes
 from ..layer.crosscoder import CrossCoder, CrossCoderOutput
@@ -42,7 +43,7 @@ class _EncodeSharded(EncodeSparse):
 def shard_config(config: dict[str, Any], n_latents: int) -> dict[str, Any]:
     """CrossCoder.config() of a full crosscoder -> that of a shard holding n_latents latents."""
     if config.get("k") is not None and config["k"] > n_latents:
-        raise ValueError(
+        raise InputError(
             f"a latent shard of {n_latents} latents cannot hold a crosscoder with k = {config['k']} "
             "(k must be <= the shard size); use fewer latent shards"
         )
@@ -65,10 +66,10 @@ class ShardedCrossCoder(nn.Module):
     def __init__(self, shard: CrossCoder, mesh: Mesh, dict_size: int):
         super().__init__()
         if not isinstance(shard, CrossCoder):
-            raise ValueError(f"shard must be a CrossCoder, got {type(shard).__name__}")
+            raise InputError(f"shard must be a CrossCoder, got {type(shard).__name__}")
         self.first, self.end = mesh.latent_range(dict_size)
         if shard.dict_size != self.end - self.first:
-            raise ValueError(
+            raise InputError(
                 f"latent rank {mesh.latent_rank} of {mesh.latent_size} holds latents [{self.first}, "
                 f"{self.end}) of {dict_size}, but the shard has {shard.dict_size}"
             )

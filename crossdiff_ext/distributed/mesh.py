@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class Mesh:
@@ -33,9 +35,9 @@ class Mesh:
 def latent_range(dict_size: int, rank: int, size: int) -> tuple[int, int]:
     """Contiguous blocks, the first dict_size % size of them one latent larger."""
     if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank}")
+        raise InputError(f"rank must be in [0, {size}), got {rank}")
     if dict_size < size:
-        raise ValueError(f"dict_size = {dict_size} cannot be split into {size} latent shards")
+        raise InputError(f"dict_size = {dict_size} cannot be split into {size} latent shards")
     base, extra = divmod(dict_size, size)
     first = rank * base + min(rank, extra)
     return first, first + base + (1 if rank < extra else 0)
@@ -50,7 +52,7 @@ def make_mesh(latent_parallel: int, device_type: Optional[str] = None) -> Mesh:
         )
     world = dist.get_world_size()
     if not isinstance(latent_parallel, int) or latent_parallel < 1 or world % latent_parallel:
-        raise ValueError(
+        raise InputError(
             f"latent_parallel must be an int >= 1 dividing the world size {world}, got {latent_parallel!r}"
         )
     from torch.distributed.device_mesh import init_device_mesh

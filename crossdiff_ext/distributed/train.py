@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import statistics
+from ..errors import InputError
 from ..layer import CrossCoderOutput, SparseCodes
 from ..layer.norms import band_counts
 from ..layer.sharded import slice_optimizer_state, slice_state
@@ -66,7 +67,7 @@ class ShardedRuntime(Runtime):
 
     def __init__(self, model: ShardedCrossCoder, config: TrainConfig):
         if not isinstance(model, ShardedCrossCoder):
-            raise ValueError(f"model must be a distributed.ShardedCrossCoder, got {type(model).__name__}")
+            raise InputError(f"model must be a distributed.ShardedCrossCoder, got {type(model).__name__}")
         self.model, self.cc, self.mesh = model, model.shard, model.mesh
         self.dict_size = model.dict_size
         self.check(config)
@@ -77,13 +78,13 @@ class ShardedRuntime(Runtime):
     def check(self, config: TrainConfig) -> None:
         """Refuse a config the mesh cannot run: fp16 loss scaling, or a batch the data replicas cannot split."""
         if config.mixed_precision == "fp16":
-            raise ValueError(
+            raise InputError(
                 "TrainConfig.mixed_precision = 'fp16' (dynamic loss scaling) is not supported by "
                 "distributed.train; use 'bf16', which needs no loss scaling"
             )
         super().check(config)
         if config.batch_size % self.mesh.data_size:
-            raise ValueError(
+            raise InputError(
                 f"TrainConfig.batch_size = {config.batch_size} must be divisible by the data-parallel "
                 f"size {self.mesh.data_size}"
             )
@@ -103,7 +104,7 @@ class ShardedRuntime(Runtime):
         """This shard's slice of a whole crosscoder's training state (any layout wrote it)."""
         model = self.model
         if weights["W_enc"].shape[0] != model.dict_size:
-            raise ValueError(
+            raise InputError(
                 f"{checkpoint}: a crosscoder of {weights['W_enc'].shape[0]} latents, the model has {model.dict_size}"
             )
         self.cc.load_state_dict(slice_state(weights, model.first, model.end))

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import require_int
+from ..errors import InputError, require_int
 from ..ops.autograd import decode_sparse, encode_sparse
 from ..ops.relu_crosscoder import relu_crosscoder
 from . import checkpoints
@@ -112,7 +112,7 @@ class CrossCoder(nn.Module):
         init: "independent" or "shared" (see above and reset_parameters).
 
     Raises:
-        ValueError: An argument is out of its range or of the wrong type (the message names it).
+        InputError: An argument is out of its range or of the wrong type (the message names it).
     """
 
     def __init__(
@@ -135,27 +135,27 @@ class CrossCoder(nn.Module):
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
             require_int(name, value, low)
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+            raise InputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if activation == "batch_topk":
             if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= dict_size:
-                raise ValueError(f"k must be an int in [1, dict_size = {dict_size}] for batch_topk, got {k!r}")
+                raise InputError(f"k must be an int in [1, dict_size = {dict_size}] for batch_topk, got {k!r}")
         elif k is not None:
-            raise ValueError(f"k is only used by activation='batch_topk'; got k={k!r} with activation={activation!r}")
+            raise InputError(f"k is only used by activation='batch_topk'; got k={k!r} with activation={activation!r}")
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise InputError(f"init must be one of {INITS}, got {init!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+            raise InputError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if not 0.0 <= dense_code_density <= 1.0:
-            raise ValueError(f"dense_code_density must be in [0, 1], got {dense_code_density}")
+            raise InputError(f"dense_code_density must be in [0, 1], got {dense_code_density}")
         if not 0.0 <= threshold_beta < 1.0:
-            raise ValueError(f"threshold_beta must be in [0, 1), got {threshold_beta}")
+            raise InputError(f"threshold_beta must be in [0, 1), got {threshold_beta}")
         if target_rms is not None and not (
             isinstance(target_rms, (int, float))
             and not isinstance(target_rms, bool)
             and math.isfinite(target_rms)
             and target_rms > 0
         ):
-            raise ValueError(f"target_rms must be a finite number > 0 or None, got {target_rms!r}")
+            raise InputError(f"target_rms must be a finite number > 0 or None, got {target_rms!r}")
         self.target_rms = None if target_rms is None else float(target_rms)
         self.compute_dtype = None
         self.d_model, self.dict_size, self.n_models = d_model, dict_size, n_models
@@ -238,20 +238,20 @@ class CrossCoder(nn.Module):
             variance: [M, d] variance of the raw activations, >= 0 (e.g. ActivationStore.variance).
 
         Raises:
-            ValueError: The crosscoder was built without target_rms, or mean / variance are not finite [M, d]
+            InputError: The crosscoder was built without target_rms, or mean / variance are not finite [M, d]
                 tensors (or the variance is negative).
         """
         if self.target_rms is None:
-            raise ValueError("set_input_normalization needs a crosscoder built with target_rms (e.g. 1.0)")
+            raise InputError("set_input_normalization needs a crosscoder built with target_rms (e.g. 1.0)")
         expected = (self.n_models, self.d_model)
         for name, t in (("mean", mean), ("variance", variance)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a tensor [M, d] = {list(expected)}, got {shape}")
+                raise InputError(f"{name} must be a tensor [M, d] = {list(expected)}, got {shape}")
             if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} holds non-finite values")
+                raise InputError(f"{name} holds non-finite values")
         if bool((variance < 0).any()):
-            raise ValueError("variance must be >= 0")
+            raise InputError("variance must be >= 0")
         variance = variance.to(self.input_std.device, torch.float64)
         self.input_mean.copy_(mean)
         self.input_std.copy_(variance.sqrt())
@@ -322,26 +322,26 @@ class CrossCoder(nn.Module):
             [B, M, d] with B >= 1, in the input dtype (input_dtype) and on the crosscoder's device.
 
         Raises:
-            ValueError: x has the wrong type, number of models, shape, dtype or device, or no rows.
+            InputError: x has the wrong type, number of models, shape, dtype or device, or no rows.
         """
         if isinstance(x, (tuple, list)):
             if len(x) != self.n_models:
-                raise ValueError(f"x must hold one [B, d] tensor per model (n_models = {self.n_models}), got {len(x)}")
+                raise InputError(f"x must hold one [B, d] tensor per model (n_models = {self.n_models}), got {len(x)}")
             x = _stack_models(tuple(x))
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a tensor [B, M, d] or a tuple of M tensors [B, d], got {type(x).__name__}")
+            raise InputError(f"x must be a tensor [B, M, d] or a tuple of M tensors [B, d], got {type(x).__name__}")
         expected = (self.n_models, self.d_model)
         if x.dim() != 3 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"x must have shape [B, M, d] = [B, {self.n_models}, {self.d_model}], got {tuple(x.shape)}"
             )
         if x.shape[0] < 1:
-            raise ValueError("x must have at least one row (B >= 1)")
+            raise InputError("x must have at least one row (B >= 1)")
         if x.dtype != self.input_dtype:
             what = "compute dtype" if self.compute_dtype else "dtype"
-            raise ValueError(f"x must have the crosscoder's {what} {self.input_dtype}, got {x.dtype}")
+            raise InputError(f"x must have the crosscoder's {what} {self.input_dtype}, got {x.dtype}")
         if x.device != self.W_enc.device:
-            raise ValueError(f"x must be on the crosscoder's device {self.W_enc.device}, got {x.device}")
+            raise InputError(f"x must be on the crosscoder's device {self.W_enc.device}, got {x.device}")
         return x
 
     def _encode(self, x, use_threshold, weights):
@@ -361,7 +361,7 @@ class CrossCoder(nn.Module):
                 )
             return encode_sparse(x, W_enc, b_enc, w, "threshold", theta)
         if not 1 <= self.k <= F:
-            raise ValueError(f"k must be in [1, dict_size = {F}] (K = k * B <= B * F), got k = {self.k}")
+            raise InputError(f"k must be in [1, dict_size = {F}] (K = k * B <= B * F), got k = {self.k}")
         out = encode_sparse(x, W_enc, b_enc, w, "topk", self.k * B)
         if self.training:
             self.track_threshold(out[3])
@@ -409,7 +409,7 @@ class CrossCoder(nn.Module):
             The batch's SparseCodes (B rows, dict_size latents).
 
         Raises:
-            ValueError: x is not a valid batch (see as_batch).
+            InputError: x is not a valid batch (see as_batch).
             RuntimeError: use_threshold with the threshold still unset (-1).
         """
         x = self.as_batch(x)
@@ -429,10 +429,10 @@ class CrossCoder(nn.Module):
             [B, M, d] reconstruction in the compute dtype.
 
         Raises:
-            ValueError: codes have another number of latents.
+            InputError: codes have another number of latents.
         """
         if codes.n_latents != self.dict_size:
-            raise ValueError(f"codes have {codes.n_latents} latents, the crosscoder has {self.dict_size}")
+            raise InputError(f"codes have {codes.n_latents} latents, the crosscoder has {self.dict_size}")
         return self._decode(codes, self.compute_weights(), normalized)
 
     def _decode(self, codes, weights, normalized):
@@ -450,7 +450,7 @@ class CrossCoder(nn.Module):
             CrossCoderOutput whose recon is in the same space as x.
 
         Raises:
-            ValueError: x is not a valid batch (see as_batch).
+            InputError: x is not a valid batch (see as_batch).
             RuntimeError: Eval mode with the threshold still unset (-1).
         """
         x = self.as_batch(x)
@@ -508,7 +508,7 @@ class CrossCoder(nn.Module):
 
         Raises:
             FileNotFoundError: config.json or model.safetensors is missing.
-            ValueError: The files are not a valid checkpoint of this format (the message says why; the paper's
+            InputError: The files are not a valid checkpoint of this format (the message says why; the paper's
                 checkpoints load with load_dictionary_learning).
         """
         return checkpoints.from_pretrained(cls, directory, device=device, dtype=dtype)

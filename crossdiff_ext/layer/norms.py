@@ -6,6 +6,8 @@ from typing import Union
 
 import torch
 
+from ..errors import InputError
+
 # Delta_norm bands of the paper: base-only < 0.1, chat-only > 0.9, shared within 0.1 of 0.5, other in between.
 BANDS = ("base_only", "shared", "chat_only", "other")
 
@@ -14,7 +16,7 @@ def rows_of(cc_or_W: Union[torch.nn.Module, torch.Tensor], attr: str = "W_dec") 
     """The [F, M, d] rows (detached, float) of a crosscoder's `attr`, or of a tensor given as is."""
     W = getattr(cc_or_W, attr) if hasattr(cc_or_W, attr) else cc_or_W
     if W.dim() != 3 or W.shape[1] < 2:
-        raise ValueError(f"W_dec must be [F, M, d] with M >= 2, got {tuple(W.shape)}")
+        raise InputError(f"W_dec must be [F, M, d] with M >= 2, got {tuple(W.shape)}")
     return W.detach().float()
 
 
@@ -33,7 +35,7 @@ def delta_norm(cc_or_W: Union[torch.nn.Module, torch.Tensor], base: int = 0, cha
         [F] float32 values in [0, 1].
 
     Raises:
-        ValueError: The rows are not [F, M, d] with M >= 2.
+        InputError: The rows are not [F, M, d] with M >= 2.
     """
     W = rows_of(cc_or_W)
     nb = torch.linalg.vector_norm(W[:, base], dim=-1)
@@ -55,7 +57,7 @@ def decoder_cosine(cc_or_W: Union[torch.nn.Module, torch.Tensor], base: int = 0,
         [F] float32 cosines in [-1, 1].
 
     Raises:
-        ValueError: The rows are not [F, M, d] with M >= 2.
+        InputError: The rows are not [F, M, d] with M >= 2.
     """
     W = rows_of(cc_or_W)
     return torch.nn.functional.cosine_similarity(W[:, base], W[:, chat], dim=-1, eps=1e-12)
@@ -73,7 +75,7 @@ def encoder_delta_norm(cc: Union[torch.nn.Module, torch.Tensor], base: int = 0, 
         [F] float32 values in [0, 1]: 0 = base-only, 1 = chat-only.
 
     Raises:
-        ValueError: The rows are not [F, M, d] with M >= 2.
+        InputError: The rows are not [F, M, d] with M >= 2.
     """
     return delta_norm(rows_of(cc, "W_enc"), base, chat)
 
@@ -90,7 +92,7 @@ def encoder_cosine(cc: Union[torch.nn.Module, torch.Tensor], base: int = 0, chat
         [F] float32 cosines in [-1, 1].
 
     Raises:
-        ValueError: The rows are not [F, M, d] with M >= 2.
+        InputError: The rows are not [F, M, d] with M >= 2.
     """
     return decoder_cosine(rows_of(cc, "W_enc"), base, chat)
 

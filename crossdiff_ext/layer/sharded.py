@@ -42,7 +42,7 @@ def read_sharding(directory: Union[os.PathLike, str]) -> dict[str, Any]:
         shards = sharding["shards"]
         ends = [0] + [s["end"] for s in shards[:-1]]
         if [s["first"] for s in shards] != ends or shards[-1]["end"] != sharding["dict_size"]:
-            raise ValueError("the shards do not tile [0, dict_size)")
+            raise InputError("the shards do not tile [0, dict_size)")
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise InputError(f"{path}: not a valid sharding record ({e})") from e
     return sharding
@@ -62,7 +62,7 @@ def merge_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torc
         else:
             for i, s in enumerate(states[1:], 1):
                 if not torch.equal(s[name], first):
-                    raise ValueError(f"shards 0 and {i} disagree on the replicated tensor {name!r}")
+                    raise InputError(f"shards 0 and {i} disagree on the replicated tensor {name!r}")
             merged[name] = first
     return merged
 

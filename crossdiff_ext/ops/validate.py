@@ -7,11 +7,13 @@ from typing import Any, NoReturn, Optional, Union
 
 import torch
 
+from ..errors import InputError
+
 FLOATING = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fail(message: str) -> NoReturn:
-    raise ValueError(message)
+    raise InputError(message)
 
 
 def tensor(t: Any, name: str, rank: int, shape: str) -> None:

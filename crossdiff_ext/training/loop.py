@@ -26,6 +26,7 @@ import torch
 
 from ..data import ActivationStore, as_batches, statistics
 from ..data.batches import BatchSource
+from ..errors import InputError
 from ..layer import CrossCoder, CrossCoderOutput, SparseCodes, checkpoints
 from ..layer.norms import band_counts
 from . import losses
@@ -131,7 +132,7 @@ class Runtime:
 
     def __init__(self, crosscoder: CrossCoder, config: TrainConfig):
         if not isinstance(crosscoder, CrossCoder):
-            raise ValueError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
+            raise InputError(f"crosscoder must be a crossdiff_ext.CrossCoder, got {type(crosscoder).__name__}")
         self.model = self.cc = crosscoder  # the module called in the loop; the CrossCoder holding the parameters
         self.dict_size = crosscoder.dict_size
         self.check(config)
@@ -142,7 +143,7 @@ class Runtime:
     def check(self, config: TrainConfig) -> None:
         """Refuse a config this layout cannot run (mixed precision needs fp32 master weights)."""
         if MIXED_PRECISION[config.mixed_precision] is not None and self.cc.W_enc.dtype != torch.float32:
-            raise ValueError(
+            raise InputError(
                 f"TrainConfig.mixed_precision = {config.mixed_precision!r} keeps fp32 master weights: "
                 f"the crosscoder must be float32, got {self.cc.W_enc.dtype}"
             )
@@ -165,7 +166,7 @@ class Runtime:
         opt.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             if "scaler" not in state:
-                raise ValueError(f"{checkpoint}: was not trained with mixed_precision='fp16' (no loss-scaler state)")
+                raise InputError(f"{checkpoint}: was not trained with mixed_precision='fp16' (no loss-scaler state)")
             self.scaler.load_state_dict(state["scaler"])
         tokens_since_fired.copy_(state["tokens_since_fired"].to(tokens_since_fired.device))
 
@@ -393,7 +394,7 @@ def train(
         A TrainResult: the steps taken, the last log record and the newest checkpoint.
 
     Raises:
-        ValueError: A setting of config is invalid, crosscoder is not a CrossCoder, or the config does not fit it
+        InputError: A setting of config is invalid, crosscoder is not a CrossCoder, or the config does not fit it
             (e.g. mixed precision on a non-fp32 crosscoder).
         FileNotFoundError: resume=True but checkpoint_dir holds no checkpoint.
         FileExistsError: resume=False but checkpoint_dir already holds checkpoints.

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from ..layer import CrossCoder, SparseCodes
 
@@ -21,7 +23,7 @@ def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") 
     """Mean over rows and models of ||x[b, m] - recon[b, m]||_2 ("l2", the reference default) or of its square
     ("squared")."""
     if kind not in RECONSTRUCTIONS:
-        raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
+        raise InputError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {kind!r}")
     err = x.float() - recon.float()  # upcast first: a bf16 difference would lose the small errors
     if kind == "l2":
         return torch.linalg.vector_norm(err, dim=-1).mean()
@@ -48,7 +50,7 @@ def fired_latents(codes: SparseCodes) -> torch.Tensor:
 
 
 def update_dead_counters(tokens_since_fired: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
-    """In place: += B for every latent, reset to 0 where the latent fired (SPEC: dead after >= dead_tokens).
+    """In place: += B for every latent, reset to 0 where the latent fired (docs/math.md: dead after >= dead_tokens).
 
     The trainers call it with the current batch BEFORE the aux loss, as the paper's trainer does, so a latent
     selected in this batch is never dead."""
@@ -74,7 +76,7 @@ def aux_k(cc: CrossCoder, k_aux: Optional[int], n_dead: int) -> int:
 def aux_loss(
     cc: CrossCoder, x: torch.Tensor, recon: torch.Tensor, dead: torch.Tensor, k_aux: Optional[int] = None
 ) -> torch.Tensor:
-    """SPEC's auxiliary loss for dead latents.
+    """docs/math.md's auxiliary loss for dead latents.
 
     Per row, the k_aux = min(d/2, n_dead) dead latents with the largest scores s = f * w are decoded from their
     unscaled f, without the decoder bias: xhat_aux. With e = x - recon detached,
