@@ -9,7 +9,7 @@ import torch
 from conftest import rng
 
 import crossdiff_ext as cx
-from crossdiff_ext.demo import synthetic
+from crossdiff_ext import truth
 from crossdiff_ext.diffing import analysis
 from crossdiff_ext.training import losses
 
@@ -130,7 +130,7 @@ def test_batch_topk_recovers_a_planted_dictionary():
     # 34 concepts in 64 dimensions, about 3 active per token; k = 3 matches that sparsity. Measured over 6 seeds
     # (3000 steps): every concept recovered at cosine > 0.99 and classified into its Delta_norm band.
     seed = int(torch.randint(0, 2**31, (1,), generator=rng(35)))
-    planted = synthetic.planted_dictionary(
+    planted = truth.planted_dictionary(
         n_tokens=30000, d_model=64, n_shared=16, n_chat_only=6, n_base_only=6, n_weak_in_base=6, seed=seed
     )
     torch.manual_seed(seed)
@@ -149,7 +149,7 @@ def test_batch_topk_recovers_a_planted_dictionary():
             log_every=1000,
         ),
     )
-    latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
+    latent, cosine = truth.match_by_decoder_cosine(cc.W_dec, planted.directions)
     assert float((cosine > 0.9).float().mean()) >= 0.97, cosine
     dn = analysis.delta_norm(cc)[latent]
     found = lambda kind: [float(dn[i]) for i, k in enumerate(planted.kinds) if k == kind and cosine[i] > 0.9]

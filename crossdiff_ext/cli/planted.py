@@ -8,14 +8,11 @@ import time
 import torch
 
 from .. import training
-from ..demo import synthetic
 from ..diffing import analysis
 from ..layer import CrossCoder
 from ..training import TrainConfig
+from ..truth import PlantedDictionary, planted_dictionary, score_recovery
 from .common import at_least, output_dir
-
-# The band each planted kind must land in: a weak-in-base concept is neither shared nor chat-only.
-EXPECTED_BAND = {"shared": "shared", "chat_only": "chat_only", "base_only": "base_only", "weak_in_base": "other"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,26 +28,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _concept_rows(cc: CrossCoder, planted: synthetic.PlantedDictionary) -> list[dict]:
-    """One row per planted concept: its best-matching latent, the cosine, Delta_norm, band and verdict."""
-    latent, cosine = synthetic.match_concepts(cc.W_dec, planted.directions)
-    dn = analysis.delta_norm(cc)[latent]
-    band = analysis.delta_norm_band(dn)
-    rows = []
-    for i, kind in enumerate(planted.kinds):
-        got = analysis.BANDS[int(band[i])]
-        rows.append(
-            dict(
-                concept=i,
-                kind=kind,
-                latent=int(latent[i]),
-                cosine=round(float(cosine[i]), 4),
-                delta_norm=round(float(dn[i]), 4),
-                band=got,
-                correct=bool(cosine[i] > 0.9) and got == EXPECTED_BAND[kind],
-            )
+def _concept_rows(cc: CrossCoder, planted: PlantedDictionary) -> list[dict]:
+    """One row per planted concept: its best-matching latent, the cosine, Delta_norm, band and verdict (the one
+    recovery rule, truth.score_recovery)."""
+    return [
+        dict(
+            concept=r["concept"],
+            kind=r["kind"],
+            latent=r["latent"],
+            cosine=round(r["cosine"], 4),
+            delta_norm=round(r["delta_norm"], 4),
+            band=r["band"],
+            correct=r["in_band"],
         )
-    return rows
+        for r in score_recovery(cc, planted).rows()
+    ]
 
 
 def _print_table(rows: list[dict], summary: dict) -> None:
@@ -88,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     config.validate()
     output_dir(args.out)
     # 34 concepts in 64 dimensions, ~3 per token: the setting the test suite checks recovery in.
-    planted = synthetic.planted_dictionary(
+    planted = planted_dictionary(
         n_tokens=args.tokens,
         d_model=args.d_model,
         n_shared=16,

@@ -126,7 +126,7 @@ class TrainConfig:
             scaling (torch.amp.GradScaler).
         log_every: Steps between log records (default 100).
         log_path: JSONL log file; None (default): <checkpoint_dir>/log.jsonl when checkpoint_dir is set.
-        checkpoint_every: Steps between checkpoints (default 0: only at the end).
+        checkpoint_every: Steps between checkpoints when checkpoint_dir is set (default 1000; 0: only at the end).
         checkpoint_dir: Directory of the step-NNNNNNNN/ checkpoints (None, the default: no checkpoints).
         keep_checkpoints: Newest checkpoints kept; older ones are deleted (default 2).
         progress: Show a tqdm progress bar (default True).
@@ -172,7 +172,7 @@ class TrainConfig:
     log_path: Optional[str] = setting(
         None, "JSONL log file (none: <checkpoint_dir>/log.jsonl when checkpoints are written)", optional_path
     )
-    checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)", int_at_least(0))
+    checkpoint_every: int = setting(1000, "steps between checkpoints (0: only at the end)", int_at_least(0))
     checkpoint_dir: Optional[str] = setting(
         None, "directory of the step-NNNNNNNN/ checkpoints (none: no checkpoints)", optional_path
     )

@@ -396,8 +396,8 @@ def train(
     Raises:
         InputError: A setting of config is invalid, crosscoder is not a CrossCoder, or the config does not fit it
             (e.g. mixed precision on a non-fp32 crosscoder).
-        FileNotFoundError: resume=True but checkpoint_dir holds no checkpoint.
-        FileExistsError: resume=False but checkpoint_dir already holds checkpoints.
+        MissingInputError: resume=True but checkpoint_dir holds no checkpoint.
+        OutputExistsError: resume=False but checkpoint_dir already holds checkpoints.
         FloatingPointError: A step's loss was not finite (the weights were not updated).
     """
     config = config or TrainConfig()
