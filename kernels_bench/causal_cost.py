@@ -5,7 +5,7 @@ Per model shape (random Llama weights: the cost does not depend on them), on one
 - per latent set: the marginal cost of one more latent set in cx.causal.patch_kl, (T(5 sets) - T(1 set)) / 4, as
   a ratio to plain (the goal: at most 1.3);
 - attribution: cx.causal.attribution on the batch, as a ratio to plain;
-- stopped forward: data.decoder_blocks.run_to_layer up to the crosscoder's layer against the full forward with
+- stopped forward: models.blocks.run_to_layer up to the crosscoder's layer against the full forward with
   output_hidden_states (how collect ran before it stopped at the hooked layer), with the FLOP ratio of the two
   (2 x the parameters each token passes through plus 4 T d per block for attention scores and mixing, and
   2 d V for the LM head) as the ceiling on the speedup.

@@ -4,7 +4,7 @@ The same token ids go through both models: documents are tokenized once, with th
 tokenizer, after checking that both tokenizers have the same vocabulary. Chat data (a list of {"role", "content"}
 messages) gets the chat model's chat template. The activation of layer L is the residual stream after block L
 (block L's output; for L < n_layers - 1 that is hidden_states[L + 1] of a transformers causal LM). Each model runs
-only up to block L (decoder_blocks.run_to_layer): no later block, final norm or LM head. Padding is dropped, and
+only up to block L (models.blocks.run_to_layer): no later block, final norm or LM head. Padding is dropped, and
 optionally the first `drop_first` tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every
 kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position.
 

@@ -251,7 +251,7 @@ class _Batch:
     h_base: torch.Tensor
     h_chat: torch.Tensor
     logp_chat: torch.Tensor  # [n_scored, V] fp32 (or wider)
-    formats: list  # decoder_blocks.output_format of the chat model's blocks 0..L
+    formats: list  # models.blocks.output_format of the chat model's blocks 0..L
     p_chat: torch.Tensor = None  # exp(logp_chat), once per batch rather than once per latent set
     h_none: torch.Tensor = None  # set "none": h_base at the patched positions, h_chat elsewhere
 
