@@ -6,7 +6,7 @@ rename so the rename itself survives a crash. Readers see the old content or the
 A write that fails (a full disk, a read-only directory) removes its temporary file, leaves the target as it was,
 and raises an OSError that names the target.
 
-Fault injection, for the crash-safety tests (python_tests/test_crash.py) and nothing else: with the environment
+Fault injection, for the crash-safety tests (python_tests/data/test_crash.py) and nothing else: with the environment
 variable CROSSDIFF_FAULT set, every step of the write protocol (a temporary file created, its data written, fsynced,
 renamed; a temporary directory complete, renamed) is a numbered fault point of this process.
   CROSSDIFF_FAULT=kill:N     SIGKILL this process at its Nth write step (after truncating a just-written temporary

@@ -59,8 +59,8 @@ DEADLINE=$((START + GPU_SESSION_BUDGET_S))
 MIN_STAGE_S=10
 FAILED=0
 # fuzz last: a failing example makes Hypothesis try more shapes (new Triton compiles); the others run first
-OP_TESTS=(python_tests/test_ops_select.py python_tests/test_ops_sparse.py python_tests/test_ops_encode.py
-    python_tests/test_opcheck.py python_tests/test_ops_fuzz.py)
+OP_TESTS=(python_tests/ops/test_ops_select.py python_tests/ops/test_ops_sparse.py python_tests/ops/test_ops_encode.py
+    python_tests/ops/test_opcheck.py python_tests/ops/test_ops_fuzz.py)
 # memcheck's cases: one of each CUDA kernel family at small shapes (the sanitizer slows kernels 10-100x and its
 # start, torch's CUDA init under it, takes tens of seconds)
 MEMCHECK_SELECT="cuda and (matches_reference or ties_at_the_boundary or rows_keep_zero_or_many or keeps_nan)"
@@ -140,7 +140,7 @@ all() {
         # the same files on the CPU backend (Triton's interpreter is the CPU suite's business)
         stage op-tests 80 env CROSSDIFF_FUZZ_EXAMPLES=0.25 CROSSDIFF_FUZZ_NO_SHRINK=1 "$PY" -m pytest -v \
             --tb=short -p no:cacheprovider -ra -m "not gpu" -k "cpu and not reference" "${OP_TESTS[@]}"
-        stage scale-tests 30 "$PY" -m pytest -q -p no:cacheprovider --collect-only python_tests/test_gpu_scale.py
+        stage scale-tests 30 "$PY" -m pytest -q -p no:cacheprovider --collect-only python_tests/ops/test_gpu_scale.py
         gpu_only scale-run "test_gpu_scale.py's cases need CUDA tensors (collected above, not run)"
         stage bench 60 "$PY" -m kernels_bench --suite quick --lean --backends cpu --reps 2 --out "$OUT/bench"
         sanitizer memcheck memcheck 50
@@ -150,12 +150,12 @@ all() {
     fi
     stage op-tests 80 env CROSSDIFF_FUZZ_EXAMPLES=0.25 CROSSDIFF_FUZZ_NO_SHRINK=1 "$PY" -m pytest -v --tb=short \
         -p no:cacheprovider -ra -m gpu "${OP_TESTS[@]}"
-    stage scale-tests 50 "$PY" -m pytest -v --tb=short -p no:cacheprovider -ra -m gpu python_tests/test_gpu_scale.py
+    stage scale-tests 50 "$PY" -m pytest -v --tb=short -p no:cacheprovider -ra -m gpu python_tests/ops/test_gpu_scale.py
     stage bench 100 "$PY" -m kernels_bench --suite paper --lean --out "$OUT/bench"
-    sanitizer memcheck memcheck 50 -k "$MEMCHECK_SELECT" python_tests/test_ops_select.py \
-        python_tests/test_ops_sparse.py python_tests/test_ops_encode.py
-    sanitizer racecheck racecheck 30 -k "cuda and matches_reference" python_tests/test_ops_select.py
-    stage compile-tests 30 "$PY" -m pytest -v --tb=short -p no:cacheprovider -ra -m gpu python_tests/test_compile.py
+    sanitizer memcheck memcheck 50 -k "$MEMCHECK_SELECT" python_tests/ops/test_ops_select.py \
+        python_tests/ops/test_ops_sparse.py python_tests/ops/test_ops_encode.py
+    sanitizer racecheck racecheck 30 -k "cuda and matches_reference" python_tests/ops/test_ops_select.py
+    stage compile-tests 30 "$PY" -m pytest -v --tb=short -p no:cacheprovider -ra -m gpu python_tests/training/test_compile.py
 }
 
 prebuild() {

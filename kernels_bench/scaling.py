@@ -2,7 +2,7 @@
 for a mesh of D data replicas x G latent shards, and where it stops scaling.
 
 collective_bytes() counts the payload of every collective one step issues (checked against the calls of a real
-gloo step in python_tests/test_distributed_train.py). Times use datasheet peaks, not measurements:
+gloo step in python_tests/distributed/test_distributed_train.py). Times use datasheet peaks, not measurements:
 H100 SXM dense BF16 989 TFLOP/s, HBM3 3.35 TB/s, NVLink 4 450 GB/s per direction per
 GPU, InfiniBand NDR 400 Gb/s = 50 GB/s per GPU (one NIC per GPU, as in a DGX H100). A ring all-reduce moves
 2 (n - 1) / n times the payload through each rank's link; an all-gather (n - 1) / n of the gathered size.

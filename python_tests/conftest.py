@@ -99,3 +99,19 @@ def poison():
 def _restore_backend():
     yield
     cx.set_backend("auto")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Paths of a tiny random base and chat transformers model with one tokenizer (tiny_models.py)."""
+    import tiny_models
+
+    return tiny_models.make_pair(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A small JSONL corpus of texts and conversations in the tiny models' vocabulary (tiny_models.py)."""
+    import tiny_models
+
+    return tiny_models.write_corpus(tmp_path)

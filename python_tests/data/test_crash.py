@@ -1,6 +1,6 @@
 """Crash safety, measured: `crossdiff collect` and `crossdiff train` killed with SIGKILL at chosen and random moments
 and resumed equal an uninterrupted run bit for bit on the CPU, and no half-written file is ever read as valid
-(python_tests/crash_driver.py); a full disk and a read-only output directory end in an OSError that names the path,
+(python_tests/data/crash_driver.py); a full disk and a read-only output directory end in an OSError that names the path,
 with the last whole shard or checkpoint intact."""
 
 import contextlib

@@ -1,76 +1,15 @@
 """Activation collection from two (tiny, random) transformers models: the same token ids into both, chat
 templates, dropped padding and BOS, resume, clear errors, and collect -> train -> reload."""
 
-import json
-
 import pytest
 import torch
 import transformers
+from tiny_models import WORDS, make_model, make_tokenizer
 
 import crossdiff_ext as cx
 from crossdiff_ext.data import activations
 from crossdiff_ext.data.store import ActivationStore
 from crossdiff_ext.errors import InputError, MissingInputError
-
-WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "user", "assistant", ":"] + [f"w{i}" for i in range(50)]
-
-
-def make_tokenizer(words=WORDS):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = "<bos> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-    return fast
-
-
-def make_model(path, seed, words=WORDS):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    make_tokenizer(words).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return make_model(root / "base", 0), make_model(root / "chat", 1)
-
-
-@pytest.fixture
-def data(tmp_path):
-    g = torch.Generator().manual_seed(7)
-    lines = []
-    for i in range(12):
-        words = " ".join(
-            f"w{int(j)}" for j in torch.randint(0, 50, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g)
-        )
-        if i % 3 == 0:
-            lines.append(
-                json.dumps(
-                    {"messages": [{"role": "user", "content": words}, {"role": "assistant", "content": "w1 w2"}]}
-                )
-            )
-        else:
-            lines.append(json.dumps({"text": "<bos> " + words}))
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_collect_feeds_the_same_tokens_and_drops_bos(pair, data, tmp_path):

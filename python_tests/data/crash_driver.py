@@ -1,7 +1,7 @@
 """kill -9 `crossdiff collect` and `crossdiff train` at chosen and at random moments, resume them, and compare with an
 uninterrupted run bit for bit.
 
-Run by python_tests/test_crash.py in a subprocess (OMP_NUM_THREADS=1, PYTHONPATH at the checkout under test):
+Run by python_tests/data/test_crash.py in a subprocess (OMP_NUM_THREADS=1, PYTHONPATH at the checkout under test):
     python crash_driver.py WORKDIR --seeds 11 12 13 --kills 3 [--unsafe]
 prints one JSON summary line on stdout and exits 0; a failed check exits 1 with the reason on stderr.
 
@@ -47,8 +47,8 @@ from crossdiff_ext.data.store import ActivationStore, StoreWriter  # noqa: E402
 from crossdiff_ext.layer import checkpoints  # noqa: E402
 from crossdiff_ext.training import checkpoints as checkpointing  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_activations import make_model  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python_tests: tiny_models
+from tiny_models import make_model  # noqa: E402
 
 DOCUMENTS = 14
 TRAIN_STEPS = 16

@@ -45,7 +45,7 @@ def test_corpus_is_seeded_and_every_word_is_in_the_vocabulary():
 
 
 def test_template_token_ids():
-    from test_activations import make_tokenizer
+    from tiny_models import make_tokenizer
 
     tok = tl.make_tokenizer()
     assert tok.convert_ids_to_tokens(activations.template_token_ids(tok)) == [

@@ -18,7 +18,7 @@ import crossdiff_ext as cx
 from crossdiff_ext import cli
 from crossdiff_ext.data.store import StoreWriter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_verify_names_a_flipped_byte_and_reports_old_stores_as_unchecked(assets,
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     pytest.importorskip("transformers")
-    from test_activations import WORDS, make_model
+    from tiny_models import WORDS, make_model
 
     root = tmp_path_factory.mktemp("models")
     paths = dict(base=make_model(root / "base", 0), chat=make_model(root / "chat", 1))

@@ -11,7 +11,7 @@ import pytest
 
 from kernels_bench import gpu_session
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "kernels_bench", "gpu_session.sh")
 STAGES = ["env", "import", "op-tests", "scale-tests", "scale-run", "bench", "memcheck", "racecheck", "compile-tests"]
 

@@ -29,7 +29,7 @@ import crossdiff_ext as cx
 from crossdiff_ext import ops
 
 # Examples per op and backend. The interpreter takes 0.1-0.6 s an example (several launches each), so it gets fewer,
-# and smaller sizes. The whole file took 15-50 s (`pytest --durations=0 python_tests/test_ops_fuzz.py`) on the
+# and smaller sizes. The whole file took 15-50 s (`pytest --durations=0 python_tests/ops/test_ops_fuzz.py`) on the
 # 2-core CI machine, depending on the other jobs sharing it. CROSSDIFF_FUZZ_EXAMPLES multiplies every budget, for a
 # longer local search.
 EXAMPLES = {

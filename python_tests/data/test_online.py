@@ -5,7 +5,6 @@ weights load."""
 import pytest
 import torch
 import transformers
-from test_activations import data, pair  # noqa: F401  (fixtures)
 
 import crossdiff_ext as cx
 from crossdiff_ext import cli

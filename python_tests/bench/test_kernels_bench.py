@@ -148,7 +148,7 @@ def test_auto_table_rewrites_only_its_devices_in_the_data_file(tmp_path, monkeyp
 def test_auto_tables_file_is_package_data():
     import ast
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with open(os.path.join(root, "setup.py")) as fh:
         tree = ast.parse(fh.read())
     package_data = [

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of crossdiff_ext ahead of time for real GPU targets, without a GPU.
 
-Run by python_tests/test_triton_compiles.py in a subprocess with TRITON_INTERPRET unset (under the interpreter
+Run by python_tests/triton/test_triton_compiles.py in a subprocess with TRITON_INTERPRET unset (under the interpreter
 the kernels are Python functions and nothing is compiled). Lowering to PTX and ptxas's cubin catches what the
 interpreter cannot: type errors of the compiled dialect, unsupported ops, layouts, register/PTX failures.
 Prints one line per compiled variant and exits non-zero on the first failure.

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import transformers
-from test_activations import WORDS, make_model, make_tokenizer, pair  # noqa: F401  (fixture)
+from tiny_models import WORDS, make_model, make_tokenizer
 
 import crossdiff_ext as cx
 from crossdiff_ext.diffing import causal, scored_positions

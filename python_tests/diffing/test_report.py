@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import torch
-from test_activations import data, make_model, pair  # noqa: F401  (fixtures)
 
 import crossdiff_ext as cx
 from crossdiff_ext.data import activations
@@ -55,7 +54,7 @@ def test_max_activating_examples_and_quantiles(tmp_path):
 
 
 def test_render_has_every_section():
-    from test_latent_scaling import artifact_crosscoder
+    from handmade_crosscoders import artifact_crosscoder
 
     cc, x = artifact_crosscoder()
     table = cx.latent_table(cc, cx.latent_scaling(cc, x))
@@ -161,7 +160,7 @@ def test_scale_and_report_commands(pair, data, tmp_path):  # noqa: F811
 def test_contexts_read_as_text():
     # The word-level tokenizer of the demo, and a byte-level BPE (spaces live inside the tokens, and a character
     # may span two tokens): the parts concatenate to the decoded context, the activating token is marked.
-    from test_latent_scaling import artifact_crosscoder
+    from handmade_crosscoders import artifact_crosscoder
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
