@@ -173,7 +173,7 @@ def pytest_figures(log: str) -> dict:
     closing = [
         line
         for line in log.splitlines()
-        if re.search(r"\d+ (passed|failed|skipped|error)", line) and not line.startswith("=========")
+        if re.search(r"\d+ (passed|failed|skipped|error)", line) and "ERROR SUMMARY" not in line
     ]  # compute-sanitizer's own "========= ERROR SUMMARY: 0 errors" is not pytest's line
     if closing:
         return {kind.rstrip("s"): int(n) for n, kind in PYTEST_COUNTS.findall(closing[-1])}

@@ -114,9 +114,7 @@ def _mixture(args: argparse.Namespace, stores: list[ActivationStore]) -> Any:
     fractions = args.mix or [1.0 / len(stores)] * len(stores)
     try:
         return MixedBatches(list(zip(stores, fractions)), args.batch_size, seed=args.seed, device=args.device)
-    except InputError:
-        raise
-    except ValueError as err:  # MixedBatches reports a mix that leaves a source no rows as a plain ValueError
+    except InputError as err:  # name the flags behind the library's words
         raise InputError(f"--mix {' '.join(map(str, fractions))} with --batch-size {args.batch_size}: {err}") from err
 
 

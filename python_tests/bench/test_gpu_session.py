@@ -83,6 +83,7 @@ def test_abi3_check_passes_the_build_and_catches_other_symbols(monkeypatch):
     "log,expected",
     [
         ("....\n3 passed, 2 skipped, 1 deselected in 4.1s\n", {"passed": 3, "skipped": 2, "deselected": 1}),
+        ("a.py::t PASSED\n========= 2 passed in 9.0s =========\n========= ERROR SUMMARY: 0 errors\n", {"passed": 2}),
         ("a.py::t[cuda] PASSED\na.py::u[cuda] PASSED\na.py::v[cuda] FAILED\n",
          {"passed_before_cutoff": 2, "failed_before_cutoff": 1}),
     ],
