@@ -284,7 +284,8 @@ def _build_pair(directory, recipe, progress):
 def toy_pair(
     recipe: PairRecipe = PairRecipe(), *, root: Optional[Union[str, os.PathLike]] = None, progress: bool = True
 ) -> tuple[str, str, dict[str, Any]]:
-    """(base_dir, chat_dir, record): the cached pair for `recipe`, built first if it is not there."""
+    """(base_dir, chat_dir, record): the pair for `recipe` built on this machine and cached, built first if it is
+    not there (minutes). The demo loads shipped_pair instead unless asked to rebuild."""
     root = root or cache_root()
     final = os.path.join(root, f"toy-pair-{recipe.key()}")
     if not os.path.exists(os.path.join(final, "pair.json")):
