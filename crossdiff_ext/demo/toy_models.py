@@ -2,8 +2,8 @@
 its chat conversations (chat).
 
 The pair that the default recipe builds ships with the package (pair/: about 1.9 MB of weights, configs and
-tokenizer files), so a first demo loads it instead of training it for minutes (the build took 265 s on one thread
-of the 2-core CI machine while other jobs shared it). Its pair.json records the recipe, the torch version and the
+tokenizer files), so a first demo loads it instead of training it for minutes (the build took 171 s on one thread
+of a 2-core AMD EPYC while other jobs shared it). Its pair.json records the recipe, the torch version and the
 thread count it was built with; loading it checks that the recipe and its key match the code's. On request the
 pair is rebuilt from the recipe on this machine instead (toy_pair), and cached.
 
