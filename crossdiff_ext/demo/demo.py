@@ -1,7 +1,8 @@
 """`crossdiff demo`: the whole model-diffing job on a base/chat pair, end to end.
 
-1. the model pair: the cached tiny Llama pair of toy_models (base: plain text; chat: fine-tuned on chat with a
-   template and planted refusal and correction behaviours), or real models given by name;
+1. the model pair: the tiny Llama pair of toy_models that ships with the package (base: plain text; chat:
+   fine-tuned on chat with a template and planted refusal and correction behaviours; rebuilt from its recipe on
+   request), or real models given by name;
 2. paired activations of one layer over a fresh generated corpus, half plain text, half chat -> a store;
 3. a BatchTopK and an L1 crosscoder trained on it (inputs normalised, as in the paper);
 4. Latent Scaling of every latent, the latent table, and the HTML report of each crosscoder;
@@ -13,12 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -33,7 +35,7 @@ from ..layer import CrossCoder
 from ..training import TrainConfig
 from . import toy_language as tl
 from .causal_evidence import causal_evidence, describe_causal
-from .toy_models import fixed_threads, toy_pair
+from .toy_models import fixed_threads, shipped_pair, toy_pair
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -63,11 +65,15 @@ class DemoConfig:
     # torch threads of the whole run (None: torch's default). Fixed, so the printed table is the same on machines
     # with different core counts: the rounding of GEMMs and reductions depends on the thread count.
     threads: Optional[int] = 1
+    # Build the toy pair from its recipe on this machine (cached) instead of loading the shipped one: minutes.
+    rebuild_pair: bool = False
 
     def validate(self) -> None:
         """Refuse inconsistent settings (a half-given model pair, a missing --layer, non-positive sizes)."""
         if (self.base is None) != (self.chat is None):
             raise ValueError("give both --base and --chat (real models), or neither (the embedded toy pair)")
+        if self.base is not None and self.rebuild_pair:
+            raise ValueError("--rebuild-pair rebuilds the embedded toy pair: not with --base/--chat")
         if self.base is not None and self.layer is None:
             raise ValueError("--layer is required with --base/--chat")
         if self.causal_conversations < 0:
@@ -188,29 +194,85 @@ def run(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         return _run(config)
 
 
-def _run(config):
+# (name, activation) of the two crosscoders the demo compares, in the order it trains them
+CROSSCODERS = (("batchtopk", "batch_topk"), ("l1", "relu"))
+
+
+class _Stopwatch:
+    """Seconds per phase, rounded to 0.1 s, in the order the phases end."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 1)
+
+    def total(self) -> dict[str, float]:
+        return dict(self.seconds, total=round(time.perf_counter() - self.start, 1))
+
+
+def _run(config: DemoConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     if not config.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    timings = {}
+    clock = _Stopwatch()
     os.makedirs(config.out, exist_ok=True)
-    pair = None
-    if config.base is None:
-        base, chat, pair = toy_pair(progress=config.progress)
-        layer = config.layer if config.layer is not None else pair["recipe"]["layers"] // 2
-    else:
-        base, chat, layer = config.base, config.chat, config.layer
-    timings["model_pair"] = round(time.perf_counter() - t0, 1)
+    with clock.phase("model_pair"):
+        base, chat, layer, pair = _model_pair(config)
+    with clock.phase("collect"):
+        store = _collect(config, base, chat, layer)
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    template = template_token_ids(tokenizer)
+    dict_size, k = _sizes(config, store.d_model)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = {}
+    for name, activation in CROSSCODERS:
+        with clock.phase(name):
+            cc, train = _train(config, name, activation, store, dict_size, k, device)
+            scaling, table, files = _scale_and_report(config, name, cc, store, tokenizer, layer)
+            evidence = _patch(config, name, cc, scaling, base, chat, layer, clock)
+            results[name] = _result(cc, train, store, tokenizer, template, table, files, evidence, activation)
+    summary = dict(
+        config=asdict(config),
+        base=base,
+        chat=chat,
+        layer=layer,
+        tokens=len(store),
+        template_tokens=tokenizer.convert_ids_to_tokens(template),
+        pair=pair,
+        crosscoders=results,
+        seconds=clock.total(),
+        device=str(device),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
+    atomic.write_json(os.path.join(config.out, "summary.json"), summary, indent=1)
+    return summary
 
+
+def _model_pair(config: DemoConfig) -> tuple[str, str, int, Optional[dict[str, Any]]]:
+    """(base, chat, layer, the toy pair's record or None): the shipped toy pair (rebuilt on this machine on request),
+    or the models given by name."""
+    if config.base is not None:
+        return config.base, config.chat, config.layer, None
+    base, chat, pair = toy_pair(progress=config.progress) if config.rebuild_pair else shipped_pair()
+    layer = config.layer if config.layer is not None else pair["recipe"]["layers"] // 2
+    return base, chat, layer, pair
+
+
+def _collect(config: DemoConfig, base: str, chat: str, layer: int) -> ActivationStore:
+    """Paired activations of `layer` over a fresh generated corpus, into OUT/store (replacing a previous run's)."""
     documents = tl.corpus(config.text_documents, config.chat_documents, seed=10_000 + config.seed)
     store_dir = os.path.join(config.out, "store")
     _clear(store_dir, ["store.json", "shard-*", "positions-*", "tokens-*", ".*"])
-    t = time.perf_counter()
-    store = collect(
+    return collect(
         base,
         chat,
         layer,
@@ -223,112 +285,136 @@ def _run(config):
         device=config.device,
         progress=config.progress,
     )
-    timings["collect"] = round(time.perf_counter() - t, 1)
-    tokenizer = AutoTokenizer.from_pretrained(chat)
-    template = template_token_ids(tokenizer)
-    d = store.d_model
-    dict_size = config.dict_size or 8 * d
-    k = config.k or max(8, d // 24)
-    if not 1 <= k <= dict_size:  # the defaults follow the width, known once the store is written
-        raise InputError(f"k = {k} must be in [1, dict_size = {dict_size}] (-k and --dict-size)")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    results = {}
-    for name, activation in (("batchtopk", "batch_topk"), ("l1", "relu")):
-        t = time.perf_counter()
-        torch.manual_seed(config.seed)
-        cc = CrossCoder(
-            d,
-            dict_size,
-            2,
-            k=k if activation == "batch_topk" else None,
-            activation=activation,
-            device=device,
-            target_rms=1.0,
-            threshold_start_step=min(100, config.steps // 2),
-        )
-        run_dir = os.path.join(config.out, name)
-        _clear(run_dir, ["step-*", "log.jsonl", "report.html", "report.csv", ".*"])
-        # The L1 crosscoder as in the paper: squared error (its sparsity trade-off depends on it) and mu.
-        train = training.train(
+
+def _sizes(config: DemoConfig, d_model: int) -> tuple[int, int]:
+    """(dict_size, k): the given ones, else the defaults that follow the width (known once the store is written)."""
+    dict_size = config.dict_size or 8 * d_model
+    k = config.k or max(8, d_model // 24)
+    if not 1 <= k <= dict_size:
+        raise InputError(f"k = {k} must be in [1, dict_size = {dict_size}] (-k and --dict-size)")
+    return dict_size, k
+
+
+def _train(
+    config: DemoConfig, name: str, activation: str, store: ActivationStore, dict_size: int, k: int, device: str
+) -> tuple[CrossCoder, Any]:
+    """A crosscoder trained on the store into OUT/<name> (inputs normalised, as in the paper), in eval mode."""
+    torch.manual_seed(config.seed)
+    cc = CrossCoder(
+        store.d_model,
+        dict_size,
+        2,
+        k=k if activation == "batch_topk" else None,
+        activation=activation,
+        device=device,
+        target_rms=1.0,
+        threshold_start_step=min(100, config.steps // 2),
+    )
+    run_dir = os.path.join(config.out, name)
+    _clear(run_dir, ["step-*", "log.jsonl", "report.html", "report.csv", ".*"])
+    # The L1 crosscoder as in the paper: squared error (its sparsity trade-off depends on it) and mu.
+    train = training.train(
+        cc,
+        store,
+        TrainConfig(
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=1e-3,
+            warmup_steps=100,
+            decay_start=0.8,
+            reconstruction="squared" if activation == "relu" else "l2",
+            l1_coefficient=config.l1_coefficient,
+            dead_tokens=50 * config.batch_size,
+            seed=config.seed,
+            checkpoint_dir=run_dir,
+            checkpoint_every=config.steps,
+            keep_checkpoints=1,
+            log_every=max(1, config.steps // 10),
+            progress=config.progress,
+        ),
+    )
+    cc.eval()
+    return cc, train
+
+
+def _scale_and_report(
+    config: DemoConfig,
+    name: str,
+    cc: CrossCoder,
+    store: ActivationStore,
+    tokenizer: PreTrainedTokenizerBase,
+    layer: int,
+) -> tuple[Any, dict[str, list[Any]], dict[str, str]]:
+    """(scaling, latent table, {"report": path, "table": path}): Latent Scaling of every latent, the latent table
+    and the HTML report in OUT/<name>."""
+    report = os.path.join(config.out, name, "report.html")
+    scaling, table, table_path, _, _ = report_crosscoder(
+        cc,
+        [store],
+        report,
+        tokenizer=tokenizer,
+        title=f"crossdiff demo: {name} crosscoder, base vs chat",
+        meta=dict(layer=layer, k=cc.k),
+        progress=config.progress,
+    )
+    return scaling, table, dict(report=report, table=table_path)
+
+
+def _patch(
+    config: DemoConfig,
+    name: str,
+    cc: CrossCoder,
+    scaling: Any,
+    base: str,
+    chat: str,
+    layer: int,
+    clock: _Stopwatch,
+) -> Optional[dict[str, Any]]:
+    """The causal patching experiment on held-out conversations (None when config.causal_conversations is 0)."""
+    if not config.causal_conversations:
+        return None
+    with clock.phase(f"{name}_causal"):
+        return causal_evidence(
+            base,
+            chat,
             cc,
-            store,
-            TrainConfig(
-                steps=config.steps,
-                batch_size=config.batch_size,
-                lr=1e-3,
-                warmup_steps=100,
-                decay_start=0.8,
-                reconstruction="squared" if activation == "relu" else "l2",
-                l1_coefficient=config.l1_coefficient,
-                dead_tokens=50 * config.batch_size,
-                seed=config.seed,
-                checkpoint_dir=run_dir,
-                checkpoint_every=config.steps,
-                keep_checkpoints=1,
-                log_every=max(1, config.steps // 10),
-                progress=config.progress,
-            ),
-        )
-        cc.eval()
-        scaling, table, table_path, _, _ = report_crosscoder(
-            cc,
-            [store],
-            os.path.join(run_dir, "report.html"),
-            tokenizer=tokenizer,
-            title=f"crossdiff demo: {name} crosscoder, base vs chat",
-            meta=dict(layer=layer, k=cc.k),
+            layer,
+            scaling,
+            conversations=config.causal_conversations,
+            seed=config.seed,
+            device=config.device,
             progress=config.progress,
         )
-        evidence = None
-        if config.causal_conversations:
-            t_causal = time.perf_counter()
-            evidence = causal_evidence(
-                base,
-                chat,
-                cc,
-                layer,
-                scaling,
-                conversations=config.causal_conversations,
-                seed=config.seed,
-                device=config.device,
-                progress=config.progress,
-            )
-            timings[f"{name}_causal"] = round(time.perf_counter() - t_causal, 1)
-        share = token_share(cc, store, template)
-        specific = [j for j, c in enumerate(table["class"]) if c == "chat_specific"]
-        latents = describe_latents(cc, store, specific, tokenizer, template, table, share)
-        results[name] = dict(
-            activation=activation,
-            dict_size=dict_size,
-            k=cc.k,
-            **evaluate(cc, store),
-            dead_fraction=train.last.get("dead_fraction"),
-            report=os.path.join(run_dir, "report.html"),
-            table=table_path,
-            checkpoint=train.checkpoint,
-            **_verdicts(table, {d["latent"]: d["on_template"] for d in latents}),
-            chat_specific_latents=latents,
-            causal=evidence,
-        )
-        timings[name] = round(time.perf_counter() - t, 1)
-    timings["total"] = round(time.perf_counter() - t0, 1)
-    summary = dict(
-        config=asdict(config),
-        base=base,
-        chat=chat,
-        layer=layer,
-        tokens=len(store),
-        template_tokens=tokenizer.convert_ids_to_tokens(template),
-        pair=pair,
-        crosscoders=results,
-        seconds=timings,
-        device=str(device),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
+
+
+def _result(
+    cc: CrossCoder,
+    train: Any,
+    store: ActivationStore,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Sequence[int],
+    table: Mapping[str, Sequence[Any]],
+    files: Mapping[str, str],
+    evidence: Optional[dict[str, Any]],
+    activation: str,
+) -> dict[str, Any]:
+    """One crosscoder's entry of the summary: its fit, the paper's counts, its chat-specific latents, the patching."""
+    share = token_share(cc, store, template)
+    specific = [j for j, c in enumerate(table["class"]) if c == "chat_specific"]
+    latents = describe_latents(cc, store, specific, tokenizer, template, table, share)
+    return dict(
+        activation=activation,
+        dict_size=cc.dict_size,
+        k=cc.k,
+        **evaluate(cc, store),
+        dead_fraction=train.last.get("dead_fraction"),
+        **files,
+        checkpoint=train.checkpoint,
+        **_verdicts(table, {d["latent"]: d["on_template"] for d in latents}),
+        chat_specific_latents=latents,
+        causal=evidence,
     )
-    atomic.write_json(os.path.join(config.out, "summary.json"), summary, indent=1)
-    return summary
 
 
 def describe(summary: Mapping[str, Any]) -> list[str]:

@@ -1,6 +1,11 @@
 """The demo's model pair: a tiny Llama trained on the generated language's plain text (base), then fine-tuned on
-its chat conversations (chat), built on the CPU once and cached, so later runs load it (the build took 265 s on
-one thread of the 2-core CI machine while other jobs shared it).
+its chat conversations (chat).
+
+The pair that the default recipe builds ships with the package (pair/: about 1.9 MB of weights, configs and
+tokenizer files), so a first demo loads it instead of training it for minutes (the build took 171 s on one thread
+of a 2-core AMD EPYC while other jobs shared it). Its pair.json records the recipe, the torch version and the
+thread count it was built with; loading it checks that the recipe and its key match the code's. On request the
+pair is rebuilt from the recipe on this machine instead (toy_pair), and cached.
 
 The cache directory is $CROSSDIFF_CACHE, else $XDG_CACHE_HOME/crossdiff_ext, else ~/.cache/crossdiff_ext; a pair
 lives in toy-pair-<key>/ (base/, chat/, pair.json), where the key hashes the recipe and the torch version, so a
@@ -54,10 +59,36 @@ class PairRecipe:
     seed: int = 0
     threads: int = 1  # torch threads of the build: the weights depend on it
 
-    def key(self) -> str:
-        """12 hex digits hashing the recipe, RECIPE_VERSION and the torch version: the cache key of its pair."""
-        blob = json.dumps(dict(asdict(self), version=RECIPE_VERSION, torch=torch.__version__), sort_keys=True).encode()
+    def key(self, torch_version: Optional[str] = None) -> str:
+        """12 hex digits hashing the recipe, RECIPE_VERSION and the torch version (default: the running one): the
+        cache key of its pair."""
+        version = torch.__version__ if torch_version is None else torch_version
+        blob = json.dumps(dict(asdict(self), version=RECIPE_VERSION, torch=version), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+SHIPPED_PAIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pair")
+
+
+def shipped_pair(recipe: PairRecipe = PairRecipe()) -> tuple[str, str, dict[str, Any]]:
+    """(base_dir, chat_dir, record): the pair shipped with the package, built from `recipe`.
+
+    Raises:
+        RuntimeError: if the shipped pair is missing or was built from another recipe (or another RECIPE_VERSION):
+            the installation is broken or stale; toy_pair rebuilds the pair from the recipe.
+    """
+    record_path = os.path.join(SHIPPED_PAIR, "pair.json")
+    if not os.path.exists(record_path):
+        raise RuntimeError(f"the shipped toy pair is missing ({record_path}): reinstall, or rebuild the pair")
+    with open(record_path) as fh:
+        record = json.load(fh)
+    # The key is recomputed under the torch version the pair was built with: it then checks RECIPE_VERSION too.
+    if record.get("recipe") != asdict(recipe) or record.get("key") != recipe.key(record.get("torch")):
+        raise RuntimeError(
+            f"the shipped toy pair was built from another recipe ({record.get('recipe')}, key {record.get('key')}) "
+            f"than {asdict(recipe)} (key {recipe.key(record.get('torch'))}): rebuild the pair"
+        )
+    return os.path.join(SHIPPED_PAIR, "base"), os.path.join(SHIPPED_PAIR, "chat"), record
 
 
 def cache_root() -> str:
@@ -253,7 +284,8 @@ def _build_pair(directory, recipe, progress):
 def toy_pair(
     recipe: PairRecipe = PairRecipe(), *, root: Optional[Union[str, os.PathLike]] = None, progress: bool = True
 ) -> tuple[str, str, dict[str, Any]]:
-    """(base_dir, chat_dir, record): the cached pair for `recipe`, built first if it is not there."""
+    """(base_dir, chat_dir, record): the pair for `recipe` built on this machine and cached, built first if it is
+    not there (minutes). The demo loads shipped_pair instead unless asked to rebuild."""
     root = root or cache_root()
     final = os.path.join(root, f"toy-pair-{recipe.key()}")
     if not os.path.exists(os.path.join(final, "pair.json")):

@@ -1,13 +1,19 @@
-"""The embedded demo: the generated language, the cached tiny base/chat pair (it must really learn the planted
-behaviours), template tokens, the template activation share, and `crossdiff demo` end to end, on the toy pair and
-on models given by name."""
+"""The embedded demo: the generated language, the shipped tiny base/chat pair (it must really have learned the
+planted behaviours, and be what its recipe builds), template tokens, the template activation share, and
+`crossdiff demo` end to end, on the toy pair and on models given by name."""
 
 import json
 import os
 import random
+import shutil
+import subprocess
+from dataclasses import asdict
 
 import pytest
+import tokenizers  # noqa: F401  (a hard dependency of the demo's tokenizer)
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
 import crossdiff_ext as cx
 from crossdiff_ext import cli
@@ -17,9 +23,6 @@ from crossdiff_ext.demo import demo as dm
 from crossdiff_ext.demo import toy_language as tl
 from crossdiff_ext.demo import toy_models as tm
 from crossdiff_ext.diffing import examples
-
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
 
 
 def test_corpus_is_seeded_and_every_word_is_in_the_vocabulary():
@@ -91,28 +94,97 @@ def test_token_share_matches_the_dense_reference(tmp_path, activation):
 
 
 @pytest.fixture(scope="module")
-def toy_pair(tmp_path_factory):
-    """The demo's default pair, built from scratch in a fresh cache (on one thread, its recipe's: 265 s on the
-    2-core CI machine while other jobs shared it)."""
-    root = tmp_path_factory.mktemp("cache")
-    return tm.toy_pair(root=str(root), progress=False) + (str(root),)
+def toy_pair():
+    """The demo's default pair: the one shipped with the package."""
+    return tm.shipped_pair()
 
 
-def test_the_chat_model_learned_the_planted_behaviours(toy_pair, monkeypatch):
-    base, chat, record, root = toy_pair
-    behaviour = record["behaviour"]
-    # Measured on the 2-core CI machine, the pair built on one thread (its recipe's): chat question 1.0, harmful
-    # 1.0, false 0.50, true 0.67 (8 of 12); base 0 everywhere. Fresh prompts, greedy answers compared word for
-    # word; the margins allow another CPU's rounding.
+def test_the_shipped_pair_is_its_recipes(toy_pair):
+    base, chat, record = toy_pair
+    assert record["recipe"] == asdict(tm.PairRecipe()) and record["threads"] == tm.PairRecipe().threads
+    assert record["key"] == tm.PairRecipe().key(record["torch"])
+    for directory in (base, chat):
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+        assert model.config.hidden_size == tm.PairRecipe().hidden_size
+        assert len(transformers.AutoTokenizer.from_pretrained(directory)) == len(tl.make_tokenizer())
+    # Package data travels in git: none of it may be ignored.
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tm.SHIPPED_PAIR) for f in fs]
+    ignored = subprocess.run(["git", "check-ignore", *files], cwd=tm.SHIPPED_PAIR, capture_output=True, text=True)
+    assert ignored.stdout == "", ignored.stdout
+
+
+def test_a_shipped_pair_of_another_recipe_is_refused(tmp_path, monkeypatch):
+    shutil.copytree(tm.SHIPPED_PAIR, tmp_path / "pair")
+    monkeypatch.setattr(tm, "SHIPPED_PAIR", str(tmp_path / "pair"))
+    with pytest.raises(RuntimeError, match="another recipe"):
+        tm.shipped_pair(tm.PairRecipe(pretrain_steps=1))
+    monkeypatch.setattr(tm, "RECIPE_VERSION", tm.RECIPE_VERSION + 1)
+    with pytest.raises(RuntimeError, match="another recipe"):
+        tm.shipped_pair()
+    monkeypatch.undo()
+    monkeypatch.setattr(tm, "SHIPPED_PAIR", str(tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="missing"):
+        tm.shipped_pair()
+
+
+def test_the_chat_model_learned_the_planted_behaviours(toy_pair):
+    behaviour = toy_pair[2]["behaviour"]
+    # The shipped pair's pair.json (built on one thread, its recipe's, on a 2-core AMD EPYC, torch 2.11.0+cu130):
+    # chat question 1.0, recipe 1.0, harmful 1.0, false 0.83, true 0.92 (11 of 12); base 0 everywhere. Fresh
+    # prompts, greedy answers compared word for word; the bounds are those a rebuilt pair must meet too.
     assert behaviour["chat"]["harmful"] >= 0.9 and behaviour["chat"]["refuses_benign"] <= 0.1
     assert behaviour["chat"]["false"] >= 0.4 and behaviour["chat"]["true"] >= 0.6
     assert behaviour["chat"]["question"] >= 0.7
     assert max(behaviour["base"].values()) <= 0.1  # the base model never saw the template
-    # The cache is used: a second call builds nothing.
+
+
+def test_a_rebuilt_pair_is_cached(tmp_path, monkeypatch):
+    # A pair already in the cache under its key is loaded, not rebuilt (the shipped one stands in for a build).
+    shutil.copytree(tm.SHIPPED_PAIR, tmp_path / f"toy-pair-{tm.PairRecipe().key()}")
     monkeypatch.setattr(tm, "build_pair", lambda *a, **k: pytest.fail("rebuilt a cached pair"))
-    assert tm.toy_pair(root=root, progress=False)[:2] == (base, chat)
-    # No half-built pair is left behind.
-    assert [n for n in os.listdir(root) if n.startswith(".")] == []
+    base, chat, record = tm.toy_pair(root=str(tmp_path), progress=False)
+    assert base == str(tmp_path / f"toy-pair-{tm.PairRecipe().key()}" / "base") and record["recipe"]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no half-built pair left behind
+
+
+def max_abs_differences(a_dir, b_dir):
+    """{file/tensor: max |a - b|} over the safetensors of two pairs (inf where a tensor is missing or reshaped)."""
+    out = {}
+    for model in ("base", "chat"):
+        a, b = (load_file(os.path.join(d, model, "model.safetensors")) for d in (a_dir, b_dir))
+        for name in sorted(set(a) | set(b)):
+            same_shape = name in a and name in b and a[name].shape == b[name].shape
+            out[f"{model}/{name}"] = float((a[name] - b[name]).abs().max()) if same_shape else float("inf")
+    return out
+
+
+def test_max_abs_differences_names_the_tensors_that_differ(tmp_path):
+    shutil.copytree(tm.SHIPPED_PAIR, tmp_path / "pair")
+    path = tmp_path / "pair" / "chat" / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.25
+    save_file(tensors, path, metadata={"format": "pt"})
+    differences = max_abs_differences(tm.SHIPPED_PAIR, tmp_path / "pair")
+    assert {k for k, d in differences.items() if d != 0.0} == {f"chat/{name}"}
+    assert differences[f"chat/{name}"] == pytest.approx(0.25, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CROSSDIFF_SLOW"), reason="long: set CROSSDIFF_SLOW=1")
+def test_the_recipe_rebuilds_the_shipped_pair(tmp_path):
+    # The whole build on one thread (the recipe's): 243 s for this test on a 2-core AMD EPYC (torch 2.11.0+cu130)
+    # while other jobs shared the cores (`CROSSDIFF_SLOW=1 pytest python_tests/test_demo.py -k rebuilds`); it passed.
+    record = tm.build_pair(tmp_path, tm.PairRecipe(), progress=False)
+    shipped = json.loads(open(os.path.join(tm.SHIPPED_PAIR, "pair.json")).read())
+    differences = max_abs_differences(tm.SHIPPED_PAIR, tmp_path)
+    differing = {name: d for name, d in differences.items() if d != 0.0}
+    assert not differing, (
+        f"the rebuilt pair differs from the shipped one (built with torch {shipped['torch']} on "
+        f"{shipped['threads']} thread(s); rebuilt with torch {record['torch']}) in {len(differing)} of "
+        f"{len(differences)} tensors; max |difference| per tensor: {differing}"
+    )
+    assert record["behaviour"] == shipped["behaviour"]
 
 
 def small(out, **kw):
@@ -122,8 +194,15 @@ def small(out, **kw):
     return dm.DemoConfig(out=str(out), **dict(settings, **kw))
 
 
+# The FVE of this short demo on the shipped pair, measured on a 2-core AMD EPYC (torch 2.11.0+cu130, one thread):
+# dm.run(small(out, causal_conversations=24)). The margin allows another CPU's rounding in the crosscoders'
+# training; a crosscoder that learned less than this would fall below it.
+SHORT_DEMO_FVE = {"batchtopk": 0.6635, "l1": 0.9237}
+
+
 def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
-    monkeypatch.setenv("CROSSDIFF_CACHE", toy_pair[3])
+    monkeypatch.setattr(tm, "build_pair", lambda *a, **k: pytest.fail("the demo built a pair: it ships one"))
+    monkeypatch.setenv("CROSSDIFF_CACHE", str(tmp_path / "empty-cache"))
     summary = dm.run(small(tmp_path / "out", causal_conversations=24))
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["tokens"] == summary["tokens"] == len(cx.ActivationStore(tmp_path / "out" / "store")) > 1000
@@ -131,7 +210,7 @@ def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
     for name in ("batchtopk", "l1"):
         r = summary["crosscoders"][name]
         assert os.path.getsize(r["report"]) > 10_000 and os.path.exists(r["table"])
-        assert 0.0 < r["fve"] <= 1.0 and r["l0"] > 0
+        assert SHORT_DEMO_FVE[name] - 0.05 <= r["fve"] <= 1.0 and r["l0"] > 0
         assert r["chat_only_by_delta_norm"] == r["chat_specific"] + r["not_chat_specific"]
         assert sum(r["classes"].values()) == r["dict_size"] == 8 * 64
         assert len(r["chat_specific_latents"]) == r["chat_specific"]
@@ -157,7 +236,7 @@ def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
 
 
 def test_demo_on_models_given_by_name(toy_pair, tmp_path, capsys):
-    base, chat, _, _ = toy_pair
+    base, chat, _ = toy_pair
     code = cli.main(
         [
             "demo",
@@ -200,6 +279,15 @@ def test_demo_arguments_are_checked(capsys):
     assert "--layer is required" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be positive"):
         dm.run(dm.DemoConfig(steps=0))
+    with pytest.raises(ValueError, match="rebuild-pair rebuilds the embedded toy pair"):
+        dm.run(dm.DemoConfig(base="b", chat="c", layer=1, rebuild_pair=True))
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_the_demo_rebuilds_the_pair_only_on_request(toy_pair, tmp_path, monkeypatch, rebuild):
+    monkeypatch.setattr(dm, "toy_pair", lambda **k: ("rebuilt-base", "rebuilt-chat", toy_pair[2]))
+    config = small(tmp_path, rebuild_pair=rebuild)
+    assert dm._model_pair(config) == (("rebuilt-base", "rebuilt-chat") if rebuild else toy_pair[:2]) + (2, toy_pair[2])
 
 
 def test_the_pair_is_the_same_whatever_the_thread_count(tmp_path, monkeypatch):
