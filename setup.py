@@ -134,7 +134,11 @@ setup(
     packages=find_packages(include=["crossdiff_ext", "crossdiff_ext.*"]),
     # backend "auto"'s measured per-GPU tables (written by `python -m kernels_bench auto_table --write`) and the
     # PEP 561 marker
-    package_data={"crossdiff_ext": ["auto_tables.json", "py.typed"]},
+    package_data={
+        "crossdiff_ext": ["auto_tables.json", "py.typed"],
+        # the demo's toy pair, built from its recipe (crossdiff_ext/demo/toy_models.py) and shipped
+        "crossdiff_ext.demo": ["pair/*.json", "pair/*/*.json", "pair/*/*.jinja", "pair/*/*.safetensors"],
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtension.with_options(no_python_abi_suffix=False)},
     # the wheel's tag says what the build is: cp310-abi3

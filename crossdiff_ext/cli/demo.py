@@ -5,7 +5,6 @@ import argparse
 import json
 
 from ..demo import demo as dm
-from ..errors import InputError
 from .common import output_dir
 
 
@@ -46,19 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="torch threads (default 1: the same table on any core count; 0: torch's default)",
     )
+    p.add_argument(
+        "--rebuild-pair",
+        action="store_true",
+        help="build the toy pair from its recipe on this machine (minutes; cached) instead of loading the shipped one",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _validate(config: dm.DemoConfig) -> None:
-    """DemoConfig.validate() reports a bad setting as a plain ValueError: every setting here came from a flag,
-    so it is the user's error."""
-    try:
-        config.validate()
-    except InputError:
-        raise
-    except ValueError as err:
-        raise InputError(str(err)) from err
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         causal_conversations=args.causal_conversations,
         threads=args.threads or None,
+        rebuild_pair=args.rebuild_pair,
     )
-    _validate(config)
+    config.validate()
     output_dir(args.out)
     summary = dm.run(config)
     if args.json:

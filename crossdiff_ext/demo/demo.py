@@ -71,24 +71,24 @@ class DemoConfig:
     def validate(self) -> None:
         """Refuse inconsistent settings (a half-given model pair, a missing --layer, non-positive sizes)."""
         if (self.base is None) != (self.chat is None):
-            raise ValueError("give both --base and --chat (real models), or neither (the embedded toy pair)")
+            raise InputError("give both --base and --chat (real models), or neither (the embedded toy pair)")
         if self.base is not None and self.rebuild_pair:
-            raise ValueError("--rebuild-pair rebuilds the embedded toy pair: not with --base/--chat")
+            raise InputError("--rebuild-pair rebuilds the embedded toy pair: not with --base/--chat")
         if self.base is not None and self.layer is None:
-            raise ValueError("--layer is required with --base/--chat")
+            raise InputError("--layer is required with --base/--chat")
         if self.causal_conversations < 0:
-            raise ValueError(f"causal_conversations must be >= 0, got {self.causal_conversations}")
+            raise InputError(f"causal_conversations must be >= 0, got {self.causal_conversations}")
         for name in ("text_documents", "chat_documents", "steps", "batch_size", "context_length"):
             if getattr(self, name) < 0 or (
                 name not in ("text_documents", "chat_documents") and getattr(self, name) < 1
             ):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"threads must be >= 1, got {self.threads}")
         if self.text_documents + self.chat_documents < 1:
-            raise ValueError("text_documents + chat_documents must be at least 1")
+            raise InputError("text_documents + chat_documents must be at least 1")
         if self.k is not None and self.dict_size is not None and not 1 <= self.k <= self.dict_size:
-            raise ValueError(f"k must be in [1, dict_size = {self.dict_size}], got {self.k}")
+            raise InputError(f"k must be in [1, dict_size = {self.dict_size}], got {self.k}")
 
 
 def _clear(directory, owned):
