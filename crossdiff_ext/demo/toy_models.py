@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 import torch
 
 from .. import atomic
+from ..errors import InputError
 from ..data.activations import tokenize
 from . import toy_language as tl
 
@@ -222,13 +223,13 @@ def fixed_threads(threads: Optional[int]) -> Iterator[None]:
         threads: the intra-op thread count, >= 1, or None.
 
     Raises:
-        ValueError: if threads is < 1.
+        InputError: if threads is < 1.
     """
     if threads is None:
         yield
         return
     if threads < 1:
-        raise ValueError(f"threads must be >= 1 (or None), got {threads}")
+        raise InputError(f"threads must be >= 1 (or None), got {threads}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 
 from .. import atomic
+from ..errors import InputError
 from ..layer import CrossCoder
 from ..layer.norms import (
     BANDS,
@@ -84,7 +85,7 @@ def classify_latents(
         A list of F class names (see VERDICTS for the refined ones), indexed by latent.
 
     Raises:
-        ValueError: scaling does not cover every latent in order.
+        InputError: scaling does not cover every latent in order.
     """
     band = delta_norm_band(
         delta_norm(cc, base, chat), chat_only=chat_only, base_only=base_only, shared_width=shared_width
@@ -93,7 +94,7 @@ def classify_latents(
     if scaling is None:
         return classes
     if scaling.latents.numel() != len(classes) or not torch.equal(scaling.latents, torch.arange(len(classes))):
-        raise ValueError("classify_latents needs Latent Scaling of every latent (latents=None), in order")
+        raise InputError("classify_latents needs Latent Scaling of every latent (latents=None), in order")
     for j, name in enumerate(classes):
         if name != "chat_only":
             continue

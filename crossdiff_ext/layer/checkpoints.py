@@ -194,9 +194,9 @@ def from_pretrained(
     config["dtype"] = torch_dtype(dtype if dtype is not None else config.get("dtype", "float32"), config_path)
     if not os.path.isfile(weights_path):
         raise MissingInputError(f"{weights_path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
-    try:  # the constructor's argument checks, on the meta device: they raise ValueError for a bad setting
+    try:  # the constructor's argument checks, on the meta device: named with the config file
         expected = cls(**config, device="meta").state_dict()
-    except ValueError as e:
+    except InputError as e:
         raise InputError(f"{config_path}: {e}") from e
     tensors = load_weights(weights_path)
     check_state(tensors, expected, weights_path)

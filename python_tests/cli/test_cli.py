@@ -117,7 +117,6 @@ def _steer_args(extra, checkpoint, model, parser):
 
 @pytest.mark.parametrize("model", ["missing", "empty"])
 def test_steer_with_a_bad_model_path_gives_one_line(tmp_path, capsys, model):
-    pytest.importorskip("transformers")
     cx.CrossCoder(4, 8, 2, k=2).save_pretrained(tmp_path / "cc")
     (tmp_path / "empty").mkdir()
     argv = ["steer", "--checkpoint", str(tmp_path / "cc"), "--model", str(tmp_path / model), "--layer", "0"]

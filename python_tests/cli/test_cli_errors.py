@@ -251,7 +251,6 @@ def test_verify_names_a_flipped_byte_and_reports_old_stores_as_unchecked(assets,
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    pytest.importorskip("transformers")
     from tiny_models import WORDS, make_model
 
     root = tmp_path_factory.mktemp("models")
