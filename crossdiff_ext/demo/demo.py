@@ -57,9 +57,7 @@ class DemoConfig:
     k: Optional[int] = None  # default: max(8, d_model // 24)
     steps: int = 2500
     batch_size: int = 512
-    l1_coefficient: float = (
-        0.041  # the paper's mu (docs/math.md, "L1 crosscoder"), with the paper's input normalisation
-    )
+    l1_coefficient: float = 0.041  # the paper's mu (docs/math.md), with the paper's input normalisation
     seed: int = 0
     device: Optional[str] = None
     progress: bool = True

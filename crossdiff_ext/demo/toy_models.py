@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 import torch
 
 from .. import atomic
-from ..errors import InputError
 from ..data.activations import tokenize
+from ..errors import InputError
 from . import toy_language as tl
 
 if TYPE_CHECKING:

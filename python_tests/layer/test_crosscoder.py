@@ -29,13 +29,11 @@ def make_crosscoder(B, M, d, F, k, activation, dtype, device, g):
 
 
 def loss_fn(x, recon):
-    return (
-        (x.float() - recon.float()).norm(dim=-1).mean()
-    )  # docs/math.md, "Losses": unsquared L2, mean over rows and models
+    return (x.float() - recon.float()).norm(dim=-1).mean()  # docs/math.md: unsquared L2, mean over rows, models
 
 
 def l1_penalty(cc, codes):
-    """The L1 term of docs/math.md ("L1 crosscoder"), mean_b sum_j f[b, j] w_j, from the codes: differentiable in the values and in W_dec."""
+    """docs/math.md's L1 term, mean_b sum_j f[b, j] w_j, from the codes: differentiable in the values and in W_dec."""
     w = torch.linalg.vector_norm(cc.W_dec, dim=2, dtype=torch.float32).sum(1)
     return (codes.values.float() * w[codes.indices.long()]).sum() / codes.n_rows
 
