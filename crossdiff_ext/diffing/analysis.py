@@ -140,6 +140,9 @@ def latent_table(
 
     Returns:
         {column: list} with one row per latent.
+
+    Raises:
+        InputError: scaling does not cover every latent in order (classify_latents).
     """
     W_dec, W_enc = rows_of(cc, "W_dec"), rows_of(cc, "W_enc")
     F = W_dec.shape[0]
