@@ -13,6 +13,7 @@ BENCHES = {
     "causal_cost": "kernels_bench.causal_cost",
     "online_training": "kernels_bench.online_training",
     "collect_stream": "kernels_bench.collect_stream",
+    "ledger": "kernels_bench.ledger",
 }
 
 

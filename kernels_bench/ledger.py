@@ -1,0 +1,635 @@
+"""`python -m kernels_bench ledger --shape paper`: the traffic ledger, the evidence a machine without a GPU can give.
+
+For every kernel launch of each op and of one BatchTopK training step, on the CUDA and the Triton backend: the
+bytes it moves through DRAM (reads, writes), the bytes it re-reads from L2, and how many times it reads f [B, F],
+computed from the launch parameters the launchers use (their tiling functions and constants), beside the op's byte
+floor (kernels_bench/floors.py: what any implementation must move). Beside the traffic, the resources of the
+compiled kernels for sm_90a (registers, stack/spills, shared memory), read with cuobjdump from the CUDA build and
+from Triton's cubins, so that a regression in either shows without a GPU.
+
+The byte counts are a model, not a measurement: every launch lists what it must read and write once (a gathered
+row of W counts once per gather: rows are hit ~k*B/F times, mostly from DRAM at the paper shape, as the floors
+assume), and L2 re-reads are listed apart. Timing them is the GPU benchmark's job (kernels_bench/suite.py); where
+the two disagree the ledger's assumptions are what to question.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from . import floors
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPES = {
+    "paper": dict(batch=4096, n_models=2, d_model=2304, dict_size=73728, k=100),
+    "small": dict(batch=64, n_models=2, d_model=32, dict_size=1000, k=8),
+}
+ELT = 2  # bf16, the paper suite's dtype
+INDEX = 4  # int32 latent ids (F < 2^31)
+I64 = 8
+H100_SMS = 132  # the launch geometry of the target GPU (H100/H200 SXM: 132 SMs)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch (or one torch op) and the bytes it moves."""
+
+    op: str
+    kernel: str
+    grid: str
+    read: int  # bytes from DRAM
+    written: int
+    l2_reread: int = 0  # bytes read again from L2 (e.g. w per tile)
+    f_passes: float = 0.0  # reads of f [B, F]
+    note: str = ""
+
+
+def _n(shape):
+    n = floors.shape_numbers(shape, ELT, INDEX)
+    n["N"] = n["B"] * n["F"]
+    n["codes"] = n["codes_bytes"]
+    return n
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# --- CUDA (csrc/cuda) --------------------------------------------------------------------------------------------
+
+
+def cuda_batch_topk(n):
+    """csrc/cuda/select.cu: 3 radix histogram passes (11, 11, 10 bits), a count pass and the ordered write."""
+    B, F, N, K = n["B"], n["F"], n["N"], n["K"]
+    tile = 256 * (16 // ELT)
+    n_tiles = B * _cdiv(F, tile)
+    chunks = _cdiv(n_tiles, _cdiv(n_tiles, 4 * H100_SMS))
+    f_bytes, w_per_tile = N * ELT, N * 4  # w is re-read from L2 for every tile
+    out = [
+        Launch(
+            "batch_topk", f"histogram_kernel[pass {p}]", f"{chunks}x256", f_bytes + F * 4, 3 * 2048 * 8, w_per_tile, 1
+        )
+        for p in range(3)
+    ]
+    out += [Launch("batch_topk", f"resolve_kernel[pass {p}]", "1x1024", 2048 * 8, 32) for p in range(3)]
+    out.append(Launch("batch_topk", "count_kernel", f"{chunks}x256", f_bytes + F * 4, 2 * chunks * 8, w_per_tile, 1))
+    out.append(Launch("batch_topk", "cumsum x2 (ATen)", "-", 2 * chunks * 8, 4 * chunks * 8))
+    out.append(
+        Launch(
+            "batch_topk",
+            "write_kernel",
+            f"{chunks}x256",
+            f_bytes + F * 4,
+            K * (ELT + INDEX) + (B + 1) * I64,
+            w_per_tile,
+            1,
+        )
+    )
+    out += _min_score(n, "batch_topk")
+    return out
+
+
+def _min_score(n, op):
+    K = n["K"]
+    return [Launch(op, "min_score (ATen: gather w, mul, where, min)", "-", K * (ELT + INDEX) + K * 4 * 3, K * 4 * 3)]
+
+
+def cuda_sparse_decode(n, op="sparse_decode"):
+    B, D, K = n["B"], n["D"], n["K"]
+    threads = min(1024, max(32, _cdiv(_cdiv(D, 16 // ELT), 32) * 32))
+    return [
+        Launch(
+            op,
+            "decode_kernel",
+            f"{B}x{_cdiv(_cdiv(D, 16 // ELT), threads)}x{threads}",
+            K * D * ELT + n["codes"] + D * ELT,
+            B * D * ELT,
+        )
+    ]
+
+
+def cuda_values_grad(n):
+    B, D, K = n["B"], n["D"], n["K"]
+    return [
+        Launch(
+            "sparse_values_grad",
+            "values_grad_kernel",
+            f"{_cdiv(K, 8)}x256",
+            K * D * ELT + B * D * ELT + K * INDEX + (B + 1) * I64,
+            K * ELT,
+            (K - B) * D * ELT,
+            note="grad_out[row] re-read once per entry of the row",
+        )
+    ]
+
+
+def _order_chunks(B, F):
+    wanted = max(1, min(B, 64, (1 << 24) // F))
+    rows_per_chunk = _cdiv(max(B, 1), wanted)
+    return _cdiv(max(B, 1), rows_per_chunk)
+
+
+def latent_order_launches(n, backend):
+    """Both backends: per-chunk counts [chunks, F] int64 by atomics, ATen scans over that table, placement."""
+    B, F, K = n["B"], n["F"], n["K"]
+    chunks = _order_chunks(B, F)
+    table = chunks * F * I64
+    codes_in = K * INDEX + (B + 1) * I64
+    kern = "latent_count_kernel" if backend == "cuda" else "_latent_count_kernel"
+    place = "latent_place_kernel" if backend == "cuda" else "_latent_place_kernel"
+    return [
+        Launch("latent_order", "zeros(counts) (ATen)", "-", 0, table),
+        Launch("latent_order", kern, f"{chunks}x256", codes_in, 0, note="integer atomics into the counts table"),
+        Launch("latent_order", "counts.sum(0), cumsum (ATen)", "-", table, 3 * F * I64),
+        Launch("latent_order", "counts.cumsum(0).sub_().add_() (ATen)", "-", 4 * table + F * I64, 3 * table),
+        Launch(
+            "latent_order",
+            place,
+            f"{chunks}x256",
+            codes_in,
+            2 * K * I64,
+            note=f"one chunk of {_cdiv(B, chunks)} rows per block, a barrier per row",
+        ),
+    ]
+
+
+def weight_grad_launches(n, backend, dense_rows_bytes):
+    """grad_W[j] = sum over the latent's entries of value * dense[row]: gathers K rows of dense."""
+    F, D, K = n["F"], n["D"], n["K"]
+    kern = "weight_grad_kernel" if backend == "cuda" else "_weight_grad_kernel"
+    return [
+        Launch(
+            "sparse_weight_grad",
+            kern,
+            f"{F}x{_cdiv(D, 4096 if backend == 'cuda' else 512)}",
+            K * D * ELT + K * (2 * I64 + ELT) + (F + 1) * I64,
+            F * D * ELT + F * 4,
+            max(0, K * D * ELT - dense_rows_bytes),
+            note="dense rows gathered once per entry (L2 holds a [B, D] dense of 38 MB only in part)",
+        )
+    ]
+
+
+def cuda_encode(n):
+    B, D, F, N = n["B"], n["D"], n["F"], n["N"]
+    return [
+        Launch("paired_encode", "addmm (cuBLAS, bias epilogue)", "-", B * D * ELT + F * D * ELT + F * ELT, N * ELT),
+        Launch("paired_encode", "relu_ (ATen)", "-", N * ELT, N * ELT, f_passes=1, note="a separate ReLU pass over f"),
+    ]
+
+
+# --- Triton (crossdiff_ext/triton) ----------------------------------------------------------------------------------
+
+
+def triton_batch_topk(n):
+    """crossdiff_ext/triton/select.py: 4 radix histogram passes (8 bits), a count pass and the ordered write."""
+    from crossdiff_ext.triton import _launch
+
+    B, F, N, K = n["B"], n["F"], n["N"], n["K"]
+    block = _launch.select_block(F)
+    n_tiles = B * _cdiv(F, block)
+    chunks = _cdiv(n_tiles, _cdiv(n_tiles, 8 * H100_SMS))
+    f_bytes, w_per_tile = N * ELT, N * 4
+    out = []
+    for p in range(4):
+        out.append(
+            Launch("batch_topk", f"_histogram_kernel[pass {p}]", str(chunks), f_bytes + F * 4, 256 * 8, w_per_tile, 1)
+        )
+        out.append(Launch("batch_topk", f"_resolve_kernel[pass {p}]", "1", 256 * 8, 32))
+    out.append(Launch("batch_topk", "_count_kernel", str(chunks), f_bytes + F * 4, 2 * chunks * 8, w_per_tile, 1))
+    out.append(Launch("batch_topk", "cumsum x2 (torch)", "-", 2 * chunks * 8, 4 * chunks * 8))
+    out.append(
+        Launch(
+            "batch_topk",
+            "_write_kernel",
+            str(chunks),
+            f_bytes + F * 4,
+            K * (ELT + INDEX) + (B + 1) * I64,
+            w_per_tile,
+            1,
+        )
+    )
+    out += _min_score(n, "batch_topk")
+    return out
+
+
+def triton_sparse_decode(n, op="sparse_decode"):
+    from crossdiff_ext.triton import _launch
+
+    B, D, K = n["B"], n["D"], n["K"]
+    block_d = _launch.row_block(D)
+    blocks = _cdiv(D, block_d)
+    return [
+        Launch(
+            op,
+            "_decode_kernel",
+            f"{B}x{blocks}",
+            K * D * ELT + n["codes"] + D * ELT,
+            B * D * ELT,
+            n["codes"] * (blocks - 1),
+            note="every column block of a row reads the row's codes",
+        )
+    ]
+
+
+def triton_values_grad(n):
+    B, D, K = n["B"], n["D"], n["K"]
+    return [
+        Launch("sparse_values_grad", "rows_of (torch)", "-", (B + 1) * I64, K * I64),
+        Launch(
+            "sparse_values_grad",
+            "_values_grad_kernel",
+            str(_cdiv(K, 16)),
+            K * D * ELT + B * D * ELT + K * (INDEX + I64),
+            K * ELT,
+            (K - B) * D * ELT,
+            note="grad_out[row] re-read once per entry of the row",
+        ),
+    ]
+
+
+def triton_encode(n):
+    B, D, F, N = n["B"], n["D"], n["F"], n["N"]
+    return [
+        Launch(
+            "paired_encode",
+            "_encode_kernel (bias + ReLU epilogue)",
+            f"{_cdiv(B, 128) * _cdiv(F, 256)}",
+            B * D * ELT + F * D * ELT + F * ELT,
+            N * ELT,
+        )
+    ]
+
+
+MODELS = {
+    "cuda": dict(
+        paired_encode=cuda_encode,
+        batch_topk=cuda_batch_topk,
+        sparse_decode=cuda_sparse_decode,
+        sparse_values_grad=cuda_values_grad,
+    ),
+    "triton": dict(
+        paired_encode=triton_encode,
+        batch_topk=triton_batch_topk,
+        sparse_decode=triton_sparse_decode,
+        sparse_values_grad=triton_values_grad,
+    ),
+}
+
+
+def op_launches(n, backend):
+    """{op: [Launch]} for the ops of the paper suite on one backend."""
+    m = MODELS[backend]
+    dense = n["B"] * n["D"] * ELT
+    return {
+        "paired_encode": m["paired_encode"](n),
+        "batch_topk": m["batch_topk"](n),
+        "sparse_decode": m["sparse_decode"](n),
+        "sparse_values_grad": m["sparse_values_grad"](n),
+        "latent_order": latent_order_launches(n, backend),
+        "sparse_weight_grad": weight_grad_launches(n, backend, dense),
+    }
+
+
+def train_step_launches(n, backend, order_per_step):
+    """One BatchTopK training step (forward, backward, Adam) as the layer runs it (ops/autograd.py): the encoder,
+    the selection, the decoder, the decoder's backward (value and weight gradients), the encoder's weight
+    gradient (x needs no gradient), and the torch ops around them."""
+    B, F, D, K = n["B"], n["F"], n["D"], n["K"]
+    ops = op_launches(n, backend)
+    dec = F * D * ELT
+    steps = [Launch("step", "decoder norms w (torch)", "-", dec, F * 4)]
+    steps += ops["paired_encode"] + ops["batch_topk"] + ops["sparse_decode"]
+    steps.append(Launch("step", "loss forward + backward (torch)", "-", 4 * B * D * ELT, 2 * B * D * ELT))
+    steps += ops["sparse_values_grad"]
+    for _ in range(order_per_step):
+        steps += ops["latent_order"]
+    steps += weight_grad_launches(n, backend, B * D * ELT)  # W_dec: dense = grad_out
+    steps.append(Launch("step", "values != 0 where (torch)", "-", K * 2 * ELT, K * ELT))
+    steps += weight_grad_launches(n, backend, B * D * ELT)  # W_enc: dense = x
+    steps.append(Launch("step", "bias grads (torch)", "-", B * D * ELT, D * ELT))
+    params = n["n_params"]
+    steps.append(Launch("step", "fused Adam (torch)", "-", 4 * params * ELT, 3 * params * ELT))
+    return steps
+
+
+def _totals(launches):
+    return dict(
+        read=sum(x.read for x in launches),
+        written=sum(x.written for x in launches),
+        l2_reread=sum(x.l2_reread for x in launches),
+        f_passes=sum(x.f_passes for x in launches),
+        launches=len(launches),
+    )
+
+
+def op_floors(shape):
+    """Byte floors of the ops (floors.byte_counts), keyed like the ledger's ops."""
+    b = floors.byte_counts(shape, ELT, INDEX)
+    n = _n(shape)
+    order = n["codes"] + 2 * n["K"] * I64 + (n["F"] + 1) * I64
+    return {
+        "paired_encode": n["B"] * n["D"] * ELT + n["F"] * n["D"] * ELT + n["N"] * ELT,
+        "batch_topk": b["batch_topk"],
+        "sparse_decode": b["sparse_decode"],
+        "sparse_values_grad": n["K"] * n["D"] * ELT + n["B"] * n["D"] * ELT + n["K"] * ELT,
+        "latent_order": order,
+        "sparse_weight_grad": b["encoder_weight_grad"] - order,
+    }
+
+
+def step_floor(shape):
+    b = floors.byte_counts(shape, ELT, INDEX)
+    f = op_floors(shape)
+    return (
+        f["paired_encode"]
+        + b["batch_topk"]
+        + b["sparse_decode"]
+        + b["decoder_backward"]
+        + b["encoder_weight_grad"]
+        + b["adam"]
+    )
+
+
+# --- compiled resources -------------------------------------------------------------------------------------------
+
+
+def _tool(name):
+    """A CUDA binary tool: on the PATH, else the copy Triton bundles."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        return path if os.path.exists(path) else None
+    except ImportError:
+        return None
+
+
+_RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def parse_resource_usage(text, demangle=lambda names: names):
+    """cuobjdump --dump-resource-usage output -> [{arch, kernel, registers, stack, shared, local}]."""
+    rows, arch, pending = [], None, []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function ") and i + 1 < len(lines):
+            m = _RESOURCE.search(lines[i + 1])
+            if m:
+                pending.append((arch, line[len("Function ") :].rstrip(":"), *map(int, m.groups())))
+    names = demangle([p[1] for p in pending])
+    for (arch, _, reg, stack, shared, local), name in zip(pending, names):
+        rows.append(dict(arch=arch, kernel=name, registers=reg, stack=stack, shared=shared, local=local))
+    return rows
+
+
+def _demangle(names):
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return names
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return [_short_name(x) for x in out.splitlines()]
+
+
+def _short_name(demangled):
+    """'void crossdiff::cuda::(anonymous namespace)::write_kernel<c10::BFloat16, int, 8, true>(...)' ->
+    'write_kernel<c10::BFloat16, int, 8, true>'."""
+    head = demangled.split("(", 1)[0] if "(anonymous" not in demangled else demangled
+    head = head.replace("(anonymous namespace)::", "")
+    head = re.sub(r"^void ", "", head)
+    head = head.split("(", 1)[0]
+    return head.replace("crossdiff::cuda::", "")
+
+
+def cuda_resources(so_path, arch="sm_90a"):
+    """Registers, stack and shared memory of the CUDA kernels in a built extension, for one arch."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (neither on the PATH nor bundled with triton)")
+    text = subprocess.run([tool, "--dump-resource-usage", so_path], capture_output=True, text=True, check=True).stdout
+    return [r for r in parse_resource_usage(text, _demangle) if r["arch"] == arch and _paper_variant(r["kernel"])]
+
+
+def _paper_variant(kernel):
+    """The instantiations the paper shape runs: bf16, int32 latent ids (or no such template argument)."""
+    args = kernel.partition("<")[2]
+    return not any(t in args for t in ("c10::Half", "float", "long"))
+
+
+def triton_resources(variants):
+    """Compile Triton kernels for sm_90a (no GPU needed) and read their cubins' resources.
+
+    variants: [(label, jit function, signature, constexprs, num_warps, num_stages)]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tool = _tool("cuobjdump")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, fn, signature, constexprs, warps, stages in variants:
+            sig = dict(signature, **{k: "constexpr" for k in constexprs})
+            kernel = triton.compile(
+                ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                target=GPUTarget("cuda", 90, 64),
+                options=dict(num_warps=warps, num_stages=stages),
+            )
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as fh:
+                fh.write(kernel.asm["cubin"])
+            text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+            usage = parse_resource_usage(text)
+            for r in usage:
+                # Triton's shared memory is dynamic (the pipeline's buffers): cuobjdump shows only the static part
+                r.update(kernel=label, arch="sm_90a", num_warps=warps, shared=max(r["shared"], kernel.metadata.shared))
+                rows.append(r)
+    return rows
+
+
+def triton_paper_variants(shape):
+    """The Triton kernels the paper shape launches (bf16, int32 latent ids), with the launchers' constexprs."""
+    from crossdiff_ext.triton import _launch, encode, select, sparse  # imports triton: only when compiling
+
+    F, D = shape["dict_size"], shape["n_models"] * shape["d_model"]
+    block = _launch.select_block(F)
+    warps = _launch.select_warps(block)
+    tiles = {"F": "i32", "n_col_tiles": "i32", "n_tiles": "i64", "tiles_per_chunk": "i64"}
+    common = {"f_ptr": "*bf16", "w_ptr": "*fp32", "state_ptr": "*i64"}
+    half = encode.HALF_CONFIGS[0]
+    enc_sig = {
+        "x_ptr": "*bf16", "W_ptr": "*bf16", "b_ptr": "*bf16", "f_ptr": "*bf16", "B": "i32", "F": "i32", "K": "i32",
+        "d": "i32", "stride_xb": "i64", "stride_xm": "i64", "B_BUCKET": "i32",
+    }  # fmt: skip
+    out = [
+        ("_encode_kernel", encode._encode_kernel, enc_sig, dict(FLAT=True, IEEE=False, **half.kwargs),
+         half.num_warps, half.num_stages),
+        ("_histogram_kernel[pass 0]", select._histogram_kernel, {**common, "hist_ptr": "*i64", **tiles},
+         dict(PASS=0, RADIX_BITS=select.RADIX_BITS, BLOCK=block), warps, 3),
+        ("_count_kernel", select._count_kernel,
+         {**common, "above_ptr": "*i64", "ties_ptr": "*i64", "theta": "fp32", **tiles}, dict(TOPK=True, BLOCK=block),
+         warps, 3),
+        ("_write_kernel", select._write_kernel,
+         {**common, "above_before_ptr": "*i64", "ties_before_ptr": "*i64", "values_ptr": "*bf16",
+          "indices_ptr": "*i32", "row_count_ptr": "*i64", "theta": "fp32", **tiles}, dict(TOPK=True, BLOCK=block),
+         warps, 3),
+        ("_decode_kernel", sparse._decode_kernel,
+         {"values_ptr": "*bf16", "indices_ptr": "*i32", "row_ptr_ptr": "*i64", "W_ptr": "*bf16", "bias_ptr": "*bf16",
+          "out_ptr": "*bf16", "D": "i32"},
+         dict(HAS_BIAS=True, BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=_launch.row_block(D)), 4, 3),
+        ("_values_grad_kernel", sparse._values_grad_kernel,
+         {"grad_ptr": "*bf16", "indices_ptr": "*i32", "rows_ptr": "*i64", "W_ptr": "*bf16", "out_ptr": "*bf16",
+          "nnz": "i64", "D": "i32"},
+         dict(BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=_launch.dot_block(D)), 4, 3),
+        ("_latent_place_kernel", sparse._latent_place_kernel,
+         {"indices_ptr": "*i32", "row_ptr_ptr": "*i64", "cursor_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64",
+          "n_rows": "i64", "rows_per_chunk": "i64", "F": "i64"}, dict(BLOCK_E=_launch.ORDER_BLOCK), 4, 1),
+        ("_weight_grad_kernel", sparse._weight_grad_kernel,
+         {"values_ptr": "*bf16", "dense_ptr": "*bf16", "col_ptr_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64",
+          "grad_ptr": "*bf16", "sums_ptr": "*fp32", "D": "i32"},
+         dict(BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=_launch.row_block(D)), 4, 3),
+    ]  # fmt: skip
+    return out
+
+
+# --- the ledger ---------------------------------------------------------------------------------------------------
+
+
+def ledger(shape_name, order_per_step):
+    shape = SHAPES[shape_name]
+    n = _n(shape)
+    result = dict(shape=shape_name, dims=shape, dtype="bf16", index_dtype="int32", sms=H100_SMS, backends={})
+    floors_ = op_floors(shape)
+    for backend in MODELS:
+        ops = op_launches(n, backend)
+        entry = dict(ops={}, train_step={})
+        for op, launches in ops.items():
+            t = _totals(launches)
+            entry["ops"][op] = dict(
+                launches=[dataclasses.asdict(x) for x in launches],
+                totals=t,
+                floor_bytes=floors_[op],
+                over_floor=(t["read"] + t["written"]) / floors_[op],
+            )
+        step = train_step_launches(n, backend, order_per_step)
+        t = _totals(step)
+        entry["train_step"] = dict(
+            launches=[dataclasses.asdict(x) for x in step],
+            totals=t,
+            floor_bytes=step_floor(shape),
+            over_floor=(t["read"] + t["written"]) / step_floor(shape),
+        )
+        result["backends"][backend] = entry
+    return result
+
+
+def _mb(x):
+    return f"{x / 1e6:,.1f}"
+
+
+def render(result, resources):
+    lines = [
+        f"# Traffic ledger: {result['shape']} shape ({', '.join(f'{k}={v}' for k, v in result['dims'].items())}), "
+        f"{result['dtype']}",
+        "",
+        "Bytes each kernel launch moves through DRAM, modelled from its launch parameters "
+        "(`python -m kernels_bench ledger`), against the op's byte floor. MB = 10^6 bytes. Not timed: see the GPU "
+        "benchmark for times. The sparse kernels gather rows of W or of a dense [B, M*d] once per entry, which is "
+        "what their floors assume, so their byte ratio is 1 by construction: what separates them from their floor "
+        "on a GPU is how many loads each thread keeps in flight, which only timing shows.",
+        "",
+        "## Ops",
+        "",
+        "| backend | op | launches | passes over f | read MB | written MB | L2 re-read MB | floor MB | x floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, entry in result["backends"].items():
+        for op, o in entry["ops"].items():
+            t = o["totals"]
+            lines.append(
+                f"| {backend} | {op} | {t['launches']} | {t['f_passes']:g} | {_mb(t['read'])} | {_mb(t['written'])} "
+                f"| {_mb(t['l2_reread'])} | {_mb(o['floor_bytes'])} | {o['over_floor']:.2f} |"
+            )
+    lines += ["", "## Training step", ""]
+    lines += [
+        "| backend | launches | passes over f | read MB | written MB | floor MB | x floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for backend, entry in result["backends"].items():
+        s = entry["train_step"]
+        t = s["totals"]
+        lines.append(
+            f"| {backend} | {t['launches']} | {t['f_passes']:g} | {_mb(t['read'])} | {_mb(t['written'])} | "
+            f"{_mb(s['floor_bytes'])} | {s['over_floor']:.2f} |"
+        )
+    for backend, entry in result["backends"].items():
+        lines += ["", f"### {backend}: every launch of one training step", ""]
+        lines += [
+            "| op | kernel | grid | read MB | written MB | L2 re-read MB | f passes | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for x in entry["train_step"]["launches"]:
+            lines.append(
+                f"| {x['op']} | {x['kernel']} | {x['grid']} | {_mb(x['read'])} | {_mb(x['written'])} | "
+                f"{_mb(x['l2_reread'])} | {x['f_passes']:g} | {x['note']} |"
+            )
+    for backend, rows in resources.items():
+        lines += ["", f"## Compiled resources: {backend}, sm_90a", ""]
+        if isinstance(rows, str):
+            lines.append(rows)
+            continue
+        lines += ["| kernel | registers | stack B | shared B | local B |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| `{r['kernel']}` | {r['registers']} | {r['stack']} | {r['shared']} | {r['local']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m kernels_bench ledger", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="paper", choices=sorted(SHAPES))
+    p.add_argument("--so", help="the CUDA build to read resources from (default: .gpu_build's, else the in-tree _C)")
+    p.add_argument("--no-resources", action="store_true", help="skip the compiled resources (no compiles)")
+    p.add_argument("--out", help="result stem (default: kernels_bench/results/ledger-<shape>)")
+    args = p.parse_args(argv)
+    result = ledger(args.shape, ORDER_PER_STEP)
+    resources = {}
+    if not args.no_resources:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        so = args.so or next(
+            (
+                c
+                for c in (
+                    os.path.join(root, ".gpu_build", "lib", "crossdiff_ext", "_C.abi3.so"),
+                    os.path.join(root, "crossdiff_ext", "_C.abi3.so"),
+                )
+                if os.path.exists(c)
+            ),
+            None,
+        )
+        try:
+            resources["cuda"] = cuda_resources(so) if so else "no CUDA build found"
+        except (RuntimeError, subprocess.CalledProcessError) as err:
+            resources["cuda"] = f"not read: {err}"
+        resources["triton"] = triton_resources(triton_paper_variants(SHAPES[args.shape]))
+        result["resources"] = resources
+    stem = args.out or os.path.join(RESULTS_DIR, f"ledger-{args.shape}")
+    with open(stem + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(stem + ".md", "w") as fh:
+        fh.write(render(result, resources))
+    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+
+
+# The training step sorts its codes by latent this many times (ops/autograd.py).
+ORDER_PER_STEP = 2
