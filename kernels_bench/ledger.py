@@ -632,4 +632,4 @@ def main(argv=None):
 
 
 # The training step sorts its codes by latent this many times (ops/autograd.py).
-ORDER_PER_STEP = 2
+ORDER_PER_STEP = 1

@@ -1,6 +1,7 @@
 """SparseCodes: a batch of crosscoder latent activations in CSR form."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -20,6 +21,9 @@ class SparseCodes:
         row_ptr: [B+1] int64 row pointers: row b's entries are values[row_ptr[b]:row_ptr[b + 1]].
         n_rows: B, the number of rows of the batch.
         n_latents: F, the dictionary size.
+        order: The entries sorted by latent, (col_ptr [F+1], perm [nnz], rows [nnz]) as the latent_order op
+            returns them, when the training forward computed it for the backward (both weight gradients reduce
+            over it); None otherwise.
     """
 
     values: torch.Tensor
@@ -27,6 +31,7 @@ class SparseCodes:
     row_ptr: torch.Tensor
     n_rows: int
     n_latents: int
+    order: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     @property
     def nnz(self) -> int:

@@ -344,7 +344,7 @@ class CrossCoder(nn.Module):
             raise InputError(f"x must be on the crosscoder's device {self.W_enc.device}, got {x.device}")
         return x
 
-    def _encode(self, x, use_threshold, weights):
+    def _encode(self, x, use_threshold, weights, with_order=False):
         B, F = x.shape[0], self.dict_size
         W_enc, b_enc = weights[0], weights[1]
         if self.activation == "relu":
@@ -359,10 +359,10 @@ class CrossCoder(nn.Module):
                     "the inference threshold is unset (-1): train in training mode past threshold_start_step "
                     f"({self.threshold_start_step} batches), set cc.threshold, or call encode(x, use_threshold=False)"
                 )
-            return encode_sparse(x, W_enc, b_enc, w, "threshold", theta)
+            return encode_sparse(x, W_enc, b_enc, w, "threshold", theta, with_order=with_order)
         if not 1 <= self.k <= F:
             raise InputError(f"k must be in [1, dict_size = {F}] (K = k * B <= B * F), got k = {self.k}")
-        out = encode_sparse(x, W_enc, b_enc, w, "topk", self.k * B)
+        out = encode_sparse(x, W_enc, b_enc, w, "topk", self.k * B, with_order=with_order)
         if self.training:
             self.track_threshold(out[3])
         return out
@@ -436,7 +436,7 @@ class CrossCoder(nn.Module):
         return self._decode(codes, self.compute_weights(), normalized)
 
     def _decode(self, codes, weights, normalized):
-        recon = decode_sparse(codes.values, codes.indices, codes.row_ptr, weights[2], weights[3])
+        recon = decode_sparse(codes.values, codes.indices, codes.row_ptr, weights[2], weights[3], codes.order)
         return recon if normalized else self.denormalize(recon)
 
     def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], *, normalized: bool = False) -> CrossCoderOutput:
@@ -462,8 +462,10 @@ class CrossCoder(nn.Module):
             codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
             recon = recon if normalized else self.denormalize(recon)
             return CrossCoderOutput(recon, codes, torch.full((), math.inf, device=x.device))
-        values, indices, row_ptr, min_score = self._encode(x, None, weights)
-        codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size)
+        # A step that will train the weights sorts its codes by latent once, for both weight gradients.
+        with_order = torch.is_grad_enabled() and (weights[0].requires_grad or weights[2].requires_grad)
+        values, indices, row_ptr, min_score, *order = self._encode(x, None, weights, with_order)
+        codes = SparseCodes(values, indices, row_ptr, x.shape[0], self.dict_size, order[0] if order else None)
         return CrossCoderOutput(self._decode(codes, weights, normalized), codes, min_score)
 
     def extra_repr(self) -> str:

@@ -116,13 +116,16 @@ def decode_backward(
     needs_values: bool,
     needs_W: bool,
     needs_bias: bool,
+    order: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of codes @ W + bias w.r.t. values, W and bias, all sparse: no [B, F] tensor."""
+    """Gradients of codes @ W + bias w.r.t. values, W and bias, all sparse: no [B, F] tensor. `order`: the codes'
+    latent order when the caller has it (it is then not computed again)."""
     grad_out = grad_out.contiguous()
     grad_values = kernels.sparse_values_grad(grad_out, indices, row_ptr, W) if needs_values else None
     grad_W = None
     if needs_W:
-        order = kernels.latent_order(indices, row_ptr, W.shape[0])
+        if order is None:
+            order = kernels.latent_order(indices, row_ptr, W.shape[0])
         grad_W = kernels.sparse_weight_grad(values, grad_out, *order)[0]
     grad_bias = grad_out.sum(0) if needs_bias else None
     return grad_values, grad_W, grad_bias

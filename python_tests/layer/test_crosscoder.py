@@ -215,6 +215,32 @@ def test_backward_allocates_no_dense_batch_by_latent_tensor(name, activation):
 
 
 @pytest.mark.parametrize("name", backend_params())
+@pytest.mark.parametrize("activation", ["batch_topk", "relu"])
+def test_training_step_sorts_its_codes_by_latent_once(name, activation, monkeypatch):
+    # Both weight gradients (W_enc through the kept values, W_dec through the decoder) reduce over one latent
+    # order of the step's codes; sorting them twice would cost a second counting sort per step.
+    device = backend_device(name)
+    kernels = cx.backends.kernels(name)
+    calls = []
+
+    def counted(indices, row_ptr, n_latents, sort=kernels.latent_order):
+        calls.append(indices.shape[0])
+        return sort(indices, row_ptr, n_latents)
+
+    monkeypatch.setattr(kernels, "latent_order", counted)
+    k = 5 if activation == "batch_topk" else None
+    cc, x = make_crosscoder(12, 2, 6, 40, k, activation, torch.float32, device, rng(11))
+    cc.dense_code_density = 1.0  # the ReLU crosscoder's sparse regime
+    out, _, grads = step(cc, x, name)
+    assert calls == [out.codes.nnz]
+    assert all(grads[n] is not None for n in ("W_enc", "b_enc", "W_dec", "x"))
+    calls.clear()
+    with torch.no_grad(), cx.backend(name):  # inference: no backward, no sort
+        cc(x)
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", backend_params())
 def test_relu_regime_follows_the_batch_density(name):
     # About half of the codes are active at initialisation: dense above the threshold, sparse below it.
     device = backend_device(name)
