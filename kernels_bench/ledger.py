@@ -633,3 +633,5 @@ def main(argv=None):
 
 # The training step sorts its codes by latent this many times (ops/autograd.py).
 ORDER_PER_STEP = 1
+# Reads of f by batch_topk in the usual case, per backend: what the models above add up to.
+TOPK_PASSES_OVER_F = {"cuda": 5, "triton": 6}
