@@ -44,7 +44,8 @@ TORCH_LIBRARY(crossdiff, m) {
   // grad_values[e] = <grad_out[row(e)], W[indices[e]]> over M*d: the value gradient of sparse_decode.
   m.def("sparse_values_grad(Tensor grad_out, Tensor indices, Tensor row_ptr, Tensor W) -> Tensor");
   // Counting sort of the codes by latent (stable: rows ascending within a latent). col_ptr [F+1] int64,
-  // perm [nnz] int64 (entry ids), rows [nnz] int64 (row of each permuted entry).
+  // perm [nnz] int64 (entry ids), rows [nnz] int64 (row of each permuted entry). Its CUDA implementation is a
+  // library radix sort registered from Python (crossdiff_ext/ops/sparse.py).
   m.def("latent_order(Tensor indices, Tensor row_ptr, int n_latents) -> (Tensor col_ptr, Tensor perm, Tensor rows)");
   // grad_W[j] = sum_{e: indices[e] = j} values[e] dense[row(e)] ([F, M, d], dense's dtype) and
   // value_sums[j] = sum_{e: indices[e] = j} values[e] (fp32). Deterministic: fixed row order per latent.

@@ -129,32 +129,29 @@ def cuda_values_grad(n):
     ]
 
 
-def _order_chunks(B, F):
-    wanted = max(1, min(B, 64, (1 << 24) // F))
-    rows_per_chunk = _cdiv(max(B, 1), wanted)
-    return _cdiv(max(B, 1), rows_per_chunk)
-
-
 def latent_order_launches(n, backend):
-    """Both backends: per-chunk counts [chunks, F] int64 by atomics, ATen scans over that table, placement."""
+    """Both GPU backends: ops/sparse.latent_order_by_sort, a library radix sort of the K latent ids."""
     B, F, K = n["B"], n["F"], n["K"]
-    chunks = _order_chunks(B, F)
-    table = chunks * F * I64
-    codes_in = K * INDEX + (B + 1) * I64
-    kern = "latent_count_kernel" if backend == "cuda" else "_latent_count_kernel"
-    place = "latent_place_kernel" if backend == "cuda" else "_latent_place_kernel"
+    pairs = K * (INDEX + I64)  # int32 ids with their int64 positions
     return [
-        Launch("latent_order", "zeros(counts) (ATen)", "-", 0, table),
-        Launch("latent_order", kern, f"{chunks}x256", codes_in, 0, note="integer atomics into the counts table"),
-        Launch("latent_order", "counts.sum(0), cumsum (ATen)", "-", table, 3 * F * I64),
-        Launch("latent_order", "counts.cumsum(0).sub_().add_() (ATen)", "-", 4 * table + F * I64, 3 * table),
         Launch(
             "latent_order",
-            place,
-            f"{chunks}x256",
-            codes_in,
-            2 * K * I64,
-            note=f"one chunk of {_cdiv(B, chunks)} rows per block, a barrier per row",
+            "sort (torch: radix sort of id/position pairs)",
+            "-",
+            K * INDEX + 4 * pairs,
+            K * I64 + 4 * pairs,
+            note="estimate: 4 digit passes, each reading and writing the pairs",
+        ),
+        Launch("latent_order", "rows_of (torch: repeat_interleave)", "-", 2 * (B + 1) * I64, K * I64),
+        Launch("latent_order", "rows[perm] (torch)", "-", 2 * K * I64, K * I64),
+        Launch(
+            "latent_order",
+            "searchsorted + cat (torch)",
+            "-",
+            F * INDEX,
+            F * INDEX + 2 * (F + 1) * I64,
+            F * max(1, K.bit_length()) * INDEX,
+            note="a binary search per latent",
         ),
     ]
 

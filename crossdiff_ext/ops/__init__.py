@@ -8,6 +8,7 @@ from .encode import paired_encode, paired_encode_reference
 from .select import batch_topk, batch_topk_reference, selection_scores, threshold_select, threshold_select_reference
 from .sparse import (
     latent_order,
+    latent_order_by_sort,
     latent_order_reference,
     sparse_decode,
     sparse_decode_reference,
@@ -27,6 +28,7 @@ __all__ = [
     "threshold_select_reference",
     "latent_order",
     "latent_order_reference",
+    "latent_order_by_sort",
     "sparse_decode",
     "sparse_decode_reference",
     "sparse_values_grad",

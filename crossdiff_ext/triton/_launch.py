@@ -38,8 +38,6 @@ def select_warps(block: int) -> int:
 # Entries per step of the sparse kernels' loops: a [ENTRY_BLOCK, column block] tile of gathered rows. The
 # interpreter pays per step, not per element: it takes larger steps.
 ENTRY_BLOCK = 64 if interpreted() else 16
-# Entries per step of the counting sort: a whole row of codes (k ~ 100) in one step, every lane busy.
-ORDER_BLOCK = 128
 
 
 def row_block(D: int) -> int:
@@ -50,8 +48,3 @@ def row_block(D: int) -> int:
 def dot_block(D: int) -> int:
     """Columns per step of the per-entry dot products (the loop covers all D)."""
     return max(16, min(256, triton.next_power_of_2(D)))
-
-
-def order_chunks(B: int, F: int) -> int:
-    """Row chunks of the counting sort: its cursor table is [chunks, F] int64, kept under 2^24 entries."""
-    return max(1, min(B, 64, (1 << 24) // F))

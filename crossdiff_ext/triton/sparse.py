@@ -6,8 +6,7 @@ latent_order_reference, sparse_weight_grad_reference).
 Every sum runs in fp32 in a fixed order (no float atomics), so results are deterministic:
   sparse_decode       one program per (row, column block): gathers the row's W rows in entry order.
   sparse_values_grad  one program per block of entries: a dot of grad_out[row] with W[latent] per entry.
-  latent_order        a stable counting sort by latent in two kernels: per-chunk latent counts (integer
-                      atomics), then each chunk of rows places its entries row after row.
+  latent_order        a stable radix sort of the latent ids (torch.sort; ops/sparse.latent_order_by_sort).
   sparse_weight_grad  one program per (latent, column block): sums value * dense[row] over the latent's entries
                       in row order; column block 0 also writes the value sums (the bias gradient).
 """
@@ -19,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..ops import csr
+from ..ops.sparse import latent_order_by_sort
 from . import _launch
 
 
@@ -69,44 +69,6 @@ def _values_grad_kernel(
         w = tl.load(W_ptr + j[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(g * w, 1)
     tl.store(out_ptr + e, acc.to(out_ptr.dtype.element_ty), mask=live)
-
-
-@triton.jit
-def _latent_count_kernel(indices_ptr, row_ptr_ptr, counts_ptr, n_rows, rows_per_chunk, F, BLOCK_E: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    r0 = chunk * rows_per_chunk
-    e0 = tl.load(row_ptr_ptr + r0)
-    e1 = tl.load(row_ptr_ptr + tl.minimum(r0 + rows_per_chunk, n_rows))
-    for s in range(e0, e1, BLOCK_E):
-        e = s + tl.arange(0, BLOCK_E)
-        live = e < e1
-        j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
-        tl.atomic_add(counts_ptr + chunk * F + j, 1, mask=live, sem="relaxed")  # integer: order-free
-
-
-@triton.jit
-def _latent_place_kernel(
-    indices_ptr, row_ptr_ptr, cursor_ptr, perm_ptr, rows_ptr, n_rows, rows_per_chunk, F, BLOCK_E: tl.constexpr
-):
-    """Rows one after another, so entries of a latent land in row order. The cursor bump is an atomic that
-    returns the slot: a valid permutation even for codes that repeat a latent within a row (CSR codes never do;
-    such repeats would be placed in an unspecified order), and no reliance on which of Triton's replicated
-    threads stores. The barrier orders rows (the returned slots were used, so the atomics of a row completed
-    before it)."""
-    chunk = tl.program_id(0).to(tl.int64)
-    r0 = chunk * rows_per_chunk
-    r1 = tl.minimum(r0 + rows_per_chunk, n_rows)
-    for r in range(r0, r1):
-        e0 = tl.load(row_ptr_ptr + r)
-        e1 = tl.load(row_ptr_ptr + r + 1)
-        for s in range(e0, e1, BLOCK_E):
-            e = s + tl.arange(0, BLOCK_E)
-            live = e < e1
-            j = tl.load(indices_ptr + e, mask=live, other=0).to(tl.int64)
-            pos = tl.atomic_add(cursor_ptr + chunk * F + j, 1, mask=live)
-            tl.store(perm_ptr + pos, e, mask=live)
-            tl.store(rows_ptr + pos, r + tl.zeros_like(e), mask=live)
-        tl.debug_barrier()
 
 
 @triton.jit
@@ -203,39 +165,9 @@ def sparse_values_grad(
 def latent_order(
     indices: torch.Tensor, row_ptr: torch.Tensor, n_latents: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the stable counting sort by latent: (col_ptr [F+1], perm [nnz], rows [nnz])."""
-    indices, row_ptr = indices.contiguous(), row_ptr.contiguous()
-    B, nnz, F = row_ptr.shape[0] - 1, indices.shape[0], n_latents
-    device = indices.device
-    perm = torch.empty(nnz, dtype=torch.int64, device=device)
-    rows = torch.empty(nnz, dtype=torch.int64, device=device)
-    chunks = _launch.order_chunks(B, F)
-    rows_per_chunk = triton.cdiv(max(B, 1), chunks)
-    chunks = triton.cdiv(max(B, 1), rows_per_chunk)
-    counts = torch.zeros(chunks, F, dtype=torch.int64, device=device)
-    if B > 0 and nnz > 0:
-        _latent_count_kernel[(chunks,)](
-            indices, row_ptr, counts, B, rows_per_chunk, F, BLOCK_E=_launch.ORDER_BLOCK, num_warps=4
-        )
-    col_ptr = torch.zeros(F + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts.sum(0), 0, out=col_ptr[1:])
-    # Where each chunk's entries of latent j start: col_ptr[j] + entries of j in earlier chunks.
-    cursor = torch.cumsum(counts, 0).sub_(counts).add_(col_ptr[:-1])
-    if B > 0 and nnz > 0:
-        _latent_place_kernel[(chunks,)](
-            indices,
-            row_ptr,
-            cursor,
-            perm,
-            rows,
-            B,
-            rows_per_chunk,
-            F,
-            BLOCK_E=_launch.ORDER_BLOCK,
-            num_warps=4,
-            num_stages=1,
-        )
-    return col_ptr, perm, rows
+    """The stable sort by latent: (col_ptr [F+1], perm [nnz], rows [nnz]); a library radix sort, as on the CUDA
+    backend (ops/sparse.py, latent_order_by_sort says why)."""
+    return latent_order_by_sort(indices.contiguous(), row_ptr.contiguous(), n_latents)
 
 
 def sparse_weight_grad(

@@ -6,14 +6,12 @@
 //                       thread accumulates VEC columns over them in CSR order with 16-byte loads of W.
 //   sparse_values_grad  one warp per entry: strided 16-byte loads of grad_out[row] and W[latent], a fixed
 //                       shuffle tree; the row of an entry is a binary search in row_ptr.
-//   latent_order        stable counting sort: per-chunk latent counts (integer atomics), ATen scans for each
-//                       chunk's cursors, then one block per chunk places its rows in order (atomic cursor bumps
-//                       return the slots; a barrier between rows keeps rows ascending within each latent).
+//   latent_order        not here: a stable radix sort of the latent ids (torch.sort), registered for CUDA from
+//                       Python (crossdiff_ext/ops/sparse.py, latent_order_by_sort).
 //   sparse_weight_grad  one block per (latent, column span): value * dense[row] summed over the latent's
 //                       entries in row order; column span 0 also writes the value sums (bias gradient).
 // The kernels trust indices and row_ptr (range and order are checked by the CPU kernels and by the tests);
-// codes produced by batch_topk / threshold_select satisfy them by construction. A latent repeated within one
-// row (not CSR codes) still gets a valid permutation, with the repeats in an unspecified order.
+// codes produced by batch_topk / threshold_select satisfy them by construction.
 #include <torch/library.h>
 
 #include <limits>
@@ -102,32 +100,6 @@ __global__ void values_grad_kernel(const scalar_t* __restrict__ grad_out, const 
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
   if (lane == 0) out[e] = from_float<scalar_t>(acc);
-}
-
-template <typename index_t>
-__global__ void latent_count_kernel(const index_t* __restrict__ indices, const int64_t* __restrict__ row_ptr,
-                                    unsigned long long* __restrict__ counts, int64_t B, int64_t rows_per_chunk,
-                                    int64_t F) {
-  const int64_t chunk = blockIdx.x, r0 = chunk * rows_per_chunk, r1 = min64(r0 + rows_per_chunk, B);
-  unsigned long long* mine = counts + chunk * F;
-  for (int64_t e = row_ptr[r0] + threadIdx.x; e < row_ptr[r1]; e += blockDim.x)
-    atomicAdd(mine + static_cast<int64_t>(indices[e]), 1ull);  // integer: the order does not matter
-}
-
-template <typename index_t>
-__global__ void latent_place_kernel(const index_t* __restrict__ indices, const int64_t* __restrict__ row_ptr,
-                                    unsigned long long* __restrict__ cursor, int64_t* __restrict__ perm,
-                                    int64_t* __restrict__ rows, int64_t B, int64_t rows_per_chunk, int64_t F) {
-  const int64_t chunk = blockIdx.x, r0 = chunk * rows_per_chunk, r1 = min64(r0 + rows_per_chunk, B);
-  unsigned long long* mine = cursor + chunk * F;
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t e = row_ptr[r] + threadIdx.x; e < row_ptr[r + 1]; e += blockDim.x) {
-      const int64_t pos = static_cast<int64_t>(atomicAdd(mine + static_cast<int64_t>(indices[e]), 1ull));
-      perm[pos] = e;
-      rows[pos] = r;
-    }
-    __syncthreads();  // this row's slots are taken before the next row's
-  }
 }
 
 template <typename scalar_t, int VEC>
@@ -258,43 +230,6 @@ at::Tensor sparse_values_grad_cuda(const at::Tensor& grad_in, const at::Tensor& 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_order_cuda(const at::Tensor& indices_in, const at::Tensor& row_ptr_in,
-                                                                 int64_t n_latents) {
-  check_latent_order(indices_in, row_ptr_in, n_latents);
-  const c10::cuda::CUDAGuard guard(indices_in.device());
-  const at::Tensor indices = indices_in.contiguous(), row_ptr = row_ptr_in.contiguous();
-  const int64_t B = row_ptr.size(0) - 1, nnz = indices.size(0), F = n_latents;
-  const auto i64 = indices.options().dtype(at::kLong);
-  at::Tensor perm = at::empty({nnz}, i64), rows = at::empty({nnz}, i64);
-  // Row chunks: the cursor table is [chunks, F] int64, kept under 2^24 entries.
-  const int64_t chunks_wanted = std::max<int64_t>(1, std::min<int64_t>({B, 64, (int64_t{1} << 24) / F}));
-  const int64_t rows_per_chunk = ceil_div(std::max<int64_t>(B, 1), chunks_wanted);
-  const int64_t chunks = ceil_div(std::max<int64_t>(B, 1), rows_per_chunk);
-  at::Tensor counts = at::zeros({chunks, F}, i64);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  constexpr int kThreads = 256;
-  auto* cp = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
-  if (B > 0 && nnz > 0) {
-    with_index_ptr(indices, [&](auto* ip) {
-      latent_count_kernel<<<chunks, kThreads, 0, stream>>>(ip, row_ptr.data_ptr<int64_t>(), cp, B, rows_per_chunk, F);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  at::Tensor col_ptr = at::zeros({F + 1}, i64);
-  col_ptr.narrow(0, 1, F).copy_(counts.sum(0).cumsum(0));
-  // Where each chunk's entries of latent j start: col_ptr[j] + entries of j in earlier chunks.
-  at::Tensor cursor = counts.cumsum(0).sub_(counts).add_(col_ptr.narrow(0, 0, F));
-  if (B > 0 && nnz > 0) {
-    with_index_ptr(indices, [&](auto* ip) {
-      latent_place_kernel<<<chunks, kThreads, 0, stream>>>(
-          ip, row_ptr.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(cursor.data_ptr<int64_t>()),
-          perm.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), B, rows_per_chunk, F);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return {col_ptr, perm, rows};
-}
-
 std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& values_in, const at::Tensor& dense_in,
                                                            const at::Tensor& col_ptr_in, const at::Tensor& perm_in,
                                                            const at::Tensor& rows_in) {
@@ -328,7 +263,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_weight_grad_cuda(const at::Tensor& val
 TORCH_LIBRARY_IMPL(crossdiff, CUDA, m) {
   m.impl("sparse_decode", &sparse_decode_cuda);
   m.impl("sparse_values_grad", &sparse_values_grad_cuda);
-  m.impl("latent_order", &latent_order_cuda);
   m.impl("sparse_weight_grad", &sparse_weight_grad_cuda);
 }
 

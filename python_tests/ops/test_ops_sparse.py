@@ -65,6 +65,19 @@ def test_sparse_backward_ops_match_reference(name, B, M, d, F, k, poison):
         torch.testing.assert_close(sums, expected_sums, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("B,F,k", [(1, 1, 1), (9, 37, 3), (40, 300, 11), (5, 2, 2)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_latent_order_by_sort_matches_reference(B, F, k, index_dtype):
+    # The GPU backends' latent_order (a library sort), run here on CPU tensors: the same permutation, rows and
+    # col_ptr as the reference, with empty rows, empty latents and a row that keeps every latent.
+    _, indices, row_ptr = make_codes(B, F, k, torch.float32, "cpu", rng(B + 7 * F), index_dtype)
+    for codes in ((indices, row_ptr), (indices[:0], torch.zeros_like(row_ptr))):
+        got = ops.latent_order_by_sort(*codes, F)
+        for part, expected in zip(got, ops.latent_order_reference(*codes, F)):
+            assert part.dtype == torch.int64
+            torch.testing.assert_close(part, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", backend_params())
 def test_sparse_decode_gradients(name):
     device = backend_device(name)

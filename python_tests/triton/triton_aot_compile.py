@@ -138,29 +138,6 @@ def sparse_variants(target):
             {"BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)},
             target,
         )
-    for idx in ("i32", "i64"):
-        chunked = {
-            "indices_ptr": f"*{idx}",
-            "row_ptr_ptr": "*i64",
-            "n_rows": "i32",
-            "rows_per_chunk": "i32",
-            "F": "i32",
-        }
-        compile_one(
-            f"sparse._latent_count_kernel[{idx}]",
-            sparse._latent_count_kernel,
-            {**chunked, "counts_ptr": "*i64"},
-            {"BLOCK_E": _launch.ORDER_BLOCK},
-            target,
-        )
-        compile_one(
-            f"sparse._latent_place_kernel[{idx}]",
-            sparse._latent_place_kernel,
-            {**chunked, "cursor_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64"},
-            {"BLOCK_E": _launch.ORDER_BLOCK},
-            target,
-            num_stages=1,
-        )
 
 
 def encoder_variants(target, all_configs):
