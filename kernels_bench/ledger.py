@@ -30,7 +30,6 @@ SHAPES = {
     "paper": dict(batch=4096, n_models=2, d_model=2304, dict_size=73728, k=100),
     "small": dict(batch=64, n_models=2, d_model=32, dict_size=1000, k=8),
 }
-ELT = 2  # bf16, the paper suite's dtype
 INDEX = 4  # int32 latent ids (F < 2^31)
 I64 = 8
 H100_SMS = 132  # the launch geometry of the target GPU (H100/H200 SXM: 132 SMs)
@@ -50,8 +49,8 @@ class Launch:
     note: str = ""
 
 
-def _n(shape):
-    n = floors.shape_numbers(shape, ELT, INDEX)
+def _n(shape, elt):
+    n = floors.shape_numbers(shape, elt, INDEX)
     n["N"] = n["B"] * n["F"]
     n["codes"] = n["codes_bytes"]
     return n
@@ -67,10 +66,10 @@ def _cdiv(a, b):
 def cuda_batch_topk(n):
     """csrc/cuda/select.cu: 3 radix histogram passes (11, 11, 10 bits), a count pass and the ordered write."""
     B, F, N, K = n["B"], n["F"], n["N"], n["K"]
-    tile = 256 * (16 // ELT)
+    tile = 256 * (16 // n["elt"])
     n_tiles = B * _cdiv(F, tile)
     chunks = _cdiv(n_tiles, _cdiv(n_tiles, 4 * H100_SMS))
-    f_bytes, w_per_tile = N * ELT, N * 4  # w is re-read from L2 for every tile
+    f_bytes, w_per_tile = N * n["elt"], N * 4  # w is re-read from L2 for every tile
     out = [
         Launch(
             "batch_topk", f"histogram_kernel[pass {p}]", f"{chunks}x256", f_bytes + F * 4, 3 * 2048 * 8, w_per_tile, 1
@@ -86,7 +85,7 @@ def cuda_batch_topk(n):
             "write_kernel",
             f"{chunks}x256",
             f_bytes + F * 4,
-            K * (ELT + INDEX) + (B + 1) * I64,
+            K * (n["elt"] + INDEX) + (B + 1) * I64,
             w_per_tile,
             1,
         )
@@ -97,19 +96,21 @@ def cuda_batch_topk(n):
 
 def _min_score(n, op):
     K = n["K"]
-    return [Launch(op, "min_score (ATen: gather w, mul, where, min)", "-", K * (ELT + INDEX) + K * 4 * 3, K * 4 * 3)]
+    return [
+        Launch(op, "min_score (ATen: gather w, mul, where, min)", "-", K * (n["elt"] + INDEX) + K * 4 * 3, K * 4 * 3)
+    ]
 
 
 def cuda_sparse_decode(n, op="sparse_decode"):
     B, D, K = n["B"], n["D"], n["K"]
-    threads = min(1024, max(32, _cdiv(_cdiv(D, 16 // ELT), 32) * 32))
+    threads = min(1024, max(32, _cdiv(_cdiv(D, 16 // n["elt"]), 32) * 32))
     return [
         Launch(
             op,
             "decode_kernel",
-            f"{B}x{_cdiv(_cdiv(D, 16 // ELT), threads)}x{threads}",
-            K * D * ELT + n["codes"] + D * ELT,
-            B * D * ELT,
+            f"{B}x{_cdiv(_cdiv(D, 16 // n['elt']), threads)}x{threads}",
+            K * D * n["elt"] + n["codes"] + D * n["elt"],
+            B * D * n["elt"],
         )
     ]
 
@@ -121,9 +122,9 @@ def cuda_values_grad(n):
             "sparse_values_grad",
             "values_grad_kernel",
             f"{_cdiv(K, 8)}x256",
-            K * D * ELT + B * D * ELT + K * INDEX + (B + 1) * I64,
-            K * ELT,
-            (K - B) * D * ELT,
+            K * D * n["elt"] + B * D * n["elt"] + K * INDEX + (B + 1) * I64,
+            K * n["elt"],
+            (K - B) * D * n["elt"],
             note="grad_out[row] re-read once per entry of the row",
         )
     ]
@@ -165,9 +166,9 @@ def weight_grad_launches(n, backend, dense_rows_bytes):
             "sparse_weight_grad",
             kern,
             f"{F}x{_cdiv(D, 4096 if backend == 'cuda' else 512)}",
-            K * D * ELT + K * (2 * I64 + ELT) + (F + 1) * I64,
-            F * D * ELT + F * 4,
-            max(0, K * D * ELT - dense_rows_bytes),
+            K * D * n["elt"] + K * (2 * I64 + n["elt"]) + (F + 1) * I64,
+            F * D * n["elt"] + F * 4,
+            max(0, K * D * n["elt"] - dense_rows_bytes),
             note="dense rows gathered once per entry (L2 holds a [B, D] dense of 38 MB only in part)",
         )
     ]
@@ -176,8 +177,22 @@ def weight_grad_launches(n, backend, dense_rows_bytes):
 def cuda_encode(n):
     B, D, F, N = n["B"], n["D"], n["F"], n["N"]
     return [
-        Launch("paired_encode", "addmm (cuBLAS, bias epilogue)", "-", B * D * ELT + F * D * ELT + F * ELT, N * ELT),
-        Launch("paired_encode", "relu_ (ATen)", "-", N * ELT, N * ELT, f_passes=1, note="a separate ReLU pass over f"),
+        Launch(
+            "paired_encode",
+            "addmm (cuBLAS, bias epilogue)",
+            "-",
+            B * D * n["elt"] + F * D * n["elt"] + F * n["elt"],
+            N * n["elt"],
+        ),
+        Launch(
+            "paired_encode",
+            "relu_ (ATen)",
+            "-",
+            N * n["elt"],
+            N * n["elt"],
+            f_passes=1,
+            note="a separate ReLU pass over f",
+        ),
     ]
 
 
@@ -192,7 +207,7 @@ def triton_batch_topk(n):
     block = _launch.select_block(F)
     n_tiles = B * _cdiv(F, block)
     chunks = _cdiv(n_tiles, _cdiv(n_tiles, 8 * H100_SMS))
-    f_bytes, w_per_tile = N * ELT, N * 4
+    f_bytes, w_per_tile = N * n["elt"], N * 4
     out = []
     for p in range(4):
         out.append(
@@ -207,7 +222,7 @@ def triton_batch_topk(n):
             "_write_kernel",
             str(chunks),
             f_bytes + F * 4,
-            K * (ELT + INDEX) + (B + 1) * I64,
+            K * (n["elt"] + INDEX) + (B + 1) * I64,
             w_per_tile,
             1,
         )
@@ -227,8 +242,8 @@ def triton_sparse_decode(n, op="sparse_decode"):
             op,
             "_decode_kernel",
             f"{B}x{blocks}",
-            K * D * ELT + n["codes"] + D * ELT,
-            B * D * ELT,
+            K * D * n["elt"] + n["codes"] + D * n["elt"],
+            B * D * n["elt"],
             n["codes"] * (blocks - 1),
             note="every column block of a row reads the row's codes",
         )
@@ -243,9 +258,9 @@ def triton_values_grad(n):
             "sparse_values_grad",
             "_values_grad_kernel",
             str(_cdiv(K, 16)),
-            K * D * ELT + B * D * ELT + K * (INDEX + I64),
-            K * ELT,
-            (K - B) * D * ELT,
+            K * D * n["elt"] + B * D * n["elt"] + K * (INDEX + I64),
+            K * n["elt"],
+            (K - B) * D * n["elt"],
             note="grad_out[row] re-read once per entry of the row",
         ),
     ]
@@ -258,8 +273,8 @@ def triton_encode(n):
             "paired_encode",
             "_encode_kernel (bias + ReLU epilogue)",
             f"{_cdiv(B, 128) * _cdiv(F, 256)}",
-            B * D * ELT + F * D * ELT + F * ELT,
-            N * ELT,
+            B * D * n["elt"] + F * D * n["elt"] + F * n["elt"],
+            N * n["elt"],
         )
     ]
 
@@ -283,7 +298,7 @@ MODELS = {
 def op_launches(n, backend):
     """{op: [Launch]} for the ops of the paper suite on one backend."""
     m = MODELS[backend]
-    dense = n["B"] * n["D"] * ELT
+    dense = n["B"] * n["D"] * n["elt"]
     return {
         "paired_encode": m["paired_encode"](n),
         "batch_topk": m["batch_topk"](n),
@@ -300,19 +315,19 @@ def train_step_launches(n, backend, order_per_step):
     gradient (x needs no gradient), and the torch ops around them."""
     B, F, D, K = n["B"], n["F"], n["D"], n["K"]
     ops = op_launches(n, backend)
-    dec = F * D * ELT
+    dec = F * D * n["elt"]
     steps = [Launch("step", "decoder norms w (torch)", "-", dec, F * 4)]
     steps += ops["paired_encode"] + ops["batch_topk"] + ops["sparse_decode"]
-    steps.append(Launch("step", "loss forward + backward (torch)", "-", 4 * B * D * ELT, 2 * B * D * ELT))
+    steps.append(Launch("step", "loss forward + backward (torch)", "-", 4 * B * D * n["elt"], 2 * B * D * n["elt"]))
     steps += ops["sparse_values_grad"]
     for _ in range(order_per_step):
         steps += ops["latent_order"]
-    steps += weight_grad_launches(n, backend, B * D * ELT)  # W_dec: dense = grad_out
-    steps.append(Launch("step", "values != 0 where (torch)", "-", K * 2 * ELT, K * ELT))
-    steps += weight_grad_launches(n, backend, B * D * ELT)  # W_enc: dense = x
-    steps.append(Launch("step", "bias grads (torch)", "-", B * D * ELT, D * ELT))
+    steps += weight_grad_launches(n, backend, B * D * n["elt"])  # W_dec: dense = grad_out
+    steps.append(Launch("step", "values != 0 where (torch)", "-", K * 2 * n["elt"], K * n["elt"]))
+    steps += weight_grad_launches(n, backend, B * D * n["elt"])  # W_enc: dense = x
+    steps.append(Launch("step", "bias grads (torch)", "-", B * D * n["elt"], D * n["elt"]))
     params = n["n_params"]
-    steps.append(Launch("step", "fused Adam (torch)", "-", 4 * params * ELT, 3 * params * ELT))
+    steps.append(Launch("step", "fused Adam (torch)", "-", 4 * params * n["elt"], 3 * params * n["elt"]))
     return steps
 
 
@@ -326,24 +341,24 @@ def _totals(launches):
     )
 
 
-def op_floors(shape):
+def op_floors(shape, elt):
     """Byte floors of the ops (floors.byte_counts), keyed like the ledger's ops."""
-    b = floors.byte_counts(shape, ELT, INDEX)
-    n = _n(shape)
+    b = floors.byte_counts(shape, elt, INDEX)
+    n = _n(shape, elt)
     order = n["codes"] + 2 * n["K"] * I64 + (n["F"] + 1) * I64
     return {
-        "paired_encode": n["B"] * n["D"] * ELT + n["F"] * n["D"] * ELT + n["N"] * ELT,
+        "paired_encode": n["B"] * n["D"] * n["elt"] + n["F"] * n["D"] * n["elt"] + n["N"] * n["elt"],
         "batch_topk": b["batch_topk"],
         "sparse_decode": b["sparse_decode"],
-        "sparse_values_grad": n["K"] * n["D"] * ELT + n["B"] * n["D"] * ELT + n["K"] * ELT,
+        "sparse_values_grad": n["K"] * n["D"] * n["elt"] + n["B"] * n["D"] * n["elt"] + n["K"] * n["elt"],
         "latent_order": order,
         "sparse_weight_grad": b["encoder_weight_grad"] - order,
     }
 
 
-def step_floor(shape):
-    b = floors.byte_counts(shape, ELT, INDEX)
-    f = op_floors(shape)
+def step_floor(shape, elt):
+    b = floors.byte_counts(shape, elt, INDEX)
+    f = op_floors(shape, elt)
     return (
         f["paired_encode"]
         + b["batch_topk"]
@@ -500,32 +515,34 @@ def triton_paper_variants(shape):
 # --- the ledger ---------------------------------------------------------------------------------------------------
 
 
-def ledger(shape_name, order_per_step):
-    shape = SHAPES[shape_name]
-    n = _n(shape)
-    result = dict(shape=shape_name, dims=shape, dtype="bf16", index_dtype="int32", sms=H100_SMS, backends={})
-    floors_ = op_floors(shape)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def ledger(shape, order_per_step=None, dtype="bf16"):
+    """The ledger of one shape: a name of SHAPES or a dict (batch, n_models, d_model, dict_size, k)."""
+    name, dims = (shape, SHAPES[shape]) if isinstance(shape, str) else ("custom", dict(shape))
+    order_per_step = ORDER_PER_STEP if order_per_step is None else order_per_step
+    elt = DTYPE_BYTES[dtype]
+    n = _n(dims, elt)
+    result = dict(shape=name, dims=dims, dtype=dtype, index_dtype="int32", sms=H100_SMS, backends={})
+    floors_ = op_floors(dims, elt)
     for backend in MODELS:
-        ops = op_launches(n, backend)
         entry = dict(ops={}, train_step={})
-        for op, launches in ops.items():
-            t = _totals(launches)
-            entry["ops"][op] = dict(
-                launches=[dataclasses.asdict(x) for x in launches],
-                totals=t,
-                floor_bytes=floors_[op],
-                over_floor=(t["read"] + t["written"]) / floors_[op],
-            )
-        step = train_step_launches(n, backend, order_per_step)
-        t = _totals(step)
-        entry["train_step"] = dict(
-            launches=[dataclasses.asdict(x) for x in step],
-            totals=t,
-            floor_bytes=step_floor(shape),
-            over_floor=(t["read"] + t["written"]) / step_floor(shape),
-        )
+        for op, launches in op_launches(n, backend).items():
+            entry["ops"][op] = _entry(launches, floors_[op])
+        entry["train_step"] = _entry(train_step_launches(n, backend, order_per_step), step_floor(dims, elt))
         result["backends"][backend] = entry
     return result
+
+
+def _entry(launches, floor_bytes):
+    t = _totals(launches)
+    return dict(
+        launches=[dataclasses.asdict(x) for x in launches],
+        totals=t,
+        floor_bytes=floor_bytes,
+        over_floor=(t["read"] + t["written"]) / floor_bytes,
+    )
 
 
 def _mb(x):
@@ -596,7 +613,7 @@ def main(argv=None):
     p.add_argument("--no-resources", action="store_true", help="skip the compiled resources (no compiles)")
     p.add_argument("--out", help="result stem (default: kernels_bench/results/ledger-<shape>)")
     args = p.parse_args(argv)
-    result = ledger(args.shape, ORDER_PER_STEP)
+    result = ledger(args.shape)
     resources = {}
     if not args.no_resources:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -500,10 +500,44 @@ def summarize(result, backends):
     )
     assert tuple(s) == SUMMARY_KEYS
     result["summary"] = s
+    result["ledger_vs_time"] = ledger_vs_time(result)
     result["summary_backend"] = {
         n: (best(cases, n, backends) or {}).get("backend")
         for n in ("train_step", "paired_encode", "batch_topk", "sparse_decode", "decoder_backward")
     }
+
+
+LEDGER_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def ledger_vs_time(result):
+    """Each GPU op case beside the traffic ledger's bytes for it (kernels_bench/ledger.py): the time those bytes
+    take at the measured copy bandwidth, and the measured time over that. Where the ratio is far above 1 the
+    kernel is bound by something the ledger does not count (latency, launches, compute) or moves more bytes than
+    the ledger assumes."""
+    from . import ledger
+
+    dtype = LEDGER_DTYPES.get(result["dtype"])
+    if dtype is None:
+        return None
+    model = ledger.ledger(result["shape"], dtype=dtype)
+    bandwidth = result["ceilings"]["copy"]["bytes_per_s"]
+    out = {}
+    for c in result["cases"]:
+        entry = model["backends"].get(c["backend"], {})
+        modelled = entry.get("train_step") if c["name"] == "train_step" else entry.get("ops", {}).get(c["name"])
+        if "shape" in c or "median_ms" not in c or modelled is None:
+            continue
+        t = modelled["totals"]
+        ledger_ms = (t["read"] + t["written"]) / bandwidth * 1e3
+        out.setdefault(c["backend"], {})[c["name"]] = dict(
+            ledger_mb=(t["read"] + t["written"]) / 1e6,
+            ledger_ms_at_copy_bw=ledger_ms,
+            median_ms=c["median_ms"],
+            time_over_ledger=c["median_ms"] / ledger_ms,
+            launches=t["launches"],
+        )
+    return out
 
 
 def fmt(v, spec=".3f"):
@@ -567,6 +601,20 @@ def markdown(result):
             "Latent Scaling's token throughput over the inference forward's (same tokens, every latent, "
             "both targets; goal >= 0.5): " + ", ".join(f"{b} {v:.2f}" for b, v in ls.items()) + ".",
         ]
+    if result.get("ledger_vs_time"):
+        lines += [
+            "",
+            "## Measured time against the traffic ledger (`python -m kernels_bench ledger`)",
+            "",
+            "| backend | case | ledger MB | at copy bandwidth ms | measured ms | measured / ledger | launches |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for backend, rows in result["ledger_vs_time"].items():
+            for name, r in rows.items():
+                lines.append(
+                    f"| {backend} | {name} | {r['ledger_mb']:.1f} | {r['ledger_ms_at_copy_bw']:.3f} | "
+                    f"{r['median_ms']:.3f} | {r['time_over_ledger']:.2f} | {r['launches']} |"
+                )
     for name, b in (result.get("breakdown") or {}).items():
         lines += [""] + breakdown.markdown(b, f"Where our training step's time goes ({name})")
     for name, b in (result.get("selection_kernels") or {}).items():

@@ -67,6 +67,21 @@ def test_summary_has_exactly_the_summary_keys_and_uses_the_main_shape():
     assert "train_step_speedup_vs_dense | 4.000" in text and "## Training-step sweeps" in text
 
 
+def test_gpu_cases_are_set_beside_the_traffic_ledger():
+    from kernels_bench import ledger
+
+    result = synthetic_result()
+    result["cases"].append(dict(result["cases"][2], backend="triton", median_ms=2.0))
+    suite.summarize(result, ["cpu", "triton"])
+    rows = result["ledger_vs_time"]
+    assert set(rows) == {"triton"}  # the ledger models the GPU backends only
+    modelled = ledger.ledger(SHAPE, dtype="fp32")["backends"]["triton"]["ops"]["batch_topk"]["totals"]
+    mb = (modelled["read"] + modelled["written"]) / 1e6
+    assert math.isclose(rows["triton"]["batch_topk"]["ledger_mb"], mb)
+    assert math.isclose(rows["triton"]["batch_topk"]["time_over_ledger"], 2.0 / (mb * 1e6 / 1e9 * 1e3))
+    assert "## Measured time against the traffic ledger" in suite.markdown(result)
+
+
 def gpu_result():
     """A finished paper-suite result with both GPU backends timed on every op of the auto table."""
     from crossdiff_ext import backends

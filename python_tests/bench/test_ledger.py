@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def small():
-    return ledger.ledger("small", ledger.ORDER_PER_STEP)
+    return ledger.ledger("small")
 
 
 def test_every_backend_has_every_op_and_a_training_step(small):
