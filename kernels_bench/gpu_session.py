@@ -213,6 +213,11 @@ def bench_figures(out: str) -> dict:
         summary=result.get("summary"),
         summary_backend=result.get("summary_backend"),
         auto_table={op: v[0] for op, v in (result.get("auto_table") or {}).items()} or None,
+        time_over_ledger={
+            backend: {op: round(r["time_over_ledger"], 2) for op, r in rows.items()}
+            for backend, rows in (result.get("ledger_vs_time") or {}).items()
+        }
+        or None,
     )
 
 
