@@ -490,6 +490,13 @@ def _chunks(n, programs, multiple=1):
     return per, triton.cdiv(max(n, 1), per)
 
 
+def _tile_chunks(n_tiles, programs):
+    """(tiles per program, programs) of the per-tile kernels over the staging buffer. Each tile is a short chain of
+    dependent loads (its table entries, its few staged entries, their f): 8x the streaming kernels' programs
+    keep more of those chains in flight."""
+    return _chunks(n_tiles, 8 * programs)
+
+
 def _tiling(B, F, programs):
     """The flat tiling of the count and write passes over f: (BLOCK, column tiles, tiles, tiles per chunk, chunks)."""
     block = _launch.select_block(F)
@@ -562,7 +569,7 @@ def batch_topk_with_state(
         h = hist[MAX_LEVELS + level]
         _staged_level_kernel[(staged_programs,)](state, staged, h, per_program, BLOCK=STAGED_BLOCK, num_warps=4)
         _resolve_kernel[(1,)](state, h, K, cap, STAGED_KEYS=True, num_warps=4)
-    tiles_per_program, tile_programs = _chunks(n_tiles, programs)
+    tiles_per_program, tile_programs = _tile_chunks(n_tiles, programs)
     above = torch.empty(n_tiles, dtype=torch.int64, device=device)
     ties = torch.empty(n_tiles, dtype=torch.int64, device=device)
     tables = (staged, tile_base, tile_count)
@@ -619,7 +626,7 @@ def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) ->
     n_tiles, n_stage = B * n_slabs, min(2 * K, B * F)
     slab_programs = n_slabs * row_chunks
     staged_programs = _chunks(min(stage_cap(K), B * F), device_programs, STAGED_BLOCK)[1]
-    tile_programs = _chunks(n_tiles, device_programs)[1]
+    tile_programs = _tile_chunks(n_tiles, device_programs)[1]
     n_chunks = _tiling(B, F, device_programs)[4]
     index_bytes = csr.index_dtype(F).itemsize
     plan = [("_init_kernel", (1,), 0, N_STATE * 8, 0)]
