@@ -89,14 +89,18 @@ def test_usual_case_is_one_level_then_staged(select, B, F, Ks, poison):
 
 
 def test_through_the_op_at_gpu_geometry(select, monkeypatch, poison):
-    # Many programs (an odd count: row chunks of unequal size), several slabs: the tiles' reservations in the
-    # staging buffer are out of flat order, which the ordered write must undo.
+    # Many programs (an odd count: row chunks of unequal size) over several slabs: the tiles reserve staging
+    # slots out of flat order, which the ordered write must undo. Short steps over a tile's staged entries: the
+    # positions and tie ranks carry from step to step, here through a block of ties at the boundary.
     from crossdiff_ext.triton import _launch
 
     monkeypatch.setattr(_launch, "target_programs", lambda device: 37)
+    monkeypatch.setattr(_launch, "TILE_STEP", 16)
     g = rng(5)
     f, w = relu_scores(13, 4100, g)
-    for K in (13 * 30, 7):
+    f[3, 2040:2100], w[2040:2100] = 2.5, 1.0  # 60 equal scores across the first two slabs of row 3
+    n_above = int((f * w > 2.5).sum())
+    for K in (13 * 30, n_above + 45, 7):
         with cx.backend("triton"):
             got = ops.batch_topk(f.to(DEVICE), w.to(DEVICE), K)
         identical(got, ops.batch_topk_reference(f, w, K))
