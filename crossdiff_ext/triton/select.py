@@ -23,8 +23,9 @@ kernel of a path not taken returns at once (both paths are launched, one works).
      give the CSR output (row, then latent) with exactly K entries.
   3. TIES (more than `cap` entries at or above one exact boundary key): a count pass and an ordered write over
      f, as threshold_select does, with the boundary ties ranked in flat order.
-The staged order of tiles depends on the atomics' order; the output does not: every later phase walks the tiles
-in flat order through the tile table. Flat offsets are int64 (B * F may exceed 2^32).
+Passes over f: 2 when level 0 resolves (level 0 + stage), one more per extra level (at most 4), and in mode TIES
+the levels + 2. The staged order of tiles depends on the atomics' order; the output does not: every later phase
+walks the tiles in flat order through the tile table. Flat offsets are int64 (B * F may exceed 2^32).
 """
 
 import math
@@ -41,8 +42,9 @@ from . import _launch
 RADIX_BITS = 8  # 256 bins per level: Triton's histogram lowering costs grow with the bin count
 NBINS = 1 << RADIX_BITS
 # Level 0's window: 1/8-binade bins (the key's sign, exponent and 3 mantissa bits) from 2^-16 up, bin 0 below
-# it (non-positive scores included), bin 255 above 2^15.75 (inf and NaN included). Scores of trained
-# crosscoders lie inside; a boundary outside only costs more levels.
+# it (non-positive scores included), bin 255 from 2^15.75 (inf and NaN included). It is meant to hold the
+# boundary score of activations times decoder norms of order one (not measured on trained crosscoders); a
+# boundary outside only costs more levels.
 WINDOW_SHIFT = 20
 WINDOW_LO = 0x80000000 | ((127 - 16) << 23)  # key of 2^-16
 # Level 0, then at most four 8-bit levels (a level-0 bin spans < 2^32 keys): the range is then one key.
@@ -460,10 +462,11 @@ def _write_kernel(
 def stage_cap(K: int) -> int:
     """Staging capacity of batch_topk: K + max(K, 2^16) entries, or CROSSDIFF_TOPK_STAGE_CAP when set (tests).
 
-    A level over f stops once at most this many entries have a key at or above its range: then the boundary bin
-    holds at most max(K, 2^16) of them, so staging writes (and the levels over the staged keys read) about as much
-    as the output itself, a small fraction of a pass over f when K << B * F; the 2^16 floor spares a small K an
-    extra pass over f for a bin of a few thousand entries."""
+    The levels over f stop once at most this many entries have a key at or above the boundary bin; those are
+    staged (8 bytes each). Fewer than K of them lie above the bin, so the bin may hold max(K, 2^16) entries or
+    more, while staging writes (and the levels over the staged keys read) a few times the output's size, a small
+    fraction of a pass over f when K << B * F. The 2^16 floor spares a small K an extra pass over f for a bin of
+    a few thousand entries."""
     value = os.environ.get(CAP_ENV, "").strip()
     if not value:
         return K + max(K, 1 << 16)
@@ -619,7 +622,9 @@ def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) ->
     own geometry functions. Bytes are estimates from the design, not measurements: n_stage (entries staged) is
     taken as 2K (the bound is stage_cap(K)); three levels over the staged keys work (a level-0 bin inside the
     window spans 2^20 keys: 8 + 8 + 4 bits); kernels that return at once read their state word per program;
-    atomics count as writes of their operand; gathers count their element bytes, not whole sectors.
+    atomics count as writes of their operand (at most one per tile, or per program and bin); gathers count their
+    element bytes, not whole sectors; the memsets of small buffers and the temporaries of the torch ops are left
+    out.
     """
     slab, n_slabs, rows_per_chunk, row_chunks = _slab_grid(B, F, device_programs)
     f_bytes, w_bytes = B * F * dtype_bytes, F * 4
@@ -636,7 +641,7 @@ def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) ->
         else:
             plan.append(("_level_kernel", (n_slabs, row_chunks), slab_programs * 8, 0, 0))
         plan.append(("_resolve_kernel", (1,), NBINS * 8 if level == 0 else 8, N_STATE * 8 if level == 0 else 0, 0))
-    plan.append(("_stage_kernel", (n_slabs, row_chunks), f_bytes + w_bytes, n_stage * 8 + n_tiles * 16, 1))
+    plan.append(("_stage_kernel", (n_slabs, row_chunks), f_bytes + w_bytes, n_stage * 8 + n_tiles * 24, 1))
     for level in range(STAGED_LEVELS):
         works = level < 3
         plan.append(("_staged_level_kernel", (staged_programs,), n_stage * 8 if works else 8, NBINS * 8 * works, 0))
@@ -649,7 +654,7 @@ def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) ->
             "_staged_write_kernel",
             (tile_programs,),
             n_tiles * 32 + n_stage * 8 + K * dtype_bytes,
-            K * (dtype_bytes + index_bytes) + B * 8,
+            K * (dtype_bytes + index_bytes) + n_tiles * 8,
             0,
         ),
         ("_count_kernel", (n_chunks,), n_chunks * 8, 0, 0),
