@@ -38,6 +38,9 @@ def select_warps(block: int) -> int:
 # Entries per step of the sparse kernels' loops: a [ENTRY_BLOCK, column block] tile of gathered rows. The
 # interpreter pays per step, not per element: it takes larger steps.
 ENTRY_BLOCK = 64 if interpreted() else 16
+# Staged entries per step of batch_topk's per-tile kernels: a tile usually keeps a few of its latents. The
+# interpreter takes a whole slab per step.
+TILE_STEP = 2048 if interpreted() else 128
 
 
 def row_block(D: int) -> int:

@@ -3,11 +3,16 @@
 Run by python_tests/triton/test_triton_compiles.py in a subprocess with TRITON_INTERPRET unset (under the interpreter
 the kernels are Python functions and nothing is compiled). Lowering to PTX and ptxas's cubin catches what the
 interpreter cannot: type errors of the compiled dialect, unsupported ops, layouts, register/PTX failures.
-Prints one line per compiled variant and exits non-zero on the first failure.
+Prints one line per compiled variant and exits non-zero on the first failure. With CROSSDIFF_AOT_RESOURCES=1 each
+line also gives the cubin's registers per thread, spill stores/loads and static shared memory (Triton's bundled
+ptxas -v on the kernel's PTX); without a GPU the loaded kernel's n_regs / n_spills are not available.
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
@@ -32,23 +37,80 @@ def compile_one(label, fn, signature, constexprs, target, num_warps=4, num_stage
     t0 = time.perf_counter()
     kernel = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
     assert kernel.asm.get("cubin"), f"{label}: no cubin"
-    print(f"ok {label} sm_{target.arch} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    usage = f" [{resources(kernel, target)}]" if RESOURCES else ""
+    print(f"ok {label} sm_{target.arch} ({time.perf_counter() - t0:.1f} s){usage}", flush=True)
+
+
+RESOURCES = os.environ.get("CROSSDIFF_AOT_RESOURCES") == "1"
+
+
+def resources(kernel, target):
+    """Registers, spills and shared memory of one compiled kernel, from ptxas -v on its PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{target.arch}a" if target.arch == 90 else f"sm_{target.arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        out = subprocess.run(
+            [get_ptxas(target.arch).path, "-v", f"--gpu-name={arch}", ptx.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return (
+        f"regs {regs.group(1) if regs else '?'}, spill st/ld {spills.group(1)}/{spills.group(2)} B, "
+        f"shared {kernel.metadata.shared} B (Triton's dynamic)"
+    )
 
 
 def selection_variants(target):
+    state, tables = {"state_ptr": "*i64"}, {"staged_ptr": "*i64", "tile_base_ptr": "*i64", "tile_count_ptr": "*i64"}
     for dt in FLOATS:
         for block in (16, 2048):
-            common = {"f_ptr": f"*{dt}", "w_ptr": "*fp32", "state_ptr": "*i64"}
+            common = {"f_ptr": f"*{dt}", "w_ptr": "*fp32", **state}
             tiles = {"F": "i32", "n_col_tiles": "i32", "n_tiles": "i64", "tiles_per_chunk": "i64"}
+            slabs = {"B": "i32", "F": "i32"}
             warps = _launch.select_warps(block)
-            for p in range(select.RADIX_PASSES):
+            for first in (True, False):
                 compile_one(
-                    f"select._histogram_kernel[{dt}, pass {p}, block {block}]",
-                    select._histogram_kernel,
-                    {**common, "hist_ptr": "*i64", **tiles},
-                    {"PASS": p, "RADIX_BITS": select.RADIX_BITS, "BLOCK": block},
+                    f"select._level_kernel[{dt}, first={first}, slab {block}]",
+                    select._level_kernel,
+                    {**common, "hist_ptr": "*i64", **slabs, "rows_per_chunk": "i32"},
+                    {"FIRST": first, "SLAB": block},
                     target,
                     warps,
+                )
+            compile_one(
+                f"select._stage_kernel[{dt}, slab {block}]",
+                select._stage_kernel,
+                {**common, **tables, **slabs, "n_slabs": "i32", "rows_per_chunk": "i32"},
+                {"SLAB": block},
+                target,
+                warps,
+            )
+            for idx in ("i32", "i64"):
+                compile_one(
+                    f"select._staged_write_kernel[{dt}, {idx}, slab {block}]",
+                    select._staged_write_kernel,
+                    {
+                        "f_ptr": f"*{dt}",
+                        **state,
+                        **tables,
+                        "above_before_ptr": "*i64",
+                        "ties_before_ptr": "*i64",
+                        "values_ptr": f"*{dt}",
+                        "indices_ptr": f"*{idx}",
+                        "row_count_ptr": "*i64",
+                        "F": "i32",
+                        "n_slabs": "i32",
+                        "n_tiles": "i64",
+                        "tiles_per_program": "i64",
+                    },
+                    {"SLAB": block, "STEP": _launch.TILE_STEP},
+                    target,
                 )
             for topk in (True, False):
                 compile_one(
@@ -77,14 +139,29 @@ def selection_variants(target):
                         target,
                         warps,
                     )
-    for p in range(select.RADIX_PASSES):
+    compile_one("select._init_kernel", select._init_kernel, {**state, "K": "i64"}, {}, target, 1)
+    for staged_keys in (False, True):
         compile_one(
-            f"select._resolve_kernel[pass {p}]",
+            f"select._resolve_kernel[staged_keys={staged_keys}]",
             select._resolve_kernel,
-            {"state_ptr": "*i64", "hist_ptr": "*i64"},
-            {"PASS": p, "RADIX_BITS": select.RADIX_BITS},
+            {**state, "hist_ptr": "*i64", "K": "i64", "cap": "i64"},
+            {"STAGED_KEYS": staged_keys},
             target,
         )
+    compile_one(
+        "select._staged_level_kernel",
+        select._staged_level_kernel,
+        {**state, "staged_ptr": "*i64", "hist_ptr": "*i64", "per_program": "i64"},
+        {"BLOCK": select.STAGED_BLOCK},
+        target,
+    )
+    compile_one(
+        "select._tile_count_kernel",
+        select._tile_count_kernel,
+        {**state, **tables, "above_ptr": "*i64", "ties_ptr": "*i64", "n_tiles": "i64", "tiles_per_program": "i64"},
+        {"STEP": _launch.TILE_STEP},
+        target,
+    )
 
 
 def sparse_variants(target):
