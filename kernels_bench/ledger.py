@@ -200,35 +200,22 @@ def cuda_encode(n):
 
 
 def triton_batch_topk(n):
-    """crossdiff_ext/triton/select.py: 4 radix histogram passes (8 bits), a count pass and the ordered write."""
-    from crossdiff_ext.triton import _launch
+    """crossdiff_ext/triton/select.py, in the usual case (mode STAGED after level 0): its own topk_plan, from the
+    launcher's geometry functions."""
+    from crossdiff_ext.triton import select
 
-    B, F, N, K = n["B"], n["F"], n["N"], n["K"]
-    block = _launch.select_block(F)
-    n_tiles = B * _cdiv(F, block)
-    chunks = _cdiv(n_tiles, _cdiv(n_tiles, 8 * H100_SMS))
-    f_bytes, w_per_tile = N * n["elt"], N * 4
-    out = []
-    for p in range(4):
-        out.append(
-            Launch("batch_topk", f"_histogram_kernel[pass {p}]", str(chunks), f_bytes + F * 4, 256 * 8, w_per_tile, 1)
-        )
-        out.append(Launch("batch_topk", f"_resolve_kernel[pass {p}]", "1", 256 * 8, 32))
-    out.append(Launch("batch_topk", "_count_kernel", str(chunks), f_bytes + F * 4, 2 * chunks * 8, w_per_tile, 1))
-    out.append(Launch("batch_topk", "cumsum x2 (torch)", "-", 2 * chunks * 8, 4 * chunks * 8))
-    out.append(
+    plan = select.topk_plan(n["B"], n["F"], n["K"], n["elt"], 8 * H100_SMS)
+    return [
         Launch(
             "batch_topk",
-            "_write_kernel",
-            str(chunks),
-            f_bytes + F * 4,
-            K * (n["elt"] + INDEX) + (B + 1) * I64,
-            w_per_tile,
-            1,
+            p["name"],
+            "-" if p["grid"] is None else "x".join(map(str, p["grid"])),
+            p["bytes_read"],
+            p["bytes_written"],
+            f_passes=p["passes_over_f"],
         )
-    )
-    out += _min_score(n, "batch_topk")
-    return out
+        for p in plan
+    ]
 
 
 def triton_sparse_decode(n, op="sparse_decode"):
@@ -645,4 +632,4 @@ def main(argv=None):
 # The training step sorts its codes by latent this many times (ops/autograd.py).
 ORDER_PER_STEP = 1
 # Reads of f by batch_topk in the usual case, per backend: what the models above add up to.
-TOPK_PASSES_OVER_F = {"cuda": 5, "triton": 6}
+TOPK_PASSES_OVER_F = {"cuda": 5, "triton": 2}
