@@ -19,7 +19,7 @@
 #   import         30   put .gpu_build's _C in place and import it; a timeout retries it    import ~5 s
 #                       (60 s); an extension that fails to load prints its error and
 #                       `build` (9.0a only, 16 jobs, 180 s) runs, then a second import
-#   op-tests       80   -m gpu of test_ops_{select,sparse,encode}.py, test_opcheck, then  see below
+#   op-tests       80   -m gpu of test_ops_select, test_triton_select_paths, test_ops_{sparse,encode}, test_opcheck, then
 #                       test_ops_fuzz (CROSSDIFF_FUZZ_EXAMPLES=0.25: 10 examples per op,
 #                       no shrinking; the Triton encoder pinned to one config: no
 #                       autotuning in tests)
@@ -59,8 +59,9 @@ DEADLINE=$((START + GPU_SESSION_BUDGET_S))
 MIN_STAGE_S=10
 FAILED=0
 # fuzz last: a failing example makes Hypothesis try more shapes (new Triton compiles); the others run first
-OP_TESTS=(python_tests/ops/test_ops_select.py python_tests/ops/test_ops_sparse.py python_tests/ops/test_ops_encode.py
-    python_tests/ops/test_opcheck.py python_tests/ops/test_ops_fuzz.py)
+OP_TESTS=(python_tests/ops/test_ops_select.py python_tests/triton/test_triton_select_paths.py
+    python_tests/ops/test_ops_sparse.py python_tests/ops/test_ops_encode.py python_tests/ops/test_opcheck.py
+    python_tests/ops/test_ops_fuzz.py)
 # memcheck's cases: one of each CUDA kernel family at small shapes (the sanitizer slows kernels 10-100x and its
 # start, torch's CUDA init under it, takes tens of seconds)
 MEMCHECK_SELECT="cuda and (matches_reference or ties_at_the_boundary or rows_keep_zero_or_many or keeps_nan)"

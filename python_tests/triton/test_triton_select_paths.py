@@ -16,9 +16,12 @@ from conftest import backend_device, dtypes_for, grid_tensor, rng
 import crossdiff_ext as cx
 from crossdiff_ext import errors, ops
 
-pytestmark = pytest.mark.skipif("triton" not in cx.available_backends(), reason="triton backend not available")
 
 DEVICE = backend_device("triton")
+# On a GPU machine these run compiled on the GPU: marked gpu there, so the GPU session's op tests (-m gpu) take them.
+pytestmark = [pytest.mark.skipif("triton" not in cx.available_backends(), reason="triton backend not available")] + (
+    [pytest.mark.gpu] if DEVICE == "cuda" else []
+)
 DTYPES = dtypes_for("triton")
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
