@@ -16,7 +16,6 @@ from conftest import backend_device, dtypes_for, grid_tensor, rng
 import crossdiff_ext as cx
 from crossdiff_ext import errors, ops
 
-
 DEVICE = backend_device("triton")
 # On a GPU machine these run compiled on the GPU: marked gpu there, so the GPU session's op tests (-m gpu) take them.
 pytestmark = [pytest.mark.skipif("triton" not in cx.available_backends(), reason="triton backend not available")] + (
