@@ -47,6 +47,17 @@ def row_block(D: int) -> int:
     return max(16, min(512, triton.next_power_of_2(D)))
 
 
+# Latents per program of the weight gradient: each latent's index chain is loaded during the previous one's
+# gathers, and once for its whole row instead of once per column block.
+GRAD_LATENTS = 4
+
+
+def grad_block(D: int) -> int:
+    """Columns per step of the weight gradient's column loop. Half the decoder's 512: the prefetched index chain
+    of the next latent holds registers too (ptxas -v, sm_90a, bf16: 96 registers at 256, 153 at 512)."""
+    return max(16, min(256, triton.next_power_of_2(D)))
+
+
 def dot_block(D: int) -> int:
     """Columns per step of the per-entry dot products (the loop covers all D)."""
     return max(16, min(256, triton.next_power_of_2(D)))

@@ -133,9 +133,10 @@ def sparse_variants(target):
                 "rows_ptr": "*i64",
                 "grad_ptr": f"*{dt}",
                 "sums_ptr": "*fp32",
+                "F": "i32",
                 "D": "i32",
             },
-            {"BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)},
+            {"LATENTS": _launch.GRAD_LATENTS, "BLOCK_E": E, "BLOCK_D": _launch.grad_block(4608)},
             target,
         )
     for idx in ("i32", "i64"):
