@@ -1,4 +1,6 @@
-"""Triton paired encoder: f = ReLU(x W_enc^T + b_enc) as one GEMM with K = M * d, bias + ReLU in the epilogue.
+"""Triton paired encoder: f = ReLU(x W_enc^T + b_enc) as one GEMM with K = M * d, bias + ReLU in the epilogue
+(ReLU keeps NaN, as torch.relu). When BLOCK_K divides K (the paper's K = 2 * 2304 for every config) the K loop
+loads its tiles without a K mask.
 
 Reference: crossdiff_ext/ops/encode.py (paired_encode_reference).
 
@@ -101,6 +103,7 @@ def _encode_kernel(
     B_BUCKET,  # read by the autotuner's key only
     FLAT: tl.constexpr,
     IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask on the tile loads
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -124,13 +127,19 @@ def _encode_kernel(
     acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        in_k = kk < K
         if FLAT:
             x_off = kk
         else:
             x_off = (kk // d).to(tl.int64) * stride_xm + kk % d
-        a = tl.load(x_ptr + rb[:, None] * stride_xb + x_off[None, :], mask=in_b[:, None] & in_k[None, :], other=0.0)
-        w = tl.load(W_ptr + rf[None, :] * K + kk[:, None], mask=in_k[:, None] & in_f[None, :], other=0.0)
+        x_tile = x_ptr + rb[:, None] * stride_xb + x_off[None, :]
+        w_tile = W_ptr + rf[None, :] * K + kk[:, None]
+        if EVEN_K:
+            a = tl.load(x_tile, mask=in_b[:, None], other=0.0)
+            w = tl.load(w_tile, mask=in_f[None, :], other=0.0)
+        else:
+            in_k = kk < K
+            a = tl.load(x_tile, mask=in_b[:, None] & in_k[None, :], other=0.0)
+            w = tl.load(w_tile, mask=in_k[:, None] & in_f[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
@@ -140,12 +149,18 @@ def _encode_kernel(
     tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty), mask=in_b[:, None] & in_f[None, :])
 
 
-# Tuned once per (batch octave, F, K, layout, dtype): training runs one batch size, inference a few.
+def even_k(K: int, block_k: int) -> bool:
+    """Whether the K loop needs no K mask: every [BLOCK_K] step lies inside K."""
+    return K % block_k == 0
+
+
+# Tuned once per (batch octave, F, K, layout, dtype): training runs one batch size, inference a few. EVEN_K follows
+# each config's BLOCK_K (K is in the key, so a tuned config keeps its EVEN_K).
 _encode_autotuned = triton.autotune(
     configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
     key=["B_BUCKET", "F", "K", "FLAT", "IEEE"],
     prune_configs_by=dict(early_config_prune=_prune),
-)(_encode_kernel)
+)(triton.heuristics(dict(EVEN_K=lambda args: even_k(args["K"], args["BLOCK_K"])))(_encode_kernel))
 
 
 def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
@@ -175,6 +190,7 @@ def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> 
             *args,
             FLAT=flat,
             IEEE=ieee,
+            EVEN_K=even_k(K, pinned.kwargs["BLOCK_K"]),
             **pinned.kwargs,
             num_warps=pinned.num_warps,
             num_stages=pinned.num_stages,

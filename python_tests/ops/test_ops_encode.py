@@ -92,3 +92,26 @@ def test_paired_encode_keeps_nan(name, poison):
             f = ops.paired_encode(x, W, b)
         assert bool(f[2].isnan().all())
         torch.testing.assert_close(f, ops.paired_encode_reference(x, W, b), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", backend_params())
+@pytest.mark.parametrize("d", [32, 33])
+def test_paired_encode_k_steps(name, d, poison):
+    # K = 2 * d: a multiple of every BLOCK_K the Triton encoder runs with (d = 32; its loads then carry no K mask)
+    # or of none (d = 33), in the flat layout and with a model stride larger than d.
+    device = backend_device(name)
+    g = rng(13 + d)
+    B, M, F = 19, 2, 40
+    if name == "triton":
+        from crossdiff_ext.triton import encode
+
+        configs = encode.HALF_CONFIGS + encode.FP32_CONFIGS
+        assert all(encode.even_k(M * d, c.kwargs["BLOCK_K"]) == (d == 32) for c in configs)
+    for dtype in dtypes_for(name):
+        x, W, b = inputs(B, M, d, F, dtype, device, g)
+        wide = torch.zeros(B, M, d + 5, dtype=dtype, device=device)
+        wide[:, :, 2 : 2 + d] = x
+        for xs in (x, wide[:, :, 2 : 2 + d]):
+            with cx.backend(name):
+                f = ops.paired_encode(xs, W, b)
+            torch.testing.assert_close(f, ops.paired_encode_reference(x, W, b), rtol=0, atol=0)

@@ -167,30 +167,33 @@ def sparse_variants(target):
 def encoder_variants(target, all_configs):
     for dt in FLOATS:
         configs = encode.FP32_CONFIGS if dt == "fp32" else encode.HALF_CONFIGS
-        for flat in (True, False):
-            for config in configs if (all_configs and dt != "fp16" and flat) else configs[:1]:
-                sig = {
-                    "x_ptr": f"*{dt}",
-                    "W_ptr": f"*{dt}",
-                    "b_ptr": f"*{dt}",
-                    "f_ptr": f"*{dt}",
-                    "B": "i32",
-                    "F": "i32",
-                    "K": "i32",
-                    "d": "i32",
-                    "stride_xb": "i32",
-                    "stride_xm": "i32",
-                    "B_BUCKET": "i32",
-                }
-                compile_one(
-                    f"encode._encode_kernel[{dt}, flat={flat}, {config.kwargs}]",
-                    encode._encode_kernel,
-                    sig,
-                    {"FLAT": flat, "IEEE": dt == "fp32", **config.kwargs},
-                    target,
-                    config.num_warps,
-                    config.num_stages,
-                )
+        # EVEN_K: the paper's K = 2 * 2304 is a multiple of every BLOCK_K; a masked K loop once per dtype and layout
+        variants = [(flat, config, True) for flat in (True, False) for config in configs[:1]]
+        variants += [(flat, config, False) for flat in (True, False) for config in configs[:1]]
+        variants += [(True, config, True) for config in configs[1:] if all_configs and dt != "fp16"]
+        for flat, config, even_k in variants:
+            sig = {
+                "x_ptr": f"*{dt}",
+                "W_ptr": f"*{dt}",
+                "b_ptr": f"*{dt}",
+                "f_ptr": f"*{dt}",
+                "B": "i32",
+                "F": "i32",
+                "K": "i32",
+                "d": "i32",
+                "stride_xb": "i32",
+                "stride_xm": "i32",
+                "B_BUCKET": "i32",
+            }
+            compile_one(
+                f"encode._encode_kernel[{dt}, flat={flat}, even_k={even_k}, {config.kwargs}]",
+                encode._encode_kernel,
+                sig,
+                {"FLAT": flat, "IEEE": dt == "fp32", "EVEN_K": even_k, **config.kwargs},
+                target,
+                config.num_warps,
+                config.num_stages,
+            )
 
 
 def main():
