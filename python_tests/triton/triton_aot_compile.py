@@ -171,10 +171,16 @@ def encoder_variants(target, all_configs):
         variants = [(flat, config, True) for flat in (True, False) for config in configs[:1]]
         variants += [(flat, config, False) for flat in (True, False) for config in configs[:1]]
         variants += [(True, config, True) for config in configs[1:] if all_configs and dt != "fp16"]
-        for flat, config, even_k in variants:
+        variants = [(flat, config, even_k, False) for flat, config, even_k in variants]
+        # Tensor descriptors (TMA), which the launcher takes for half inputs on Hopper only: every config a flat x
+        # may run with
+        if target.arch >= 90 and dt != "fp32":
+            variants += [(True, config, True, True) for config in (configs if dt != "fp16" else configs[:1])]
+        for flat, config, even_k, desc in variants:
+            blocks = config.kwargs
             sig = {
-                "x_ptr": f"*{dt}",
-                "W_ptr": f"*{dt}",
+                "x_ptr": f"tensordesc<{dt}[{blocks['BLOCK_B']}, {blocks['BLOCK_K']}]>" if desc else f"*{dt}",
+                "W_ptr": f"tensordesc<{dt}[{blocks['BLOCK_F']}, {blocks['BLOCK_K']}]>" if desc else f"*{dt}",
                 "b_ptr": f"*{dt}",
                 "f_ptr": f"*{dt}",
                 "B": "i32",
@@ -186,10 +192,10 @@ def encoder_variants(target, all_configs):
                 "B_BUCKET": "i32",
             }
             compile_one(
-                f"encode._encode_kernel[{dt}, flat={flat}, even_k={even_k}, {config.kwargs}]",
+                f"encode._encode_kernel[{dt}, flat={flat}, even_k={even_k}, desc={desc}, {config.kwargs}]",
                 encode._encode_kernel,
                 sig,
-                {"FLAT": flat, "IEEE": dt == "fp32", "EVEN_K": even_k, **config.kwargs},
+                {"FLAT": flat, "IEEE": dt == "fp32", "EVEN_K": even_k, "DESC": desc, **config.kwargs},
                 target,
                 config.num_warps,
                 config.num_stages,
