@@ -301,7 +301,7 @@ def sparse_weight_grad(
             D,
             LATENTS=latents,
             BLOCK_E=_launch.ENTRY_BLOCK,
-            BLOCK_D=_launch.grad_block(D),
+            BLOCK_D=_launch.grad_block(D, dense.element_size()),
             num_warps=4,
         )
     return grad, sums

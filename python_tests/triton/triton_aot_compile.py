@@ -136,7 +136,11 @@ def sparse_variants(target):
                 "F": "i32",
                 "D": "i32",
             },
-            {"LATENTS": _launch.GRAD_LATENTS, "BLOCK_E": E, "BLOCK_D": _launch.grad_block(4608)},
+            {
+                "LATENTS": _launch.GRAD_LATENTS,
+                "BLOCK_E": E,
+                "BLOCK_D": _launch.grad_block(4608, 4 if dt == "fp32" else 2),
+            },
             target,
         )
     for idx in ("i32", "i64"):
