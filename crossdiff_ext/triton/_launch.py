@@ -48,6 +48,19 @@ def row_block(D: int) -> int:
     return max(16, min(512, triton.next_power_of_2(D)))
 
 
+# Latents per program of the weight gradient: each latent's index chain is loaded during the previous one's
+# gathers, and once for its whole row instead of once per column block.
+GRAD_LATENTS = 4
+
+
+def grad_block(D: int, element_size: int) -> int:
+    """Columns per step of the weight gradient's column loop: 512 bytes of a row (256 half, 128 fp32 columns),
+    under the decoder's 512 columns because the prefetched index chain of the next latent holds registers too
+    (ptxas -v, sm_90a, D a multiple of 16: bf16 96 registers at 256 columns, 153 at 512; fp32 93 at 128, 154 at
+    256)."""
+    return max(16, min(512 // element_size, triton.next_power_of_2(D)))
+
+
 def dot_block(D: int) -> int:
     """Columns per step of the per-entry dot products (the loop covers all D)."""
     return max(16, min(256, triton.next_power_of_2(D)))

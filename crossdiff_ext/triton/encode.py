@@ -1,4 +1,7 @@
-"""Triton paired encoder: f = ReLU(x W_enc^T + b_enc) as one GEMM with K = M * d, bias + ReLU in the epilogue.
+"""Triton paired encoder: f = ReLU(x W_enc^T + b_enc) as one GEMM with K = M * d, bias + ReLU in the epilogue
+(ReLU keeps NaN, as torch.relu). When BLOCK_K divides K (the paper's K = 2 * 2304 for every config) the K loop
+loads its tiles without a K mask. Half inputs in a TMA-aligned flat layout load their tiles through tensor
+descriptors on Hopper (see descriptors()); everything else, sm_80 included, through pointers.
 
 Reference: crossdiff_ext/ops/encode.py (paired_encode_reference).
 
@@ -13,6 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..errors import InputError
 from . import _launch
@@ -23,13 +27,27 @@ from . import _launch
 PIN_ENV = "CROSSDIFF_TRITON_ENCODE_CONFIG"
 
 
+def _descriptor_blocks(nargs):
+    """A config's pre_hook: tensor descriptors load tiles of the config's blocks (pointer arguments: nothing)."""
+    if isinstance(nargs["x_ptr"], TensorDescriptor):
+        nargs["x_ptr"].block_shape = [nargs["BLOCK_B"], nargs["BLOCK_K"]]
+        nargs["W_ptr"].block_shape = [nargs["BLOCK_F"], nargs["BLOCK_K"]]
+
+
 def _config(bb, bf, bk, stages, warps):
-    return triton.Config(dict(BLOCK_B=bb, BLOCK_F=bf, BLOCK_K=bk, GROUP_B=8), num_warps=warps, num_stages=stages)
+    return triton.Config(
+        dict(BLOCK_B=bb, BLOCK_F=bf, BLOCK_K=bk, GROUP_B=8),
+        num_warps=warps,
+        num_stages=stages,
+        pre_hook=_descriptor_blocks,
+    )
 
 
 if _launch.interpreted():  # the interpreter would benchmark every config: one small one
     HALF_CONFIGS = FP32_CONFIGS = [
-        triton.Config(dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4, num_stages=1)
+        triton.Config(
+            dict(BLOCK_B=16, BLOCK_F=32, BLOCK_K=32, GROUP_B=4), num_warps=4, num_stages=1, pre_hook=_descriptor_blocks
+        )
     ]
 else:
     # bf16/fp16: Hopper wgmma tiles (4-warp groups); shared memory of each fits H100's 227 KB.
@@ -83,7 +101,7 @@ def pinned_config(ieee: bool) -> "triton.Config | None":
             f"{PIN_ENV}={spec!r}: BLOCK_B, BLOCK_F, BLOCK_K must be powers of two >= 16 and num_warps a power of "
             "two; GROUP_B and num_stages >= 1"
         )
-    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+    return triton.Config(blocks, num_warps=warps, num_stages=stages, pre_hook=_descriptor_blocks)
 
 
 @triton.jit(do_not_specialize=["B_BUCKET"])  # one compiled kernel whatever the bucket
@@ -101,6 +119,8 @@ def _encode_kernel(
     B_BUCKET,  # read by the autotuner's key only
     FLAT: tl.constexpr,
     IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask on the tile loads
+    DESC: tl.constexpr,  # x_ptr, W_ptr are tensor descriptors of x [B, K] and W [F, K] (TMA on Hopper)
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -123,14 +143,24 @@ def _encode_kernel(
     in_f = rf < F
     acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        in_k = kk < K
-        if FLAT:
-            x_off = kk
+        if DESC:  # tiles past B, F or K read as zeros
+            a = x_ptr.load([pid_b * BLOCK_B, k0])
+            w = W_ptr.load([pid_f * BLOCK_F, k0]).T
         else:
-            x_off = (kk // d).to(tl.int64) * stride_xm + kk % d
-        a = tl.load(x_ptr + rb[:, None] * stride_xb + x_off[None, :], mask=in_b[:, None] & in_k[None, :], other=0.0)
-        w = tl.load(W_ptr + rf[None, :] * K + kk[:, None], mask=in_k[:, None] & in_f[None, :], other=0.0)
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if FLAT:
+                x_off = kk
+            else:
+                x_off = (kk // d).to(tl.int64) * stride_xm + kk % d
+            x_tile = x_ptr + rb[:, None] * stride_xb + x_off[None, :]
+            w_tile = W_ptr + rf[None, :] * K + kk[:, None]
+            if EVEN_K:
+                a = tl.load(x_tile, mask=in_b[:, None], other=0.0)
+                w = tl.load(w_tile, mask=in_f[None, :], other=0.0)
+            else:
+                in_k = kk < K
+                a = tl.load(x_tile, mask=in_b[:, None] & in_k[None, :], other=0.0)
+                w = tl.load(w_tile, mask=in_k[:, None] & in_f[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
@@ -140,12 +170,42 @@ def _encode_kernel(
     tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty), mask=in_b[:, None] & in_f[None, :])
 
 
-# Tuned once per (batch octave, F, K, layout, dtype): training runs one batch size, inference a few.
+def even_k(K: int, block_k: int) -> bool:
+    """Whether the K loop needs no K mask: every [BLOCK_K] step lies inside K."""
+    return K % block_k == 0
+
+
+# Tuned once per (batch octave, F, K, layout, descriptors, dtype): training runs one batch size, inference a few.
+# EVEN_K follows each config's BLOCK_K (K is in the key, so a tuned config keeps its EVEN_K).
 _encode_autotuned = triton.autotune(
     configs=HALF_CONFIGS + [c for c in FP32_CONFIGS if all(c is not h for h in HALF_CONFIGS)],
-    key=["B_BUCKET", "F", "K", "FLAT", "IEEE"],
+    key=["B_BUCKET", "F", "K", "FLAT", "DESC", "IEEE"],
     prune_configs_by=dict(early_config_prune=_prune),
-)(_encode_kernel)
+)(triton.heuristics(dict(EVEN_K=lambda args: even_k(args["K"], args["BLOCK_K"])))(_encode_kernel))
+
+
+def descriptors(x: torch.Tensor, W_enc: torch.Tensor) -> "tuple[TensorDescriptor, TensorDescriptor] | None":
+    """Tensor descriptors of x as [B, K] and W_enc as [F, K] where the encoder loads its tiles through them: on
+    Hopper and newer GPUs (TMA) and under the interpreter, for half inputs and a flat x (x[b] one [M * d] row)
+    whose base addresses and row strides are multiples of 16 bytes (TMA's alignment). None elsewhere: the
+    pointer loads. fp32 stays on pointers: its IEEE FMA tiles spill with descriptors (ptxas -v, sm_90a: 255
+    registers and 468 bytes of spill stores against 160 and none)."""
+    B, M, d = x.shape
+    F, K = W_enc.shape[0], M * d
+    if x.dtype == torch.float32:
+        return None
+    if not _launch.interpreted() and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return None
+    size = x.element_size()
+    flat = x.stride(2) == 1 and (M == 1 or x.stride(1) == d)
+    if not flat or min(B, F, K) == 0 or W_enc.stride(2) != 1 or W_enc.stride(1) != d or W_enc.stride(0) != K:
+        return None
+    if (x.stride(0) * size) % 16 or (K * size) % 16 or x.data_ptr() % 16 or W_enc.data_ptr() % 16:
+        return None
+    x2 = x.as_strided((B, K), (x.stride(0), 1))
+    W2 = W_enc.as_strided((F, K), (K, 1))
+    # placeholder tiles: each config's pre_hook sets its own
+    return TensorDescriptor.from_tensor(x2, [16, 16]), TensorDescriptor.from_tensor(W2, [16, 16])
 
 
 def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
@@ -166,15 +226,20 @@ def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> 
 
     if B == 0:
         return f
-    args = (x, W_enc, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), batch_bucket(B))
+    descs = descriptors(x, W_enc)
+    x_arg, W_arg = descs if descs is not None else (x, W_enc)
+    args = (x_arg, W_arg, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), batch_bucket(B))
     pinned = pinned_config(ieee)
     if pinned is None:
-        _encode_autotuned[grid](*args, FLAT=flat, IEEE=ieee)
+        _encode_autotuned[grid](*args, FLAT=flat, IEEE=ieee, DESC=descs is not None)
     else:
+        _descriptor_blocks(dict(x_ptr=x_arg, W_ptr=W_arg, **pinned.kwargs))
         _encode_kernel[grid](
             *args,
             FLAT=flat,
             IEEE=ieee,
+            DESC=descs is not None,
+            EVEN_K=even_k(K, pinned.kwargs["BLOCK_K"]),
             **pinned.kwargs,
             num_warps=pinned.num_warps,
             num_stages=pinned.num_stages,

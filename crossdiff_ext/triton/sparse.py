@@ -7,8 +7,9 @@ Every sum runs in fp32 in a fixed order (no float atomics), so results are deter
   sparse_decode       one program per (row, column block): gathers the row's W rows in entry order.
   sparse_values_grad  one program per block of entries: a dot of grad_out[row] with W[latent] per entry.
   latent_order        a stable radix sort of the latent ids (torch.sort; ops/sparse.latent_order_by_sort).
-  sparse_weight_grad  one program per (latent, column block): sums value * dense[row] over the latent's entries
-                      in row order; column block 0 also writes the value sums (the bias gradient).
+  sparse_weight_grad  one program per group of consecutive latents, each over the whole row width: sums
+                      value * dense[row] over the latent's entries in row order, and the value sums (the bias
+                      gradient); a latent's index chain is loaded while the previous latent gathers.
 """
 
 from typing import Optional
@@ -80,30 +81,63 @@ def _weight_grad_kernel(
     rows_ptr,
     grad_ptr,
     sums_ptr,
+    F,
     D,
+    LATENTS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    latent = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    inside = cols < D
+    """LATENTS consecutive latents, one after another, each over the whole row width. The index chain of a latent's
+    first BLOCK_E entries (col_ptr -> perm, rows -> values) is loaded while the previous latent gathers its dense
+    rows, and once for all its column blocks. Each output element sums [BLOCK_E]-entry tiles in row order, each
+    reduced by tl.sum, the same tiles whatever LATENTS; tiles past the first (latents with more than BLOCK_E
+    entries) reload their indices in every column block."""
+    step = tl.arange(0, BLOCK_E)
+    latent = tl.program_id(0).to(tl.int64) * LATENTS
     start = tl.load(col_ptr_ptr + latent)
     end = tl.load(col_ptr_ptr + latent + 1)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    total = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for s in range(start, end, BLOCK_E):
-        e = s + tl.arange(0, BLOCK_E)
-        live = e < end
-        p = tl.load(perm_ptr + e, mask=live, other=0)
-        r = tl.load(rows_ptr + e, mask=live, other=0)
-        v = tl.load(values_ptr + p, mask=live, other=0.0).to(tl.float32)
-        x = tl.load(dense_ptr + r[:, None] * D + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
-        acc += tl.sum(v[:, None] * x.to(tl.float32), 0)
-        total += v
-    tl.store(grad_ptr + latent * D + cols, acc.to(grad_ptr.dtype.element_ty), mask=inside)
-    if block == 0:
-        tl.store(sums_ptr + latent, tl.sum(total, 0))
+    e = start + step
+    live = e < end
+    p = tl.load(perm_ptr + e, mask=live, other=0)
+    r = tl.load(rows_ptr + e, mask=live, other=0)
+    v = tl.load(values_ptr + p, mask=live, other=0.0).to(tl.float32)
+    for j in range(LATENTS):
+        here = latent < F  # a latent past F (the last group) has no entries: it loads nothing, stores nothing
+        # the next latent's chain, issued before this latent's gathers (a latent past the group or F loads nothing)
+        has_next = (j + 1 < LATENTS) & (latent + 1 < F)
+        next_start = tl.load(col_ptr_ptr + latent + 1, mask=has_next, other=0)
+        next_end = tl.load(col_ptr_ptr + latent + 2, mask=has_next, other=0)
+        next_e = next_start + step
+        next_live = next_e < next_end
+        next_p = tl.load(perm_ptr + next_e, mask=next_live, other=0)
+        next_r = tl.load(rows_ptr + next_e, mask=next_live, other=0)
+        next_v = tl.load(values_ptr + next_p, mask=next_live, other=0.0).to(tl.float32)
+
+        total = tl.zeros((BLOCK_E,), dtype=tl.float32) + v
+        for s in range(start + BLOCK_E, end, BLOCK_E):
+            e_s = s + step
+            live_s = e_s < end
+            p_s = tl.load(perm_ptr + e_s, mask=live_s, other=0)
+            total += tl.load(values_ptr + p_s, mask=live_s, other=0.0).to(tl.float32)
+        tl.store(sums_ptr + latent, tl.sum(total, 0), mask=here)
+        for c0 in range(0, D, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            inside = cols < D
+            x = tl.load(dense_ptr + r[:, None] * D + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32) + tl.sum(v[:, None] * x.to(tl.float32), 0)
+            for s in range(start + BLOCK_E, end, BLOCK_E):
+                e_s = s + step
+                live_s = e_s < end
+                p_s = tl.load(perm_ptr + e_s, mask=live_s, other=0)
+                r_s = tl.load(rows_ptr + e_s, mask=live_s, other=0)
+                v_s = tl.load(values_ptr + p_s, mask=live_s, other=0.0).to(tl.float32)
+                x_s = tl.load(
+                    dense_ptr + r_s[:, None] * D + cols[None, :], mask=live_s[:, None] & inside[None, :], other=0.0
+                )
+                acc += tl.sum(v_s[:, None] * x_s.to(tl.float32), 0)
+            tl.store(grad_ptr + latent * D + cols, acc.to(grad_ptr.dtype.element_ty), mask=inside & here)
+        latent += 1
+        start, end, live, r, v = next_start, next_end, next_live, next_r, next_v
 
 
 def _width(W):
@@ -178,19 +212,21 @@ def sparse_weight_grad(
     F, D = col_ptr.shape[0] - 1, dense.shape[1] * dense.shape[2]
     grad = torch.empty(F, *dense.shape[1:], dtype=dense.dtype, device=dense.device)
     sums = torch.empty(F, dtype=torch.float32, device=dense.device)
-    block_d = _launch.row_block(D)
-    # at least one column block: block 0 also writes the value sums, which exist when D = M * d is 0
-    _weight_grad_kernel[(F, max(1, triton.cdiv(D, block_d)))](
-        values.contiguous(),
-        dense,
-        col_ptr.contiguous(),
-        perm.contiguous(),
-        rows.contiguous(),
-        grad,
-        sums,
-        D,
-        BLOCK_E=_launch.ENTRY_BLOCK,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    latents = _launch.GRAD_LATENTS
+    if F > 0:
+        _weight_grad_kernel[(triton.cdiv(F, latents),)](
+            values.contiguous(),
+            dense,
+            col_ptr.contiguous(),
+            perm.contiguous(),
+            rows.contiguous(),
+            grad,
+            sums,
+            F,
+            D,
+            LATENTS=latents,
+            BLOCK_E=_launch.ENTRY_BLOCK,
+            BLOCK_D=_launch.grad_block(D, dense.element_size()),
+            num_warps=4,
+        )
     return grad, sums

@@ -3,13 +3,15 @@
 //
 // Every sum runs in fp32 in a fixed order (no float atomics), so results are deterministic:
 //   sparse_decode       one block per (row, column span): the row's entries are staged in shared memory, each
-//                       thread accumulates VEC columns over them in CSR order with 16-byte loads of W.
-//   sparse_values_grad  one warp per entry: strided 16-byte loads of grad_out[row] and W[latent], a fixed
-//                       shuffle tree; the row of an entry is a binary search in row_ptr.
+//                       thread accumulates VEC columns over them in CSR order with 16-byte loads of W, issuing a
+//                       group of loads (gather_unroll) before the group's FMAs so that several are in flight.
+//   sparse_values_grad  one warp per entry: strided 16-byte loads of grad_out[row] and W[latent], dot_unroll steps
+//                       loaded at once, a fixed shuffle tree; the row of an entry is a binary search in row_ptr.
 //   latent_order        not here: a stable radix sort of the latent ids (torch.sort), registered for CUDA from
 //                       Python (crossdiff_ext/ops/sparse.py, latent_order_by_sort).
 //   sparse_weight_grad  one block per (latent, column span): value * dense[row] summed over the latent's
-//                       entries in row order; column span 0 also writes the value sums (bias gradient).
+//                       entries in row order with the decoder's grouped gathers; column span 0 also writes the value
+//                       sums (bias gradient).
 // The kernels trust indices and row_ptr (range and order are checked by the CPU kernels and by the tests);
 // codes produced by batch_topk / threshold_select satisfy them by construction.
 #include <torch/library.h>
@@ -31,10 +33,48 @@ inline int row_threads(int64_t D, int vec) {
   return static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(packs, 32) * 32)));
 }
 
+// Loads a thread keeps in flight in the gathers: a gathered row is a dependent load, and one load at a time
+// leaves the thread waiting a full memory latency per entry. A 16-byte pack of a half type unpacks into 8 fp32
+// registers, so those take 4 packs: 6 or 8 spill under the 64-register cap of 1024-thread blocks (ptxas -v, sm_90a).
+template <int VEC>
+constexpr int gather_unroll() {
+  return VEC >= 8 ? 4 : 8;
+}
+// Steps of the per-entry dot products loaded at once (two loads each), with the same register reasoning.
+template <int VEC>
+constexpr int dot_unroll() {
+  return VEC >= 8 ? 2 : 4;
+}
+
+// acc[v] += weight[i] * base[row[i] * D + v] for i = 0, 1, ..., n - 1 in that order (the fp32 order of every
+// output element is the entry order, whatever the unroll). The gather_unroll loads of a group are issued before
+// its FMAs; the last group is predicated, so a short list (a latent's few entries) is one group of loads.
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void gather_fma(const float* weight, const int64_t* row, int n,
+                                           const scalar_t* __restrict__ base, int64_t D, float (&acc)[VEC]) {
+  constexpr int U = gather_unroll<VEC>();
+  for (int i = 0; i < n; i += U) {
+    const int here = n - i;
+    Pack<scalar_t, VEC> p[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (u < here) p[u] = load_pack<scalar_t, VEC>(base + row[i + u] * D);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (u < here) {
+        const float w = weight[i + u];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(w, to_float(p[u].v[v]), acc[v]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename index_t, int VEC>
-__global__ void decode_kernel(const scalar_t* __restrict__ values, const index_t* __restrict__ indices,
-                              const int64_t* __restrict__ row_ptr, const scalar_t* __restrict__ W,
-                              const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t D) {
+__global__ void __launch_bounds__(1024)
+decode_kernel(const scalar_t* __restrict__ values, const index_t* __restrict__ indices,
+              const int64_t* __restrict__ row_ptr, const scalar_t* __restrict__ W,
+              const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t D) {
   __shared__ float stage_v[kStage];
   __shared__ int64_t stage_j[kStage];
   const int64_t row = blockIdx.x;
@@ -52,14 +92,7 @@ __global__ void decode_kernel(const scalar_t* __restrict__ values, const index_t
       stage_j[i] = static_cast<int64_t>(indices[s + i]);
     }
     __syncthreads();
-    if (live) {
-#pragma unroll 4
-      for (int i = 0; i < n; ++i) {
-        const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(W + stage_j[i] * D + c);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(stage_v[i], to_float(p.v[v]), acc[v]);
-      }
-    }
+    if (live) gather_fma<scalar_t, VEC>(stage_v, stage_j, n, W + c, D, acc);
   }
   if (live) {
     Pack<scalar_t, VEC> o;
@@ -83,19 +116,36 @@ __device__ __forceinline__ int64_t row_of(const int64_t* __restrict__ row_ptr, i
 }
 
 template <typename scalar_t, typename index_t, int VEC>
-__global__ void values_grad_kernel(const scalar_t* __restrict__ grad_out, const index_t* __restrict__ indices,
-                                   const int64_t* __restrict__ row_ptr, int64_t B, const scalar_t* __restrict__ W,
-                                   scalar_t* __restrict__ out, int64_t nnz, int64_t D) {
+__global__ void __launch_bounds__(256)
+values_grad_kernel(const scalar_t* __restrict__ grad_out, const index_t* __restrict__ indices,
+                   const int64_t* __restrict__ row_ptr, int64_t B, const scalar_t* __restrict__ W,
+                   scalar_t* __restrict__ out, int64_t nnz, int64_t D) {
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (e >= nnz) return;  // uniform per warp
   const scalar_t* g = grad_out + row_of(row_ptr, B, e) * D;
   const scalar_t* wr = W + static_cast<int64_t>(indices[e]) * D;
   float acc = 0.0f;
-  for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += 32 * VEC) {
-    const Pack<scalar_t, VEC> a = load_pack<scalar_t, VEC>(g + c), b = load_pack<scalar_t, VEC>(wr + c);
+  // dot_unroll steps of both rows are loaded before their FMAs; each lane still sums its columns in ascending
+  // order, so the result does not depend on the unroll.
+  constexpr int64_t kStep = 32 * VEC;
+  constexpr int kDotUnroll = dot_unroll<VEC>();
+  for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < D; c0 += kStep * kDotUnroll) {
+    Pack<scalar_t, VEC> a[kDotUnroll], b[kDotUnroll];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc = fmaf(to_float(a.v[v]), to_float(b.v[v]), acc);
+    for (int u = 0; u < kDotUnroll; ++u) {
+      if (c0 + u * kStep < D) {
+        b[u] = load_pack<scalar_t, VEC>(wr + c0 + u * kStep);
+        a[u] = load_pack<scalar_t, VEC>(g + c0 + u * kStep);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDotUnroll; ++u) {
+      if (c0 + u * kStep < D) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc = fmaf(to_float(a[u].v[v]), to_float(b[u].v[v]), acc);
+      }
+    }
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
@@ -103,10 +153,11 @@ __global__ void values_grad_kernel(const scalar_t* __restrict__ grad_out, const 
 }
 
 template <typename scalar_t, int VEC>
-__global__ void weight_grad_kernel(const scalar_t* __restrict__ values, const scalar_t* __restrict__ dense,
-                                   const int64_t* __restrict__ col_ptr, const int64_t* __restrict__ perm,
-                                   const int64_t* __restrict__ rows, scalar_t* __restrict__ grad,
-                                   float* __restrict__ sums, int64_t D) {
+__global__ void __launch_bounds__(1024)
+weight_grad_kernel(const scalar_t* __restrict__ values, const scalar_t* __restrict__ dense,
+                   const int64_t* __restrict__ col_ptr, const int64_t* __restrict__ perm,
+                   const int64_t* __restrict__ rows, scalar_t* __restrict__ grad,
+                   float* __restrict__ sums, int64_t D) {
   __shared__ float stage_v[kStage];
   __shared__ int64_t stage_r[kStage];
   const int64_t latent = blockIdx.x;
@@ -126,14 +177,7 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ values, const sc
       stage_r[i] = rows[s + i];
     }
     __syncthreads();
-    if (live) {
-#pragma unroll 4
-      for (int i = 0; i < n; ++i) {
-        const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(dense + stage_r[i] * D + c);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[v] = fmaf(stage_v[i], to_float(p.v[v]), acc[v]);
-      }
-    }
+    if (live) gather_fma<scalar_t, VEC>(stage_v, stage_r, n, dense + c, D, acc);
     if (sums_here)
       for (int i = 0; i < n; ++i) total += stage_v[i];
   }

@@ -92,3 +92,38 @@ def test_paired_encode_keeps_nan(name, poison):
             f = ops.paired_encode(x, W, b)
         assert bool(f[2].isnan().all())
         torch.testing.assert_close(f, ops.paired_encode_reference(x, W, b), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", backend_params())
+@pytest.mark.parametrize("d", [32, 33])
+def test_paired_encode_k_steps(name, d, poison):
+    # K = 2 * d: a multiple of every BLOCK_K the Triton encoder runs with (d = 32; its loads then carry no K mask)
+    # or of none (d = 33). x flat, flat in rows padded to a 16-byte multiple (the Triton encoder's tensor
+    # descriptors, where it uses them, take both for half inputs when K is one too) or not, and with a model stride
+    # larger than d.
+    device = backend_device(name)
+    g = rng(13 + d)
+    B, M, F = 19, 2, 40
+    K = M * d
+    if name == "triton":
+        from crossdiff_ext.triton import encode
+
+        configs = encode.HALF_CONFIGS + encode.FP32_CONFIGS
+        assert all(encode.even_k(K, c.kwargs["BLOCK_K"]) == (d == 32) for c in configs)
+    for dtype in dtypes_for(name):
+        x, W, b = inputs(B, M, d, F, dtype, device, g)
+        layouts = {"flat": x}
+        for pad in (8, 1):
+            rows = torch.zeros(B, K + pad, dtype=dtype, device=device)
+            rows[:, :K] = x.reshape(B, K)
+            layouts[f"rows of {K + pad}"] = rows[:, :K].view(B, M, d)
+        wide = torch.zeros(B, M, d + 5, dtype=dtype, device=device)
+        wide[:, :, 2 : 2 + d] = x
+        layouts["strided models"] = wide[:, :, 2 : 2 + d]
+        for layout, xs in layouts.items():
+            if name == "triton" and (device == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9):
+                tma = d == 32 and layout in ("flat", f"rows of {K + 8}") and dtype != torch.float32
+                assert (encode.descriptors(xs, W) is not None) == tma, layout
+            with cx.backend(name):
+                f = ops.paired_encode(xs, W, b)
+            torch.testing.assert_close(f, ops.paired_encode_reference(x, W, b), rtol=0, atol=0, msg=layout)

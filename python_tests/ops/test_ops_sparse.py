@@ -97,3 +97,47 @@ def test_sparse_decode_gradients(name):
         grads[backend] = [t.grad for t in leaves]
     for got, expected in zip(grads[name], grads["reference"]):
         close(got, expected, torch.float32, scale=4.0)
+
+
+def uneven_codes(B, F, dtype, device, g):
+    """CSR codes whose list lengths straddle the kernels' steps: latent 0 in every row (more entries than one entry
+    step of any backend: 128 staged on CUDA, 64 / 16 on Triton), latent F - 1 in none, row 1 empty, other rows 1
+    to 11 latents (list lengths that are not multiples of the gather groups: 4 or 8 on CUDA)."""
+    keep = torch.rand(B, F, generator=g) < 0.3
+    keep[:, 0] = True
+    keep[:, F - 1] = False
+    keep[1] = False
+    keep[2, :12] = True
+    rows, latents = keep.nonzero(as_tuple=True)
+    values = grid_tensor(rows.shape, 1, 16, 4, dtype, device, g)
+    row_ptr = torch.zeros(B + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+    return values, latents.to(device=device, dtype=torch.int32), row_ptr.to(device)
+
+
+@pytest.mark.parametrize("name", backend_params())
+def test_sparse_ops_on_uneven_lists(name, poison):
+    # F = 10 is not a multiple of the Triton weight gradient's latent group; M * d = 6 is narrower than any vector
+    # pack, 16 is exactly two bf16 packs.
+    device = backend_device(name)
+    g = rng(29)
+    B, F = 150, 10
+    for M, d in ((2, 3), (2, 8)):
+        for dtype in dtypes_for(name):
+            values, indices, row_ptr = uneven_codes(B, F, dtype, device, g)
+            W, bias = dictionary(F, M, d, dtype, device, g)
+            dense = grid_tensor((B, M, d), -8, 8, 8, dtype, device, g)
+            with cx.backend(name):
+                out = ops.sparse_decode(values, indices, row_ptr, W, bias)
+                grad_values = ops.sparse_values_grad(dense, indices, row_ptr, W)
+                order = ops.latent_order(indices, row_ptr, F)
+                grad_W, sums = ops.sparse_weight_grad(values, dense, *order)
+            exact = lambda a, e: torch.testing.assert_close(a, e, rtol=0, atol=0)
+            exact(out, ops.sparse_decode_reference(values, indices, row_ptr, W, bias))
+            exact(grad_values, ops.sparse_values_grad_reference(dense, indices, row_ptr, W))
+            expected_order = ops.latent_order_reference(indices, row_ptr, F)
+            for got, expected in zip(order, expected_order):
+                exact(got, expected)
+            expected_W, expected_sums = ops.sparse_weight_grad_reference(values, dense, *expected_order)
+            exact(grad_W, expected_W)
+            exact(sums, expected_sums)

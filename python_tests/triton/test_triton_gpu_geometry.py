@@ -92,6 +92,11 @@ def test_encoder_with_gpu_grouping(monkeypatch):
     wide = torch.randn(B, M, d + 5, generator=g).to(device)
     x2 = wide[:, :, 2 : 2 + d]
     close(run(ops.paired_encode, x2, W, b), ops.paired_encode_reference(x2.cpu(), W.cpu(), b.cpu()))
+    # Half inputs load through tensor descriptors where the encoder uses them (tiles past B and F read as zeros).
+    xh, Wh, bh = x.half(), W.half(), b.half()
+    if device == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9:
+        assert encode.descriptors(xh, Wh) is not None
+    close(run(ops.paired_encode, xh, Wh, bh), ops.paired_encode_reference(xh.cpu(), Wh.cpu(), bh.cpu()))
 
 
 def test_encoder_pin_setting_is_checked_before_launch(monkeypatch):

@@ -210,9 +210,14 @@ def sparse_variants(target):
                 "rows_ptr": "*i64",
                 "grad_ptr": f"*{dt}",
                 "sums_ptr": "*fp32",
+                "F": "i32",
                 "D": "i32",
             },
-            {"BLOCK_E": E, "BLOCK_D": _launch.row_block(4608)},
+            {
+                "LATENTS": _launch.GRAD_LATENTS,
+                "BLOCK_E": E,
+                "BLOCK_D": _launch.grad_block(4608, 4 if dt == "fp32" else 2),
+            },
             target,
         )
 
@@ -220,30 +225,39 @@ def sparse_variants(target):
 def encoder_variants(target, all_configs):
     for dt in FLOATS:
         configs = encode.FP32_CONFIGS if dt == "fp32" else encode.HALF_CONFIGS
-        for flat in (True, False):
-            for config in configs if (all_configs and dt != "fp16" and flat) else configs[:1]:
-                sig = {
-                    "x_ptr": f"*{dt}",
-                    "W_ptr": f"*{dt}",
-                    "b_ptr": f"*{dt}",
-                    "f_ptr": f"*{dt}",
-                    "B": "i32",
-                    "F": "i32",
-                    "K": "i32",
-                    "d": "i32",
-                    "stride_xb": "i32",
-                    "stride_xm": "i32",
-                    "B_BUCKET": "i32",
-                }
-                compile_one(
-                    f"encode._encode_kernel[{dt}, flat={flat}, {config.kwargs}]",
-                    encode._encode_kernel,
-                    sig,
-                    {"FLAT": flat, "IEEE": dt == "fp32", **config.kwargs},
-                    target,
-                    config.num_warps,
-                    config.num_stages,
-                )
+        # EVEN_K: the paper's K = 2 * 2304 is a multiple of every BLOCK_K; a masked K loop once per dtype and layout
+        variants = [(flat, config, True) for flat in (True, False) for config in configs[:1]]
+        variants += [(flat, config, False) for flat in (True, False) for config in configs[:1]]
+        variants += [(True, config, True) for config in configs[1:] if all_configs and dt != "fp16"]
+        variants = [(flat, config, even_k, False) for flat, config, even_k in variants]
+        # Tensor descriptors (TMA), which the launcher takes for half inputs on Hopper only: every config a flat x
+        # may run with
+        if target.arch >= 90 and dt != "fp32":
+            variants += [(True, config, True, True) for config in (configs if dt != "fp16" else configs[:1])]
+        for flat, config, even_k, desc in variants:
+            blocks = config.kwargs
+            sig = {
+                "x_ptr": f"tensordesc<{dt}[{blocks['BLOCK_B']}, {blocks['BLOCK_K']}]>" if desc else f"*{dt}",
+                "W_ptr": f"tensordesc<{dt}[{blocks['BLOCK_F']}, {blocks['BLOCK_K']}]>" if desc else f"*{dt}",
+                "b_ptr": f"*{dt}",
+                "f_ptr": f"*{dt}",
+                "B": "i32",
+                "F": "i32",
+                "K": "i32",
+                "d": "i32",
+                "stride_xb": "i32",
+                "stride_xm": "i32",
+                "B_BUCKET": "i32",
+            }
+            compile_one(
+                f"encode._encode_kernel[{dt}, flat={flat}, even_k={even_k}, desc={desc}, {config.kwargs}]",
+                encode._encode_kernel,
+                sig,
+                {"FLAT": flat, "IEEE": dt == "fp32", "EVEN_K": even_k, "DESC": desc, **config.kwargs},
+                target,
+                config.num_warps,
+                config.num_stages,
+            )
 
 
 def main():
