@@ -90,6 +90,11 @@ class Emulator {
     int n, offset;
   };
 
+  // A slot outside [0, K) would write past the outputs: the emulator reports it instead.
+  void check_slot(int64_t slot) const {
+    TORCH_CHECK(slot >= 0 && slot < g_.K, "emulated write: slot ", slot, " outside [0, K = ", g_.K, ")");
+  }
+
   static void scan_rows(std::vector<int64_t>& v, int64_t n) {
     int64_t run[2] = {0, 0};
     for (int k = 0; k < 2; ++k)
@@ -209,8 +214,11 @@ class Emulator {
           tiles_[t] = base;
           tiles_[g_.n_tiles + t] = total;
           // barrier
-          if (base + total <= g_.cap)
-            for (int tid = 0; tid < kThreads; ++tid)
+          // The kernel skips a tile that would overflow the buffer; the level loop's count makes that impossible,
+          // which the emulator checks.
+          TORCH_CHECK(base + total <= g_.cap, "emulated stage: tile ", t, " needs slots up to ", base + total,
+                      ", capacity ", g_.cap);
+          for (int tid = 0; tid < kThreads; ++tid)
               stage_store<T, VEC>(th[tid].fv[u], th[tid].key, th[tid].keep, tid, base + offset[tid], skey_.data(),
                                   scol_.data(), sval_.data());
           // barrier
@@ -261,6 +269,7 @@ class Emulator {
             const bool chosen = choose(valid && key_above(key, hi), tie, tie_rank + ties_lower, need);
             if (chosen) {
               const int64_t slot = pos + chosen_lower;
+              check_slot(slot);
               values[slot] = kept_value(key, sval_[base + i]);
               indices[slot] = static_cast<I>(col_base + scol_[base + i]);
             }
@@ -322,6 +331,7 @@ class Emulator {
           slot_base[tid] = choose_entries(e[tid], tie_rank + tie_base[tid], need, chosen[tid].c);
         const int64_t tile_chosen = exclusive_scan(slot_base);
         // barrier
+        if (tile_chosen > 0) check_slot(pos), check_slot(pos + tile_chosen - 1);
         for (int tid = 0; tid < kThreads; ++tid) write_entries(e[tid], chosen[tid].c, pos + slot_base[tid], values, indices);
         if (tile_chosen > 0) row_counts[e[0].row] += tile_chosen;
         pos += tile_chosen;

@@ -4,8 +4,8 @@ thread by thread, and must equal the reference exactly. Its trace tells which pa
 mode, levels resolved, entries staged, elements per 16-byte load, blocks of an f pass). The real kernels are
 compared on a GPU (the `gpu` tests here and in test_ops_select.py).
 
-The emulator is serial; every case is small (the whole file ran in about 3 s on this 2-core machine:
-`pytest python_tests/ops/test_cuda_emulation.py`).
+The emulator is serial; every case is small: `pytest python_tests/ops/test_cuda_emulation.py` took 2.5-7 s on
+a shared 2-core CPU machine.
 """
 
 import math
