@@ -22,7 +22,8 @@
 #   op-tests       80   -m gpu of test_ops_select, test_triton_select_paths, test_ops_{sparse,encode}, test_opcheck, then
 #                       test_ops_fuzz (CROSSDIFF_FUZZ_EXAMPLES=0.25: 10 examples per op,
 #                       no shrinking; the Triton encoder pinned to one config: no
-#                       autotuning in tests)
+#                       autotuning in tests), then test_cuda_emulation's CUDA batch_topk
+#                       against its CPU emulator, with the staging capacity forced small
 #   scale-tests    50   test_gpu_scale.py: realistic and paper shapes, B*F > 2^32, the      see below
 #                       bf16 layer step
 #   bench         100   kernels_bench --suite paper --lean (B=4096, M=2, d=2304, F=73728,  see below
@@ -60,8 +61,8 @@ MIN_STAGE_S=10
 FAILED=0
 # fuzz last: a failing example makes Hypothesis try more shapes (new Triton compiles); the others run first
 OP_TESTS=(python_tests/ops/test_ops_select.py python_tests/triton/test_triton_select_paths.py
-    python_tests/ops/test_ops_sparse.py python_tests/ops/test_ops_encode.py python_tests/ops/test_opcheck.py
-    python_tests/ops/test_ops_fuzz.py)
+    python_tests/ops/test_cuda_emulation.py python_tests/ops/test_ops_sparse.py python_tests/ops/test_ops_encode.py
+    python_tests/ops/test_opcheck.py python_tests/ops/test_ops_fuzz.py)
 # memcheck's cases: one of each CUDA kernel family at small shapes (the sanitizer slows kernels 10-100x and its
 # start, torch's CUDA init under it, takes tens of seconds)
 MEMCHECK_SELECT="cuda and (matches_reference or ties_at_the_boundary or rows_keep_zero_or_many or keeps_nan)"
