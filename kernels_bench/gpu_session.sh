@@ -19,8 +19,9 @@
 #   import         30   put .gpu_build's _C in place and import it; a timeout retries it    import ~5 s
 #                       (60 s); an extension that fails to load prints its error and
 #                       `build` (9.0a only, 16 jobs, 180 s) runs, then a second import
-#   op-tests       80   -m gpu of test_ops_select, test_triton_select_paths, test_ops_{sparse,encode}, test_opcheck, then
-#                       test_ops_fuzz (CROSSDIFF_FUZZ_EXAMPLES=0.25: 10 examples per op,
+#   op-tests       80   -m gpu of the selection tests (test_ops_select, the Triton paths, the
+#                       CUDA emulator against the kernels), test_ops_{sparse,encode},
+#                       test_opcheck, then test_ops_fuzz (CROSSDIFF_FUZZ_EXAMPLES=0.25: 10 examples per op,
 #                       no shrinking; the Triton encoder pinned to one config: no
 #                       autotuning in tests), then test_cuda_emulation's CUDA batch_topk
 #                       against its CPU emulator, with the staging capacity forced small
