@@ -21,10 +21,9 @@
 #                       `build` (9.0a only, 16 jobs, 180 s) runs, then a second import
 #   op-tests       80   -m gpu of the selection tests (test_ops_select, the Triton paths, the
 #                       CUDA emulator against the kernels), test_ops_{sparse,encode},
-#                       test_opcheck, then test_ops_fuzz (CROSSDIFF_FUZZ_EXAMPLES=0.25: 10 examples per op,
-#                       no shrinking; the Triton encoder pinned to one config: no
-#                       autotuning in tests), then test_cuda_emulation's CUDA batch_topk
-#                       against its CPU emulator, with the staging capacity forced small
+#                       test_opcheck, then test_ops_fuzz (CROSSDIFF_FUZZ_EXAMPLES=0.25:
+#                       10 examples per op, no shrinking; the Triton encoder pinned to one
+#                       config: no autotuning in tests)
 #   scale-tests    50   test_gpu_scale.py: realistic and paper shapes, B*F > 2^32, the      see below
 #                       bf16 layer step
 #   bench         100   kernels_bench --suite paper --lean (B=4096, M=2, d=2304, F=73728,  see below
