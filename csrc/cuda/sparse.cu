@@ -35,7 +35,7 @@ inline int row_threads(int64_t D, int vec) {
 
 // Loads a thread keeps in flight in the gathers: a gathered row is a dependent load, and one load at a time
 // leaves the thread waiting a full memory latency per entry. A 16-byte pack of a half type unpacks into 8 fp32
-// registers, so those take 4 packs: 6 or 8 spill under the 64-register cap of 1024-thread blocks (ptxas -v, sm_90a).
+// registers, so those take 4 packs: 6 or 8 spill under a 64-register cap (ptxas -v, sm_90a).
 template <int VEC>
 constexpr int gather_unroll() {
   return VEC >= 8 ? 4 : 8;
@@ -70,8 +70,12 @@ __device__ __forceinline__ void gather_fma(const float* weight, const int64_t* r
   }
 }
 
+// At most 56 registers: a block is up to 1024 threads (row_threads), and the paper's bf16 row (4608 columns, 576
+// threads) then fits twice per SM (at 64, once).
+constexpr int kGatherRegisters = 56;
+
 template <typename scalar_t, typename index_t, int VEC>
-__global__ void __launch_bounds__(1024)
+__global__ void __maxnreg__(kGatherRegisters)
 decode_kernel(const scalar_t* __restrict__ values, const index_t* __restrict__ indices,
               const int64_t* __restrict__ row_ptr, const scalar_t* __restrict__ W,
               const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, int64_t D) {
@@ -153,7 +157,7 @@ values_grad_kernel(const scalar_t* __restrict__ grad_out, const index_t* __restr
 }
 
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(1024)
+__global__ void __maxnreg__(kGatherRegisters)
 weight_grad_kernel(const scalar_t* __restrict__ values, const scalar_t* __restrict__ dense,
                    const int64_t* __restrict__ col_ptr, const int64_t* __restrict__ perm,
                    const int64_t* __restrict__ rows, scalar_t* __restrict__ grad,
