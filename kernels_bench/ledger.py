@@ -64,33 +64,64 @@ def _cdiv(a, b):
 
 
 def cuda_batch_topk(n):
-    """csrc/cuda/select.cu: 3 radix histogram passes (11, 11, 10 bits), a count pass and the ordered write."""
-    B, F, N, K = n["B"], n["F"], n["N"], n["K"]
-    tile = 256 * (16 // n["elt"])
-    n_tiles = B * _cdiv(F, tile)
-    chunks = _cdiv(n_tiles, _cdiv(n_tiles, 4 * H100_SMS))
-    f_bytes, w_per_tile = N * n["elt"], N * 4  # w is re-read from L2 for every tile
+    """csrc/cuda/select.cu in the usual case: level 0 over f on a slab grid, the stage pass, then the levels,
+    counts, scans and ordered write over the staged entries only (the launch geometry of csrc/select_phases.h)."""
+    B, F, N, K, e = n["B"], n["F"], n["N"], n["K"], n["elt"]
+    slab = 256 * (16 // e)
+    S = _cdiv(F, slab)
+    T = B * S
+    rows_per_block = min(_cdiv(B, max(1, (4 * H100_SMS) // S)), 1 << 20)
+    R = _cdiv(B, rows_per_block)
+    staged = min(2 * K, N)  # estimate: the entries at or above the boundary bin (at most the capacity)
+    w_reads = R * F * 4
+    grid = f"{S}x{R}x256"
+    tiles = f"{_cdiv(T, 8)}x256"
     out = [
+        Launch("batch_topk", "init_state_kernel", "1x1", 0, 64),
+        Launch("batch_topk", "zeros(histograms) (ATen)", "-", 0, 5 * 2048 * I64),
         Launch(
-            "batch_topk", f"histogram_kernel[pass {p}]", f"{chunks}x256", f_bytes + F * 4, 3 * 2048 * 8, w_per_tile, 1
-        )
-        for p in range(3)
+            "batch_topk",
+            "histogram_kernel[level 0]",
+            grid,
+            N * e + w_reads,
+            S * R * 2048 * I64,
+            f_passes=1,
+            note="w[slab] read once per block; written: at most one atomic per non-empty bin per block",
+        ),
+        Launch("batch_topk", "resolve_kernel[level 0]", "1x1024", 2048 * I64, 64),
     ]
-    out += [Launch("batch_topk", f"resolve_kernel[pass {p}]", "1x1024", 2048 * 8, 32) for p in range(3)]
-    out.append(Launch("batch_topk", "count_kernel", f"{chunks}x256", f_bytes + F * 4, 2 * chunks * 8, w_per_tile, 1))
-    out.append(Launch("batch_topk", "cumsum x2 (ATen)", "-", 2 * chunks * 8, 4 * chunks * 8))
+    for level in (1, 2):
+        out.append(Launch("batch_topk", f"histogram_kernel[level {level}] (returns)", grid, 0, 0))
+        out.append(Launch("batch_topk", f"resolve_kernel[level {level}] (returns)", "1x1024", 0, 0))
     out.append(
         Launch(
             "batch_topk",
-            "write_kernel",
-            f"{chunks}x256",
-            f_bytes + F * 4,
-            K * (n["elt"] + INDEX) + (B + 1) * I64,
-            w_per_tile,
-            1,
+            "stage_kernel",
+            grid,
+            N * e + w_reads,
+            staged * (6 + e) + T * 16 + T * I64,
+            f_passes=1,
+            note="staged: key, column and f of the entries at or above the boundary bin (estimate 2K); tile table",
         )
     )
+    for level in (1, 2):
+        out.append(Launch("batch_topk", f"staged_histogram_kernel[level {level}]", "-", staged * 4, 2048 * I64))
+        out.append(Launch("batch_topk", f"resolve_kernel[staged level {level}]", "1x1024", 2048 * I64, 64))
+    out += [
+        Launch("batch_topk", "tile_count_kernel", tiles, T * 16 + staged * 4, T * 16),
+        Launch("batch_topk", "cumsum + sub over the tiles (ATen)", "-", 2 * T * 16, 2 * T * 16),
+        Launch("batch_topk", "zeros(row counts) (ATen)", "-", 0, (B + 1) * I64),
+        Launch(
+            "batch_topk",
+            "staged_write_kernel",
+            tiles,
+            2 * T * 16 + staged * (6 + e),
+            K * (e + INDEX) + T * I64,
+        ),
+        Launch("batch_topk", "count_kernel + cumsum + write_kernel (ties path: return)", "-", 0, 0),
+    ]
     out += _min_score(n, "batch_topk")
+    out.append(Launch("batch_topk", "row_counts.cumsum (ATen)", "-", (B + 1) * I64, (B + 1) * I64))
     return out
 
 
@@ -124,8 +155,7 @@ def cuda_values_grad(n):
             f"{_cdiv(K, 8)}x256",
             K * D * n["elt"] + B * D * n["elt"] + K * INDEX + (B + 1) * I64,
             K * n["elt"],
-            (K - B) * D * n["elt"],
-            note="grad_out[row] re-read once per entry of the row",
+            note="grad_out[row] gathered once per entry of the row (DRAM once, L2 after)",
         )
     ]
 
@@ -157,19 +187,29 @@ def latent_order_launches(n, backend):
     ]
 
 
-def weight_grad_launches(n, backend, dense_rows_bytes):
-    """grad_W[j] = sum over the latent's entries of value * dense[row]: gathers K rows of dense."""
-    F, D, K = n["F"], n["D"], n["K"]
-    kern = "weight_grad_kernel" if backend == "cuda" else "_weight_grad_kernel"
+def weight_grad_launches(n, backend):
+    """grad_W[j] = sum over the latent's entries of value * dense[row]: gathers K rows of dense [B, D].
+
+    CUDA: one block per latent over the whole row width. Triton: one program per LATENTS consecutive latents,
+    each over the whole row width, the next latent's index chain (col_ptr -> perm, rows -> values) loaded while
+    the current one gathers."""
+    F, D, K, e = n["F"], n["D"], n["K"], n["elt"]
+    if backend == "cuda":
+        threads = min(1024, max(32, _cdiv(_cdiv(D, 16 // e), 32) * 32))
+        kernel, grid = "weight_grad_kernel", f"{F}x{_cdiv(_cdiv(D, 16 // e), threads)}x{threads}"
+    else:
+        from crossdiff_ext.triton import _launch
+
+        kernel, grid = "_weight_grad_kernel", str(_cdiv(F, _launch.GRAD_LATENTS))
     return [
         Launch(
             "sparse_weight_grad",
-            kern,
-            f"{F}x{_cdiv(D, 4096 if backend == 'cuda' else 512)}",
-            K * D * n["elt"] + K * (2 * I64 + n["elt"]) + (F + 1) * I64,
-            F * D * n["elt"] + F * 4,
-            max(0, K * D * n["elt"] - dense_rows_bytes),
-            note="dense rows gathered once per entry (L2 holds a [B, D] dense of 38 MB only in part)",
+            kernel,
+            grid,
+            K * D * e + K * (2 * I64 + e) + (F + 1) * I64,
+            F * D * e + F * 4,
+            note=f"K rows gathered from a [B, D] tensor of {n['B'] * D * e / 1e6:.0f} MB: L2 may serve many (the "
+            "floor assumes DRAM)",
         )
     ]
 
@@ -247,8 +287,7 @@ def triton_values_grad(n):
             str(_cdiv(K, 16)),
             K * D * n["elt"] + B * D * n["elt"] + K * (INDEX + I64),
             K * n["elt"],
-            (K - B) * D * n["elt"],
-            note="grad_out[row] re-read once per entry of the row",
+            note="grad_out[row] gathered once per entry of the row (DRAM once, L2 after)",
         ),
     ]
 
@@ -285,14 +324,13 @@ MODELS = {
 def op_launches(n, backend):
     """{op: [Launch]} for the ops of the paper suite on one backend."""
     m = MODELS[backend]
-    dense = n["B"] * n["D"] * n["elt"]
     return {
         "paired_encode": m["paired_encode"](n),
         "batch_topk": m["batch_topk"](n),
         "sparse_decode": m["sparse_decode"](n),
         "sparse_values_grad": m["sparse_values_grad"](n),
         "latent_order": latent_order_launches(n, backend),
-        "sparse_weight_grad": weight_grad_launches(n, backend, dense),
+        "sparse_weight_grad": weight_grad_launches(n, backend),
     }
 
 
@@ -309,9 +347,9 @@ def train_step_launches(n, backend, order_per_step):
     steps += ops["sparse_values_grad"]
     for _ in range(order_per_step):
         steps += ops["latent_order"]
-    steps += weight_grad_launches(n, backend, B * D * n["elt"])  # W_dec: dense = grad_out
+    steps += weight_grad_launches(n, backend)  # W_dec: dense = grad_out
     steps.append(Launch("step", "values != 0 where (torch)", "-", K * 2 * n["elt"], K * n["elt"]))
-    steps += weight_grad_launches(n, backend, B * D * n["elt"])  # W_enc: dense = x
+    steps += weight_grad_launches(n, backend)  # W_enc: dense = x
     steps.append(Launch("step", "bias grads (torch)", "-", B * D * n["elt"], D * n["elt"]))
     params = n["n_params"]
     steps.append(Launch("step", "fused Adam (torch)", "-", 4 * params * n["elt"], 3 * params * n["elt"]))
@@ -428,9 +466,8 @@ def _paper_variant(kernel):
 
 
 def triton_resources(variants):
-    """Compile Triton kernels for sm_90a (no GPU needed) and read their cubins' resources.
-
-    variants: [(label, jit function, signature, constexprs, num_warps, num_stages)]."""
+    """Compile Triton kernel variants (crossdiff_ext.triton.variants) for sm_90a, no GPU needed, and read their
+    cubins' resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -438,65 +475,58 @@ def triton_resources(variants):
     tool = _tool("cuobjdump")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, fn, signature, constexprs, warps, stages in variants:
-            sig = dict(signature, **{k: "constexpr" for k in constexprs})
+        for v in variants:
+            sig = dict(v.signature, **{k: "constexpr" for k in v.constexprs})
             kernel = triton.compile(
-                ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                ASTSource(fn=v.fn, signature=sig, constexprs=v.constexprs, attrs=_launch_specialization(v.fn, sig)),
                 target=GPUTarget("cuda", 90, 64),
-                options=dict(num_warps=warps, num_stages=stages),
+                options=dict(num_warps=v.num_warps, num_stages=v.num_stages),
             )
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as fh:
                 fh.write(kernel.asm["cubin"])
             text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-            usage = parse_resource_usage(text)
-            for r in usage:
+            for r in parse_resource_usage(text):
                 # Triton's shared memory is dynamic (the pipeline's buffers): cuobjdump shows only the static part
-                r.update(kernel=label, arch="sm_90a", num_warps=warps, shared=max(r["shared"], kernel.metadata.shared))
-                rows.append(r)
+                shared = max(r["shared"], kernel.metadata.shared)
+                rows.append(dict(r, kernel=v.label, arch="sm_90a", num_warps=v.num_warps, shared=shared))
     return rows
 
 
-def triton_paper_variants(shape):
-    """The Triton kernels the paper shape launches (bf16, int32 latent ids), with the launchers' constexprs."""
-    from crossdiff_ext.triton import _launch, encode, select, sparse  # imports triton: only when compiling
+# Integer arguments that are multiples of 16 at the paper shape (B=4096, F=73728, M*d=4608, d=2304).
+PAPER_MULTIPLES_OF_16 = frozenset({"B", "F", "K", "D", "d", "stride_xb", "stride_xm"})
 
-    F, D = shape["dict_size"], shape["n_models"] * shape["d_model"]
-    block = _launch.select_block(F)
-    warps = _launch.select_warps(block)
-    tiles = {"F": "i32", "n_col_tiles": "i32", "n_tiles": "i64", "tiles_per_chunk": "i64"}
-    common = {"f_ptr": "*bf16", "w_ptr": "*fp32", "state_ptr": "*i64"}
-    half = encode.HALF_CONFIGS[0]
-    enc_sig = {
-        "x_ptr": "*bf16", "W_ptr": "*bf16", "b_ptr": "*bf16", "f_ptr": "*bf16", "B": "i32", "F": "i32", "K": "i32",
-        "d": "i32", "stride_xb": "i64", "stride_xm": "i64", "B_BUCKET": "i32",
-    }  # fmt: skip
-    out = [
-        ("_encode_kernel", encode._encode_kernel, enc_sig, dict(FLAT=True, IEEE=False, **half.kwargs),
-         half.num_warps, half.num_stages),
-        ("_histogram_kernel[pass 0]", select._histogram_kernel, {**common, "hist_ptr": "*i64", **tiles},
-         dict(PASS=0, RADIX_BITS=select.RADIX_BITS, BLOCK=block), warps, 3),
-        ("_count_kernel", select._count_kernel,
-         {**common, "above_ptr": "*i64", "ties_ptr": "*i64", "theta": "fp32", **tiles}, dict(TOPK=True, BLOCK=block),
-         warps, 3),
-        ("_write_kernel", select._write_kernel,
-         {**common, "above_before_ptr": "*i64", "ties_before_ptr": "*i64", "values_ptr": "*bf16",
-          "indices_ptr": "*i32", "row_count_ptr": "*i64", "theta": "fp32", **tiles}, dict(TOPK=True, BLOCK=block),
-         warps, 3),
-        ("_decode_kernel", sparse._decode_kernel,
-         {"values_ptr": "*bf16", "indices_ptr": "*i32", "row_ptr_ptr": "*i64", "W_ptr": "*bf16", "bias_ptr": "*bf16",
-          "out_ptr": "*bf16", "D": "i32"},
-         dict(HAS_BIAS=True, BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=_launch.row_block(D)), 4, 3),
-        ("_values_grad_kernel", sparse._values_grad_kernel,
-         {"grad_ptr": "*bf16", "indices_ptr": "*i32", "rows_ptr": "*i64", "W_ptr": "*bf16", "out_ptr": "*bf16",
-          "nnz": "i64", "D": "i32"},
-         dict(BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=_launch.dot_block(D)), 4, 3),
-        ("_weight_grad_kernel", sparse._weight_grad_kernel,
-         {"values_ptr": "*bf16", "dense_ptr": "*bf16", "col_ptr_ptr": "*i64", "perm_ptr": "*i64", "rows_ptr": "*i64",
-          "grad_ptr": "*bf16", "sums_ptr": "*fp32", "D": "i32"},
-         dict(BLOCK_E=_launch.ENTRY_BLOCK, BLOCK_D=_launch.row_block(D)), 4, 3),
-    ]  # fmt: skip
-    return out
+
+def _launch_specialization(fn, signature):
+    """What a launch at the paper shape tells the compiler (Triton specialises each launch): every pointer is
+    16-byte aligned, and the dimensions that are multiples of 16 say so (tt.divisibility). Without it a kernel
+    compiles for unaligned arguments and its register count is not the one that runs."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        kind = signature.get(name, "")
+        if kind.startswith("*") or (name in PAPER_MULTIPLES_OF_16 and kind.startswith("i")):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def triton_paper_variants():
+    """The Triton kernels the paper shape launches: bf16, int32 latent ids, slab 2048, batch top-k's paths, the
+    decoder with a bias, the encoder's first Hopper config with descriptors and no K mask."""
+    from crossdiff_ext.triton import encode, variants
+
+    first = str(encode.HALF_CONFIGS[0].kwargs)
+
+    def launched(label):
+        choices = label.partition("[")[2]
+        if "fp16" in choices or "fp32" in choices or "i64" in choices or "slab 16" in choices:
+            return False
+        if "block 16" in choices or "topk=False" in choices or "first=False" in choices or "bias=False" in choices:
+            return False
+        if label.startswith("encode."):
+            return "flat=True, even_k=True, desc=True" in choices and first in choices
+        return True
+
+    return [v for v in variants.every_variant(90) if launched(v.label)]
 
 
 # --- the ledger ---------------------------------------------------------------------------------------------------
@@ -619,7 +649,7 @@ def main(argv=None):
             resources["cuda"] = cuda_resources(so) if so else "no CUDA build found"
         except (RuntimeError, subprocess.CalledProcessError) as err:
             resources["cuda"] = f"not read: {err}"
-        resources["triton"] = triton_resources(triton_paper_variants(SHAPES[args.shape]))
+        resources["triton"] = triton_resources(triton_paper_variants())
         result["resources"] = resources
     stem = args.out or os.path.join(RESULTS_DIR, f"ledger-{args.shape}")
     with open(stem + ".json", "w") as fh:
@@ -632,4 +662,4 @@ def main(argv=None):
 # The training step sorts its codes by latent this many times (ops/autograd.py).
 ORDER_PER_STEP = 1
 # Reads of f by batch_topk in the usual case, per backend: what the models above add up to.
-TOPK_PASSES_OVER_F = {"cuda": 5, "triton": 2}
+TOPK_PASSES_OVER_F = {"cuda": 2, "triton": 2}
