@@ -9,6 +9,7 @@ the backend choice sits below everything that dispatches through it.
 """
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -35,6 +36,18 @@ OPS = (
 _C = _extension.load()
 _current = ["auto"]
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: resolve() runs inside compiled code
+# The Triton kernels mask tl.histogram, which triton accepts from 3.4 on (torch 2.6 and 2.7 bring 3.2 and 3.3).
+TRITON_MIN_VERSION = (3, 4)
+
+
+def _triton_version() -> Optional[tuple[int, ...]]:
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+_TRITON_VERSION = _triton_version() if _TRITON_INSTALLED else None
 
 
 def _unavailable_reason(name):
@@ -51,6 +64,9 @@ def _unavailable_reason(name):
     if name == "triton":
         if not _TRITON_INSTALLED:
             return "the triton package is not installed"
+        if _TRITON_VERSION is not None and _TRITON_VERSION < TRITON_MIN_VERSION:
+            found = ".".join(map(str, _TRITON_VERSION))
+            return f"the Triton kernels need triton >= {'.'.join(map(str, TRITON_MIN_VERSION))}, found {found}"
         if not torch.cuda.is_available() and not triton_interpreted():
             return (
                 "Triton kernels need a CUDA GPU, or Triton's interpreter for CPU tensors "

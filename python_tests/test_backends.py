@@ -26,6 +26,13 @@ def test_unknown_backend_is_rejected():
         cx.set_backend("fast")
 
 
+def test_an_old_triton_is_refused_with_its_version(monkeypatch):
+    # tl.histogram takes a mask from triton 3.4 on: an older triton would fail to compile the selection kernels
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+    monkeypatch.setattr(backends, "_TRITON_VERSION", (3, 3))
+    assert backends._unavailable_reason("triton") == "the Triton kernels need triton >= 3.4, found 3.3"
+
+
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_missing_backend_raises(name):
     if name in cx.available_backends():

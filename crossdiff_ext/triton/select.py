@@ -116,7 +116,7 @@ def _init_kernel(state_ptr, K):
 def _level_kernel(f_ptr, w_ptr, state_ptr, hist_ptr, B, F, rows_per_chunk, FIRST: tl.constexpr, SLAB: tl.constexpr):
     """One level over f: the histogram of the keys in [lo, hi] of one slab and chunk of rows, merged by atomics."""
     if tl.load(state_ptr + _MODE) == _SEARCHING:
-        cols = tl.program_id(0) * SLAB + tl.arange(0, SLAB)
+        cols = tl.program_id(0).to(tl.int64) * SLAB + tl.arange(0, SLAB)
         inside = cols < F
         w = tl.load(w_ptr + cols, mask=inside, other=0.0)
         lo = tl.load(state_ptr + _A_LO).to(tl.uint32)
@@ -215,7 +215,7 @@ def _stage_kernel(
 ):
     """The second pass over f (mode STAGED): every entry with key >= lo goes to the staging buffer, tile by tile."""
     if tl.load(state_ptr + _MODE) == _STAGED:
-        slab = tl.program_id(0)
+        slab = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, SLAB)
         cols = slab * SLAB + offs
         inside = cols < F
@@ -637,11 +637,14 @@ def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) ->
     plan = [("_init_kernel", (1,), 0, N_STATE * 8, 0)]
     for level in range(MAX_LEVELS):
         if level == 0:
-            plan.append(("_level_kernel", (n_slabs, row_chunks), f_bytes + w_bytes, slab_programs * NBINS * 8, 1))
+            plan.append(
+                ("_level_kernel", (n_slabs, row_chunks), f_bytes + w_bytes * row_chunks, slab_programs * NBINS * 8, 1)
+            )
         else:
             plan.append(("_level_kernel", (n_slabs, row_chunks), slab_programs * 8, 0, 0))
         plan.append(("_resolve_kernel", (1,), NBINS * 8 if level == 0 else 8, N_STATE * 8 if level == 0 else 0, 0))
-    plan.append(("_stage_kernel", (n_slabs, row_chunks), f_bytes + w_bytes, n_stage * 8 + n_tiles * 24, 1))
+    # w[slab] is read once per program: once per chunk of rows
+    plan.append(("_stage_kernel", (n_slabs, row_chunks), f_bytes + w_bytes * row_chunks, n_stage * 8 + n_tiles * 24, 1))
     for level in range(STAGED_LEVELS):
         works = level < 3
         plan.append(("_staged_level_kernel", (staged_programs,), n_stage * 8 if works else 8, NBINS * 8 * works, 0))

@@ -6,6 +6,7 @@ shape's variants: bf16, int32 latent ids, slab 2048, the encoder's first Hopper 
 its kernel and, in brackets, the choices that differ between variants.
 """
 
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
 from . import _launch, encode, select, sparse
@@ -25,7 +26,7 @@ class Variant(NamedTuple):
     num_stages: int = 3
 
 
-def selection_variants():
+def selection_variants() -> Iterator[Variant]:
     """The selection kernels, every dtype, slab / block 16 and 2048, index dtype and path."""
     state, tables = {"state_ptr": "*i64"}, {"staged_ptr": "*i64", "tile_base_ptr": "*i64", "tile_count_ptr": "*i64"}
     for dt in FLOATS:
@@ -116,7 +117,7 @@ def selection_variants():
     )
 
 
-def sparse_variants():
+def sparse_variants() -> Iterator[Variant]:
     """The sparse decoder and its backward, every dtype and index dtype, rows of the paper's width (4608)."""
     E = _launch.ENTRY_BLOCK
     for dt in FLOATS:
@@ -172,7 +173,7 @@ def sparse_variants():
         )
 
 
-def encoder_variants(arch, all_configs):
+def encoder_variants(arch: int, all_configs: bool) -> Iterator[Variant]:
     """The encoder: every dtype and layout, with and without the K mask and (Hopper, half) tensor descriptors."""
     for dt in FLOATS:
         configs = encode.FP32_CONFIGS if dt == "fp32" else encode.HALF_CONFIGS

@@ -54,8 +54,11 @@ template <typename T, typename I, int VEC>
 class Emulator {
  public:
   Emulator(const T* f, const float* w, const Geometry& g, int64_t order)
-      : f_(f), w_(w), g_(g), order_(order), hist_((2 * kLevels - 1) * kMaxBins, 0), skey_(g.cap), scol_(g.cap),
-        sval_(g.cap), tiles_(2 * g.n_tiles, 0), table_(2 * g.n_tiles, 0) {}
+      // The staging slots start poisoned (a NaN key, a column past any slab, a NaN value), as the kernel's
+      // at::empty buffer holds garbage: a read of a slot no tile wrote changes the result instead of reading 0.
+      : f_(f), w_(w), g_(g), order_(order), hist_((2 * kLevels - 1) * kMaxBins, 0), skey_(g.cap, 0xFFFFFFFFu),
+        scol_(g.cap, 0xFFFF), sval_(g.cap, T(std::numeric_limits<float>::quiet_NaN())), tiles_(2 * g.n_tiles, 0),
+        table_(2 * g.n_tiles, 0) {}
 
   // The launch sequence of cuda/select.cu's topk_impl.
   void run(T* values, I* indices, int64_t* row_counts) {
