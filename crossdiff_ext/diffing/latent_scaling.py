@@ -9,7 +9,7 @@ nu_error = beta_error(base) / beta_error(chat), nu_reconstruction likewise.
 
 How: the probe is contracted before anything is reduced. Per batch, one per-entry dot (the sparse_values_grad
 op, the decoder backward's kernel) gives p[e] = <y[row(e), m], d_j(e)> for every kept code e, and the by-latent
-sums of f * p, f^2, f and 1 over a counting-sort order of the codes (the latent_order op, as in the decoder
+sums of f * p, f^2, f and 1 over a by-latent order of the codes (the latent_order op, as in the decoder
 weight gradient) are prefix sums in float64, so they are deterministic. Memory is O(F) per (target, model): no
 [latents, tokens, d] tensor, nothing grows with the number of latents scored.
 
