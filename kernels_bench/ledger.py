@@ -466,7 +466,7 @@ def _paper_variant(kernel):
 
 
 def triton_resources(variants):
-    """Compile Triton kernel variants (crossdiff_ext.triton.variants) for sm_90a, no GPU needed, and read their
+    """Compile Triton kernel variants (kernels_bench/triton_variants.py) for sm_90a, no GPU needed, and read their
     cubins' resources."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -512,7 +512,9 @@ def _launch_specialization(fn, signature):
 def triton_paper_variants():
     """The Triton kernels the paper shape launches: bf16, int32 latent ids, slab 2048, batch top-k's paths, the
     decoder with a bias, the encoder's first Hopper config with descriptors and no K mask."""
-    from crossdiff_ext.triton import encode, variants
+    from crossdiff_ext.triton import encode
+
+    from . import triton_variants as variants
 
     first = str(encode.HALF_CONFIGS[0].kwargs)
 

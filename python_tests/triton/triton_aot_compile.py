@@ -21,7 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from crossdiff_ext.triton import variants  # noqa: E402
+from kernels_bench import triton_variants as variants  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 64)
 AMPERE = GPUTarget("cuda", 80, 32)

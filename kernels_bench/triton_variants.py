@@ -1,4 +1,5 @@
-"""The compile variants of every Triton kernel of crossdiff_ext: what a GPU can be asked to compile.
+"""The compile variants of every Triton kernel of crossdiff_ext: what a GPU can be asked to compile. Imports
+triton (and compiles nothing): import it only where Triton kernels are to be compiled.
 
 One list for the ahead-of-time compile test (python_tests/triton/triton_aot_compile.py compiles each for sm_90a
 and sm_80 without a GPU) and for the traffic ledger's resource table (kernels_bench/ledger.py reads the paper
@@ -9,7 +10,7 @@ its kernel and, in brackets, the choices that differ between variants.
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple
 
-from . import _launch, encode, select, sparse
+from crossdiff_ext.triton import _launch, encode, select, sparse
 
 FLOATS = ("bf16", "fp16", "fp32")
 
