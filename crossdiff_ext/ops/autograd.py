@@ -172,6 +172,8 @@ def decode_sparse(
     """Sparse decoder on the current backend, differentiable in values, W and bias. `order`: the codes' latent
     order from encode_sparse(..., with_order=True), reused by the weight gradient (None: sorted in backward)."""
     validate.sparse_decode(values, indices, row_ptr, W, bias)
+    if order is not None:
+        validate.codes_order(order, values, W)
     name = backends.resolve(W.device)
     if name == "reference":
         return backends.kernels(name).sparse_decode(values, indices, row_ptr, W, bias)

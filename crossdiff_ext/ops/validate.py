@@ -248,3 +248,22 @@ def sparse_weight_grad(
         _fail(
             f"values has nnz = {values.shape[0]} entries but dense has B = 0 rows; codes of an empty batch have nnz = 0"
         )
+
+
+def codes_order(order: Any, values: torch.Tensor, W: torch.Tensor) -> None:
+    """`order` is a latent order (col_ptr [F+1], perm [nnz], rows [nnz], int64) of codes with values' nnz entries
+    over W's F latents, on values' device: what encode_sparse(..., with_order=True) returns for them."""
+    if not isinstance(order, (tuple, list)) or len(order) != 3:
+        _fail("order must be (col_ptr, perm, rows) as encode_sparse(..., with_order=True) returns it")
+    col_ptr, perm, rows = order
+    nnz, F = values.shape[0], W.shape[0]
+    for t, name, shape in ((col_ptr, "col_ptr", "[F+1]"), (perm, "perm", "[nnz]"), (rows, "rows", "[nnz]")):
+        tensor(t, f"order's {name}", 1, shape)
+        if t.dtype != torch.int64:
+            _fail(f"order's {name} must be int64, got {t.dtype}")
+        same_device(values, "values", t, f"order's {name}")
+    if col_ptr.shape[0] != F + 1 or perm.shape[0] != nnz or rows.shape[0] != nnz:
+        _fail(
+            f"order must be the latent order of these codes (F = {F} latents, nnz = {nnz}): got col_ptr of "
+            f"{col_ptr.shape[0]}, perm of {perm.shape[0]} and rows of {rows.shape[0]} entries"
+        )

@@ -66,6 +66,22 @@ def test_python_entry_points_reject_bad_inputs(backend, op, args, match):
         getattr(ops, op)(*args)
 
 
+def test_decode_sparse_rejects_an_order_of_other_codes():
+    # decode_sparse reuses a latent order for its weight gradient: one of other codes would give a wrong gradient
+    t = good()
+    v, i, r, W = t["values"], t["indices"], t["row_ptr"], t["W"]
+    order = ops.latent_order_reference(i, r, W.shape[0])
+    for bad, match in (
+        (order[:2], r"order must be \(col_ptr, perm, rows\)"),
+        ((order[0][:-1], *order[1:]), "latent order of these codes"),
+        ((order[0], order[1][:-1], order[2]), "latent order of these codes"),
+        ((order[0], order[1].int(), order[2]), "order's perm must be int64"),
+    ):
+        with pytest.raises(cx.InputError, match=match):
+            ops.decode_sparse(v, i, r, W, None, bad)
+    ops.decode_sparse(v, i, r, W, None, order)  # the right order passes
+
+
 @pytest.mark.parametrize("op,args,match", bad_calls(), ids=lambda p: p if isinstance(p, str) else "")
 def test_cpp_entry_points_reject_bad_inputs(op, args, match):
     with pytest.raises(RuntimeError, match=match):
