@@ -132,16 +132,23 @@ def _min_score(n, op):
     ]
 
 
-def cuda_sparse_decode(n, op="sparse_decode"):
-    B, D, K = n["B"], n["D"], n["K"]
-    threads = min(1024, max(32, _cdiv(_cdiv(D, 16 // n["elt"]), 32) * 32))
+def _cuda_row_grid(D, e):
+    """csrc/cuda/sparse.cu's launch over rows of D elements read 16 bytes at a time: (column spans, threads)."""
+    packs = _cdiv(D, 16 // e)
+    threads = min(1024, max(32, _cdiv(packs, 32) * 32))
+    return _cdiv(packs, threads), threads
+
+
+def cuda_sparse_decode(n):
+    B, D, K, e = n["B"], n["D"], n["K"], n["elt"]
+    spans, threads = _cuda_row_grid(D, e)
     return [
         Launch(
-            op,
+            "sparse_decode",
             "decode_kernel",
-            f"{B}x{_cdiv(_cdiv(D, 16 // n['elt']), threads)}x{threads}",
-            K * D * n["elt"] + n["codes"] + D * n["elt"],
-            B * D * n["elt"],
+            f"{B}x{spans}x{threads}",
+            K * D * e + n["codes"] + D * e,
+            B * D * e,
         )
     ]
 
@@ -195,8 +202,8 @@ def weight_grad_launches(n, backend):
     the current one gathers."""
     F, D, K, e = n["F"], n["D"], n["K"], n["elt"]
     if backend == "cuda":
-        threads = min(1024, max(32, _cdiv(_cdiv(D, 16 // e), 32) * 32))
-        kernel, grid = "weight_grad_kernel", f"{F}x{_cdiv(_cdiv(D, 16 // e), threads)}x{threads}"
+        spans, threads = _cuda_row_grid(D, e)
+        kernel, grid = "weight_grad_kernel", f"{F}x{spans}x{threads}"
     else:
         from crossdiff_ext.triton import _launch
 
@@ -258,7 +265,7 @@ def triton_batch_topk(n):
     ]
 
 
-def triton_sparse_decode(n, op="sparse_decode"):
+def triton_sparse_decode(n):
     from crossdiff_ext.triton import _launch
 
     B, D, K = n["B"], n["D"], n["K"]
@@ -266,7 +273,7 @@ def triton_sparse_decode(n, op="sparse_decode"):
     blocks = _cdiv(D, block_d)
     return [
         Launch(
-            op,
+            "sparse_decode",
             "_decode_kernel",
             f"{B}x{blocks}",
             K * D * n["elt"] + n["codes"] + D * n["elt"],
@@ -663,5 +670,3 @@ def main(argv=None):
 
 # The training step sorts its codes by latent this many times (ops/autograd.py).
 ORDER_PER_STEP = 1
-# Reads of f by batch_topk in the usual case, per backend: what the models above add up to.
-TOPK_PASSES_OVER_F = {"cuda": 2, "triton": 2}
