@@ -31,14 +31,16 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1
 extern "C" PyObject* PyInit__C(void) { return PyModule_Create(&module_def); }
 
 TORCH_LIBRARY(crossdiff, m) {
-  // f = ReLU(x W_enc^T + b_enc). x [B, M, d], W_enc [F, M, d], b_enc [F] -> f [B, F] in x's dtype.
-  m.def("paired_encode(Tensor x, Tensor W_enc, Tensor b_enc) -> Tensor");
+  // f = ReLU(x W_enc^T + b_enc). x [B, M, d], W_enc [F, M, d], b_enc [F] -> f [B, F] in x's dtype. With
+  // relu=False: the pre-activations x W_enc^T + b_enc, for a selection that applies the ReLU as it reads them.
+  m.def("paired_encode(Tensor x, Tensor W_enc, Tensor b_enc, bool relu=True) -> Tensor");
   // Exact top K of s = f * w over all B*F entries (ties: lower flat index first). Returns CSR codes
   // (values [K] = f where s > 0 else 0, latent indices [K], row_ptr [B+1] int64) and the smallest selected
-  // positive score (fp32 scalar, +inf when none is positive).
-  m.def("batch_topk(Tensor f, Tensor w, int K) -> (Tensor values, Tensor indices, Tensor row_ptr, Tensor min_score)");
-  // Entries with s = f * w > theta (theta >= 0), CSR order; nnz is data-dependent.
-  m.def("threshold_select(Tensor f, Tensor w, float theta) -> (Tensor values, Tensor indices, Tensor row_ptr)");
+  // positive score (fp32 scalar, +inf when none is positive). With relu=True, f holds pre-activations and the
+  // op selects on ReLU(f) exactly as it would on the ReLU output (NaN kept): the values are ReLU(f)'s.
+  m.def("batch_topk(Tensor f, Tensor w, int K, bool relu=False) -> (Tensor values, Tensor indices, Tensor row_ptr, Tensor min_score)");
+  // Entries with s = f * w > theta (theta >= 0), CSR order; nnz is data-dependent. relu as in batch_topk.
+  m.def("threshold_select(Tensor f, Tensor w, float theta, bool relu=False) -> (Tensor values, Tensor indices, Tensor row_ptr)");
   // out[b] = sum_{e in row b} values[e] W[indices[e]] (+ bias). W [F, M, d] -> out [B, M, d]; fp32 accumulation.
   m.def("sparse_decode(Tensor values, Tensor indices, Tensor row_ptr, Tensor W, Tensor? bias) -> Tensor");
   // grad_values[e] = <grad_out[row(e)], W[indices[e]]> over M*d: the value gradient of sparse_decode.

@@ -28,6 +28,12 @@ CROSSDIFF_HD uint32_t score_key(float s) {
   return s != s ? 0xFFFFFFFFu : (u ^ flip);
 }
 
+// What a selection ranks of an entry f: f itself, or ReLU(f) when the selection reads the encoder's
+// pre-activations (relu = true). ReLU as torch.relu computes it: a negative becomes 0 and NaN stays NaN, so a
+// selection over pre-activations with relu ranks exactly what one over the encoder's ReLU output ranks, and the
+// encoder's separate ReLU pass over f is not needed.
+CROSSDIFF_HD float selection_input(float f, bool relu) { return relu && f < 0.0f ? 0.0f : f; }
+
 // Latent ids are int32 unless F needs more (the data layout).
 inline bool latent_index_is_int32(int64_t n_latents) {
   return n_latents <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());

@@ -71,6 +71,7 @@ CROSSDIFF_HD bool level_active(const int64_t* state, int level, bool staged) {
 struct Geometry {
   int vec;          // elements of f per 16-byte load (1: unaligned or F % vec != 0)
   bool w_aligned;   // w can be read with 16-byte loads
+  bool relu;        // f holds pre-activations: every phase reads ReLU(f) (score_key.h, selection_input)
   int64_t B, F, K;
   int64_t slab;     // latents per block column: kThreads * vec; a tile is one row of one slab
   int64_t n_slabs, n_tiles;
@@ -93,10 +94,12 @@ inline bool rows_vectorizable(const void* base, int64_t width, int vec) {
 // and a slot costs 8-10 bytes of memory but no traffic unless used.
 inline int64_t default_stage_cap(int64_t K, int64_t N) { return std::min<int64_t>(N, 4 * K + (1 << 16)); }
 
-inline Geometry make_geometry(int64_t B, int64_t F, int64_t K, int vec, bool w_aligned, int64_t n_sm, int64_t cap) {
+inline Geometry make_geometry(int64_t B, int64_t F, int64_t K, int vec, bool w_aligned, bool relu, int64_t n_sm,
+                              int64_t cap) {
   Geometry g;
   g.vec = vec;
   g.w_aligned = w_aligned;
+  g.relu = relu;
   g.B = B;
   g.F = F;
   g.K = K;
@@ -145,6 +148,8 @@ CROSSDIFF_HD void load_weights(const float* w, const Geometry& g, int64_t col0, 
 }
 
 // The thread's VEC entries of one row: one 16-byte load when VEC > 1; zeros for a row past the block's end.
+// Over pre-activations (g.relu) the entries are ReLU'd as they arrive: every later phase, the staged values and
+// the written ones included, sees exactly what it would see in the encoder's ReLU output.
 template <typename T, int VEC>
 CROSSDIFF_HD void load_row(const T* f, const Geometry& g, int64_t row, bool row_ok, int64_t col0, T (&fv)[VEC]) {
   if (VEC > 1 && row_ok && col0 < g.F) {
@@ -154,6 +159,10 @@ CROSSDIFF_HD void load_row(const T* f, const Geometry& g, int64_t row, bool row_
   } else {
     CROSSDIFF_UNROLL
     for (int v = 0; v < VEC; ++v) fv[v] = (row_ok && col0 + v < g.F) ? f[row * g.F + col0 + v] : T(0.0f);
+  }
+  if (g.relu) {
+    CROSSDIFF_UNROLL
+    for (int v = 0; v < VEC; ++v) fv[v] = static_cast<float>(fv[v]) < 0.0f ? T(0.0f) : fv[v];
   }
 }
 

@@ -222,24 +222,17 @@ def weight_grad_launches(n, backend):
 
 
 def cuda_encode(n):
+    """The crosscoder's encoder on CUDA: the pre-activations (paired_encode with relu=False); the selection applies
+    the ReLU as it reads them, so f is written once and no ReLU pass reads it again."""
     B, D, F, N = n["B"], n["D"], n["F"], n["N"]
     return [
         Launch(
             "paired_encode",
-            "addmm (cuBLAS, bias epilogue)",
+            "addmm (cuBLAS, bias epilogue; ReLU in the selection)",
             "-",
             B * D * n["elt"] + F * D * n["elt"] + F * n["elt"],
             N * n["elt"],
-        ),
-        Launch(
-            "paired_encode",
-            "relu_ (ATen)",
-            "-",
-            N * n["elt"],
-            N * n["elt"],
-            f_passes=1,
-            note="a separate ReLU pass over f",
-        ),
+        )
     ]
 
 
@@ -304,7 +297,7 @@ def triton_encode(n):
     return [
         Launch(
             "paired_encode",
-            "_encode_kernel (bias + ReLU epilogue)",
+            "_encode_kernel (bias epilogue; ReLU in the selection)",
             f"{_cdiv(B, 128) * _cdiv(F, 256)}",
             B * D * n["elt"] + F * D * n["elt"] + F * n["elt"],
             N * n["elt"],
@@ -532,7 +525,7 @@ def triton_paper_variants():
         if "block 16" in choices or "topk=False" in choices or "first=False" in choices or "bias=False" in choices:
             return False
         if label.startswith("encode."):
-            return "flat=True, even_k=True, desc=True" in choices and first in choices
+            return "flat=True, even_k=True, desc=True, relu=False" in choices and first in choices
         return True
 
     return [v for v in variants.every_variant(90) if launched(v.label)]
@@ -632,6 +625,24 @@ def render(result, resources):
     return "\n".join(lines) + "\n"
 
 
+def current_build(candidates, csrc_dir):
+    """(the first existing build among `candidates` compiled from the sources in `csrc_dir` now, or None; the
+    existing ones skipped as stale). A build embeds its source hash (crossdiff_ext/_build_hash.py): a stale
+    .gpu_build left from another commit would report another commit's registers."""
+    from crossdiff_ext._build_hash import source_hash
+
+    wanted = source_hash(csrc_dir).encode()
+    skipped = []
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        with open(path, "rb") as fh:
+            if wanted in fh.read():
+                return path, skipped
+        skipped.append(path)
+    return None, skipped
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m kernels_bench ledger", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="paper", choices=sorted(SHAPES))
@@ -643,21 +654,24 @@ def main(argv=None):
     resources = {}
     if not args.no_resources:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        so = args.so or next(
-            (
-                c
-                for c in (
-                    os.path.join(root, ".gpu_build", "lib", "crossdiff_ext", "_C.abi3.so"),
-                    os.path.join(root, "crossdiff_ext", "_C.abi3.so"),
-                )
-                if os.path.exists(c)
-            ),
-            None,
+        candidates = (
+            [args.so]
+            if args.so
+            else [
+                os.path.join(root, ".gpu_build", "lib", "crossdiff_ext", "_C.abi3.so"),
+                os.path.join(root, "crossdiff_ext", "_C.abi3.so"),
+            ]
         )
-        try:
-            resources["cuda"] = cuda_resources(so) if so else "no CUDA build found"
-        except (RuntimeError, subprocess.CalledProcessError) as err:
-            resources["cuda"] = f"not read: {err}"
+        so, skipped = current_build(candidates, os.path.join(root, "csrc"))
+        if so is None:
+            resources["cuda"] = "no CUDA build of the current sources found" + (
+                f" (stale: {', '.join(skipped)})" if skipped else ""
+            )
+        else:
+            try:
+                resources["cuda"] = cuda_resources(so)
+            except (RuntimeError, subprocess.CalledProcessError) as err:
+                resources["cuda"] = f"not read: {err}"
         resources["triton"] = triton_resources(triton_paper_variants())
         result["resources"] = resources
     stem = args.out or os.path.join(RESULTS_DIR, f"ledger-{args.shape}")

@@ -320,7 +320,9 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases, after_backend=lam
     F, K = cc.dict_size, cc.k * x.shape[0]
     W, b = cc.W_enc.detach(), cc.b_enc.detach()
     w = cc.decoder_norm_weights()
-    f = ops.paired_encode_reference(x, W, b)
+    # The ops as the layer runs them: the encoder writes pre-activations, the selection applies the ReLU.
+    pre = ops.paired_encode_reference(x, W, b, relu=False)
+    f = torch.relu(pre)
     values, indices, row_ptr, _ = ops.batch_topk_reference(f, w, K)
     grad_out = torch.randn_like(x)
     theta = float(torch.quantile((f[:64].float() * w).flatten(), 1 - cc.k / F))
@@ -335,7 +337,7 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases, after_backend=lam
     )
     for name in backends:
         try:
-            got = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))()
+            got = in_backend(cx, name, lambda: ops.batch_topk(pre, w, K, relu=True))()
             if not torch.equal(got[1], indices) or not torch.equal(got[2], row_ptr):
                 raise Disagreement(f"{name}: batch_topk disagrees with the reference")
             selection_agrees = True
@@ -351,9 +353,9 @@ def op_cases(cx, shape, device, dtype, backends, timer, cases, after_backend=lam
         # One case per op of backends.AUTO_GPU_TABLE (kernels_bench/auto_table.py picks from them), plus the
         # decoder's whole backward (values grad + latent order + weight grad) for the summary.
         timed = {
-            "paired_encode": lambda: ops.paired_encode(x, W, b),
-            "batch_topk": lambda: ops.batch_topk(f, w, K),
-            "threshold_select": lambda: ops.threshold_select(f, w, theta),
+            "paired_encode": lambda: ops.paired_encode(x, W, b, relu=False),
+            "batch_topk": lambda: ops.batch_topk(pre, w, K, relu=True),
+            "threshold_select": lambda: ops.threshold_select(pre, w, theta, relu=True),
             "sparse_decode": lambda: ops.sparse_decode(values, indices, row_ptr, W, None),
             "sparse_values_grad": lambda: ops.sparse_values_grad(grad_out, indices, row_ptr, W),
             "latent_order": lambda: ops.latent_order(indices, row_ptr, F),
@@ -417,11 +419,11 @@ def selection_kernel_times(cx, shape, device, dtype, backends, timer, steps=3):
 
     cc, x = build(cx, shape, device, dtype)
     w = cc.decoder_norm_weights()
-    f = ops.paired_encode_reference(x, cc.W_enc.detach(), cc.b_enc.detach())
+    pre = ops.paired_encode_reference(x, cc.W_enc.detach(), cc.b_enc.detach(), relu=False)
     K = cc.k * x.shape[0]
     out = {}
     for name in backends:
-        call = in_backend(cx, name, lambda: ops.batch_topk(f, w, K))
+        call = in_backend(cx, name, lambda: ops.batch_topk(pre, w, K, relu=True))
         try:
             call()
             sync(device)

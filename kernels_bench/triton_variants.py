@@ -33,21 +33,22 @@ def selection_variants() -> Iterator[Variant]:
     for dt in FLOATS:
         for block in (16, 2048):
             common = {"f_ptr": f"*{dt}", "w_ptr": "*fp32", **state}
-            tiles = {"F": "i32", "n_col_tiles": "i32", "n_tiles": "i64", "tiles_per_chunk": "i64"}
+            # relu: the selection reads pre-activations (the crosscoder's path) or the encoder's ReLU output
+            tiles = {"F": "i32", "n_col_tiles": "i32", "n_tiles": "i64", "tiles_per_chunk": "i64", "relu": "i32"}
             slabs = {"B": "i32", "F": "i32"}
             warps = _launch.select_warps(block)
             for first in (True, False):
                 yield Variant(
                     f"select._level_kernel[{dt}, first={first}, slab {block}]",
                     select._level_kernel,
-                    {**common, "hist_ptr": "*i64", **slabs, "rows_per_chunk": "i32"},
+                    {**common, "hist_ptr": "*i64", **slabs, "rows_per_chunk": "i32", "relu": "i32"},
                     {"FIRST": first, "SLAB": block},
                     warps,
                 )
             yield Variant(
                 f"select._stage_kernel[{dt}, slab {block}]",
                 select._stage_kernel,
-                {**common, **tables, **slabs, "n_slabs": "i32", "rows_per_chunk": "i32"},
+                {**common, **tables, **slabs, "n_slabs": "i32", "rows_per_chunk": "i32", "relu": "i32"},
                 {"SLAB": block},
                 warps,
             )
@@ -182,12 +183,15 @@ def encoder_variants(arch: int, all_configs: bool) -> Iterator[Variant]:
         variants = [(flat, config, True) for flat in (True, False) for config in configs[:1]]
         variants += [(flat, config, False) for flat in (True, False) for config in configs[:1]]
         variants += [(True, config, True) for config in configs[1:] if all_configs and dt != "fp16"]
-        variants = [(flat, config, even_k, False) for flat, config, even_k in variants]
+        variants = [(flat, config, even_k, False, False) for flat, config, even_k in variants]
         # Tensor descriptors (TMA), which the launcher takes for half inputs on Hopper only: every config a flat x
         # may run with
         if arch >= 90 and dt != "fp32":
-            variants += [(True, config, True, True) for config in (configs if dt != "fp16" else configs[:1])]
-        for flat, config, even_k, desc in variants:
+            variants += [(True, config, True, True, False) for config in (configs if dt != "fp16" else configs[:1])]
+        # The crosscoder reads the pre-activations (relu=False, above); the standalone op's ReLU epilogue once per
+        # dtype
+        variants.append((True, configs[0], True, arch >= 90 and dt != "fp32", True))
+        for flat, config, even_k, desc, relu in variants:
             blocks = config.kwargs
             sig = {
                 "x_ptr": f"tensordesc<{dt}[{blocks['BLOCK_B']}, {blocks['BLOCK_K']}]>" if desc else f"*{dt}",
@@ -203,10 +207,10 @@ def encoder_variants(arch: int, all_configs: bool) -> Iterator[Variant]:
                 "B_BUCKET": "i32",
             }
             yield Variant(
-                f"encode._encode_kernel[{dt}, flat={flat}, even_k={even_k}, desc={desc}, {config.kwargs}]",
+                f"encode._encode_kernel[{dt}, flat={flat}, even_k={even_k}, desc={desc}, relu={relu}, {config.kwargs}]",
                 encode._encode_kernel,
                 sig,
-                {"FLAT": flat, "IEEE": dt == "fp32", "EVEN_K": even_k, "DESC": desc, **config.kwargs},
+                {"FLAT": flat, "IEEE": dt == "fp32", "EVEN_K": even_k, "DESC": desc, "RELU": relu, **config.kwargs},
                 config.num_warps,
                 config.num_stages,
             )

@@ -18,12 +18,14 @@ from .sparse import decode_backward
 
 
 def _encode_select(kernels, x, W_enc, b_enc, w, mode, param, with_order=False):
-    f = kernels.paired_encode(x, W_enc, b_enc)
+    # The encoder writes the pre-activations and the selection applies the ReLU as it reads them: the same codes
+    # as selecting on ReLU(pre), without a ReLU pass over [B, F] where the GEMM cannot fuse one (cuBLAS).
+    pre = kernels.paired_encode(x, W_enc, b_enc, False)
     if mode == "topk":
-        out = kernels.batch_topk(f, w, param)
+        out = kernels.batch_topk(pre, w, param, True)
     else:
-        values, indices, row_ptr = kernels.threshold_select(f, w, param)
-        out = (values, indices, row_ptr, torch.full((), math.inf, dtype=torch.float32, device=f.device))
+        values, indices, row_ptr = kernels.threshold_select(pre, w, param, True)
+        out = (values, indices, row_ptr, torch.full((), math.inf, dtype=torch.float32, device=pre.device))
     if with_order:  # the by-latent order both weight gradients of a training step reduce over
         out = (*out, *kernels.latent_order(out[1], out[2], W_enc.shape[0]))
     return out

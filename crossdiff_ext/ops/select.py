@@ -20,9 +20,11 @@ def selection_scores(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def batch_topk_reference(
-    f: torch.Tensor, w: torch.Tensor, K: int
+    f: torch.Tensor, w: torch.Tensor, K: int, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch batch_topk: a stable sort of the scores, the tie rule of the module docstring."""
+    """Plain-PyTorch batch_topk: a stable sort of the scores, the tie rule of the module docstring. relu: f holds
+    pre-activations; the selection is that of ReLU(f)."""
+    f = torch.relu(f) if relu else f
     B, F = f.shape
     s = selection_scores(f, w).flatten()
     chosen = torch.sort(s, descending=True, stable=True).indices[:K]
@@ -38,9 +40,11 @@ def batch_topk_reference(
 
 
 def threshold_select_reference(
-    f: torch.Tensor, w: torch.Tensor, theta: float
+    f: torch.Tensor, w: torch.Tensor, theta: float, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch threshold_select: every entry with s = f * w > theta or s NaN, in CSR order."""
+    """Plain-PyTorch threshold_select: every entry with s = f * w > theta or s NaN, in CSR order (of ReLU(f) with
+    relu)."""
+    f = torch.relu(f) if relu else f
     B, F = f.shape
     s = selection_scores(f, w).flatten()
     flat = torch.nonzero((s > theta) | s.isnan()).squeeze(1)
@@ -51,7 +55,7 @@ def threshold_select_reference(
 
 @torch.library.register_fake("crossdiff::batch_topk")
 def batch_topk_fake(
-    f: torch.Tensor, w: torch.Tensor, K: int
+    f: torch.Tensor, w: torch.Tensor, K: int, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake (meta) kernel of batch_topk: K entries, B + 1 row pointers and a scalar min_score."""
     validate.selection(f, w)  # also catches meta tensors mixed with real ones
@@ -66,7 +70,7 @@ def batch_topk_fake(
 
 @torch.library.register_fake("crossdiff::threshold_select")
 def threshold_select_fake(
-    f: torch.Tensor, w: torch.Tensor, theta: float
+    f: torch.Tensor, w: torch.Tensor, theta: float, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake (meta) kernel of threshold_select: nnz is a dynamic size."""
     validate.threshold_select(f, w, theta)
@@ -94,14 +98,16 @@ def _setup_select(ctx, inputs, output):
 
 def _batch_topk_backward(ctx, grad_values, *_):
     values, indices, row_ptr = ctx.saved_tensors
-    # Entries kept with a non-positive score carry 0, not f: no gradient reaches f there.
-    return _scatter_to_f(ctx.f_shape, grad_values, values, indices, row_ptr, values != 0), None, None
+    # Entries kept with a non-positive score carry 0, not f: no gradient reaches f there. Over pre-activations
+    # (relu) a kept value != 0 is a positive (or NaN) pre-activation, where ReLU's derivative is 1.
+    return _scatter_to_f(ctx.f_shape, grad_values, values, indices, row_ptr, values != 0), None, None, None
 
 
 def _threshold_select_backward(ctx, grad_values, *_):
     values, indices, row_ptr = ctx.saved_tensors
     return (
         _scatter_to_f(ctx.f_shape, grad_values, values, indices, row_ptr, torch.ones_like(values, dtype=torch.bool)),
+        None,
         None,
         None,
     )
@@ -117,17 +123,26 @@ register_selection_autograd("crossdiff")
 
 
 def batch_topk(
-    f: torch.Tensor, w: torch.Tensor, K: int
+    f: torch.Tensor, w: torch.Tensor, K: int, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact top K of s = f * w over all of f [B, F]: (values [K], indices [K], row_ptr [B+1], min_score)."""
+    """Exact top K of s = f * w over all of f [B, F]: (values [K], indices [K], row_ptr [B+1], min_score).
+
+    relu=True: f holds the encoder's pre-activations (paired_encode(..., relu=False)) and the result is exactly
+    batch_topk(torch.relu(f), w, K): the ReLU is applied as the kernels read f, with no pass of its own.
+    """
     validate.batch_topk(f, w, K)
-    return backends.kernels(backends.resolve(f.device)).batch_topk(f, w, K)
+    validate.flag("relu", relu)
+    return backends.kernels(backends.resolve(f.device)).batch_topk(f, w, K, relu)
 
 
-def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entries with s = f * w > theta (theta >= 0) or s NaN: (values [nnz], indices [nnz], row_ptr [B+1])."""
+def threshold_select(
+    f: torch.Tensor, w: torch.Tensor, theta: float, relu: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries with s = f * w > theta (theta >= 0) or s NaN: (values [nnz], indices [nnz], row_ptr [B+1]).
+    relu=True: f holds pre-activations, selected as torch.relu(f) (see batch_topk)."""
     validate.threshold_select(f, w, theta)
-    return backends.kernels(backends.resolve(f.device)).threshold_select(f, w, float(theta))
+    validate.flag("relu", relu)
+    return backends.kernels(backends.resolve(f.device)).threshold_select(f, w, float(theta), relu)
 
 
 # op -> its fake (meta) kernel, shared with the crossdiff_triton ops (ops/triton_ops.py)

@@ -91,6 +91,12 @@ def theta_value(theta: float) -> None:
         _fail(f"theta must be >= 0 (an unset threshold is -1: set it or use batch top-k), got {theta}")
 
 
+def flag(name: str, value: Any) -> None:
+    """A boolean option of an op (a bool, not a truthy value)."""
+    if not isinstance(value, bool):
+        _fail(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def selection(f: torch.Tensor, w: torch.Tensor) -> None:
     """The arguments every selection takes: f [B, F] floating, w [F] float32."""
     tensor(f, "f", 2, "[B, F]")

@@ -121,6 +121,7 @@ def _encode_kernel(
     IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask on the tile loads
     DESC: tl.constexpr,  # x_ptr, W_ptr are tensor descriptors of x [B, K] and W [F, K] (TMA on Hopper)
+    RELU: tl.constexpr,  # False: the pre-activations, for a selection that applies ReLU as it reads them
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -166,7 +167,8 @@ def _encode_kernel(
         else:
             acc = tl.dot(a, w, acc)
     acc += tl.load(b_ptr + rf, mask=in_f, other=0.0).to(tl.float32)[None, :]
-    acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
+    if RELU:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     tl.store(f_ptr + rb[:, None] * F + rf[None, :], acc.to(f_ptr.dtype.element_ty), mask=in_b[:, None] & in_f[None, :])
 
 
@@ -208,8 +210,8 @@ def descriptors(x: torch.Tensor, W_enc: torch.Tensor) -> "tuple[TensorDescriptor
     return TensorDescriptor.from_tensor(x2, [16, 16]), TensorDescriptor.from_tensor(W2, [16, 16])
 
 
-def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
-    """Launch the paired encoder: f [B, F] in x's dtype (fp32 accumulation)."""
+def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, relu: bool = True) -> torch.Tensor:
+    """Launch the paired encoder: f [B, F] in x's dtype (fp32 accumulation); the pre-activations when not relu."""
     B, M, d = x.shape
     F = W_enc.shape[0]
     if x.stride(2) != 1:
@@ -231,7 +233,7 @@ def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> 
     args = (x_arg, W_arg, b_enc, f, B, F, K, d, x.stride(0), x.stride(1), batch_bucket(B))
     pinned = pinned_config(ieee)
     if pinned is None:
-        _encode_autotuned[grid](*args, FLAT=flat, IEEE=ieee, DESC=descs is not None)
+        _encode_autotuned[grid](*args, FLAT=flat, IEEE=ieee, DESC=descs is not None, RELU=relu)
     else:
         _descriptor_blocks(dict(x_ptr=x_arg, W_ptr=W_arg, **pinned.kwargs))
         _encode_kernel[grid](
@@ -239,6 +241,7 @@ def paired_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> 
             FLAT=flat,
             IEEE=ieee,
             DESC=descs is not None,
+            RELU=relu,
             EVEN_K=even_k(K, pinned.kwargs["BLOCK_K"]),
             **pinned.kwargs,
             num_warps=pinned.num_warps,

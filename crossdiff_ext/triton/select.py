@@ -70,9 +70,11 @@ _WINDOW_LO, _WINDOW_SHIFT = tl.constexpr(WINDOW_LO), tl.constexpr(WINDOW_SHIFT)
 
 
 @triton.jit
-def _key_of(f, w):
-    """Order-preserving uint32 keys of the fp32 scores s = f * w, and s."""
-    s = f.to(tl.float32) * w
+def _key_of(f, w, relu):
+    """Order-preserving uint32 keys of the fp32 scores s = f * w, and s. relu != 0: f holds pre-activations and
+    s = ReLU(f) * w (torch.relu's ReLU: NaN stays NaN), so the encoder's separate ReLU is not needed."""
+    f = f.to(tl.float32)
+    s = tl.where((relu != 0) & (f < 0.0), 0.0, f) * w
     # The two zeros share a key. A select, not `s + 0.0`: the compiler may contract the multiply and that add
     # into one FMA, which keeps the sign of an underflowed negative product (-0).
     s = tl.where(s == 0.0, 0.0, s)
@@ -82,13 +84,13 @@ def _key_of(f, w):
 
 
 @triton.jit
-def _score_keys(f_ptr, w_ptr, row, col0, F, BLOCK: tl.constexpr):
+def _score_keys(f_ptr, w_ptr, row, col0, F, relu, BLOCK: tl.constexpr):
     """Scores and keys of one tile of the flat tiling: row `row`, latents col0 .. col0 + BLOCK."""
     cols = col0 + tl.arange(0, BLOCK)
     inside = cols < F
     f = tl.load(f_ptr + row * F + cols, mask=inside, other=0.0)
     w = tl.load(w_ptr + cols, mask=inside, other=0.0)
-    s, key = _key_of(f, w)
+    s, key = _key_of(f, w, relu)
     return f, s, key, cols, inside
 
 
@@ -113,7 +115,9 @@ def _init_kernel(state_ptr, K):
 
 
 @triton.jit
-def _level_kernel(f_ptr, w_ptr, state_ptr, hist_ptr, B, F, rows_per_chunk, FIRST: tl.constexpr, SLAB: tl.constexpr):
+def _level_kernel(
+    f_ptr, w_ptr, state_ptr, hist_ptr, B, F, rows_per_chunk, relu, FIRST: tl.constexpr, SLAB: tl.constexpr
+):
     """One level over f: the histogram of the keys in [lo, hi] of one slab and chunk of rows, merged by atomics."""
     if tl.load(state_ptr + _MODE) == _SEARCHING:
         cols = tl.program_id(0).to(tl.int64) * SLAB + tl.arange(0, SLAB)
@@ -129,7 +133,7 @@ def _level_kernel(f_ptr, w_ptr, state_ptr, hist_ptr, B, F, rows_per_chunk, FIRST
         counts = tl.zeros((_NBINS,), dtype=tl.int32)
         for row in range(r0, r1):
             f = tl.load(f_ptr + row * F + cols, mask=inside, other=0.0)
-            _, key = _key_of(f, w)
+            _, key = _key_of(f, w, relu)
             take = inside
             if not FIRST:  # level 0's range is every key
                 take = take & (key >= lo) & (key <= hi)
@@ -211,6 +215,7 @@ def _stage_kernel(
     F,
     n_slabs,
     rows_per_chunk,
+    relu,
     SLAB: tl.constexpr,
 ):
     """The second pass over f (mode STAGED): every entry with key >= lo goes to the staging buffer, tile by tile."""
@@ -225,7 +230,7 @@ def _stage_kernel(
         r1 = tl.minimum(r0 + rows_per_chunk, B)
         for row in range(r0, r1):
             f = tl.load(f_ptr + row * F + cols, mask=inside, other=0.0)
-            _, key = _key_of(f, w)
+            _, key = _key_of(f, w, relu)
             kept = inside & (key >= lo)
             kept_i = kept.to(tl.int32)
             n = tl.sum(kept_i, 0).to(tl.int64)
@@ -341,7 +346,8 @@ def _staged_write_kernel(
                 slot = pos + (tl.cumsum(chosen_i, 0) - chosen_i)
                 f = tl.load(f_ptr + row * F + cols, mask=chosen, other=0.0)
                 # An entry kept with a non-positive score (key <= the key of +0) carries 0 (docs/math.md,
-                # "BatchTopK crosscoder": no gradient reaches it); a NaN score (the largest key) keeps f.
+                # "BatchTopK crosscoder": no gradient reaches it); a NaN score (the largest key) keeps f. Over
+                # pre-activations a positive score means f > 0, so f is its own ReLU here.
                 f = tl.where(key <= 0x80000000, 0.0, f)
                 tl.store(values_ptr + slot, f, mask=chosen)
                 tl.store(indices_ptr + slot, cols.to(indices_ptr.dtype.element_ty), mask=chosen)
@@ -388,6 +394,7 @@ def _count_kernel(
     n_col_tiles,
     n_tiles,
     tiles_per_chunk,
+    relu,
     TOPK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -398,7 +405,7 @@ def _count_kernel(
         n_ties = tl.zeros((), dtype=tl.int64)
         for t in range(t0, t1):
             row = t // n_col_tiles
-            _, s, key, _, inside = _score_keys(f_ptr, w_ptr, row, (t % n_col_tiles) * BLOCK, F, BLOCK)
+            _, s, key, _, inside = _score_keys(f_ptr, w_ptr, row, (t % n_col_tiles) * BLOCK, F, relu, BLOCK)
             above, tie = _classify(s, key, inside, state_ptr, theta, TOPK)
             n_above += tl.sum(above.to(tl.int64), 0)
             n_ties += tl.sum(tie.to(tl.int64), 0)
@@ -421,6 +428,7 @@ def _write_kernel(
     n_col_tiles,
     n_tiles,
     tiles_per_chunk,
+    relu,
     TOPK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -436,7 +444,7 @@ def _write_kernel(
         pos = tl.load(above_before_ptr + chunk) + tl.minimum(tie_rank, need)
         for t in range(t0, t1):
             row = t // n_col_tiles
-            f, s, key, cols, inside = _score_keys(f_ptr, w_ptr, row, (t % n_col_tiles) * BLOCK, F, BLOCK)
+            f, s, key, cols, inside = _score_keys(f_ptr, w_ptr, row, (t % n_col_tiles) * BLOCK, F, relu, BLOCK)
             above, tie = _classify(s, key, inside, state_ptr, theta, TOPK)
             tie_i = tie.to(tl.int64)
             ranks = tie_rank + tl.cumsum(tie_i, 0) - tie_i  # global rank among the boundary ties, in flat order
@@ -515,7 +523,7 @@ def _exclusive_scan(counts):
     return out
 
 
-def _write_over_f(f, w, state, theta, out, row_counts, topk, tiling):
+def _write_over_f(f, w, state, theta, relu, out, row_counts, topk, tiling):
     """The count pass and the ordered write over f: into `out` (values, indices) for batch_topk (mode TIES), into
     new outputs of the counted size for threshold_select."""
     F = f.shape[1]
@@ -523,7 +531,7 @@ def _write_over_f(f, w, state, theta, out, row_counts, topk, tiling):
     warps = _launch.select_warps(block)
     above = torch.empty(n_chunks, dtype=torch.int64, device=f.device)
     ties = torch.zeros(n_chunks, dtype=torch.int64, device=f.device)
-    geometry = (F, n_col_tiles, n_tiles, tiles_per_chunk)
+    geometry = (F, n_col_tiles, n_tiles, tiles_per_chunk, int(relu))
     _count_kernel[(n_chunks,)](f, w, state, above, ties, theta, *geometry, TOPK=topk, BLOCK=block, num_warps=warps)
     if out is None:
         nnz = int(above.sum())  # the output size is data-dependent: one host sync (inference path)
@@ -537,10 +545,11 @@ def _write_over_f(f, w, state, theta, out, row_counts, topk, tiling):
 
 
 def batch_topk_with_state(
-    f: torch.Tensor, w: torch.Tensor, K: int
+    f: torch.Tensor, w: torch.Tensor, K: int, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_topk's outputs and its final state tensor (state[MODE]: STAGED or TIES; state[LEVELS]: levels over f
-    that worked), which tells tests and measurements which path ran."""
+    that worked), which tells tests and measurements which path ran. relu: f holds pre-activations, selected on
+    ReLU(f)."""
     f, w = f.contiguous(), w.contiguous()
     B, F = f.shape
     device = f.device
@@ -555,7 +564,7 @@ def batch_topk_with_state(
     hist = torch.zeros(MAX_LEVELS + STAGED_LEVELS, NBINS, dtype=torch.int64, device=device)
     for level in range(MAX_LEVELS):
         _level_kernel[(n_slabs, row_chunks)](
-            f, w, state, hist[level], B, F, rows_per_chunk, FIRST=level == 0, SLAB=slab, num_warps=warps
+            f, w, state, hist[level], B, F, rows_per_chunk, int(relu), FIRST=level == 0, SLAB=slab, num_warps=warps
         )
         _resolve_kernel[(1,)](state, hist[level], K, cap, STAGED_KEYS=False, num_warps=4)
 
@@ -565,7 +574,19 @@ def batch_topk_with_state(
     tile_base = torch.empty(n_tiles, dtype=torch.int64, device=device)
     tile_count = torch.empty(n_tiles, dtype=torch.int64, device=device)
     _stage_kernel[(n_slabs, row_chunks)](
-        f, w, state, staged, tile_base, tile_count, B, F, n_slabs, rows_per_chunk, SLAB=slab, num_warps=warps
+        f,
+        w,
+        state,
+        staged,
+        tile_base,
+        tile_count,
+        B,
+        F,
+        n_slabs,
+        rows_per_chunk,
+        int(relu),
+        SLAB=slab,
+        num_warps=warps,
     )
     per_program, staged_programs = _chunks(staged.shape[0], programs, STAGED_BLOCK)
     for level in range(STAGED_LEVELS):
@@ -601,7 +622,7 @@ def batch_topk_with_state(
     )
 
     # Mode TIES: the count and the ordered write over f, into the same outputs.
-    _write_over_f(f, w, state, 0.0, (values, indices), row_counts, True, _tiling(B, F, programs))
+    _write_over_f(f, w, state, 0.0, relu, (values, indices), row_counts, True, _tiling(B, F, programs))
     # The smallest selected positive score: a K-sized reduction over the kept entries (exactly the kernel's s).
     scores = values.float() * w[indices]
     min_score = torch.where(scores > 0, scores, torch.full((), math.inf, device=device)).min()
@@ -609,10 +630,10 @@ def batch_topk_with_state(
 
 
 def batch_topk(
-    f: torch.Tensor, w: torch.Tensor, K: int
+    f: torch.Tensor, w: torch.Tensor, K: int, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the exact batch top-K: (values [K], indices [K], row_ptr [B+1], min_score), no host sync."""
-    return batch_topk_with_state(f, w, K)[:4]
+    return batch_topk_with_state(f, w, K, relu)[:4]
 
 
 def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) -> list[dict]:
@@ -671,7 +692,9 @@ def topk_plan(B: int, F: int, K: int, dtype_bytes: int, device_programs: int) ->
     return [dict(zip(keys, launch)) for launch in plan]
 
 
-def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def threshold_select(
+    f: torch.Tensor, w: torch.Tensor, theta: float, relu: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the threshold selection: (values [nnz], indices [nnz], row_ptr [B+1]); one host sync for nnz."""
     f, w = f.contiguous(), w.contiguous()
     # Scores are fp32, and so is theta on every backend: rounded here once, since Triton's interpreter would
@@ -683,5 +706,5 @@ def threshold_select(f: torch.Tensor, w: torch.Tensor, theta: float) -> tuple[to
         return f.new_empty(0), torch.empty(0, dtype=csr.index_dtype(F), device=f.device), row_counts
     dummy = torch.zeros(N_STATE, dtype=torch.int64, device=f.device)
     tiling = _tiling(B, F, _launch.target_programs(f.device))
-    values, indices = _write_over_f(f, w, dummy, theta, None, row_counts, False, tiling)
+    values, indices = _write_over_f(f, w, dummy, theta, relu, None, row_counts, False, tiling)
     return values, indices, torch.cumsum(row_counts, 0)

@@ -380,29 +380,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate(c
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_dtype(const at::Tensor& f,
                                                                                      const at::Tensor& w, int64_t K,
-                                                                                     int64_t cap, int64_t sms,
-                                                                                     int64_t order) {
+                                                                                     bool relu, int64_t cap,
+                                                                                     int64_t sms, int64_t order) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const int vec = rows_vectorizable(f.data_ptr(), f.size(1), V) ? V : 1;
   const bool w_aligned = reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
-  const Geometry g = make_geometry(f.size(0), f.size(1), K, vec, w_aligned, sms, cap);
+  const Geometry g = make_geometry(f.size(0), f.size(1), K, vec, w_aligned, relu, sms, cap);
   const bool i32 = latent_index_is_int32(f.size(1));
   if (vec > 1) return i32 ? emulate<T, int32_t, V>(f, w, K, g, order) : emulate<T, int64_t, V>(f, w, K, g, order);
   return i32 ? emulate<T, int32_t, 1>(f, w, K, g, order) : emulate<T, int64_t, 1>(f, w, K, g, order);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_emulated(
-    const at::Tensor& f_in, const at::Tensor& w_in, int64_t K, int64_t cap, int64_t sms, int64_t order) {
+    const at::Tensor& f_in, const at::Tensor& w_in, int64_t K, int64_t cap, int64_t sms, int64_t order, bool relu) {
   check_batch_topk(f_in, w_in, K);
   TORCH_CHECK(f_in.device().is_cpu(), "crossdiff_emulated::batch_topk runs on CPU tensors, got f on ", f_in.device());
   TORCH_CHECK(sms >= 1, "sms must be >= 1, got ", sms);
   const at::Tensor f = f_in.contiguous(), w = w_in.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_SWITCH(f.scalar_type(), "batch_topk_emulated",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { out = emulate_dtype<scalar_t>(f, w, K, cap, sms, order); })
-                         AT_DISPATCH_CASE(at::kHalf, [&] { out = emulate_dtype<scalar_t>(f, w, K, cap, sms, order); })
+                     AT_DISPATCH_CASE(at::kFloat, [&] { out = emulate_dtype<scalar_t>(f, w, K, relu, cap, sms, order); })
+                         AT_DISPATCH_CASE(at::kHalf, [&] { out = emulate_dtype<scalar_t>(f, w, K, relu, cap, sms, order); })
                              AT_DISPATCH_CASE(at::kBFloat16,
-                                              [&] { out = emulate_dtype<scalar_t>(f, w, K, cap, sms, order); }));
+                                              [&] { out = emulate_dtype<scalar_t>(f, w, K, relu, cap, sms, order); }));
   return out;
 }
 
@@ -412,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_top
 // (passes over f, final mode, levels resolved, entries staged, vec, blocks of an f pass).
 TORCH_LIBRARY(crossdiff_emulated, m) {
   m.def(
-      "batch_topk(Tensor f, Tensor w, int K, int cap=-1, int sms=132, int order=0) -> (Tensor values, Tensor indices, "
+      "batch_topk(Tensor f, Tensor w, int K, int cap=-1, int sms=132, int order=0, bool relu=False) -> (Tensor values, Tensor indices, "
       "Tensor row_ptr, Tensor min_score, Tensor trace)");
 }
 

@@ -1,5 +1,5 @@
 // paired_encode on the CPU: one GEMM with K = M*d over x read as [B, M*d] (a view whenever x's models are
-// adjacent in memory), bias in the GEMM, ReLU in place. Half and bfloat16 run the fp32 GEMM on converted copies.
+// adjacent in memory), bias in the GEMM, ReLU in place (unless the caller asks for the pre-activations). Half and bfloat16 run the fp32 GEMM on converted copies.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -7,7 +7,7 @@
 
 namespace crossdiff {
 
-at::Tensor paired_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc) {
+at::Tensor paired_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, bool relu) {
   check_paired_encode(x, W_enc, b_enc);
   const int64_t B = x.size(0), K = x.size(1) * x.size(2), F = W_enc.size(0);
   // reshape is a view when x is [B, M, d] with adjacent models (the contiguous case); otherwise one copy.
@@ -19,11 +19,11 @@ at::Tensor paired_encode_cpu(const at::Tensor& x, const at::Tensor& W_enc, const
     // and column, and accumulates in fp32 as the reference does; the converted copies cost O((B + F) K) beside
     // the GEMM's O(B F K).
     at::Tensor f = at::addmm(b_enc.to(at::kFloat), x2.to(at::kFloat), W2.to(at::kFloat).t());
-    f.relu_();
+    if (relu) f.relu_();
     return f.to(x.scalar_type());
   }
   at::Tensor f = at::addmm(b_enc, x2, W2.t());
-  f.relu_();
+  if (relu) f.relu_();
   return f;
 }
 

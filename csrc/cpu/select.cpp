@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -39,19 +40,25 @@ void for_each_chunk(int64_t B, int64_t chunks, Fn fn) {
   });
 }
 
-template <typename scalar_t>
+// The score s = f * w of entry j (of ReLU(f) with kRelu: f holds pre-activations).
+template <bool kRelu, typename scalar_t>
+inline float score_of(const scalar_t* row, const float* w, int64_t j) {
+  return selection_input(static_cast<float>(row[j]), kRelu) * w[j];
+}
+
+template <bool kRelu, typename scalar_t>
 inline uint32_t key_of(const scalar_t* row, const float* w, int64_t j) {
-  return score_key(static_cast<float>(row[j]) * w[j]);
+  return score_key(score_of<kRelu>(row, w, j));
 }
 
 // Histogram of one digit of the keys in [lo, hi] (every key when kFilter is false).
-template <typename scalar_t, bool kFilter>
+template <typename scalar_t, bool kFilter, bool kRelu>
 CROSSDIFF_CPU_CLONES void histogram_rows(const scalar_t* f, const float* w, int64_t r0, int64_t r1, int64_t F, uint32_t lo, uint32_t hi,
                     int shift, uint32_t mask, int64_t* hist) {
   for (int64_t b = r0; b < r1; ++b) {
     const scalar_t* row = f + b * F;
     for (int64_t j = 0; j < F; ++j) {
-      const uint32_t key = key_of(row, w, j);
+      const uint32_t key = key_of<kRelu>(row, w, j);
       if (!kFilter || (key >= lo && key <= hi)) ++hist[(j & (kCopies - 1)) * kBins + ((key >> shift) & mask)];
     }
   }
@@ -64,13 +71,13 @@ struct ChunkLists {
 };
 
 // Entries above the candidate range, and (up to `cap` of) those inside it, in flat order.
-template <typename scalar_t>
+template <bool kRelu, typename scalar_t>
 CROSSDIFF_CPU_CLONES void collect_rows(const scalar_t* f, const float* w, int64_t r0, int64_t r1, int64_t F,
                                        uint32_t lo, uint32_t hi, int64_t cap, ChunkLists& out) {
   for (int64_t b = r0; b < r1; ++b) {
     const scalar_t* row = f + b * F;
     for (int64_t j = 0; j < F; ++j) {
-      const uint32_t key = key_of(row, w, j);
+      const uint32_t key = key_of<kRelu>(row, w, j);
       if (key < lo) continue;  // the common case: one predictable branch per entry
       if (key > hi) {
         out.above.push_back(b * F + j);
@@ -82,7 +89,7 @@ CROSSDIFF_CPU_CLONES void collect_rows(const scalar_t* f, const float* w, int64_
   }
 }
 
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, bool kRelu>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_impl(const at::Tensor& f_in, const at::Tensor& w_in,
                                                                        int64_t K) {
   const at::Tensor f = f_in.contiguous(), w = w_in.contiguous();
@@ -104,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_impl(const
     for_each_chunk(B, chunks, [&](int64_t c, int64_t r0, int64_t r1) {
       int64_t* h = hist.data() + c * kCopies * kBins;
       if (level == 0)
-        histogram_rows<scalar_t, false>(fp, wp, r0, r1, F, lo, hi, shift, mask, h);
+        histogram_rows<scalar_t, false, kRelu>(fp, wp, r0, r1, F, lo, hi, shift, mask, h);
       else
-        histogram_rows<scalar_t, true>(fp, wp, r0, r1, F, lo, hi, shift, mask, h);
+        histogram_rows<scalar_t, true, kRelu>(fp, wp, r0, r1, F, lo, hi, shift, mask, h);
     });
     int64_t cum = 0;
     for (int64_t digit = mask; digit >= 0; --digit) {
@@ -129,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_impl(const
   std::vector<ChunkLists> lists(chunks);
   // With an exact boundary key each chunk needs at most `need` ties: the lowest flat indices win.
   const int64_t cap = exact ? need : std::numeric_limits<int64_t>::max();
-  for_each_chunk(B, chunks, [&](int64_t c, int64_t r0, int64_t r1) { collect_rows(fp, wp, r0, r1, F, lo, hi, cap, lists[c]); });
+  for_each_chunk(B, chunks, [&](int64_t c, int64_t r0, int64_t r1) { collect_rows<kRelu>(fp, wp, r0, r1, F, lo, hi, cap, lists[c]); });
 
   // Rank the candidates (flat order across chunks) by key, descending; a stable sort keeps lower flat indices
   // first among equal keys, which is the tie rule.
@@ -169,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_impl(const
     const bool from_above = c == cand.size() || (a < above.size() && above[a] < cand[c]);
     const int64_t flat = from_above ? above[a++] : cand[c++];
     const int64_t b = flat / F, j = flat - b * F;
-    const float s = static_cast<float>(fp[flat]) * wp[j];
-    // The kept value is the unscaled f; an entry kept with a non-positive score carries 0. A NaN score is not
+    const float s = score_of<kRelu>(fp + b * F, wp, j);
+    // The kept value is the unscaled f (s > 0: f > 0 also with kRelu); an entry kept with a non-positive score carries 0. A NaN score is not
     // non-positive: it keeps its f (NaN, or the inf whose weight was 0), so NaN reaches the output.
     vp[out] = s <= 0.0f ? scalar_t(0) : fp[flat];
     if (s > 0.0f) min_score = std::min(min_score, s);
@@ -181,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_impl(const
   return {values, indices, row_ptr, at::scalar_tensor(min_score, f.options().dtype(at::kFloat))};
 }
 
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, bool kRelu>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_impl(const at::Tensor& f_in, const at::Tensor& w_in,
                                                                      float theta) {
   const at::Tensor f = f_in.contiguous(), w = w_in.contiguous();
@@ -196,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_impl(const at::T
   for_each_chunk(B, chunks, [&](int64_t, int64_t r0, int64_t r1) {
     for (int64_t b = r0; b < r1; ++b) {
       int64_t n = 0;
-      for (int64_t j = 0; j < F; ++j) n += !(static_cast<float>(fp[b * F + j]) * wp[j] <= theta);
+      for (int64_t j = 0; j < F; ++j) n += !(score_of<kRelu>(fp + b * F, wp, j) <= theta);
       rp[b + 1] = n;
     }
   });
@@ -210,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_impl(const at::T
     for (int64_t b = r0; b < r1; ++b) {
       int64_t out = rp[b];
       for (int64_t j = 0; j < F; ++j)
-        if (!(static_cast<float>(fp[b * F + j]) * wp[j] <= theta)) {  // a NaN score is selected
+        if (!(score_of<kRelu>(fp + b * F, wp, j) <= theta)) {  // a NaN score is selected
           vp[out] = fp[b * F + j];
           ip[out++] = static_cast<index_t>(j);
         }
@@ -219,31 +226,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_impl(const at::T
   return {values, indices, row_ptr};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& f, const at::Tensor& w,
-                                                                       int64_t K) {
-  check_batch_topk(f, w, K);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "batch_topk_cpu", [&] {
-    if (latent_index_is_int32(f.size(1)))
-      out = batch_topk_impl<scalar_t, int32_t>(f, w, K);
+// Instantiates `impl` for the dtype of f, the latent id type F needs and the relu choice.
+template <typename Out, typename Impl>
+Out dispatch_selection(const at::Tensor& f, bool relu, Impl impl) {
+  Out out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "selection_cpu", [&] {
+    const bool i32 = latent_index_is_int32(f.size(1));
+    if (relu)
+      out = i32 ? impl(scalar_t(), int32_t(), std::true_type()) : impl(scalar_t(), int64_t(), std::true_type());
     else
-      out = batch_topk_impl<scalar_t, int64_t>(f, w, K);
+      out = i32 ? impl(scalar_t(), int32_t(), std::false_type()) : impl(scalar_t(), int64_t(), std::false_type());
   });
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_cpu(const at::Tensor& f, const at::Tensor& w,
+                                                                       int64_t K, bool relu) {
+  check_batch_topk(f, w, K);
+  return dispatch_selection<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>>(
+      f, relu, [&](auto s, auto i, auto r) {
+        return batch_topk_impl<decltype(s), decltype(i), decltype(r)::value>(f, w, K);
+      });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_cpu(const at::Tensor& f, const at::Tensor& w,
-                                                                    double theta) {
+                                                                    double theta, bool relu) {
   check_selection(f, w);
   check_threshold(theta);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "threshold_select_cpu", [&] {
-    if (latent_index_is_int32(f.size(1)))
-      out = threshold_select_impl<scalar_t, int32_t>(f, w, static_cast<float>(theta));
-    else
-      out = threshold_select_impl<scalar_t, int64_t>(f, w, static_cast<float>(theta));
-  });
-  return out;
+  return dispatch_selection<std::tuple<at::Tensor, at::Tensor, at::Tensor>>(
+      f, relu, [&](auto s, auto i, auto r) {
+        return threshold_select_impl<decltype(s), decltype(i), decltype(r)::value>(f, w, static_cast<float>(theta));
+      });
 }
 
 }  // namespace

@@ -321,10 +321,10 @@ __global__ void __launch_bounds__(kThreads)
 at::Tensor exclusive_scan(const at::Tensor& counts) { return counts.cumsum(1) - counts; }
 
 template <typename scalar_t>
-Geometry geometry_of(const at::Tensor& f, const at::Tensor& w, int64_t K, int64_t cap) {
+Geometry geometry_of(const at::Tensor& f, const at::Tensor& w, int64_t K, bool relu, int64_t cap) {
   const int vec = rows_vectorizable(f.data_ptr(), f.size(1), vec16<scalar_t>()) ? vec16<scalar_t>() : 1;
   const bool w_aligned = reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0;
-  return make_geometry(f.size(0), f.size(1), K, vec, w_aligned, sm_count(), cap);
+  return make_geometry(f.size(0), f.size(1), K, vec, w_aligned, relu, sm_count(), cap);
 }
 
 // Count + ordered write over f with the range [lo, hi] (threshold_select: lo > hi, nothing in range).
@@ -422,14 +422,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_impl(const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_topk_cuda(const at::Tensor& f_in, const at::Tensor& w_in,
-                                                                           int64_t K) {
+                                                                           int64_t K, bool relu) {
   check_batch_topk(f_in, w_in, K);
   const c10::cuda::CUDAGuard guard(f_in.device());
   const at::Tensor f = f_in.contiguous(), w = w_in.contiguous();
   const bool i32 = latent_index_is_int32(f.size(1));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   CROSSDIFF_DISPATCH_FLOATS(f.scalar_type(), "batch_topk_cuda", [&] {
-    const Geometry g = geometry_of<scalar_t>(f, w, K, stage_cap_override());
+    const Geometry g = geometry_of<scalar_t>(f, w, K, relu, stage_cap_override());
     constexpr int V = vec16<scalar_t>();
     if (g.vec > 1)
       out = i32 ? topk_impl<scalar_t, int32_t, V>(f, w, K, g) : topk_impl<scalar_t, int64_t, V>(f, w, K, g);
@@ -454,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_impl(const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_cuda(const at::Tensor& f_in, const at::Tensor& w_in,
-                                                                     double theta) {
+                                                                     double theta, bool relu) {
   check_selection(f_in, w_in);
   check_threshold(theta);
   const c10::cuda::CUDAGuard guard(f_in.device());
@@ -467,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_select_cuda(const at::T
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   CROSSDIFF_DISPATCH_FLOATS(f.scalar_type(), "threshold_select_cuda", [&] {
-    const Geometry g = geometry_of<scalar_t>(f, w, 0, 0);
+    const Geometry g = geometry_of<scalar_t>(f, w, 0, relu, 0);
     const float th = static_cast<float>(theta);
     constexpr int V = vec16<scalar_t>();
     if (g.vec > 1)

@@ -267,10 +267,10 @@ def test_lean_suite_records_a_failing_backend_and_measures_the_rest(tmp_path, mo
     )
     real_topk = ops.batch_topk
 
-    def broken_topk(f, w, K):
+    def broken_topk(f, w, K, relu=False):
         if cx.get_backend() == "cpu" and f.shape[0] == tiny["batch"]:
             raise TypeError("a kernel that fails to compile")
-        return real_topk(f, w, K)
+        return real_topk(f, w, K, relu)
 
     monkeypatch.setattr(ops, "batch_topk", broken_topk)
     suite.main(["--suite", "quick", "--lean", "--backends", "cpu", "--reps", "1", "--out", str(tmp_path / "q")])

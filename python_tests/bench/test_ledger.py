@@ -50,6 +50,29 @@ def test_batch_topk_passes_over_f(small):
         assert passes == 2, backend  # the usual case: level 0 and the stage pass
 
 
+def test_the_encoder_writes_f_once_and_no_relu_pass_reads_it(small):
+    # The crosscoder's encoder writes pre-activations; the selection applies the ReLU as it reads them.
+    for backend, entry in small["backends"].items():
+        encode = entry["ops"]["paired_encode"]
+        assert encode["totals"]["f_passes"] == 0, backend
+        assert [x["kernel"] for x in encode["launches"]] == [encode["launches"][0]["kernel"]], backend
+
+
+def test_resources_come_from_a_build_of_the_current_sources(tmp_path):
+    # A build embeds its source hash; a stale one (another commit's .gpu_build) is skipped, not read.
+    from crossdiff_ext._build_hash import source_hash
+
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "op.cpp").write_text("int f() { return 1; }\n")
+    stale, current = tmp_path / "stale.so", tmp_path / "current.so"
+    stale.write_bytes(b"\0ELF..." + b"0123456789abcdef" + b"...")
+    current.write_bytes(b"\0ELF..." + source_hash(str(csrc)).encode() + b"...")
+    missing = str(tmp_path / "missing.so")
+    assert ledger.current_build([missing, str(stale), str(current)], str(csrc)) == (str(current), [str(stale)])
+    assert ledger.current_build([str(stale)], str(csrc)) == (None, [str(stale)])
+
+
 SAMPLE = """
 Fatbin elf code:
 ================

@@ -21,8 +21,8 @@ STAGED, TIES = 1, 2
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def emulate(f, w, K, cap=-1, sms=132, order=0):
-    return torch.ops.crossdiff_emulated.batch_topk(f, w, K, cap, sms, order)
+def emulate(f, w, K, cap=-1, sms=132, order=0, relu=False):
+    return torch.ops.crossdiff_emulated.batch_topk(f, w, K, cap, sms, order, relu)
 
 
 def assert_matches_reference(got, f, w, K):
@@ -178,6 +178,32 @@ def test_emulated_topk_does_not_depend_on_the_reservation_order():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_topk_over_preactivations(dtype):
+    # relu: the kernels read pre-activations and ReLU them as they load f; every path (one level, extra levels,
+    # ties) and every reservation order must select exactly what the reference selects on ReLU(pre). Negative
+    # weights make a negative pre-activation's raw product positive.
+    g = rng(8)
+    B, F = 13, 530
+    pre = torch.randn(B, F, generator=g)
+    flat = pre.view(-1)
+    places = torch.randperm(B * F, generator=g)
+    flat[places[:4]] = math.nan
+    flat[places[4:8]] = -math.inf
+    flat[places[8:20]] = -0.0
+    pre = pre.to(dtype)
+    w = torch.randn(F, generator=g)
+    f = torch.relu(pre)
+    n_positive = int((f.float() * w > 0).sum())
+    for K in (5, n_positive - 3, n_positive + 50, B * F):
+        for cap in (-1, K + 2, 0):
+            for order in (0, 2):
+                got = emulate(pre, w, K, cap=cap, sms=2, order=order, relu=True)
+                assert_matches_reference(got, f, w, K)
+    modes = {int(emulate(pre, w, K, cap=cap, sms=2, relu=True)[4][1]) for K in (5, B * F) for cap in (-1, 0)}
+    assert modes == {STAGED, TIES}
+
+
 def test_emulated_topk_checks_its_arguments():
     f, w = torch.ones(2, 3), torch.ones(3)
     with pytest.raises(RuntimeError, match="K = k \\* B must be in"):
@@ -205,9 +231,11 @@ def test_cuda_topk_paths_match_the_emulator(cap, monkeypatch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for f, w in cases:
         for K in (1, 40, f.numel() // 3, f.numel()):
-            with cx.backend("cuda"):
-                got = ops.batch_topk(f.cuda(), w.cuda(), K)
-            emulated = emulate(f, w, K, cap=-1 if cap is None else int(cap), sms=sms)
-            for a, b in zip(got, emulated[:4]):
-                torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
-            assert_matches_reference(emulated, f, w, K)
+            for relu in (False, True):
+                pre = f - 0.25 if relu else f  # pre-activations: the kernels ReLU them as they load f
+                with cx.backend("cuda"):
+                    got = ops.batch_topk(pre.cuda(), w.cuda(), K, relu)
+                emulated = emulate(pre, w, K, cap=-1 if cap is None else int(cap), sms=sms, relu=relu)
+                for a, b in zip(got, emulated[:4]):
+                    torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+                assert_matches_reference(emulated, torch.relu(pre), w, K)

@@ -19,6 +19,7 @@ def samples(OPS, device, dtype, requires_grad):
     b = torch.randn(F, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
     bias = torch.randn(M, d, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
     f = torch.relu(torch.randn(B, F, generator=g)).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    pre = torch.randn(B, F, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
     w = (torch.rand(F, generator=g) + 0.5).to(device)
     values, indices, row_ptr, _ = ops.batch_topk_reference(f.detach(), w, 3 * B)
     values = (values.detach() + 0.5).requires_grad_(requires_grad)
@@ -26,9 +27,9 @@ def samples(OPS, device, dtype, requires_grad):
     order = ops.latent_order_reference(indices, row_ptr, F)
     del rg
     return {
-        OPS.paired_encode: [(x, W, b)],
-        OPS.batch_topk: [(f, w, 3 * B), (f, w, 1), (f, w, B * F)],
-        OPS.threshold_select: [(f, w, 0.0), (f, w, 0.7)],
+        OPS.paired_encode: [(x, W, b), (x, W, b, False)],
+        OPS.batch_topk: [(f, w, 3 * B), (f, w, 1), (f, w, B * F), (pre, w, 3 * B, True)],
+        OPS.threshold_select: [(f, w, 0.0), (f, w, 0.7), (pre, w, 0.2, True)],
         OPS.sparse_decode: [(values, indices, row_ptr, W, bias), (values, indices, row_ptr, W, None)],
         OPS.sparse_values_grad: [(dense, indices, row_ptr, W.detach())],
         OPS.latent_order: [(indices, row_ptr, F), (indices.long(), row_ptr, F)],

@@ -34,6 +34,22 @@ def test_paired_encode_matches_reference(name, B, M, d, F, poison):
 
 
 @pytest.mark.parametrize("name", backend_params())
+@pytest.mark.parametrize("B,M,d,F", SHAPES[1:4])
+def test_paired_encode_preactivations(name, B, M, d, F, poison):
+    # relu=False: x W^T + b itself (what the crosscoder's selection reads), negatives and NaN included.
+    device = backend_device(name)
+    g = rng(B * 3 + F)
+    for dtype in dtypes_for(name):
+        x, W, b = inputs(B, M, d, F, dtype, device, g)
+        x[0, 0, 0] = float("nan")
+        with cx.backend(name):
+            pre = ops.paired_encode(x, W, b, relu=False)
+        expected = ops.paired_encode_reference(x, W, b, relu=False)
+        torch.testing.assert_close(pre, expected, rtol=0, atol=0, equal_nan=True)
+        assert bool((pre < 0).any()) and bool(pre[0].isnan().all())
+
+
+@pytest.mark.parametrize("name", backend_params())
 def test_paired_encode_random_inputs(name, poison):
     device = backend_device(name)
     g = rng(11)
@@ -62,7 +78,8 @@ def test_paired_encode_reads_strided_models_in_place(name):
 
 
 @pytest.mark.parametrize("name", backend_params())
-def test_paired_encode_gradients(name):
+@pytest.mark.parametrize("relu", [True, False])
+def test_paired_encode_gradients(name, relu):
     device = backend_device(name)
     g = rng(6)
     x0 = torch.randn(13, 2, 9, generator=g).to(device)
@@ -73,7 +90,7 @@ def test_paired_encode_gradients(name):
     for backend in (name, "reference"):
         leaves = [t.clone().requires_grad_(True) for t in (x0, W0, b0)]
         with cx.backend(backend):
-            (ops.paired_encode(*leaves) * upstream).sum().backward()
+            (ops.paired_encode(*leaves, relu=relu) * upstream).sum().backward()
         grads[backend] = [t.grad for t in leaves]
     for got, expected in zip(grads[name], grads["reference"]):
         close(got, expected, torch.float32, scale=4.0)

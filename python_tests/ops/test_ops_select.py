@@ -25,12 +25,12 @@ def relu_scores(B, F, dtype, device, generator):
     return f, w
 
 
-def assert_same_selection(got, expected):
+def assert_same_selection(got, expected, equal_nan=False):
     names = ("values", "indices", "row_ptr", "min_score")
     for name, g, e in zip(names, got, expected):
         assert g.dtype == e.dtype, f"{name}: dtype {g.dtype} != {e.dtype}"
         assert g.shape == e.shape, f"{name}: shape {tuple(g.shape)} != {tuple(e.shape)}"
-        torch.testing.assert_close(g.cpu(), e.cpu(), rtol=0, atol=0, equal_nan=False, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.cpu(), e.cpu(), rtol=0, atol=0, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
 
 
 def assert_csr_invariants(values, indices, row_ptr, B, F, nnz):
@@ -178,6 +178,64 @@ def test_selection_gradients_reach_kept_entries_only(name):
             assert bool((f0.cpu()[kept_rows, 4] > 0).any())
         assert not bool(grads[0][:, 4].any())
         assert bool(grads[0].any())
+
+
+def preactivations(B, F, dtype, g):
+    """Pre-activations with every special value, and weights of both signs with zeros: a negative f times a
+    negative w is a positive product, so ReLU must come before the multiply."""
+    pre = torch.randn(B, F, generator=g)
+    flat = pre.view(-1)
+    places = torch.randperm(B * F, generator=g)
+    flat[places[:3]] = math.nan
+    flat[places[3:6]] = math.inf
+    flat[places[6:9]] = -math.inf
+    flat[places[9:15]] = -0.0
+    w = torch.randn(F, generator=g)
+    w[: max(1, F // 10)] = 0.0
+    return pre.to(dtype), w
+
+
+@pytest.mark.parametrize("name", backend_params())
+@pytest.mark.parametrize("B,F,k", SHAPES[1:])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
+def test_selection_over_preactivations_is_selection_over_their_relu(name, B, F, k, poison):
+    device = backend_device(name)
+    g = rng(B * 31 + F)
+    for dtype in dtypes_for(name):
+        pre, w = preactivations(B, F, dtype, g)
+        f = torch.relu(pre)
+        for K in sorted({1, min(k * B, B * F), B * F}):
+            got = run(name, ops.batch_topk, pre.to(device), w.to(device), K, True)
+            assert_same_selection(got, ops.batch_topk_reference(f, w, K), equal_nan=True)
+        for theta in (0.0, 0.5):
+            got = run(name, ops.threshold_select, pre.to(device), w.to(device), theta, True)
+            assert_same_selection(got, ops.threshold_select_reference(f, w, theta), equal_nan=True)
+
+
+@pytest.mark.parametrize("name", backend_params())
+def test_selection_over_preactivations_gradients(name):
+    # The gradient w.r.t. the pre-activations is ReLU's: the kept values' gradient where pre > 0, else 0.
+    device = backend_device(name)
+    g = rng(41)
+    pre0, w = torch.randn(11, 29, generator=g).to(device), (torch.rand(29, generator=g) - 0.3).to(device)
+    for op, arg in ((ops.batch_topk, 120), (ops.threshold_select, 0.2)):
+        grads = []
+        for backend, relu in ((name, True), ("reference", False)):
+            pre = pre0.clone().requires_grad_(True)
+            with cx.backend(backend):
+                values = op(pre if relu else torch.relu(pre), w, arg, relu)[0]
+            (values * torch.linspace(0.5, 2.0, values.shape[0], device=device)).sum().backward()
+            grads.append(pre.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+        assert bool(grads[0].any()) and not bool(grads[0][pre0 <= 0].any())
+
+
+def test_relu_must_be_a_bool():
+    f, w = torch.rand(2, 3), torch.rand(3)
+    with pytest.raises(cx.errors.InputError, match="relu must be a bool"):
+        ops.batch_topk(f, w, 2, relu=1)
+    with pytest.raises(cx.errors.InputError, match="relu must be a bool"):
+        ops.paired_encode(torch.rand(2, 2, 3), torch.rand(4, 2, 3), torch.rand(4), relu="no")
 
 
 def test_backend_kernels_have_been_compared():

@@ -58,10 +58,11 @@ def identical(got, expected):
         assert torch.equal(g, e), f"{name}: {g.tolist()[:40]} != {e.tolist()[:40]}"
 
 
-def run(select, f, w, K, mode=None, levels=None):
-    """The Triton batch_topk against the reference; checks the path its state reports."""
-    *got, state = select.batch_topk_with_state(f.to(DEVICE), w.to(DEVICE), K)
-    identical(got, ops.batch_topk_reference(f, w, K))
+def run(select, f, w, K, mode=None, levels=None, relu=False):
+    """The Triton batch_topk against the reference; checks the path its state reports. relu: f holds
+    pre-activations, compared with the reference on ReLU(f)."""
+    *got, state = select.batch_topk_with_state(f.to(DEVICE), w.to(DEVICE), K, relu)
+    identical(got, ops.batch_topk_reference(torch.relu(f) if relu else f, w, K))
     if mode is not None:
         assert int(state[select.MODE]) == mode, f"mode {int(state[select.MODE])}, expected {mode}"
     if levels is not None:
@@ -137,6 +138,26 @@ def test_specials_and_negative_weights(select, poison):
         f = f.to(dtype)
         for K in (3, B * F // 2, B * F - 3):
             run(select, f, w, K, mode=select.STAGED)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
+def test_preactivations_on_every_path(select, cap, poison):
+    # relu: the kernels ReLU the pre-activations as they read them; a negative pre-activation times a negative
+    # weight must not rank as a positive score. The zeros of the ReLU tie at the boundary when K exceeds the
+    # positive scores: staged by default, the ties path under a small capacity.
+    g = rng(14)
+    B, F = 9, 61
+    for dtype in DTYPES:
+        pre = torch.randn(B, F, generator=g)
+        pre.view(-1)[torch.randperm(B * F, generator=g)[:6]] = torch.tensor([math.nan, -math.inf, -0.0] * 2)
+        pre, w = pre.to(dtype), torch.randn(F, generator=g)
+        n_positive = int((torch.relu(pre).float() * w > 0).sum())
+        for K in (4, n_positive + 20):
+            cap(None)
+            run(select, pre, w, K, mode=select.STAGED, relu=True)
+        cap(10)
+        run(select, pre, w, n_positive + 20, mode=select.TIES, relu=True)
+        run(select, pre, w, 4, mode=select.STAGED, levels=lambda n: n >= 1, relu=True)
 
 
 def test_zero_f(select, cap, poison):
