@@ -135,9 +135,12 @@ def nonzero_absent_latents(W: torch.Tensor, partition: Optional[Partition]) -> t
     Returns:
         1-D int64 latent ids on the CPU (empty when the partition holds).
     """
-    mask = absent_rows(partition, W.shape[0], W.shape[1]).to(W.device)
-    nonzero = (W.detach() != 0).any(dim=2) & mask
-    return torch.nonzero(nonzero.any(dim=1)).flatten().cpu()
+    bad = []
+    for model, first, end in dedicated_ranges(partition):  # only the dedicated blocks are read
+        rows = W.detach()[first:end]
+        nonzero = (rows[:, :model] != 0).flatten(1).any(1) | (rows[:, model + 1 :] != 0).flatten(1).any(1)
+        bad.append(torch.nonzero(nonzero).flatten().cpu() + first)
+    return torch.cat(bad) if bad else torch.zeros(0, dtype=torch.int64)
 
 
 class _MaskAbsentGradient(torch.autograd.Function):
