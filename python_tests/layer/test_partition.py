@@ -126,10 +126,10 @@ def tiny(seed=0, partition=(5, 7), activation="batch_topk", **kwargs):
 
 def train_config(tmp=None, **kwargs):
     base = dict(
-        steps=12,
+        steps=8,
         batch_size=16,
         lr=3e-3,
-        warmup_steps=3,
+        warmup_steps=2,
         dead_tokens=32,
         checkpoint_every=4,
         checkpoint_dir=None if tmp is None else str(tmp),
@@ -193,19 +193,19 @@ def test_resume_continues_exactly(tmp_path):
     straight = tiny()
     cx.train(straight, data, train_config(tmp_path / "a"))
     first = tiny()
-    cx.train(first, data, train_config(tmp_path / "b"), until=6)
+    cx.train(first, data, train_config(tmp_path / "b"), until=4)
     resumed = tiny(seed=9)
-    assert cx.train(resumed, data, train_config(tmp_path / "b"), resume=True).steps == 12
+    assert cx.train(resumed, data, train_config(tmp_path / "b"), resume=True).steps == 8
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resume"
     assert_absent_rows_zero(resumed)
     for other in ((7, 5), None):  # the checkpoint's partition is part of what resumes
         with pytest.raises(InputError, match=r"saved with partition \[5, 7\]"):
-            cx.train(tiny(partition=other), data, train_config(tmp_path / "b", steps=16), resume=True)
+            cx.train(tiny(partition=other), data, train_config(tmp_path / "b", steps=12), resume=True)
     plain = tmp_path / "plain"
-    cx.train(tiny(partition=None), data, train_config(plain, steps=4))
+    cx.train(tiny(partition=None), data, train_config(plain, steps=2))
     with pytest.raises(InputError, match=r"saved with partition None, .* has partition \[5, 7\]"):
-        cx.train(tiny(), data, train_config(plain, steps=8), resume=True)
+        cx.train(tiny(), data, train_config(plain, steps=4), resume=True)
 
 
 def test_sharded_checkpoints_split_and_merge_the_partition(tmp_path):
