@@ -14,6 +14,7 @@ from ..data import MixedBatches, OnlineActivations
 from ..data.store import ActivationStore
 from ..errors import InputError
 from ..layer import CrossCoder
+from ..layer.partition import check_partition
 from .common import at_least, open_stores, output_dir
 from .config_flags import add_train_config_flags, train_config_from_args
 
@@ -44,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="normalise each model's inputs to this RMS norm (statistics from the stores; saved)",
+    )
+    p.add_argument(
+        "--partition",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="dedicated latents: how many of the first latents belong to each model only, in model order (two "
+        "models: N_BASE_ONLY N_CHAT_ONLY); the rest are shared (default: all shared)",
     )
     p.add_argument("--device", default=None, help="under torchrun: default cuda:LOCAL_RANK, or cpu without GPUs")
     p.add_argument(
@@ -160,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     output_dir(args.out)
     config = train_config_from_args(args, checkpoint_dir=args.out, progress=not args.quiet)
     stores: Optional[list[ActivationStore]] = open_stores(args.store) if args.store is not None else None
+    n_models = stores[0].n_models if stores is not None else 2  # online training runs a base and a chat model
+    partition = check_partition(args.partition, n_models, args.dict_size, name="--partition")  # before models load
     online = _online_source(args) if stores is None else None
     shape_source = online if stores is None else stores[0]
     crosscoder = dict(
@@ -169,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k if args.activation == "batch_topk" else None,
         activation=args.activation,
         target_rms=args.target_rms,
+        partition=partition,
     )
     CrossCoder(**crosscoder, device="meta")  # checks the settings before any work
     if distributed:

@@ -8,6 +8,7 @@ from .analysis import (
     delta_norm,
     encoder_cosine,
     encoder_delta_norm,
+    latent_partition,
     latent_table,
     write_table,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "delta_norm",
     "encoder_cosine",
     "encoder_delta_norm",
+    "latent_partition",
     "latent_table",
     "write_table",
     "LatentScalingResult",

@@ -25,6 +25,7 @@ from ..layer.norms import (
     encoder_delta_norm,
     rows_of,
 )
+from ..layer.partition import latent_owner
 
 if TYPE_CHECKING:
     from .latent_scaling import LatentScalingResult
@@ -39,6 +40,7 @@ __all__ = [
     "delta_norm_band",
     "encoder_cosine",
     "encoder_delta_norm",
+    "latent_partition",
     "latent_table",
     "write_table",
 ]
@@ -116,6 +118,24 @@ def classify_latents(
     return classes
 
 
+def latent_partition(cc: Union[CrossCoder, torch.Tensor], *, base: int = 0, chat: int = 1) -> list[str]:
+    """Which part of the dictionary each latent belongs to: "shared", "base_dedicated", "chat_dedicated" (or
+    "model_<m>_dedicated" for a third model), from the crosscoder's partition (CrossCoder(partition=...)).
+
+    Args:
+        cc: The crosscoder; a bare decoder tensor [F, M, d] has no partition (every latent "shared").
+        base: Model index of the base model (default 0).
+        chat: Model index of the chat model (default 1).
+
+    Returns:
+        A list of F names, indexed by latent.
+    """
+    W = cc.W_dec if isinstance(cc, CrossCoder) else cc
+    names = {-1: "shared", base: "base_dedicated", chat: "chat_dedicated"}
+    owner = latent_owner(getattr(cc, "partition", None), W.shape[0])
+    return [names.get(m, f"model_{m}_dedicated") for m in owner.tolist()]
+
+
 def latent_table(
     cc: CrossCoder,
     scaling: Optional[LatentScalingResult] = None,
@@ -126,9 +146,13 @@ def latent_table(
 ) -> dict[str, list[Any]]:
     """A per-latent table of the crosscoder's decoder and encoder measures, and of Latent Scaling when given.
 
-    The columns: latent, decoder and encoder norms per model, delta_norm, cosines, class, and with a
-    LatentScalingResult of all latents the betas, nu values, firing frequency and mean activation. write_table
-    saves it as CSV (or Parquet).
+    The columns: latent, decoder and encoder norms per model, delta_norm, cosines, class, partition (shared or
+    dedicated to one model: latent_partition), and with a LatentScalingResult of all latents the betas, nu values,
+    firing frequency and mean activation. write_table saves it as CSV (or Parquet).
+
+    A dedicated latent's class comes from its rows like any other's: a chat-dedicated one has Delta_norm 1 (band
+    chat_only, refined by Latent Scaling), a base-dedicated one 0 (base_only; its chat-probe betas are NaN, see
+    latent_scaling).
 
     Args:
         cc: The crosscoder to tabulate.
@@ -156,6 +180,7 @@ def latent_table(
     table["encoder_delta_norm"] = delta_norm(W_enc, base, chat).cpu().tolist()
     table["encoder_cosine"] = decoder_cosine(W_enc, base, chat).cpu().tolist()
     table["class"] = classify_latents(cc, scaling, base=base, chat=chat, **thresholds)
+    table["partition"] = latent_partition(cc, base=base, chat=chat)
     if scaling is not None:
         table["nu_error"] = scaling.nu_error.tolist()
         table["nu_reconstruction"] = scaling.nu_reconstruction.tolist()

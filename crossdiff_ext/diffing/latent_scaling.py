@@ -15,6 +15,13 @@ weight gradient) are prefix sums in float64, so they are deterministic. Memory i
 
 All of it happens in the crosscoder's input space (normalised when the crosscoder has target_rms), where its
 decoder rows live; codes are the inference-mode codes (threshold for BatchTopK, ReLU for L1).
+
+Dedicated latents (CrossCoder(partition=...)): a chat-dedicated latent has a chat row and a zero base row, so with
+the chat probe it is scored like any chat-only latent (its Delta_norm is exactly 1): beta(base) says how much of
+its chat direction the base model's activations carry, and a low nu marks it genuinely chat-specific. A latent
+whose probe row is zero (a base-dedicated latent under the chat probe) has no direction to probe: its betas and
+nu are NaN, as for a latent that never fired (its activation statistics are still counted), never a division by
+a zero norm. Score those with probe="base".
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class LatentScalingResult:
 
     Attributes:
         beta: {(target, m): [n] float64} for every target computed and model index m (0 = base, 1 = chat); NaN
-            where a latent never fired.
+            where a latent never fired or its probe decoder row is zero (a latent dedicated to another model).
         nu_error: [n] float64 beta_error(base) / beta_error(chat) (NaN where "error" was not computed or a latent
             never fired).
         nu_reconstruction: [n] float64 beta_reconstruction(base) / beta_reconstruction(chat) (NaN likewise).

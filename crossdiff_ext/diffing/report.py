@@ -180,6 +180,32 @@ def _classes_html(table):
     for name, count in sorted(classes.items(), key=lambda kv: -kv[1]):
         out.append(f"<tr><td>{html.escape(name)}</td><td>{count}</td><td>{count / len(table['latent']):.1%}</td></tr>")
     out.append("</table>")
+    return out + _partition_html(table)
+
+
+def _has_dedicated(table):
+    """Whether the table's crosscoder has dedicated latents (a partition column with other than "shared")."""
+    return any(p != "shared" for p in table.get("partition", ()))
+
+
+def _partition_html(table):
+    """With dedicated latents: how many latents each part of the partition holds, by class."""
+    if not _has_dedicated(table):
+        return []
+    counts = {}
+    for part, c in zip(table["partition"], table["class"]):
+        counts.setdefault(part, {}).setdefault(c, 0)
+        counts[part][c] += 1
+    out = [
+        "<h2>Dedicated latents</h2><p>The crosscoder was trained with a partition: dedicated latents have encoder "
+        "and decoder rows for one model only (the other model's are zero), the rest are shared. Classes as above "
+        "(a chat-dedicated latent has Delta_norm 1; Latent Scaling with the chat probe leaves base-dedicated "
+        "latents unscored).</p><table><tr><th>partition</th><th>latents</th><th>classes</th></tr>"
+    ]
+    for part, by_class in sorted(counts.items()):
+        detail = ", ".join(f"{html.escape(c)}: {n}" for c, n in sorted(by_class.items(), key=lambda kv: -kv[1]))
+        out.append(f"<tr><td>{html.escape(part)}</td><td>{sum(by_class.values())}</td><td>{detail}</td></tr>")
+    out.append("</table>")
     return out
 
 
@@ -215,8 +241,11 @@ def _figures_html(figs, causal):
 def _top_latents_html(table, ranked, examples, tokenizer):
     """The table of the ranked latents (left open), with their max-activating contexts when given."""
     F = len(table["latent"])
+    dedicated = _has_dedicated(table)
     out = [
-        "<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th><th>Delta_norm</th>"
+        "<h2>Top fine-tuned-specific latents</h2><table><tr><th>latent</th>"
+        + ("<th>partition</th>" if dedicated else "")
+        + "<th>Delta_norm</th>"
         "<th>cosine</th><th>nu_error</th><th>nu_recon</th><th>freq</th>"
         + ("<th>causal score</th>" if "causal_score" in table else "")
         + "<th>max-activating contexts</th></tr>"
@@ -232,7 +261,9 @@ def _top_latents_html(table, ranked, examples, tokenizer):
                 for e in examples[j].top[:5]
             )
         out.append(
-            f"<tr><td>{j}</td><td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
+            f"<tr><td>{j}</td>"
+            + (f"<td>{html.escape(table['partition'][j])}</td>" if dedicated else "")
+            + f"<td>{table['delta_norm'][j]:.3f}</td><td>{table['decoder_cosine'][j]:.3f}</td>"
             f"<td>{nu_e:.3f}</td><td>{nu_r:.3f}</td><td>{freq:.2e}</td>"
             + (f"<td>{table['causal_score'][j]:.3g}</td>" if "causal_score" in table else "")
             + f"<td>{ctx}</td></tr>"
@@ -308,7 +339,9 @@ def report_crosscoder(
     if stores[0].token_ids() is not None and stores[0].positions() is not None:
         found = max_activating_examples(cc, stores[0], chosen, batch_size=batch_size, progress=progress)
     meta = dict(
-        dict(tokens=scaling.tokens, latents=cc.dict_size, activation=cc.activation, probe=probe), **(meta or {})
+        dict(tokens=scaling.tokens, latents=cc.dict_size, activation=cc.activation, probe=probe),
+        **({"partition": list(cc.partition)} if cc.partition is not None else {}),
+        **(meta or {}),
     )
     write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta, causal=causal)
     return scaling, table, table_path, chosen, found

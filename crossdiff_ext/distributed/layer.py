@@ -23,6 +23,7 @@ from ..errors import InputError
 from ..layer import checkpoints
 from ..layer.codes import SparseCodes
 from ..layer.crosscoder import CrossCoder, CrossCoderOutput
+from ..layer.partition import Partition, check_partition, shard_partition
 from ..layer.sharded import merge_states, slice_state
 from ..ops import validate
 from ..ops.autograd import EncodeSparse, decode_sparse, encode_sparse
@@ -40,14 +41,18 @@ class _EncodeSharded(EncodeSparse):
         return batch_topk_sharded(f, w, K, *groups)
 
 
-def shard_config(config: dict[str, Any], n_latents: int) -> dict[str, Any]:
-    """CrossCoder.config() of a full crosscoder -> that of a shard holding n_latents latents."""
+def shard_config(config: dict[str, Any], first: int, end: int) -> dict[str, Any]:
+    """CrossCoder.config() of a full crosscoder -> that of a shard holding its latents [first, end) (their part of
+    the partition included)."""
+    n_latents = end - first
     if config.get("k") is not None and config["k"] > n_latents:
         raise InputError(
             f"a latent shard of {n_latents} latents cannot hold a crosscoder with k = {config['k']} "
             "(k must be <= the shard size); use fewer latent shards"
         )
-    return dict(config, dict_size=n_latents)
+    partition = config.get("partition")
+    part = shard_partition(None if partition is None else tuple(partition), first, end)
+    return dict(config, dict_size=n_latents, partition=None if part is None else list(part))
 
 
 def _module_args(config):
@@ -60,10 +65,11 @@ class ShardedCrossCoder(nn.Module):
     `shard` is a CrossCoder holding those latents (its dict_size is the shard's size); the encoder, selection
     and decoder run on its backend like the layer's. Every rank of the mesh must call forward together (it runs
     collectives). forward(x) takes this rank's rows and returns their full reconstruction; the codes index the
-    shard's latents (add `first` for global ids); min_score is the mesh-wide smallest kept score.
+    shard's latents (add `first` for global ids); min_score is the mesh-wide smallest kept score. `partition` is
+    the whole crosscoder's (CrossCoder.partition); the shard must hold its latents' part of it.
     """
 
-    def __init__(self, shard: CrossCoder, mesh: Mesh, dict_size: int):
+    def __init__(self, shard: CrossCoder, mesh: Mesh, dict_size: int, *, partition: Optional[Partition] = None):
         super().__init__()
         if not isinstance(shard, CrossCoder):
             raise InputError(f"shard must be a CrossCoder, got {type(shard).__name__}")
@@ -73,21 +79,28 @@ class ShardedCrossCoder(nn.Module):
                 f"latent rank {mesh.latent_rank} of {mesh.latent_size} holds latents [{self.first}, "
                 f"{self.end}) of {dict_size}, but the shard has {shard.dict_size}"
             )
+        self.partition = check_partition(partition, shard.n_models, dict_size)
+        if shard.partition != shard_partition(self.partition, self.first, self.end):
+            raise InputError(
+                f"the shard's partition {shard.partition} is not its latents' [{self.first}, {self.end}) part of "
+                f"partition {self.partition}"
+            )
         self.shard, self.mesh, self.dict_size = shard, mesh, dict_size
 
     @classmethod
     def from_crosscoder(cls, cc: CrossCoder, mesh: Mesh) -> ShardedCrossCoder:
         """This rank's shard of a full crosscoder (e.g. one built with the same seed on every rank)."""
         first, end = mesh.latent_range(cc.dict_size)
-        config = _module_args(shard_config(cc.config(), end - first))
+        config = _module_args(shard_config(cc.config(), first, end))
         state = slice_state(cc.state_dict(), first, end)
         shard = checkpoints.build(CrossCoder, config, state, cc.W_enc.device)
         shard.compute_dtype = cc.compute_dtype
-        return cls(shard, mesh, cc.dict_size)
+        return cls(shard, mesh, cc.dict_size, partition=cc.partition)
 
     def full_config(self) -> dict[str, Any]:
         """CrossCoder.config() of the whole crosscoder."""
-        return dict(self.shard.config(), dict_size=self.dict_size)
+        partition = None if self.partition is None else list(self.partition)
+        return dict(self.shard.config(), dict_size=self.dict_size, partition=partition)
 
     def gather(self) -> CrossCoder:
         """The whole crosscoder on every rank (an all-gather of the shards over the latent group)."""

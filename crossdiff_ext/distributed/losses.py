@@ -73,6 +73,7 @@ def aux_loss(
     if n_local:
         need = k_aux - counts[:, 0].sum(0) - counts[: mesh.latent_rank, 1].sum(0)  # ties left for this rank
         keep = above | (tie & (torch.cumsum(tie.to(torch.int64), 1) <= need[:, None]))
-        xhat = torch.where(keep, f, torch.zeros_like(f)) @ cc.W_dec[dead_ids].reshape(n_local, -1).float()
+        W_dec = cc.partition_masked(cc.W_dec)[dead_ids].reshape(n_local, -1).float()
+        xhat = torch.where(keep, f, torch.zeros_like(f)) @ W_dec
     xhat = sum_over_shards(xhat, mesh.latent_group)
     return (e - xhat).pow(2).sum(-1).sum() / total_rows / variance

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..data import statistics
 from ..errors import InputError
-from ..layer import CrossCoderOutput, SparseCodes
+from ..layer import CrossCoderOutput, SparseCodes, checkpoints
 from ..layer.norms import band_counts
 from ..layer.sharded import slice_optimizer_state, slice_state
 from ..training import losses as single
@@ -107,7 +107,9 @@ class ShardedRuntime(Runtime):
             raise InputError(
                 f"{checkpoint}: a crosscoder of {weights['W_enc'].shape[0]} latents, the model has {model.dict_size}"
             )
+        checkpoints.check_resume_partition(checkpoint, model.partition)
         self.cc.load_state_dict(slice_state(weights, model.first, model.end))
+        self.cc.check_partition_rows(checkpoint)
         opt.load_state_dict(slice_optimizer_state(state["optimizer"], model.first, model.end))
         tokens_since_fired.copy_(state["tokens_since_fired"][model.first : model.end].to(tokens_since_fired.device))
 

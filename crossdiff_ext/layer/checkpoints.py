@@ -22,9 +22,11 @@ from safetensors.torch import load_file, save_file
 from .. import atomic
 from ..errors import InputError, MissingInputError
 from . import sharded
+from .partition import check_partition, merge_partitions, shard_partition
 
 # Version 2 added target_rms and the input-normalisation buffers; version 1 files read as target_rms=None.
-FORMAT, FORMAT_VERSION = "crossdiff_ext", 2
+# Version 3 added partition (dedicated latents); older files read as partition=None.
+FORMAT, FORMAT_VERSION = "crossdiff_ext", 3
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The module class a loader builds (CrossCoder passes itself; this module sits below it and cannot name it).
@@ -200,7 +202,9 @@ def from_pretrained(
         raise InputError(f"{config_path}: {e}") from e
     tensors = load_weights(weights_path)
     check_state(tensors, expected, weights_path)
-    return build(cls, config, tensors, device).eval()
+    model = build(cls, config, tensors, device).eval()
+    model.check_partition_rows(weights_path)
+    return model
 
 
 def load_merged(
@@ -222,7 +226,55 @@ def load_merged(
             )
     config = dict(shards[0].config(), dict_size=sharding["dict_size"])
     config["dtype"] = torch_dtype(config["dtype"], directory)
+    config["partition"] = merged_partition(directory, sharding, [cc.partition for cc in shards], shards[0].n_models)
     return build(cls, config, sharded.merge_states([cc.state_dict() for cc in shards]), device).eval()
+
+
+def merged_partition(
+    directory: str, sharding: Mapping[str, Any], parts: list[Optional[tuple[int, ...]]], n_models: int
+) -> Optional[list[int]]:
+    """The whole crosscoder's partition from its shards' (they add up), checked to line up: every shard must
+    hold exactly its latents' part of the sum (InputError naming the shard otherwise)."""
+    total = merge_partitions(parts, n_models)
+    for s, part in zip(sharding["shards"], parts):
+        if part != shard_partition(total, s["first"], s["end"]):
+            raise InputError(
+                f"{directory}/{s['dir']}: partition {part} does not fit latents [{s['first']}, {s['end']}) of the "
+                f"whole crosscoder's partition {total}"
+            )
+    return None if total is None else list(total)
+
+
+def stored_partition(checkpoint: Union[os.PathLike, str]) -> Optional[tuple[int, ...]]:
+    """The partition a step directory's crosscoder was saved with (sharded or not), as CrossCoder.partition
+    holds it: a tuple, or None (also for files older than partitions)."""
+    checkpoint = os.fspath(checkpoint)
+    if not sharded.is_sharded(checkpoint):
+        return _config_partition(os.path.join(checkpoint, CONFIG_NAME))
+    sharding = sharded.read_sharding(checkpoint)
+    paths = [os.path.join(checkpoint, s["dir"], CONFIG_NAME) for s in sharding["shards"]]
+    n_models = read_config(paths[0]).get("n_models")
+    merged = merged_partition(checkpoint, sharding, [_config_partition(p) for p in paths], n_models)
+    return None if merged is None else tuple(merged)
+
+
+def _config_partition(path):
+    """The checked partition of one config.json (None when it has none)."""
+    config = read_config(path)
+    try:
+        return check_partition(config.get("partition"), config.get("n_models"), config.get("dict_size"))
+    except (InputError, TypeError) as e:
+        raise InputError(f"{path}: {e}") from e
+
+
+def check_resume_partition(checkpoint: Union[os.PathLike, str], partition: Optional[tuple[int, ...]]) -> None:
+    """Refuse to resume a crosscoder from a checkpoint saved with another partition (InputError)."""
+    stored = stored_partition(checkpoint)
+    if stored != partition:
+        raise InputError(
+            f"{checkpoint}: saved with partition {None if stored is None else list(stored)}, the crosscoder to "
+            f"resume has partition {None if partition is None else list(partition)}; build it with the same one"
+        )
 
 
 def _load_torch(path):

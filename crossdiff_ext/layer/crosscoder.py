@@ -14,6 +14,7 @@ from ..ops.autograd import decode_sparse, encode_sparse
 from ..ops.relu_crosscoder import relu_crosscoder
 from . import checkpoints
 from .codes import SparseCodes
+from .partition import check_partition, mask_absent_gradient, nonzero_absent_latents, zero_absent_rows_
 
 ACTIVATIONS = ("batch_topk", "relu")
 # "independent": each model's encoder rows drawn on their own, as in the paper's released runs; "shared": one draw
@@ -91,6 +92,13 @@ class CrossCoder(nn.Module):
     init: "independent" (default) draws every model's encoder rows on their own, as the paper's runs did;
     "shared" gives every model the same rows, so every latent starts out shared (see reset_parameters).
 
+    partition: dedicated latents (layer/partition.py). With partition = (n_0, ..., n_{M-1}) (for two models
+    (n_base_only, n_chat_only)), the first n_0 latents belong to model 0 only, the next n_1 to model 1 only, and
+    the rest are shared. A dedicated latent's encoder and decoder rows of the other models are exactly zero and
+    stay so: every gradient that reaches W_enc and W_dec through this module (compute_weights, partition_masked)
+    is zero there, so Adam, weight decay and clipping leave them at zero. The same kernels run; they see the zero
+    rows.
+
     compute_dtype (an attribute, not saved): when set to a narrower dtype than the parameters', the ops run on
     copies of the weights cast to it (mixed precision with fp32 master weights) and inputs must have it.
 
@@ -110,6 +118,8 @@ class CrossCoder(nn.Module):
         target_rms: RMS norm of every model's centred, normalised activations (a finite number > 0); None turns
             input normalisation off.
         init: "independent" or "shared" (see above and reset_parameters).
+        partition: None (every latent shared), or one count per model of the latents dedicated to it, in model
+            order: ints >= 0 summing to at most dict_size (see above).
 
     Raises:
         InputError: An argument is out of its range or of the wrong type (the message names it).
@@ -130,6 +140,7 @@ class CrossCoder(nn.Module):
         dense_code_density: float = DENSE_CODE_DENSITY,
         target_rms: Optional[float] = None,
         init: str = "independent",
+        partition: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("dict_size", dict_size, 1), ("n_models", n_models, 2)):
@@ -156,6 +167,7 @@ class CrossCoder(nn.Module):
             and target_rms > 0
         ):
             raise InputError(f"target_rms must be a finite number > 0 or None, got {target_rms!r}")
+        self.partition = check_partition(partition, n_models, dict_size)
         self.target_rms = None if target_rms is None else float(target_rms)
         self.compute_dtype = None
         self.d_model, self.dict_size, self.n_models = d_model, dict_size, n_models
@@ -195,6 +207,7 @@ class CrossCoder(nn.Module):
             dense_code_density=self.dense_code_density,
             target_rms=self.target_rms,
             init=self.init,
+            partition=None if self.partition is None else list(self.partition),
             dtype=str(self.W_enc.dtype).removeprefix("torch."),
         )
 
@@ -207,7 +220,8 @@ class CrossCoder(nn.Module):
         scales every [latent, model] row to unit norm as the reference code does (norm_init_scale=1), L1 keeps the
         Kaiming scale. Each model's draw is a [d, F] matrix (fan-in F) in both modes, so the two differ only in
         independence. Biases 0; the trainer later sets b_dec to a geometric median. The threshold goes back to
-        unset (-1) and num_batches_tracked to 0.
+        unset (-1) and num_batches_tracked to 0. A dedicated latent keeps the draw of its own model only: its
+        other rows are zero.
         """
         draws = 1 if self.init == "shared" else self.n_models
         rows = []
@@ -220,6 +234,8 @@ class CrossCoder(nn.Module):
             full = full / full.norm(dim=2, keepdim=True).clamp_min(1e-12)
         self.W_enc.copy_(full)
         self.W_dec.copy_(full)
+        zero_absent_rows_(self.W_enc, self.partition)
+        zero_absent_rows_(self.W_dec, self.partition)
         self.b_enc.zero_()
         self.b_dec.zero_()
         self.threshold.fill_(-1.0)
@@ -295,13 +311,48 @@ class CrossCoder(nn.Module):
 
         Returns:
             (W_enc, b_enc, W_dec, b_dec): differentiable casts of the fp32 master weights under mixed precision,
-            the parameters themselves otherwise.
+            the parameters themselves otherwise; with dedicated latents W_enc and W_dec pass through
+            partition_masked (the same values, no copy).
         """
         params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         dtype = self.compute_dtype
-        if dtype is None or dtype == self.W_enc.dtype:
-            return params
-        return tuple(p.to(dtype) for p in params)
+        if dtype is not None and dtype != self.W_enc.dtype:
+            params = tuple(p.to(dtype) for p in params)
+        W_enc, b_enc, W_dec, b_dec = params
+        return self.partition_masked(W_enc), b_enc, self.partition_masked(W_dec), b_dec
+
+    def partition_masked(self, W: torch.Tensor) -> torch.Tensor:
+        """W_enc or W_dec (or a cast of either) for a computation to differentiate: the same values, with the
+        gradient of the dedicated latents' absent rows zeroed on its way back (see the class docstring). Every
+        loss in the library reads the weights through it or through compute_weights; a loss of your own should
+        too.
+
+        Args:
+            W: [F, M, d] this crosscoder's encoder or decoder weights, or a cast of them.
+
+        Returns:
+            W itself when the crosscoder has no dedicated latents (or W needs no gradient); else a view of W whose
+            backward zeroes the absent rows' gradient.
+        """
+        return mask_absent_gradient(W, self.partition)
+
+    def check_partition_rows(self, source: str = "crosscoder") -> None:
+        """Check that every dedicated latent's absent encoder and decoder rows are exactly zero.
+
+        Args:
+            source: What the weights came from, for the message (e.g. a checkpoint's path).
+
+        Raises:
+            InputError: Some absent row is not zero (the message names the first latents).
+        """
+        for name in ("W_enc", "W_dec"):
+            bad = nonzero_absent_latents(getattr(self, name), self.partition)
+            if bad.numel():
+                raise InputError(
+                    f"{source}: {name} has non-zero rows for {bad.numel()} dedicated latents of partition "
+                    f"{list(self.partition)} (first: {bad[:5].tolist()}); a dedicated latent's other models' "
+                    "rows must be exactly zero"
+                )
 
     def decoder_norm_weights(self) -> torch.Tensor:
         """The selection weights w_j = sum_m ||W_dec[j, m]||_2, detached (selection is not differentiated).
@@ -472,13 +523,15 @@ class CrossCoder(nn.Module):
         """The constructor settings shown by repr(module).
 
         Returns:
-            "d_model=..., dict_size=..., n_models=..., activation=..., dtype=..." (k and target_rms when set).
+            "d_model=..., dict_size=..., n_models=..., activation=..., dtype=..." (k, target_rms and partition
+            when set).
         """
         k = f", k={self.k}" if self.k is not None else ""
         rms = f", target_rms={self.target_rms}" if self.target_rms is not None else ""
+        part = f", partition={self.partition}" if self.partition is not None else ""
         return (
             f"d_model={self.d_model}, dict_size={self.dict_size}, n_models={self.n_models}, "
-            f"activation={self.activation!r}{k}{rms}, dtype={self.W_enc.dtype}"
+            f"activation={self.activation!r}{k}{rms}{part}, dtype={self.W_enc.dtype}"
         )
 
     def save_pretrained(self, directory: Union[os.PathLike, str]) -> None:

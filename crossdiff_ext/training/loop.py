@@ -162,7 +162,9 @@ class Runtime:
     ) -> None:
         """This process's part of a whole crosscoder's training state (any layout wrote it)."""
         checkpoints.check_state(weights, self.cc.state_dict(), f"cannot resume from {checkpoint}")
+        checkpoints.check_resume_partition(checkpoint, self.cc.partition)
         self.cc.load_state_dict(weights)
+        self.cc.check_partition_rows(checkpoint)
         opt.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             if "scaler" not in state:

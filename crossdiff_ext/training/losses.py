@@ -34,7 +34,7 @@ def decoder_norms(cc: CrossCoder) -> torch.Tensor:
     """[F] float32 w_j = sum_m ||W_dec[j, m]||_2, differentiable in W_dec: the L1 penalty's weights. (The
     selection weights, cc.decoder_norm_weights(), are detached: without the gradient through the norms the
     penalty cannot shrink a decoder row, only the codes, and the decoder grows to make up for them.)"""
-    return torch.linalg.vector_norm(cc.W_dec, dim=2, dtype=torch.float32).sum(1)
+    return torch.linalg.vector_norm(cc.partition_masked(cc.W_dec), dim=2, dtype=torch.float32).sum(1)
 
 
 def l1_penalty(codes: SparseCodes, w: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def dead_codes(cc: CrossCoder, x: torch.Tensor, dead_ids: torch.Tensor) -> tuple
     """(f, s) [B, n_dead] fp32 of the latents dead_ids: their ReLU codes (differentiable) and their selection
     scores f * w (detached)."""
     # In x's dtype: under mixed precision the fp32 master rows are cast like the main encoder's weights.
-    W_enc = cc.W_enc[dead_ids].reshape(dead_ids.numel(), -1).to(x.dtype)
+    W_enc = cc.partition_masked(cc.W_enc)[dead_ids].reshape(dead_ids.numel(), -1).to(x.dtype)
     f = torch.relu(x.reshape(x.shape[0], -1) @ W_enc.T + cc.b_enc[dead_ids].to(x.dtype)).float()
     return f, f.detach() * cc.decoder_norm_weights()[dead_ids]
 
@@ -82,7 +82,8 @@ def aux_loss(
     unscaled f, without the decoder bias: xhat_aux. With e = x - recon detached,
         L_aux = mean_b ||e - xhat_aux||^2 / mean_b ||e - mean_b e||^2   (norms over all models' coordinates),
     0 where undefined (no dead latent, or zero variance). The gradient flows into the dead latents' encoder rows,
-    encoder biases and decoder rows only (through xhat_aux; e is a detached target).
+    encoder biases and decoder rows only (through xhat_aux; e is a detached target), never into a dedicated
+    latent's absent rows (cc.partition_masked).
     """
     dead_ids = torch.nonzero(dead).squeeze(1)
     n_dead = dead_ids.numel()
@@ -96,7 +97,7 @@ def aux_loss(
     f, s = dead_codes(cc, x, dead_ids)
     top = torch.topk(s, k_aux, dim=1, sorted=False).indices  # selection is not differentiated
     kept = torch.zeros_like(f).scatter(1, top, f.gather(1, top))
-    xhat_aux = kept @ cc.W_dec[dead_ids].reshape(n_dead, -1).float()
+    xhat_aux = kept @ cc.partition_masked(cc.W_dec)[dead_ids].reshape(n_dead, -1).float()
     e = (x.float() - recon.float()).detach().reshape(B, -1)
     variance = (e - e.mean(0)).pow(2).sum(-1).mean()
     if not bool(variance > 0):

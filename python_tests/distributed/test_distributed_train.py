@@ -30,7 +30,7 @@ def quantized_case(seed):
     return cc, x
 
 
-def random_case(seed, activation="batch_topk"):
+def random_case(seed, activation="batch_topk", partition=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(ROWS, 2, D_MODEL, generator=g) * torch.tensor([1.0, 3.0])[None, :, None] + 0.5
     torch.manual_seed(seed)
@@ -42,11 +42,19 @@ def random_case(seed, activation="batch_topk"):
         activation=activation,
         threshold_start_step=2,
         target_rms=1.0,
+        partition=partition,
     )
     return cc, x
 
 
-CASES = {"quantized": quantized_case, "random": random_case, "relu": lambda s: random_case(s, "relu")}
+CASES = {
+    "quantized": quantized_case,
+    "random": random_case,
+    "relu": lambda s: random_case(s, "relu"),
+    # Dedicated latents: base [0, 7), chat [7, 27); 2 shards split the chat block, 4 shards (11, 11, 10, 10) give
+    # every kind of shard (base and chat, chat only, chat and shared, shared only).
+    "partitioned": lambda s: random_case(s, partition=(7, 20)),
+}
 
 
 def config(steps, **overrides):
@@ -159,23 +167,31 @@ def test_short_run_equals_one_process(tmp_path, world, latent, case):
 
 def test_checkpoints_cross_layouts(tmp_path):
     """A 2x2 run's sharded checkpoint resumes in one process, and that run's checkpoint resumes on 4 latent
-    shards: both equal 8 straight steps in one process. CrossCoder.from_pretrained merges the shards."""
+    shards: both equal 8 straight steps in one process. CrossCoder.from_pretrained merges the shards. The
+    crosscoder has dedicated latents, so each shard saves, checks and resumes its own part of the partition."""
     ckpt = str(tmp_path / "run")
-    run_sharded(tmp_path, 4, 2, "random", 4, 3, checkpoint_dir=ckpt)
+    run_sharded(tmp_path, 4, 2, "partitioned", 4, 3, checkpoint_dir=ckpt)
     step3 = os.path.join(ckpt, "step-00000003")
     assert distributed.is_sharded(step3)
     assert sorted(os.listdir(step3)) == ["shard-000-of-002", "shard-001-of-002", "sharding.json", "trainer.pt"]
+    shards = [cx.CrossCoder.from_pretrained(os.path.join(step3, f"shard-00{r}-of-002")) for r in range(2)]
+    assert [s.partition for s in shards] == [(7, 14), (0, 6)]
     merged = cx.CrossCoder.from_pretrained(step3)
-    three = run_single(tmp_path, "random", 4, 3)
+    assert merged.partition == (7, 20)
+    three = run_single(tmp_path, "partitioned", 4, 3)
     for name, ref in three["state"].items():
         torch.testing.assert_close(merged.state_dict()[name], ref, rtol=1e-4, atol=2e-5)
-    cc, x = random_case(4)
+    cc, x = CASES["partitioned"](4)
     cx.train(cc, x, config(8, checkpoint_dir=ckpt), resume=True, until=5)
     assert not distributed.is_sharded(os.path.join(ckpt, "step-00000005"))
-    resumed = run_sharded(tmp_path, 4, 4, "random", 4, 8, resume=True, checkpoint_dir=ckpt)
-    straight = run_single(tmp_path, "random", 4, 8)
+    resumed = run_sharded(tmp_path, 4, 4, "partitioned", 4, 8, resume=True, checkpoint_dir=ckpt)
+    straight = run_single(tmp_path, "partitioned", 4, 8)
     resumed["log"] = straight["log"][:5] + resumed["log"]  # the resumed run logged steps 6..8
     assert_same_run(resumed, straight)
+    for name in ("W_enc", "W_dec"):  # exactly zero after sharded steps, not merely close to the one-process run
+        W = resumed["state"][name]
+        assert bool((W[:7, 1] == 0).all() and (W[7:27, 0] == 0).all()), name
+        assert bool((W[:7, 0] != 0).any(-1).all() and (W[7:27, 1] != 0).any(-1).all()), name
 
 
 def test_cli_train_under_torchrun_equals_one_process(tmp_path):

@@ -86,7 +86,7 @@ def test_round_trip(tmp_path, activation, M, dtype):
     cc.save_pretrained(tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["format"] == "crossdiff_ext" and config["format_version"] == 2
+    assert config["format"] == "crossdiff_ext" and config["format_version"] == 3
     assert config["dtype"] == str(dtype).removeprefix("torch.")
 
     loaded = cx.CrossCoder.from_pretrained(tmp_path / "ckpt")
@@ -174,8 +174,8 @@ def test_from_pretrained_errors(tmp_path):
     config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "format"}))
     with pytest.raises(InputError, match="config.json.*not a crossdiff_ext checkpoint"):
         cx.CrossCoder.from_pretrained(tmp_path)
-    config_path.write_text(json.dumps(dict(config, format_version=3)))
-    with pytest.raises(InputError, match="format_version 3"):
+    config_path.write_text(json.dumps(dict(config, format_version=4)))
+    with pytest.raises(InputError, match="format_version 4"):
         cx.CrossCoder.from_pretrained(tmp_path)
     config_path.write_text(json.dumps(dict(config, bogus=1)))
     with pytest.raises(InputError, match="bogus"):

@@ -65,7 +65,7 @@ def test_normaliser_is_saved_with_the_model(tmp_path):
     cc.set_input_normalization(x.double().mean(0), x.double().var(0))
     cc.save_pretrained(tmp_path / "cc")
     config = json.loads((tmp_path / "cc" / "config.json").read_text())
-    assert config["target_rms"] == 1.0 and config["format_version"] == 2
+    assert config["target_rms"] == 1.0 and config["format_version"] == 3
     back = cx.CrossCoder.from_pretrained(tmp_path / "cc")
     for name in ("input_mean", "input_std", "input_scale"):
         assert torch.equal(getattr(back, name), getattr(cc, name)), name
