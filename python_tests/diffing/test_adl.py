@@ -17,6 +17,16 @@ from crossdiff_ext.diffing import coherent_steering, lens
 from crossdiff_ext.errors import InputError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are 16 wide: on one thread each matmul skips the thread pool's hand-off, which costs far
+    more than the matmul on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny(seed, init=0.02, width=16):
     """A loaded (model, tokenizer) pair: a random 3-block Llama over the tiny vocabulary."""
     torch.manual_seed(seed)
