@@ -85,7 +85,7 @@ def mean_difference(
     """
     cut = [list(t[:n_positions]) for t in ids if len(t)]
     total, counts, norms = None, torch.zeros(n_positions, dtype=torch.int64), []
-    for input_ids, attention, _ in padded_batches(cut, batch_size, pad_id(pair.tokenizer), device_of(pair.chat)):
+    for input_ids, attention in padded_batches(cut, batch_size, pad_id(pair.tokenizer), device_of(pair.chat)):
         h_ft = run_to_layer(pair.chat, layer, input_ids=input_ids, attention_mask=attention).float()
         where = device_of(pair.base)
         h_base = run_to_layer(pair.base, layer, input_ids=input_ids.to(where), attention_mask=attention.to(where))
@@ -157,7 +157,7 @@ class ADLResult:
         )
 
 
-def _check_settings(n_positions, batch_size, top_k, layer, scales, prompt, placeholder, steering_prompts):
+def _check_settings(n_positions, batch_size, top_k, layer, scales, prompt, placeholder):
     """What can be refused before any weights load (the readouts check the rest again where they run)."""
     require_int("n_positions", n_positions, 1)
     require_int("batch_size", batch_size, 1)
@@ -168,14 +168,20 @@ def _check_settings(n_positions, batch_size, top_k, layer, scales, prompt, place
         raise InputError(f"patchscope_scales must be positive finite numbers, got {list(scales)}")
     if not placeholder or placeholder not in prompt:
         raise InputError(f"the identity prompt {prompt!r} does not hold the placeholder {placeholder!r}")
-    if steering_prompts is not None and (
-        isinstance(steering_prompts, str)
-        or not steering_prompts
-        or not all(isinstance(p, str) and p for p in steering_prompts)
-    ):
-        raise InputError(
-            f"steering_prompts must be a non-empty list of non-empty strings, got {steering_prompts!r}"[:300]
-        )
+
+
+def _check_steering(prompts, factor, max_scale, steps, tokens):
+    """The steering settings, refused before any weights load."""
+    if prompts is None:
+        return
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise InputError(f"steering_prompts must be a non-empty list of non-empty strings, got {prompts!r}"[:300])
+    if not (isinstance(factor, (int, float)) and 1 < factor < float("inf")):
+        raise InputError(f"steering_factor must be a number > 1, got {factor!r}")
+    if not (isinstance(max_scale, (int, float)) and 0 < max_scale < float("inf")):
+        raise InputError(f"steering_max_scale must be a positive number, got {max_scale!r}")
+    require_int("steering_steps", steps, 0)
+    require_int("steering_tokens", tokens, 1)
 
 
 def adl(
@@ -230,9 +236,8 @@ def adl(
             or widths differ (all before any weights load), no document as long as n_positions, or a placeholder
             that is not a token of the identity prompt.
     """
-    _check_settings(
-        n_positions, batch_size, top_k, layer, patchscope_scales, identity_prompt, placeholder, steering_prompts
-    )
+    _check_settings(n_positions, batch_size, top_k, layer, patchscope_scales, identity_prompt, placeholder)
+    _check_steering(steering_prompts, steering_factor, steering_max_scale, steering_steps, steering_tokens)
     docs = read_corpus(data)
     pair = open_pair(base, chat, [] if layer is None else [layer], device=device, model_dtype=model_dtype)
     layer = n_layers(pair.chat) // 2 if layer is None else layer

@@ -156,7 +156,7 @@ def logit_diff(
     pair = open_pair(base, chat, device=device, model_dtype=model_dtype)
     ids = token_ids(docs, pair.tokenizer, context_length)
     kl, best, rise_sum, positions = [], [], 0.0, 0
-    for input_ids, attention, _ in padded_batches(ids, batch_size, pad_id(pair.tokenizer), device_of(pair.chat)):
+    for input_ids, attention in padded_batches(ids, batch_size, pad_id(pair.tokenizer), device_of(pair.chat)):
         logp_ft, logp_base = _both_log_probs(pair, input_ids, attention)
         real, lengths = attention.bool(), attention.sum(1).tolist()
         gap = (logp_ft - logp_base)[real]  # [n, V]: the batch's real positions, document after document

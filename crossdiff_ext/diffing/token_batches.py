@@ -131,7 +131,7 @@ def token_ids(docs: Sequence[Any], tokenizer: Any, length: int) -> list[list[int
 
 def padded_batches(
     ids: Sequence[Sequence[int]], batch_size: int, pad: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The id lists as right-padded batches.
 
     Args:
@@ -141,7 +141,7 @@ def padded_batches(
         device: Where the tensors go.
 
     Yields:
-        (input_ids [B, T], attention_mask [B, T], index of the batch's first list).
+        (input_ids [B, T], attention_mask [B, T]), the lists in order.
     """
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
@@ -151,7 +151,7 @@ def padded_batches(
         for i, t in enumerate(chunk):
             input_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             attention[i, : len(t)] = 1
-        yield input_ids.to(device), attention.to(device), start
+        yield input_ids.to(device), attention.to(device)
 
 
 def pad_id(tokenizer: Any) -> int:

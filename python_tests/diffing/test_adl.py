@@ -230,6 +230,8 @@ def no_weights(monkeypatch):
         (dict(identity_prompt="w1 w2"), "does not hold the placeholder"),
         (dict(steering_prompts=[]), "steering_prompts must be a non-empty list"),
         (dict(patchscope_scales=[1.0, -2.0]), "patchscope_scales must be positive"),
+        (dict(steering_prompts=["w1"], steering_factor=1.0), "steering_factor must be a number > 1"),
+        (dict(steering_prompts=["w1"], steering_tokens=0), "steering_tokens must be an int >= 1"),
     ],
 )
 def test_bad_input_is_refused_before_weights_load(pair, monkeypatch, kwargs, message):
