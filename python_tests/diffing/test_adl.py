@@ -145,6 +145,41 @@ def test_patchscope_writes_at_the_placeholder_and_reads_the_last_position():
         assert result.entropy[i] == pytest.approx(float(-(expected * expected.log()).sum()), rel=1e-4)
 
 
+def reads_back(seed):
+    """A model that reads a written vector back: tied embeddings of norm ~4 and blocks of weights ~0.002, so the
+    last position's logits are about E . norm(h), largest for the token whose embedding h is."""
+    model, tokenizer = tiny(seed, init=0.002)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(generator=rng(seed))
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("prompt, parses", [("w1 w1 : w2 w2 : w9", True), ("w1 w1 : w2 w2 : w9 :", False)])
+def test_the_control_parses_where_the_written_vector_is_read_back(prompt, parses):
+    model, tokenizer = reads_back(31)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    scales = [0.5, 1.0, 4.0]
+    (result,) = lens.patchscope(
+        model,
+        tokenizer,
+        torch.randn(16, generator=rng(32)),
+        1,
+        3.0,
+        scales=scales,
+        prompt=prompt,
+        placeholder="w9",
+        control_word="w5",
+    )
+    # Written at the last position, the control's own representation comes back as w5 at every scale; written
+    # before the last position, the model reads ":" there and answers from it, not from the control.
+    assert result.parses == [parses] * 3
+    chosen = lens.choose_scale(scales, result.entropy, result.parses)
+    assert result.chosen_scale == (scales[chosen] if parses else None)
+    assert result.chosen_tokens == (result.tokens[chosen] if parses else [])
+
+
 def test_the_scale_rule_takes_the_lowest_entropy_among_the_scales_that_parse():
     scales = [0.5, 1.0, 2.0, 4.0]
     assert lens.choose_scale(scales, [0.1, 2.0, 1.0, 1.0], [False, True, True, True]) == 2  # tie: smaller scale
