@@ -89,8 +89,8 @@ def mean_difference(
         h_ft = run_to_layer(pair.chat, layer, input_ids=input_ids, attention_mask=attention).float()
         where = device_of(pair.base)
         h_base = run_to_layer(pair.base, layer, input_ids=input_ids.to(where), attention_mask=attention.to(where))
-        mask = attention[..., None].float()
-        diff = ((h_ft - h_base.float().to(h_ft.device)) * mask).double().sum(0)
+        real = attention.bool()[..., None]  # where, not a product: a padded row may hold NaN in some models
+        diff = torch.where(real, h_ft - h_base.float().to(h_ft.device), 0.0).double().sum(0)
         width = diff.shape[0]
         total = torch.zeros(n_positions, diff.shape[1], dtype=torch.float64) if total is None else total
         total[:width] += diff.cpu()
