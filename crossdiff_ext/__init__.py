@@ -9,8 +9,11 @@ from .backends import backend, get_backend, set_backend
 from .data import ActivationStore, MixedBatches, OnlineActivations, StoreWriter
 from .data.activations import collect
 from .diffing import (
+    ADLResult,
     LatentScalingResult,
+    LogitDiffResult,
     ablate,
+    adl,
     causal,
     classify_latents,
     decoder_cosine,
@@ -19,6 +22,7 @@ from .diffing import (
     encoder_delta_norm,
     latent_scaling,
     latent_table,
+    logit_diff,
     steer,
     write_table,
 )
@@ -55,6 +59,10 @@ __all__ = [
     "attribution",
     "steer",
     "ablate",
+    "adl",
+    "ADLResult",
+    "logit_diff",
+    "LogitDiffResult",
     "planted_dictionary",
     "PlantedDictionary",
     "score_recovery",

@@ -9,6 +9,8 @@ crossdiff causal --checkpoint CC --base B --chat C --layer L --data FILE --store
                  the activation-patching KL experiment on the paper's latent sets (or --latents)
 crossdiff steer --checkpoint CC --model M --layer L --latents IDS ... --prompt TEXT   generate with and without
                  the latents steered in (or --ablate: projected out)
+crossdiff adl --base B --chat C --data FILE --out adl.json   the Activation Difference Lens of a fine-tune
+crossdiff logit-diff --base B --chat C --data FILE --out diff.json   where the two models' outputs disagree
 crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTopK on a planted dictionary
 crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair, paired activations,
                   BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports
@@ -27,7 +29,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import InputError
-from . import causal, collect, demo, miniature, planted, report, scale, steer, train, verify
+from . import adl, causal, collect, demo, logit_diff, miniature, planted, report, scale, steer, train, verify
 
 # (name, module, one-line help), in the order --help lists them.
 SUBCOMMANDS = (
@@ -41,6 +43,8 @@ SUBCOMMANDS = (
     ("report", report, "Latent Scaling, latent table and max-activating examples -> HTML"),
     ("causal", causal, "activation-patching KL experiment: do the latents move the chat model?"),
     ("steer", steer, "generate with and without crosscoder latents steered in (or ablated)"),
+    ("adl", adl, "Activation Difference Lens: the mean activation difference read by the fine-tuned model"),
+    ("logit-diff", logit_diff, "output differences: KL per position and the tokens the fine-tune promotes"),
 )
 
 

@@ -1,7 +1,10 @@
 """Reading a crosscoder: decoder norms and latent classes (analysis.py), Latent Scaling, max-activating examples,
-the HTML report, causal evidence by activation patching (causal.py) and steering (steering.py)."""
+the HTML report, causal evidence by activation patching (causal.py) and steering (steering.py); instruments that
+need no crosscoder: the Activation Difference Lens (activation_difference.py) and output differences
+(output_difference.py)."""
 
 from . import causal
+from .activation_difference import ADLResult, adl
 from .analysis import (
     classify_latents,
     decoder_cosine,
@@ -13,6 +16,7 @@ from .analysis import (
     write_table,
 )
 from .latent_scaling import LatentScalingResult, latent_scaling
+from .output_difference import LogitDiffResult, logit_diff
 from .steering import ablate, steer
 
 __all__ = [
@@ -29,4 +33,8 @@ __all__ = [
     "causal",
     "steer",
     "ablate",
+    "adl",
+    "ADLResult",
+    "logit_diff",
+    "LogitDiffResult",
 ]
