@@ -1,5 +1,6 @@
 """Shared fixtures: the backends under test, per-dtype tolerances, exact-arithmetic inputs, NaN poisoning."""
 
+import math
 import os
 import random
 
@@ -76,6 +77,17 @@ def dtypes_for(name):
 def close(actual, expected, dtype=None, scale=1.0):
     tol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def plant_specials(t, g, nan=0, inf=0, neg_inf=0, neg_zero=0, zero=0):
+    """Writes NaN, +inf, -inf, -0 and 0 (that many of each) at distinct random places of the CPU tensor t; returns t."""
+    flat = t.view(-1)
+    places = torch.randperm(flat.numel(), generator=g)
+    start = 0
+    for value, n in ((math.nan, nan), (math.inf, inf), (-math.inf, neg_inf), (-0.0, neg_zero), (0.0, zero)):
+        flat[places[start : start + n]] = value
+        start += n
+    return t
 
 
 def grid_tensor(shape, low, high, denominator, dtype, device="cpu", generator=None):

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import grid_tensor, rng
+from conftest import grid_tensor, plant_specials, rng
 
 import crossdiff_ext  # noqa: F401  (loads the extension, which registers the emulator)
 from crossdiff_ext import ops
@@ -185,13 +185,7 @@ def test_emulated_topk_over_preactivations(dtype):
     # weights make a negative pre-activation's raw product positive.
     g = rng(8)
     B, F = 13, 530
-    pre = torch.randn(B, F, generator=g)
-    flat = pre.view(-1)
-    places = torch.randperm(B * F, generator=g)
-    flat[places[:4]] = math.nan
-    flat[places[4:8]] = -math.inf
-    flat[places[8:20]] = -0.0
-    pre = pre.to(dtype)
+    pre = plant_specials(torch.randn(B, F, generator=g), g, nan=4, neg_inf=4, neg_zero=12).to(dtype)
     w = torch.randn(F, generator=g)
     f = torch.relu(pre)
     n_positive = int((f.float() * w > 0).sum())

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_device, backend_params, dtypes_for, grid_tensor, rng
+from conftest import backend_device, backend_params, dtypes_for, grid_tensor, plant_specials, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import ops
@@ -183,13 +183,7 @@ def test_selection_gradients_reach_kept_entries_only(name):
 def preactivations(B, F, dtype, g):
     """Pre-activations with every special value, and weights of both signs with zeros: a negative f times a
     negative w is a positive product, so ReLU must come before the multiply."""
-    pre = torch.randn(B, F, generator=g)
-    flat = pre.view(-1)
-    places = torch.randperm(B * F, generator=g)
-    flat[places[:3]] = math.nan
-    flat[places[3:6]] = math.inf
-    flat[places[6:9]] = -math.inf
-    flat[places[9:15]] = -0.0
+    pre = plant_specials(torch.randn(B, F, generator=g), g, nan=3, inf=3, neg_inf=3, neg_zero=6)
     w = torch.randn(F, generator=g)
     w[: max(1, F // 10)] = 0.0
     return pre.to(dtype), w

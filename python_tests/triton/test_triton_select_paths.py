@@ -7,11 +7,10 @@ rarer paths. Interpreted (no GPU) the whole file took 39-45 s on a 2-core machin
 (`pytest --durations=5 python_tests/triton/test_triton_select_paths.py`).
 """
 
-import math
 
 import pytest
 import torch
-from conftest import backend_device, dtypes_for, grid_tensor, rng
+from conftest import backend_device, dtypes_for, grid_tensor, plant_specials, rng
 
 import crossdiff_ext as cx
 from crossdiff_ext import errors, ops
@@ -125,15 +124,8 @@ def test_specials_and_negative_weights(select, poison):
     g = rng(13)
     B, F = 9, 50
     for dtype in DTYPES:
-        f = torch.randn(B, F, generator=g)
+        f = plant_specials(torch.randn(B, F, generator=g), g, nan=6, inf=6, neg_inf=6, neg_zero=12, zero=10)
         w = torch.randn(F, generator=g)
-        flat = f.view(-1)
-        places = torch.randperm(B * F, generator=g)
-        flat[places[:6]] = math.nan
-        flat[places[6:12]] = math.inf
-        flat[places[12:18]] = -math.inf
-        flat[places[18:30]] = -0.0
-        flat[places[30:40]] = 0.0
         w[3], w[7] = 0.0, -0.0  # inf * 0: NaN scores
         f = f.to(dtype)
         for K in (3, B * F // 2, B * F - 3):
@@ -148,8 +140,7 @@ def test_preactivations_on_every_path(select, cap, poison):
     g = rng(14)
     B, F = 9, 61
     for dtype in DTYPES:
-        pre = torch.randn(B, F, generator=g)
-        pre.view(-1)[torch.randperm(B * F, generator=g)[:6]] = torch.tensor([math.nan, -math.inf, -0.0] * 2)
+        pre = plant_specials(torch.randn(B, F, generator=g), g, nan=2, neg_inf=2, neg_zero=2)
         pre, w = pre.to(dtype), torch.randn(F, generator=g)
         n_positive = int((torch.relu(pre).float() * w > 0).sum())
         for K in (4, n_positive + 20):
