@@ -7,7 +7,6 @@ rarer paths. Interpreted (no GPU) the whole file took 39-45 s on a 2-core machin
 (`pytest --durations=5 python_tests/triton/test_triton_select_paths.py`).
 """
 
-
 import pytest
 import torch
 from conftest import backend_device, dtypes_for, grid_tensor, plant_specials, rng
