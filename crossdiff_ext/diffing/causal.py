@@ -37,7 +37,7 @@ from ..data.activations import read_documents, template_token_ids
 from ..errors import InputError, require_int
 from ..layer import CrossCoder
 from ..models.blocks import block_hidden, decoder_blocks, output_format, run_to_layer, skip_through_layer
-from ..models.loading import ModelSpec, load_pair, model_name
+from ..models.loading import ModelSpec, load_pair, model_name, place_model
 from .latent_sets import paper_latent_sets
 from .scored_positions import SUBSETS, check_documents, is_conversation, score_document, subset_mask
 
@@ -186,15 +186,6 @@ def _check_sets(latent_sets, n_latents):
     return checked
 
 
-def _place(spec, model, device):
-    """Models loaded here go to `device` (default: CUDA when available); given models stay put unless asked."""
-    if device is not None:
-        model = model.to(device)
-    elif not isinstance(spec, tuple):
-        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model.eval()
-
-
 @dataclass
 class _Pair:
     base: Any
@@ -205,7 +196,7 @@ class _Pair:
 
 def _open(base, chat, crosscoder, layer, device, model_dtype=None):
     (m_base, _), (m_chat, tokenizer) = load_pair(base, chat, [layer], dtype=model_dtype, width=crosscoder.d_model)
-    return _Pair(_place(base, m_base, device), _place(chat, m_chat, device), tokenizer, layer)
+    return _Pair(place_model(base, m_base, device), place_model(chat, m_chat, device), tokenizer, layer)
 
 
 def _documents(pair, docs, *, context_length, first_k, ignore_first):

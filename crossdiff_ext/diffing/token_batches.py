@@ -15,7 +15,7 @@ import torch
 
 from ..data.activations import read_documents, tokenize
 from ..errors import InputError
-from ..models.loading import ModelSpec, load_pair
+from ..models.loading import ModelSpec, load_pair, place_model
 
 Data = Union[os.PathLike, str, Iterable[Any]]
 Device = Optional[Union[torch.device, str]]
@@ -56,15 +56,6 @@ def read_corpus(data: Data) -> list[Any]:
     return docs
 
 
-def _place(spec, model, device):
-    """Models loaded here go to `device` (default: CUDA when available); given models stay put unless asked."""
-    if device is not None:
-        model = model.to(device)
-    elif not isinstance(spec, tuple):
-        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model.eval()
-
-
 def open_pair(
     base: ModelSpec,
     chat: ModelSpec,
@@ -93,7 +84,7 @@ def open_pair(
     rows = [m.get_output_embeddings().weight.shape[0] for m in (m_base, m_chat)]
     if rows[0] != rows[1]:
         raise InputError(f"the models' output vocabularies differ: {rows[0]} (base) vs {rows[1]} (chat) logits")
-    return ModelPair(_place(base, m_base, device), _place(chat, m_chat, device), tokenizer)
+    return ModelPair(place_model(base, m_base, device), place_model(chat, m_chat, device), tokenizer)
 
 
 def device_of(model: Any) -> torch.device:

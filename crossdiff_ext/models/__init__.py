@@ -12,7 +12,7 @@ from .blocks import (
     run_to_layers,
     skip_through_layer,
 )
-from .loading import ModelSpec, check_tokenizers, load_pair, model_name
+from .loading import ModelSpec, check_tokenizers, load_pair, model_name, place_model
 
 __all__ = [
     "ModelSpec",
@@ -24,6 +24,7 @@ __all__ = [
     "load_pair",
     "model_name",
     "n_layers",
+    "place_model",
     "run_to_layer",
     "run_to_layers",
     "skip_through_layer",

@@ -140,3 +140,13 @@ def default_model_dtype(device: torch.device) -> torch.dtype:
 def model_name(spec: ModelSpec) -> str:
     """How a model spec is recorded: its path or hub name, or the class name of a loaded model."""
     return type(spec[0]).__name__ if isinstance(spec, tuple) else os.fspath(spec)
+
+
+def place_model(spec: ModelSpec, model: Any, device: Any) -> Any:
+    """A model of a loaded pair, in eval mode on its device: `device` when given; else a model loaded here from a
+    path or hub name goes to CUDA when available, and a given (model, tokenizer) pair stays where it is."""
+    if device is not None:
+        model = model.to(device)
+    elif not isinstance(spec, tuple):
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.eval()
