@@ -79,6 +79,17 @@ def close(actual, expected, dtype=None, scale=1.0):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (16 wide): each matmul then skips the thread pool's hand-off,
+    which costs far more than the matmul on a busy machine (a module of 28 such tests: 50 s -> 10 s on a shared
+    2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def plant_specials(t, g, nan=0, inf=0, neg_inf=0, neg_zero=0, zero=0):
     """Writes NaN, +inf, -inf, -0 and 0 (that many of each) at distinct random places of the CPU tensor t; returns t."""
     flat = t.view(-1)

@@ -14,15 +14,8 @@ from tiny_models import WORDS, make_tokenizer
 import crossdiff_ext as cx
 from crossdiff_ext.errors import InputError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are 16 wide: on one thread each matmul skips the thread pool's hand-off, which costs far
-    more than the matmul on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The models here are 16 wide: one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed, init=0.3):
