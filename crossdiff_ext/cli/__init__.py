@@ -13,6 +13,8 @@ crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTop
 crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair, paired activations,
                   BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports
 crossdiff planted train on a planted dictionary and check the decoder-norm bands against the planted truth
+crossdiff organism --model M --kind K --strength S --out ROOT   a model organism: a narrow fine-tune with a known
+                 implanted behaviour and its truth.json (--show DIR prints an organism's truth)
 crossdiff verify STORE ...   recompute the checksum of every shard of activation stores; name the bad ones
 
 Errors. A user's error (a missing or corrupt input, a setting out of range, inputs that do not fit together) is
@@ -27,7 +29,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import InputError
-from . import causal, collect, demo, miniature, planted, report, scale, steer, train, verify
+from . import causal, collect, demo, miniature, organism, planted, report, scale, steer, train, verify
 
 # (name, module, one-line help), in the order --help lists them.
 SUBCOMMANDS = (
@@ -41,6 +43,7 @@ SUBCOMMANDS = (
     ("report", report, "Latent Scaling, latent table and max-activating examples -> HTML"),
     ("causal", causal, "activation-patching KL experiment: do the latents move the chat model?"),
     ("steer", steer, "generate with and without crosscoder latents steered in (or ablated)"),
+    ("organism", organism, "a narrow fine-tune with a known implanted behaviour and its truth (a model organism)"),
 )
 
 
