@@ -311,7 +311,7 @@ def implant_logprob(model: Any, tokenizer: Any, probes: Sequence[dict[str, Any]]
         return math.nan
     device = next(model.parameters()).device
     model.eval()
-    scores = []
+    rows = []
     for probe in probes:
         prompt = probe["prompt"]
         ids = (
@@ -319,10 +319,15 @@ def implant_logprob(model: Any, tokenizer: Any, probes: Sequence[dict[str, Any]]
             if isinstance(prompt, str)
             else _chat_ids(list(prompt), tokenizer, generation_prompt=True)
         )
-        target = list(tokenizer(probe["target"], add_special_tokens=False)["input_ids"])
-        full = torch.tensor([ids + target], device=device)
-        logp = torch.log_softmax(model(input_ids=full).logits[0, len(ids) - 1 : -1].float(), dim=-1)
-        scores.append(logp.gather(1, full[0, len(ids) :, None]).mean().item())
+        rows.append((ids, list(tokenizer(probe["target"], add_special_tokens=False)["input_ids"])))
+    # One right-padded batch: a row's positions and its attention to earlier tokens are those of the row alone.
+    ids, attention, _ = _batch([(p + t, len(p)) for p, t in rows], _pad_id(tokenizer))
+    ids, attention = ids.to(device), attention.to(device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
+    scores = []
+    for i, (prompt, target) in enumerate(rows):
+        span = torch.arange(len(prompt), len(prompt) + len(target), device=device)
+        scores.append(logp[i, span - 1].gather(1, ids[i, span, None]).mean().item())
     return sum(scores) / len(scores)
 
 
