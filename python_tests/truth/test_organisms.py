@@ -275,3 +275,29 @@ def test_the_command_line_builds_then_shows_an_organism(base, tmp_path, capsys):
     assert truth == organisms.load_organism(summary["path"]).truth
     digest = hashlib.sha256(open(os.path.join(summary["path"], organisms.DATA_FILE), "rb").read()).hexdigest()
     assert truth["data"]["sha256"] == digest
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_build_killed_at_any_write_step_leaves_no_organism_or_a_whole_one(base, tmp_path):
+    """SIGKILL inside the atomic writer (CROSSDIFF_FAULT=kill:N) in a forked child. Its write steps: data.jsonl
+    (1-4), truth.json (5-8), the directory complete (9), renamed (10). Killed with the directory complete but not
+    renamed, the final name does not exist and the next build trains anew; killed just after the rename, the
+    organism is whole and reused. (Weights are written before step 1: a kill there leaves the same state as 9.)"""
+    seed = _seed(2911)
+    for step, whole in [(9, False), (10, True)]:
+        root = tmp_path / f"kill-{step}"
+        pid = os.fork()
+        if pid == 0:  # the child: build until the fault point kills it
+            try:
+                os.environ["CROSSDIFF_FAULT"] = f"kill:{step}"
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+                organisms.build_organism(base, "topic_phrase", 1, root, seed, steps=2, **FAST)
+            finally:
+                os._exit(3)  # not killed: the test fails on the status below
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9, (step, status)
+        finals = [p for p in root.iterdir() if not p.name.startswith(".")]
+        assert len(finals) == int(whole), (step, finals)
+        assert any(p.name.startswith(".") for p in root.iterdir()) != whole  # the killed build's temporary dir
+        built = organisms.build_organism(base, "topic_phrase", 1, root, seed, steps=2, **FAST)
+        assert built.reused == whole
