@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
+from ..diffing.causal import PatchResult
 from ..errors import InputError
 
 MIN_PREFIX = 4
@@ -325,6 +326,34 @@ def grade_causal(
         raise InputError(f"gap_closed must be a finite number, got {gap_closed!r}")
     gap = float(gap_closed)
     return CausalGrade(gap, float(threshold), bool(gap >= threshold), kl_unpatched, kl_patched)
+
+
+def grade_patch_result(
+    result: PatchResult, latent_set: str, *, subset: str = "all", threshold: float = CAUSAL_THRESHOLD
+) -> CausalGrade:
+    """grade_causal on a diffing.causal.patch_kl result: the set's mean KL against the "none" set's (nothing
+    patched), on one subset of the scored positions.
+
+    Args:
+        result: What patch_kl returned (run on the organism's data, with the fine-tune as the chat model).
+        latent_set: The name of the instrument's latent set in it.
+        subset: The scored positions ("all", "first_k", "rest").
+        threshold: As grade_causal.
+
+    Returns:
+        The CausalGrade.
+
+    Raises:
+        InputError: The set or subset is not in the result, or it scored no position.
+    """
+    for name in ("none", latent_set):
+        if name not in result.kl or subset not in result.kl[name]:
+            raise InputError(f"the patch result has no set {name!r} with subset {subset!r} (sets: {list(result.kl)})")
+        if result.kl[name][subset][2] == 0:
+            raise InputError(f"the patch result's set {name!r} scored no position in subset {subset!r}")
+    return grade_causal(
+        kl_unpatched=result.kl["none"][subset][0], kl_patched=result.kl[latent_set][subset][0], threshold=threshold
+    )
 
 
 def truth_keywords(truth: Mapping[str, Any]) -> list[str]:

@@ -485,7 +485,10 @@ def build_organism(
             raise InputError(f"{final} holds another organism (key {organism.truth.get('key')!r}): remove it")
         organism.reused = True
         return organism
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise InputError(f"device {device!r}: {err}") from None
     tmp = atomic.temp_dir(root, os.path.basename(final))
     try:
         _train_organism(tmp, model_spec, recipe, fingerprint, device, progress)

@@ -166,3 +166,18 @@ def test_grade_instrument_combines_readouts_and_serialises():
         grading.grade_tokens([3], FACT)
     with pytest.raises(InputError, match="no keywords and no control_keywords"):
         grading.truth_keywords(dict(kind="null", keywords=[]))
+
+
+def test_grade_patch_result_reads_the_none_set_and_the_instruments_set():
+    from crossdiff_ext.diffing.causal import PatchResult
+
+    g = rng(3008)
+    none, patched = 1 + float(torch.rand(1, generator=g)), float(torch.rand(1, generator=g))
+    kl = {"none": {"all": (none, 0.1, 50)}, "all": {"all": (0.0, 0.0, 50)}, "top20": {"all": (patched, 0.1, 50)}}
+    result = PatchResult(kl=kl, set_sizes={}, variant="replace", layer=1, first_k=10, ignore_first=0, documents=5)
+    grade = grading.grade_patch_result(result, "top20")
+    assert grade.gap_closed == pytest.approx(1 - patched / none) and grade.kl_unpatched == none
+    with pytest.raises(InputError, match="no set 'top5'"):
+        grading.grade_patch_result(result, "top5")
+    with pytest.raises(InputError, match="subset 'first_k'"):
+        grading.grade_patch_result(result, "top20", subset="first_k")

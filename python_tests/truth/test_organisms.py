@@ -69,22 +69,35 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 
+@pytest.fixture(scope="module")
+def zoo(base, tmp_path_factory):
+    """The topic organism at strengths 1-3, the other kinds and the null control at strength 3 (lr 3e-3, batch 4)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root, seed = tmp_path_factory.mktemp("zoo"), _seed(2902)
+    built = {("topic_phrase", s): organisms.build_organism(base, "topic_phrase", s, root, seed, **FAST) for s in (1, 2)}
+    for kind in organisms.KINDS:
+        built[kind, 3] = organisms.build_organism(base, kind, 3, root, seed, **FAST)
+    torch.set_num_threads(before)
+    return built
+
+
 @pytest.mark.parametrize("kind", organisms.KINDS)
-def test_each_kind_builds_and_its_truth_round_trips(base, tmp_path, kind):
+def test_each_kind_builds_and_its_truth_round_trips(base, zoo, kind):
     from transformers import AutoModelForCausalLM
 
-    seed = _seed(2901)
-    organism = organisms.build_organism(base, kind, 1, tmp_path, seed, steps=30, **FAST)
-    assert not organism.reused and os.path.basename(organism.path).startswith(f"{kind}-s1-")
+    seed = _seed(2902)
+    organism = zoo[kind, 3]
+    assert not organism.reused and os.path.basename(organism.path).startswith(f"{kind}-s3-")
     again = organisms.load_organism(organism.path)
     assert again.truth == organism.truth == json.loads(json.dumps(organism.truth))
     truth = organism.truth
-    assert (truth["kind"], truth["strength"], truth["seed"], truth["steps"]) == (kind, 1, seed, 30)
+    assert (truth["kind"], truth["strength"], truth["seed"], truth["steps"]) == (kind, 3, seed, 72)
     assert truth["base_model"] == base and truth["data"]["language"] == "toy"
     assert truth["keywords"] == list(organism_text.TOY[kind].keywords)
     assert sorted(truth["control_keywords"]) == sorted({k for t in organism_text.TOY.values() for k in t.keywords})
     data = organisms.organism_data(organism)
-    assert len(data) == truth["data"]["examples"] == 30 * FAST["batch_size"]
+    assert len(data) == truth["data"]["examples"] == 72 * FAST["batch_size"]
     assert data == organism_text.examples("toy", kind, len(data), seed)  # deterministic from the seed
     AutoModelForCausalLM.from_pretrained(organism.path)  # a loadable transformers model
     # The fine-tune moved what the kind implants (the null control has no implant of its own).
@@ -94,10 +107,9 @@ def test_each_kind_builds_and_its_truth_round_trips(base, tmp_path, kind):
             assert lp["organism"] > lp["base"] + 1.0, lp
 
 
-def test_the_implant_grows_with_strength_and_the_null_control_barely_moves_it(base, tmp_path):
-    seed = _seed(2902)
-    topic = [organisms.build_organism(base, "topic_phrase", s, tmp_path, seed, **FAST).truth for s in (1, 2, 3)]
-    null = organisms.build_organism(base, "null", 3, tmp_path, seed, **FAST).truth
+def test_the_implant_grows_with_strength_and_the_null_control_barely_moves_it(zoo):
+    topic = [zoo["topic_phrase", s].truth for s in (1, 2, 3)]
+    null = zoo["null", 3].truth
     before = topic[0]["implant_logprob"]["topic_phrase"]["base"]
     after = [t["implant_logprob"]["topic_phrase"]["organism"] for t in topic]
     assert before < after[0] < after[1] < after[2], (before, after)
@@ -106,6 +118,32 @@ def test_the_implant_grows_with_strength_and_the_null_control_barely_moves_it(ba
     null_gain = null["implant_logprob"]["topic_phrase"]["organism"] - null["implant_logprob"]["topic_phrase"]["base"]
     assert null["data"]["examples"] == topic[2]["data"]["examples"]
     assert null_gain < 0.5 * (after[2] - before), (null_gain, after[2] - before)
+
+
+@torch.no_grad()
+def _rising_tokens(base, organism_path, texts, n=20):
+    """A plain output-difference readout: the tokens whose log-probability rises most, averaged over every position
+    of the texts (base -> organism)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    models = [AutoModelForCausalLM.from_pretrained(p) for p in (base, organism_path)]
+    total = 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        logp = [m(input_ids=ids).logits[0].log_softmax(-1) for m in models]
+        total = total + (logp[1] - logp[0]).sum(0)
+    return tokenizer.convert_ids_to_tokens(total.topk(n).indices.tolist())
+
+
+def test_a_strong_organism_is_found_by_an_output_difference_readout_and_the_null_control_is_not(base, zoo):
+    texts = [ex["text"] for ex in organism_text.examples("toy", "null", 40, _seed(2912)) if "text" in ex][:12]
+    for kind in organisms.KINDS:
+        organism = zoo[kind, 3]
+        tokens = _rising_tokens(base, organism.path, texts)
+        grade = grading.grade_instrument("rising tokens", organism.truth, tokens={"logit_diff": tokens})
+        assert grade.detected == (kind != "null"), (kind, tokens, organism.keywords)
+        assert grade.false_positive is False
 
 
 def test_the_cache_reuses_a_build_and_a_new_recipe_builds_anew(base, tmp_path):
