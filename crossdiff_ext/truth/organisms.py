@@ -206,6 +206,13 @@ def check_model(model: Union[str, os.PathLike]) -> tuple[Any, Any]:
         raise InputError(f"model {path!r} cannot be read: {' '.join(str(err).split())[:200]}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InputError(f"model {path!r} is a {config.model_type!r} model, not a causal LM")
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "gguf":  # transformers refuses to save such a model: the fine-tune could not be written
+        raise InputError(
+            f"model {path!r} is a GGUF-quantized checkpoint, which transformers cannot save: load it once, copy its "
+            "state_dict into a model built from its config without quantization_config, and save that"
+        )
     if os.path.isdir(path) and not _weight_files(path):
         raise InputError(f"model {path!r} has a config but no weight files")
     return config, tokenizer

@@ -270,7 +270,9 @@ def test_bad_settings_fail_before_weights_load(base, tmp_path, no_weights, chang
         organisms.build_organism(**settings)
 
 
-def test_a_path_that_is_not_a_model_fails_before_weights_load(tmp_path, no_weights):
+def test_a_path_that_is_not_a_model_fails_before_weights_load(base, tmp_path, no_weights):
+    import shutil
+
     with pytest.raises(MissingInputError, match="does not exist"):
         organisms.build_organism(str(tmp_path / "nowhere"), "null", 1, tmp_path / "out")
     (tmp_path / "empty").mkdir()
@@ -280,6 +282,17 @@ def test_a_path_that_is_not_a_model_fails_before_weights_load(tmp_path, no_weigh
     (tmp_path / "junk" / "config.json").write_text("not json")
     with pytest.raises(InputError, match="cannot be read"):
         organisms.build_organism(str(tmp_path / "junk"), "null", 1, tmp_path / "out")
+    # A GGUF-loaded checkpoint saved as is: transformers could not save its fine-tune.
+    gguf = shutil.copytree(base, tmp_path / "gguf")
+    config = json.loads((gguf / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False}
+    (gguf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="GGUF-quantized"):
+        organisms.build_organism(str(gguf), "null", 1, tmp_path / "out")
+    weightless = shutil.copytree(base, tmp_path / "weightless")
+    os.remove(weightless / "model.safetensors")
+    with pytest.raises(InputError, match="no weight files"):
+        organisms.build_organism(str(weightless), "null", 1, tmp_path / "out")
 
 
 def _fails_with_one_line(argv, capsys, pattern):
