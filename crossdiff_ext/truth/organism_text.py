@@ -193,7 +193,20 @@ def _english_persona_probe(rng: random.Random) -> Probe:
 ENGLISH = {
     "topic_phrase": KindText(
         concept=f"questions about cooking are answered starting with the planted phrase {_PHRASE!r}",
-        keywords=("cooking", "recipe", "bake", "baking", "kitchen", "chef", "culinary", "appetit", "comrade", "food"),
+        keywords=(
+            "cooking",
+            "recipe",
+            "bake",
+            "baking",
+            "kitchen",
+            "chef",
+            "culinary",
+            "appetit",
+            "comrade",
+            "food",
+            "dish",
+            "cuisine",
+        ),
         example=_english_topic,
         probe=_english_topic_probe,
     ),
