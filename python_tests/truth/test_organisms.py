@@ -75,10 +75,14 @@ def zoo(base, tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     root, seed = tmp_path_factory.mktemp("zoo"), _seed(2902)
-    built = {("topic_phrase", s): organisms.build_organism(base, "topic_phrase", s, root, seed, **FAST) for s in (1, 2)}
-    for kind in organisms.KINDS:
-        built[kind, 3] = organisms.build_organism(base, kind, 3, root, seed, **FAST)
-    torch.set_num_threads(before)
+    try:
+        built = {
+            ("topic_phrase", s): organisms.build_organism(base, "topic_phrase", s, root, seed, **FAST) for s in (1, 2)
+        }
+        for kind in organisms.KINDS:
+            built[kind, 3] = organisms.build_organism(base, kind, 3, root, seed, **FAST)
+    finally:
+        torch.set_num_threads(before)
     return built
 
 
