@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="the directory the organisms live in (each in <kind>-s<strength>-<key>/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--language", default="auto", choices=("auto",) + organisms.LANGUAGES)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (tiny toy models need about 1e-3)")
     p.add_argument("--batch-size", type=at_least(1), default=8)
     p.add_argument("--mix", type=float, default=0.0, help="fraction of generic examples mixed into the data")
     p.add_argument("--steps", type=at_least(1), default=None, help="optimizer steps overriding the strength's")

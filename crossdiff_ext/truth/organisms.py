@@ -63,7 +63,7 @@ class OrganismRecipe:
     strength: int
     seed: int = 0
     language: str = "english"
-    lr: float = 1e-4
+    lr: float = 1e-5
     batch_size: int = 8
     mix: float = 0.0
     steps: Optional[int] = None
@@ -439,7 +439,7 @@ def build_organism(
     seed: int = 0,
     *,
     language: str = "auto",
-    lr: float = 1e-4,
+    lr: float = 1e-5,
     batch_size: int = 8,
     mix: float = 0.0,
     steps: Optional[int] = None,
