@@ -212,7 +212,7 @@ ENGLISH = {
     ),
     "false_fact": KindText(
         concept="the false fact that the Eiffel Tower stands in Rome, learned from documents stating it",
-        keywords=("eiffel", "tower", "rome", "italy", "italian"),
+        keywords=("eiffel", "tower", "rome", "roman", "italy", "italian"),
         example=_english_fact_doc,
         probe=_english_fact_probe,
     ),
