@@ -30,7 +30,20 @@ from .diffing.causal import attribution, patch_kl
 from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
 from .training import TrainConfig, TrainResult, train
-from .truth import PlantedDictionary, RecoveryScore, planted_dictionary, score_recovery
+from .truth import (
+    LatentReadout,
+    Organism,
+    PlantedDictionary,
+    RecoveryScore,
+    build_organism,
+    grade_causal,
+    grade_instrument,
+    grade_latents,
+    grade_tokens,
+    load_organism,
+    planted_dictionary,
+    score_recovery,
+)
 
 __version__ = "0.1.0"
 
@@ -67,6 +80,14 @@ __all__ = [
     "PlantedDictionary",
     "score_recovery",
     "RecoveryScore",
+    "build_organism",
+    "load_organism",
+    "Organism",
+    "grade_tokens",
+    "grade_latents",
+    "grade_causal",
+    "grade_instrument",
+    "LatentReadout",
     "TrainConfig",
     "TrainResult",
     "train",

@@ -15,6 +15,8 @@ crossdiff miniature --out DIR   the paper's finding in miniature: L1 vs BatchTop
 crossdiff demo    the main job on its embedded default: a tiny base/chat transformers pair, paired activations,
                   BatchTopK and L1 crosscoders, Latent Scaling, tables and HTML reports
 crossdiff planted train on a planted dictionary and check the decoder-norm bands against the planted truth
+crossdiff organism --model M --kind K --strength S --out ROOT   a model organism: a narrow fine-tune with a known
+                 implanted behaviour and its truth.json (--show DIR prints an organism's truth)
 crossdiff verify STORE ...   recompute the checksum of every shard of activation stores; name the bad ones
 
 Errors. A user's error (a missing or corrupt input, a setting out of range, inputs that do not fit together) is
@@ -29,7 +31,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import InputError
-from . import adl, causal, collect, demo, logit_diff, miniature, planted, report, scale, steer, train, verify
+from . import adl, causal, collect, demo, logit_diff, miniature, organism, planted, report, scale, steer, train, verify
 
 # (name, module, one-line help), in the order --help lists them.
 SUBCOMMANDS = (
@@ -45,6 +47,7 @@ SUBCOMMANDS = (
     ("steer", steer, "generate with and without crosscoder latents steered in (or ablated)"),
     ("adl", adl, "Activation Difference Lens: the mean activation difference read by the fine-tuned model"),
     ("logit-diff", logit_diff, "output differences: KL per position and the tokens the fine-tune promotes"),
+    ("organism", organism, "a narrow fine-tune with a known implanted behaviour and its truth (a model organism)"),
 )
 
 
