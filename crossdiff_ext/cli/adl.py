@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     atomic.write_json(args.out, result.to_json(), indent=1)
     for p, (read, scope) in enumerate(zip(result.logit_lens, result.patchscope)):
         top = " ".join(repr(t["token"]) for t in read["top"][:8])
+        if scope is None:
+            print(f"position {p}: logit lens {top}\n            patchscope: the models agree here (zero difference)")
+            continue
         chosen = " ".join(repr(t["token"]) for t in scope.chosen_tokens[:8]) or "(no scale parses)"
         print(f"position {p}: logit lens {top}\n            patchscope x{scope.chosen_scale}: {chosen}")
     print(f"{args.out}: layer {result.layer}, {result.documents} documents")

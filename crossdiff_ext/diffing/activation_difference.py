@@ -117,8 +117,10 @@ class ADLResult:
         typical_norm: The median residual norm of the fine-tuned model at the layer (the unit of scales).
         logit_lens: Per position {"top": [...], "bottom": [...]}: tokens {"token", "id", "score" (logit)} with the
             largest and smallest logits of the fine-tuned model's final norm and unembedding applied to delta_p.
-        patchscope: Per position, the PatchscopeResult.
-        steering: Per position, the SteeringResult (None when no steering prompts were given).
+        patchscope: Per position, the PatchscopeResult; None where delta_p is zero (the models agree there: no
+            direction to write).
+        steering: Per position, the SteeringResult, None where delta_p is zero (the whole list is None when no
+            steering prompts were given).
         documents: Documents read.
         base: The base model (path, hub name or class name).
         chat: The fine-tuned model, likewise.
@@ -129,8 +131,8 @@ class ADLResult:
     counts: torch.Tensor
     typical_norm: float
     logit_lens: list[dict[str, list[dict[str, Any]]]]
-    patchscope: list[PatchscopeResult]
-    steering: Optional[list[SteeringResult]]
+    patchscope: list[Optional[PatchscopeResult]]
+    steering: Optional[list[Optional[SteeringResult]]]
     documents: int
     base: str = ""
     chat: str = ""
@@ -152,8 +154,8 @@ class ADLResult:
             delta_norm=self.delta.norm(dim=-1).tolist(),
             delta=self.delta.tolist(),
             logit_lens=self.logit_lens,
-            patchscope=[p.to_json() for p in self.patchscope],
-            steering=None if self.steering is None else [s.to_json() for s in self.steering],
+            patchscope=[None if p is None else p.to_json() for p in self.patchscope],
+            steering=None if self.steering is None else [None if s is None else s.to_json() for s in self.steering],
         )
 
 
@@ -248,18 +250,28 @@ def adl(
         {"top": ranked_tokens(pair.tokenizer, row, top_k), "bottom": ranked_tokens(pair.tokenizer, row, top_k, False)}
         for row in logits
     ]
-    scopes = patchscope(
-        pair.chat,
-        pair.tokenizer,
-        measured.delta,
-        layer,
-        measured.typical_norm,
-        scales=patchscope_scales,
-        prompt=identity_prompt,
-        placeholder=placeholder,
-        control_word=control_word,
-        top_k=top_k,
+    # A zero difference (the models agree at that position, e.g. a fine-tune that changed nothing) has no
+    # direction for Patchscope or steering to write: those readouts are None there, not an error.
+    directed = [i for i, norm in enumerate(measured.delta.float().norm(dim=-1).tolist()) if norm > 0]
+    read = (
+        patchscope(
+            pair.chat,
+            pair.tokenizer,
+            measured.delta[directed],
+            layer,
+            measured.typical_norm,
+            scales=patchscope_scales,
+            prompt=identity_prompt,
+            placeholder=placeholder,
+            control_word=control_word,
+            top_k=top_k,
+        )
+        if directed
+        else []
     )
+    scopes: list[Optional[PatchscopeResult]] = [None] * len(measured.delta)
+    for i, scope in zip(directed, read):
+        scopes[i] = scope
     steering = None
     if steering_prompts is not None:
         steering = [
@@ -275,7 +287,9 @@ def adl(
                 steps=steering_steps,
                 max_new_tokens=steering_tokens,
             )
-            for vector in measured.delta
+            if i in directed
+            else None
+            for i, vector in enumerate(measured.delta)
         ]
     return ADLResult(
         layer=layer,

@@ -43,8 +43,17 @@ def test_adl_writes_the_librarys_result(pair, data, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(written["delta"]), expected.delta, rtol=1e-5, atol=1e-7)
     assert written["logit_lens"][0]["top"][0]["id"] == expected.logit_lens[0]["top"][0]["id"]
     assert [p["scales"] for p in written["patchscope"]] == [[1.0, 4.0]] * 3
+
     assert len(written["steering"]) == 3 and len(written["steering"][0]["texts"]) == 1
     assert "position 0: logit lens" in capsys.readouterr().out
+
+
+def test_adl_of_a_model_against_itself_reports_agreement(pair, data, tmp_path, capsys):
+    out = tmp_path / "same.json"
+    argv = ["adl", "--base", pair[0], "--chat", pair[0], "--data", data, "--out", str(out), "--positions", "2"]
+    assert cli.main(argv) == 0
+    assert json.loads(out.read_text())["patchscope"] == [None, None]
+    assert capsys.readouterr().out.count("the models agree here") == 2
 
 
 def test_logit_diff_writes_the_librarys_result(pair, data, tmp_path):

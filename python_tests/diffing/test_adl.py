@@ -242,6 +242,16 @@ def test_adl_steers_every_position_when_prompts_are_given():
     assert all(s.nll_ratio <= s.factor for s in result.steering)
 
 
+def test_a_model_against_itself_has_no_direction_to_read_and_is_not_an_error():
+    # A fine-tune that changed nothing (here the same model twice): delta is zero, so Patchscope and steering have
+    # no direction to write; they read None at every position instead of failing.
+    model = tiny(8, init=0.5)
+    result = cx.adl(model, model, texts(51), n_positions=2, steering_prompts=["w3 w4"], steering_steps=1)
+    assert not bool(result.delta.any())
+    assert result.patchscope == [None, None] and result.steering == [None, None]
+    assert result.to_json()["patchscope"] == [None, None]
+
+
 def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
