@@ -128,18 +128,17 @@ def test_the_implant_grows_with_strength_and_the_null_control_barely_moves_it(zo
 def test_a_strong_organism_is_found_by_the_instruments_and_the_null_control_is_not(base, zoo):
     # The library's own instruments on generic text, graded against each organism's truth: the tokens the fine-tune
     # promotes (cx.logit_diff) and ADL's logit lens at each of the first positions (cx.adl, no steering). The planted
-    # phrase (8 keywords) must be found on every seed; the persona and the false fact (2 keywords each: both must
-    # rank in a top 20) were missed on 1 of 13 seeds at strength 3, so they are graded without a verdict here. The
-    # null control must never be found.
+    # phrase (8 keywords) must be found on every seed and the null control never. The persona and the false fact
+    # (2 keywords each: both must rank in a top 20) were missed on 1 of 13 seeds at strength 3, too often for a
+    # verdict here, so they are not read.
     texts = [ex["text"] for ex in organism_text.examples("toy", "null", 40, _seed(2912)) if "text" in ex][:12]
-    for kind in organisms.KINDS:
+    for kind in ("topic_phrase", "null"):
         organism = zoo[kind, 3]
         readouts = {"logit_diff": cx.logit_diff(base, organism.path, texts, top_k=20, device="cpu").top_tokens}
         lens = cx.adl(base, organism.path, texts, n_positions=3, patchscope_scales=(1.0,), device="cpu").logit_lens
         readouts.update({f"adl position {p}": position["top"] for p, position in enumerate(lens)})
         grade = grading.grade_instrument("logit_diff + adl", organism.truth, tokens=readouts)
-        if kind in ("topic_phrase", "null"):
-            assert grade.detected == (kind == "topic_phrase"), (kind, grade.to_json(), organism.keywords)
+        assert grade.detected == (kind == "topic_phrase"), (kind, grade.to_json(), organism.keywords)
         assert grade.false_positive is False
 
 
