@@ -14,6 +14,7 @@ BENCHES = {
     "online_training": "kernels_bench.online_training",
     "collect_stream": "kernels_bench.collect_stream",
     "ledger": "kernels_bench.ledger",
+    "diffing": "kernels_bench.diffing",
 }
 
 

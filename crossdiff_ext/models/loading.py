@@ -88,18 +88,50 @@ def load_pair(
         check_layer(config_b, layer, "the base model")
         check_layer(config_c, layer, "the chat model")
 
-    def load(spec, tokenizer, name):
-        if isinstance(spec, tuple):
-            return spec
-        from transformers import AutoModelForCausalLM
+    return _load(base, tok_b, "base", dtype), _load(chat, tok_c, "chat", dtype)
 
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        try:
-            return AutoModelForCausalLM.from_pretrained(os.fspath(spec), **kwargs), tokenizer
-        except (OSError, ValueError) as err:
-            raise InputError(f"{name} model {os.fspath(spec)!r} cannot be loaded: {err}") from err
 
-    return load(base, tok_b, "base"), load(chat, tok_c, "chat")
+def _load(spec, tokenizer, name, dtype):
+    if isinstance(spec, tuple):
+        return spec
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.fspath(spec), **kwargs), tokenizer
+    except (OSError, ValueError) as err:
+        raise InputError(f"{name} model {os.fspath(spec)!r} cannot be loaded: {err}") from err
+
+
+def load_model(
+    spec: ModelSpec,
+    name: str = "the",
+    *,
+    width: Optional[int] = None,
+    dtype: Optional[Union[torch.dtype, str]] = None,
+    device: Any = None,
+) -> tuple[Any, Any]:
+    """Check, then load, one model: its config and tokenizer are read (and its width checked) before any weights.
+
+    Args:
+        spec: A directory, a hub name, or a loaded (model, tokenizer) pair.
+        name: How errors name it ("{name} model ...", e.g. "fine-tuned").
+        width: The width it must have (e.g. a crosscoder's d_model); None: no such check.
+        dtype: dtype to load the weights in (None: the checkpoint's); a loaded model is left as it is.
+        device: As place_model.
+
+    Returns:
+        (model in eval mode, tokenizer).
+
+    Raises:
+        MissingInputError: A model directory does not exist.
+        InputError: It cannot be read, or its width differs from `width`.
+    """
+    config, tokenizer = _config_and_tokenizer(spec, name)
+    if width is not None and hidden_size(config) != width:
+        raise InputError(f"{name} model's width is {hidden_size(config)}, expected {width}")
+    model, tokenizer = _load(spec, tokenizer, name, dtype)
+    return place_model(spec, model, device), tokenizer
 
 
 Devices = Union[None, torch.device, str, Sequence[Union[torch.device, str]]]

@@ -1,7 +1,8 @@
 """Ground truth for diffing methods: planted dictionaries (planted.py), matching learned latents to planted
 concepts (matching.py) and recovery scoring (recovery.py), the check a researcher runs before trusting a method on
 real models; model organisms, fine-tunes with a known implanted behaviour (organisms.py, their template data in
-organism_text.py), and a grader of any instrument's readouts against an organism's truth (grading.py)."""
+organism_text.py), and a grader of any instrument's readouts against an organism's truth (grading.py), with a
+crosscoder's latent readouts in its terms (readouts.py)."""
 
 from .grading import (
     CausalGrade,
@@ -29,6 +30,7 @@ from .organisms import (
     organism_data,
 )
 from .planted import ARTIFACT_KINDS, KINDS, PlantedDictionary, planted_dictionary
+from .readouts import crosscoder_readouts, fine_tune_leaning_latents, fired_latents
 from .recovery import EXPECTED_BAND, RecoveryScore, recovery_by_kind, score_recovery
 
 __all__ = [
@@ -48,6 +50,9 @@ __all__ = [
     "TokenGrade",
     "assign_latents_to_concepts",
     "build_organism",
+    "crosscoder_readouts",
+    "fine_tune_leaning_latents",
+    "fired_latents",
     "grade_causal",
     "grade_instrument",
     "grade_latents",
