@@ -221,11 +221,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> Optional[float]:
+def _rss_mb(field: str) -> Optional[float]:
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
@@ -233,12 +233,16 @@ def _peak_rss_mb() -> Optional[float]:
 
 
 def measured(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """run()'s result with its wall time and peak resident memory (None where /proc cannot reset the peak)."""
+    """run()'s result with its wall time, the process's resident memory when it started (memory the allocator kept
+    from earlier instruments counts there), and its peak resident memory while it ran (None where /proc cannot
+    reset the peak)."""
     can_reset = _reset_peak_rss()
+    start = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     result = run()
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    result["peak_rss_mb"] = _peak_rss_mb() if can_reset else None
+    result["rss_start_mb"] = start
+    result["peak_rss_mb"] = _rss_mb("VmHWM") if can_reset else None
     return result
 
 
@@ -638,19 +642,21 @@ def markdown(results: dict[str, Any]) -> str:
                 )
     lines += [
         "",
-        "Cost per instrument and organism (wall seconds; peak resident memory of the process, reset before "
-        "each instrument; the crosscoder's includes collecting 1 store and training 1 crosscoder).",
+        "Cost per instrument and organism: wall seconds (the crosscoder's include collecting its store and training "
+        "it); the process's peak resident memory while the instrument ran (the peak is reset before each), and its "
+        "resident memory when the instrument started (what the allocator kept from earlier work counts in both).",
         "",
-        "| instrument | seconds (median, max) | peak MB (max) |",
-        "|---|---|---|",
+        "| instrument | seconds (median, max) | peak MB (max) | MB at start (min) |",
+        "|---|---|---|---|",
     ]
     for instrument in instruments:
         runs = [results["cells"][f"{c}/{instrument}"] for c in columns if f"{c}/{instrument}" in results["cells"]]
         seconds = sorted(r["seconds"] for r in runs)
         memory = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"] is not None]
+        start = [r.get("rss_start_mb") for r in runs if r.get("rss_start_mb") is not None]
         lines.append(
             f"| {instrument} | {seconds[len(seconds) // 2]:.0f}, {seconds[-1]:.0f} | "
-            f"{max(memory) if memory else 'n/a'} |"
+            f"{max(memory) if memory else 'n/a'} | {min(start) if start else 'n/a'} |"
         )
     lines += [
         "",
