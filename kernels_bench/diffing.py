@@ -499,6 +499,33 @@ def _organism_summary(organism: organisms.Organism) -> dict[str, Any]:
     )
 
 
+def _organism(args: argparse.Namespace, base: str, kind: str, strength: int) -> organisms.Organism:
+    return organisms.build_organism(
+        base,
+        kind,
+        strength,
+        os.path.join(args.work, "organisms"),
+        args.seed,
+        lr=args.lr,
+        context_length=args.context_length,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+
+
+def build_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Build (or find) the plan's organisms in the cache and nothing else: run beside a benchmark, on other cores,
+    it prepares the organisms the benchmark will reach later. Returns their summaries."""
+    base = resolve_model(args.model, args.work)
+    built = {}
+    for strength in args.strengths:
+        for kind in args.kinds:
+            built[f"{kind}-s{strength}"] = _organism_summary(_organism(args, base, kind, strength))
+            print(f"{kind}-s{strength}: {built[f'{kind}-s{strength}']['path']}", file=sys.stderr, flush=True)
+    return built
+
+
 def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Build the organisms and run every instrument on each; results are saved after every cell (each cell records
     the run it was made in)."""
@@ -527,18 +554,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
         mine = [i for k, s, i in todo if (k, s) == (kind, strength)]
         if not mine:
             continue
-        organism = organisms.build_organism(
-            base,
-            kind,
-            strength,
-            os.path.join(args.work, "organisms"),
-            args.seed,
-            lr=args.lr,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.quiet,
-        )
+        organism = _organism(args, base, kind, strength)
         results["organisms"][name] = _organism_summary(organism)
         cell = Cell(base, organism, SIZES[args.size], args.work, args.device, layer)
         for instrument in mine:
@@ -710,6 +726,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default=RESULTS, help="results prefix: writes OUT.json and OUT.md")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--build-only",
+        action="store_true",
+        help="only build the organisms into --work's cache (e.g. in a second process, on another core)",
+    )
     return parser
 
 
@@ -748,6 +769,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
+        if args.build_only:
+            print(json.dumps(build_only(args), indent=1))
+            return
         results = run_benchmark(args, list(sys.argv[1:] if argv is None else argv))
     except InputError as err:
         print(f"python -m kernels_bench diffing: error: {err}", file=sys.stderr)
