@@ -168,3 +168,15 @@ def test_the_bench_entry_point_runs_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         entry.main(["diffing", "--size", "huge", "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "--size: expected one of" in capsys.readouterr().err
+
+
+def test_build_only_fills_the_cache_the_benchmark_then_reuses(base, tmp_path, capsys):
+    from crossdiff_ext.truth import organisms
+
+    diffing.main(_argv(base, tmp_path, "--kinds", "persona", "--strengths", "1", "--build-only"))
+    built = json.loads(capsys.readouterr().out)
+    assert list(built) == ["persona-s1"] and not (tmp_path / "res.json").exists()
+    again = organisms.build_organism(
+        base, "persona", 1, tmp_path / "work" / "organisms", _seed(3101), lr=3e-3, batch_size=4, context_length=96
+    )
+    assert again.reused and again.path == built["persona-s1"]["path"]
