@@ -281,7 +281,7 @@ class DatasetSource(Source):
                 return loaded
             return datasets.load_dataset(self.path, self.subset, split=split, streaming=True)
         except (ValueError, KeyError) as err:  # datasets' unknown split / bad config
-            raise InputError(f"data {self.name!r}: {_first_line(err)}") from None
+            raise InputError(f"data {self.path!r}, split {split!r}: {_first_line(err)}") from None
         except (FileNotFoundError, ConnectionError, OSError) as err:
             raise InputError(
                 f"data {self.path!r} is neither a local path nor a reachable Hub dataset ({_first_line(err)})"
