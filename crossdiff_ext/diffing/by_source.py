@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .latent_scaling import inference_pass
 
-__all__ = ["SourceFiring", "add_source_columns", "firing_by_source", "source_labels"]
+__all__ = ["SourceFiring", "add_source_columns", "check_sources", "firing_by_source", "source_labels"]
 
 
 @dataclass
@@ -47,6 +47,21 @@ class SourceFiring:
         return torch.where(total > 0, self.fires.double() / total.clamp_min(1), torch.nan)
 
 
+def check_sources(stores: Sequence[ActivationStore]) -> None:
+    """Refuse stores that do not record each row's source (before any pass over them).
+
+    Args:
+        stores: The stores.
+
+    Raises:
+        InputError: A store has no source column (written before provenance, or not by collect).
+    """
+    for store in stores:
+        if not isinstance(store, ActivationStore) or store.source_names is None or store.sources() is None:
+            where = store.path if isinstance(store, ActivationStore) else type(store).__name__
+            raise InputError(f"{where}: the store records no source per row (collect it again to split by source)")
+
+
 @torch.inference_mode()
 def firing_by_source(cc: CrossCoder, stores: Sequence[ActivationStore], *, batch_size: int = 4096) -> SourceFiring:
     """Count each latent's firing per source over the stores (one pass each); sources of the same name in several
@@ -66,12 +81,10 @@ def firing_by_source(cc: CrossCoder, stores: Sequence[ActivationStore], *, batch
     """
     if cc.activation == "batch_topk" and float(cc.threshold) < 0:
         raise InputError("the crosscoder's inference threshold is unset (-1); set cc.threshold or train longer")
+    check_sources(stores)
     names: list[str] = []
     parts = []
     for store in stores:
-        if not isinstance(store, ActivationStore) or store.sources() is None:
-            where = store.path if isinstance(store, ActivationStore) else type(store).__name__
-            raise InputError(f"{where}: the store records no source per row (collect it again to split by source)")
         for name in store.source_names:
             if name not in names:
                 names.append(name)

@@ -23,7 +23,7 @@ from ..data.store import ActivationStore
 from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
-from .by_source import add_source_columns, firing_by_source
+from .by_source import add_source_columns, check_sources, firing_by_source
 from .examples import LatentExamples, max_activating_examples
 from .latent_scaling import LatentScalingResult, latent_scaling
 
@@ -357,6 +357,8 @@ def report_crosscoder(
     as the table's causal_score column; with `by_source`, each latent's firing per source of the stores' tokens
     (by_source.firing_by_source: freq[...] and share[...] columns, and a section of the page). Returns (scaling,
     table, table_path, chosen latents, examples)."""
+    if by_source:
+        check_sources(stores)
     scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
     sources = add_source_columns(table, firing_by_source(cc, stores, batch_size=batch_size)) if by_source else None
     if causal is not None and causal.get("attribution") is not None:
