@@ -43,7 +43,7 @@ CHAT_COLUMNS = ("messages", "conversation")
 TEXT_COLUMN = "text"
 DATASET_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 JSON_SUFFIXES = (".jsonl", ".txt")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_NAME = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(\[(?P<subset>[\w.-]+)\])?$")
 
 Content = Union[str, list[Any]]
 
@@ -318,8 +318,8 @@ def open_source(
 
     Args:
         spec: A Source; a .jsonl / .txt file or a directory of those; a .parquet / .arrow / .csv file, a directory
-            of those or of Dataset.save_to_disk; "hf:NAME[:SPLIT]" or a Hub dataset name; or an iterable of
-            documents or records (a datasets.Dataset too).
+            of those or of Dataset.save_to_disk; "hf:NAME[:SPLIT]", a Hub dataset name, or NAME[SUBSET] (a Hub
+            dataset and its configuration); or an iterable of documents or records (a datasets.Dataset too).
         split: The split of a dataset source (default "train"); refused for a JSONL / text source.
         subset: A Hub dataset's configuration.
         column: The column of each record to read (None: messages, conversation, then text).
@@ -343,8 +343,11 @@ def open_source(
         if split not in (None, "train"):
             raise InputError(f"data {path!r}: a JSONL / text source has no splits (got split {split!r})")
         return FileSource(path, column=column)
-    if os.path.exists(path) or _REPO_ID.match(path):
+    if os.path.exists(path):
         return DatasetSource(path, split=split, subset=subset, column=column)
+    named = _HUB_NAME.match(path)
+    if named:  # NAME[SUBSET]: a Hub dataset with its configuration, so a mixture can give each source its own
+        return DatasetSource(named["name"], split=split, subset=named["subset"] or subset, column=column)
     raise MissingInputError(f"data {path!r} does not exist (and is not a Hub dataset name)")
 
 

@@ -83,9 +83,11 @@ def test_a_hub_name_is_streamed_with_its_split_and_subset(tmp_path, texts, monke
     source = corpus.open_source("HuggingFaceFW/fineweb", split="validation", subset="sample-10BT")
     assert list(source.documents()) == texts and source.name == "HuggingFaceFW/fineweb[sample-10BT]:validation"
     assert list(corpus.open_source("hf:lmsys/lmsys-chat-1m:train").documents()) == texts
+    assert list(corpus.open_source("HuggingFaceFW/fineweb[sample-350BT]").documents()) == texts
     assert calls == [
         ("HuggingFaceFW/fineweb", "sample-10BT", "validation", True),
         ("lmsys/lmsys-chat-1m", None, "train", True),
+        ("HuggingFaceFW/fineweb", "sample-350BT", "train", True),
     ]
 
 
