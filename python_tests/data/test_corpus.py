@@ -4,6 +4,7 @@ with its split and subset, a mixture's proportions and determinism, and bad inpu
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -141,6 +142,15 @@ def test_command_line_source_specs(tmp_path):
     assert data_argument(["a.parquet", "b.parquet"]) == [("a.parquet", 1.0), ("b.parquet", 1.0)]
     with pytest.raises(InputError, match=r"give every source of a mixture a weight .*\['b.parquet'\]"):
         data_argument(["a.parquet:1", "b.parquet"])
+
+
+def test_without_the_datasets_package_one_line_names_the_extra(tmp_path, texts, monkeypatch):
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(tmp_path / "a.parquet")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without the extra sees
+    with pytest.raises(
+        InputError, match=r"^reading a dataset needs the datasets package: pip install 'crossdiff_ext\[datasets\]'$"
+    ):
+        corpus.open_corpus(str(tmp_path / "a.parquet")).check()
 
 
 def test_bad_sources_are_named_in_one_line(tmp_path, texts):
