@@ -41,7 +41,7 @@ __all__ = [
 
 CHAT_COLUMNS = ("messages", "conversation")
 TEXT_COLUMN = "text"
-DATASET_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+DATASET_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json"}
 JSON_SUFFIXES = (".jsonl", ".txt")
 _HUB_NAME = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(\[(?P<subset>[\w.-]+)\])?$")
 
@@ -256,11 +256,17 @@ class DatasetSource(Source):
             files = sorted(n for n in os.listdir(self.path) if os.path.splitext(n)[1] in DATASET_BUILDERS)
             kinds = {DATASET_BUILDERS[os.path.splitext(n)[1]] for n in files}
             if len(kinds) != 1:
-                found = "no parquet, arrow or csv file" if not kinds else f"files of several kinds {sorted(kinds)}"
+                found = (
+                    "no parquet, arrow, csv or json file" if not kinds else f"files of several kinds {sorted(kinds)}"
+                )
                 raise InputError(f"data {self.path!r}: a dataset directory needs files of one kind, found {found}")
             return kinds.pop(), [os.path.join(self.path, n) for n in files]
         if os.path.isfile(self.path):
-            return DATASET_BUILDERS[os.path.splitext(self.path)[1]], [self.path]
+            suffix = os.path.splitext(self.path)[1]
+            if suffix not in DATASET_BUILDERS:
+                known = ", ".join(JSON_SUFFIXES + tuple(DATASET_BUILDERS))
+                raise InputError(f"data {self.path!r}: not a data file this reads (suffixes: {known})")
+            return DATASET_BUILDERS[suffix], [self.path]
         return None, None
 
     def _rows(self):
@@ -298,8 +304,17 @@ class DatasetSource(Source):
             raise InputError(f"data {self.name!r}: {_first_line(err)}") from None
 
     def count(self) -> Optional[int]:
-        rows = self._rows()
-        return len(rows) if hasattr(rows, "__len__") else None
+        """The rows of a save_to_disk directory or of local parquet files (from their metadata: nothing is read);
+        None for other sources."""
+        builder, files = self._local_files()
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        if builder is None and os.path.isdir(self.path):
+            rows = self._rows()
+            return len(rows) if hasattr(rows, "__len__") else None
+        return None
 
 
 def _first_line(err):
@@ -422,8 +437,9 @@ class Corpus:
             s.check()
 
     def count(self) -> Optional[int]:
-        """The number of documents, when every source knows its own (a mixture draws them all in the end)."""
-        counts = [s.count() for s in self.sources]
+        """The number of documents, when every source drawn from knows its own (a mixture draws them all in the
+        end)."""
+        counts = [s.count() for s, w in zip(self.sources, self.weights) if w > 0]
         return None if any(c is None for c in counts) else sum(counts)
 
     def __iter__(self) -> Iterator[Document]:

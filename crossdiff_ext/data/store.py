@@ -147,6 +147,8 @@ class StoreWriter:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if shard_rows < 1:
             raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
+        if source_names is not None and not 0 < len(source_names) <= np.iinfo(COLUMN_DTYPES["sources"]).max:
+            raise InputError(f"source_names must name 1 to 32767 sources, got {len(source_names)}")
         self.path = os.fspath(path)
         self.meta_path = os.path.join(self.path, "store.json")
         if os.path.exists(self.meta_path):

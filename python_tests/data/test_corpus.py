@@ -38,15 +38,18 @@ def test_local_dataset_files_stream_in_order(tmp_path, texts):
     table.to_parquet(tmp_path / "one.parquet")
     table.to_csv(tmp_path / "one.csv", index=False)
     table.to_json(tmp_path / "one.jsonl")
+    table.to_json(tmp_path / "one.json")  # read by datasets' json builder
     table.save_to_disk(tmp_path / "saved")
     arrow = next((tmp_path / "saved").glob("*.arrow"))
     (tmp_path / "parts").mkdir()
     table.select(range(10)).to_parquet(tmp_path / "parts" / "a.parquet")  # files in name order
     table.select(range(10, len(texts))).to_parquet(tmp_path / "parts" / "b.parquet")
-    for path in ("one.parquet", "one.csv", "one.jsonl", "saved", arrow, "parts"):
+    counts = {"one.parquet": len(texts), "one.jsonl": len(texts), "saved": len(texts), "parts": len(texts)}
+    for path in ("one.parquet", "one.csv", "one.jsonl", "one.json", "saved", arrow, "parts"):
         source = corpus.open_source(str(tmp_path / path))
         assert list(source.documents()) == texts, path
         assert [d.index for d in corpus.open_corpus(str(tmp_path / path))] == list(range(len(texts)))
+        assert source.count() == counts.get(path), path  # known without reading the rows, or None
     streamed = corpus.open_source(str(tmp_path / "one.parquet"))._rows()
     assert isinstance(streamed, datasets.IterableDataset)  # streamed, never loaded whole
     assert activations.read_documents(str(tmp_path / "parts")) == texts
@@ -181,5 +184,10 @@ def test_bad_sources_are_named_in_one_line(tmp_path, texts):
     (tmp_path / "mixed").mkdir()
     datasets.Dataset.from_dict({"text": texts}).to_parquet(tmp_path / "mixed" / "a.parquet")
     datasets.Dataset.from_dict({"text": texts}).to_csv(tmp_path / "mixed" / "b.csv")
+    (tmp_path / "notes.md").write_text("w1")
+    with pytest.raises(
+        InputError, match=r"notes\.md': not a data file this reads \(suffixes: \.jsonl, \.txt, \.parquet"
+    ):
+        corpus.open_corpus(str(tmp_path / "notes.md")).check()
     with pytest.raises(InputError, match=r"needs files of one kind, found files of several kinds \['csv', 'parquet'\]"):
         corpus.open_corpus(str(tmp_path / "mixed")).check()
