@@ -6,7 +6,9 @@ messages) gets the chat model's chat template. The activation of layer L is the 
 (block L's output; for L < n_layers - 1 that is hidden_states[L + 1] of a transformers causal LM). Each model runs
 only up to block L (models.blocks.run_to_layer): no later block, final norm or LM head. Padding is dropped, and
 optionally the first `drop_first` tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every
-kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position.
+kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position, and its
+provenance: the index of its document within its source and the source (data.corpus: a file, a streamed dataset,
+or a seeded mixture of those).
 
 Resumable: with resume=True the collection re-tokenizes the documents (tokenizer only, no model) to skip the
 rows the store already holds, and continues. Deterministic for a given document list: the batches are groups of

@@ -270,9 +270,13 @@ class DatasetSource(Source):
         return None, None
 
     def _rows(self):
-        datasets = _datasets()
         builder, files = self._local_files()
         split = self.split or "train"
+        if builder is not None and split != "train":
+            raise InputError(f"data {self.path!r}: no split {split!r} (local data files form one split, 'train')")
+        if builder == "parquet":
+            return _parquet_rows(files, self._columns_wanted())
+        datasets = _datasets()
         try:
             if builder is not None:
                 return datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
@@ -292,6 +296,10 @@ class DatasetSource(Source):
             raise InputError(
                 f"data {self.path!r} is neither a local path nor a reachable Hub dataset ({_first_line(err)})"
             ) from None
+
+    def _columns_wanted(self):
+        """The columns a record's document can come from."""
+        return (self.column,) if self.column is not None else (*CHAT_COLUMNS, TEXT_COLUMN)
 
     def documents(self) -> Iterator[Content]:
         rows = self._rows()
@@ -315,6 +323,27 @@ class DatasetSource(Source):
             rows = self._rows()
             return len(rows) if hasattr(rows, "__len__") else None
         return None
+
+
+def _parquet_rows(files, wanted):
+    """The rows of local parquet files, one row group at a time, reading only the columns a document can come
+    from (all of them when none is there, so that the error lists them). Why not datasets' streaming reader: over
+    a 265 MiB file of 60 row groups of 1000 texts it grew the process's anonymous memory by 405 MiB (by 168 MiB
+    over an 88 MiB file), one row group at a time by 31 MiB over either (datasets 5.2.0, pyarrow 26.0.1; peak
+    RssAnon sampled every 200 rows, docs/training.md)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("reading parquet needs the pyarrow package: pip install 'crossdiff_ext[datasets]'") from None
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise InputError(f"data {path!r}: not a readable parquet file ({_first_line(err)})") from None
+        columns = [c for c in wanted if c in names] or None
+        for group in range(parquet.num_row_groups):
+            yield from parquet.read_row_group(group, columns=columns).to_pylist()
 
 
 def _first_line(err):

@@ -5,6 +5,7 @@ with its split and subset, a mixture's proportions and determinism, and bad inpu
 import json
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from crossdiff_ext.data import activations, corpus
 from crossdiff_ext.errors import InputError, MissingInputError
 
 datasets = pytest.importorskip("datasets", reason="the datasets extra is not installed")
+parquet = pytest.importorskip("pyarrow.parquet", reason="the datasets extra is not installed")
 
 
 def random_texts(salt, n):
@@ -50,8 +52,12 @@ def test_local_dataset_files_stream_in_order(tmp_path, texts):
         assert list(source.documents()) == texts, path
         assert [d.index for d in corpus.open_corpus(str(tmp_path / path))] == list(range(len(texts)))
         assert source.count() == counts.get(path), path  # known without reading the rows, or None
-    streamed = corpus.open_source(str(tmp_path / "one.parquet"))._rows()
-    assert isinstance(streamed, datasets.IterableDataset)  # streamed, never loaded whole
+    # Streamed: parquet a row group at a time, the other kinds through datasets' streaming reader.
+    table.to_parquet(tmp_path / "groups.parquet", batch_size=4)  # row groups of 4 rows
+    streamed = corpus.open_source(str(tmp_path / "groups.parquet"))._rows()
+    assert isinstance(streamed, types.GeneratorType) and list(streamed) == [{"text": t} for t in texts]  # one column
+    assert parquet.ParquetFile(tmp_path / "groups.parquet").num_row_groups == 6
+    assert isinstance(corpus.open_source(str(tmp_path / "one.csv"))._rows(), datasets.IterableDataset)
     assert activations.read_documents(str(tmp_path / "parts")) == texts
 
 
@@ -148,12 +154,12 @@ def test_command_line_source_specs(tmp_path):
 
 
 def test_without_the_datasets_package_one_line_names_the_extra(tmp_path, texts, monkeypatch):
-    datasets.Dataset.from_dict({"text": texts}).to_parquet(tmp_path / "a.parquet")
+    datasets.Dataset.from_dict({"text": texts}).to_csv(tmp_path / "a.csv")
     monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without the extra sees
     with pytest.raises(
         InputError, match=r"^reading a dataset needs the datasets package: pip install 'crossdiff_ext\[datasets\]'$"
     ):
-        corpus.open_corpus(str(tmp_path / "a.parquet")).check()
+        corpus.open_corpus(str(tmp_path / "a.csv")).check()
 
 
 def test_bad_sources_are_named_in_one_line(tmp_path, texts):
@@ -167,9 +173,16 @@ def test_bad_sources_are_named_in_one_line(tmp_path, texts):
     with pytest.raises(InputError, match=r"no column 'content' \(columns: \['body'\]\)"):
         corpus.open_corpus(body, column="content").check()
     with pytest.raises(
-        InputError, match=r"body\.parquet', split 'test': Bad split: test\. Available splits: \['train'\]"
+        InputError, match=r"body\.parquet': no split 'test' \(local data files form one split, 'train'\)"
     ):
         corpus.open_corpus(body, split="test").check()
+    (tmp_path / "saved").mkdir()
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(tmp_path / "saved" / "one")
+    with pytest.raises(InputError, match=r"one', split 'test': Unknown split \"test\""):
+        corpus.open_corpus(str(tmp_path / "saved" / "one"), split="test").check()
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match=r"broken\.parquet': not a readable parquet file"):
+        corpus.open_corpus(str(tmp_path / "broken.parquet")).check()
     with pytest.raises(InputError, match=r"a JSONL / text source has no splits \(got split 'test'\)"):
         corpus.open_corpus(str(tmp_path / "a.jsonl"), split="test")
     with pytest.raises(MissingInputError, match=r"missing\.parquet' does not exist"):

@@ -142,7 +142,9 @@ def test_bad_data_arguments_at_the_command_line(pair, mixture, tmp_path, capsys)
         "a record needs 'text' or 'messages', got keys ['body']",
     )
     fails_with_one_line(argv + ["--data", web, "--column", "content"], capsys, "no column 'content'")
-    fails_with_one_line(argv + ["--data", web, "--split", "test"], capsys, "split 'test': Bad split: test")
+    fails_with_one_line(
+        argv + ["--data", web, "--split", "test"], capsys, "no split 'test' (local data files form one split"
+    )
     fails_with_one_line(argv + ["--data", chat, "--split", "test"], capsys, "a JSONL / text source has no splits")
     assert not os.path.exists(tmp_path / "s" / "store.json")
     # And a good mixture at the command line: the store names both sources.
