@@ -220,8 +220,9 @@ def _datasets():
 
 
 class DatasetSource(Source):
-    """A `datasets` source, streamed (nothing is loaded whole): a Hub dataset by name, a local parquet / arrow /
-    csv file, a directory of those, or a directory written by Dataset.save_to_disk (memory-mapped).
+    """A dataset, streamed (nothing is loaded whole): a Hub dataset by name, a local parquet / arrow / csv / json
+    file, a directory of those, or a directory written by Dataset.save_to_disk (memory-mapped). Parquet files are
+    read one row group at a time with pyarrow, the rest through datasets.load_dataset(..., streaming=True).
 
     Args:
         path: A Hub dataset name ("HuggingFaceFW/fineweb") or a local file or directory.
@@ -401,10 +402,17 @@ def _is_json_source(path):
         return True
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "dataset_info.json")):
         names = os.listdir(path)
-        return any(n.endswith(JSON_SUFFIXES) for n in names) and not any(
-            os.path.splitext(n)[1] in DATASET_BUILDERS for n in names
-        )
+        lines, tables = (any(n.endswith(JSON_SUFFIXES) for n in names), any(_is_table(n) for n in names))
+        if lines and tables:
+            raise InputError(
+                f"data {path!r} holds both JSONL / text files and dataset files; give a directory of one kind"
+            )
+        return lines
     return False
+
+
+def _is_table(name):
+    return os.path.splitext(name)[1] in DATASET_BUILDERS
 
 
 def parse_source_spec(text: str) -> tuple[str, Optional[float]]:

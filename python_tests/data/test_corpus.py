@@ -202,5 +202,9 @@ def test_bad_sources_are_named_in_one_line(tmp_path, texts):
         InputError, match=r"notes\.md': not a data file this reads \(suffixes: \.jsonl, \.txt, \.parquet"
     ):
         corpus.open_corpus(str(tmp_path / "notes.md")).check()
+    (tmp_path / "mixed" / "c.jsonl").write_text('{"text": "w1"}\n')
+    with pytest.raises(InputError, match=r"mixed' holds both JSONL / text files and dataset files"):
+        corpus.open_corpus(str(tmp_path / "mixed"))
+    (tmp_path / "mixed" / "c.jsonl").unlink()
     with pytest.raises(InputError, match=r"needs files of one kind, found files of several kinds \['csv', 'parquet'\]"):
         corpus.open_corpus(str(tmp_path / "mixed")).check()
