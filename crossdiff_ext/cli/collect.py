@@ -4,8 +4,11 @@ layer)."""
 import argparse
 from typing import Sequence, Union
 
+import torch
+
 from ..data import activations
 from ..data.corpus import parse_source_spec
+from ..data.store import ActivationStore
 from ..errors import InputError
 from .common import at_least, output_dir
 
@@ -118,4 +121,20 @@ def run(args: argparse.Namespace) -> int:
     stores = store if isinstance(store, dict) else {args.layer[0]: store}
     for layer, one in stores.items():
         print(f"{one.path}: {len(one)} tokens of layer {layer}, [2, {one.d_model}] each, {one.meta['dtype']}")
+        if one.source_names is not None and len(one.source_names) > 1:
+            print(f"  tokens per source: {token_shares(one)}")
     return 0
+
+
+def token_shares(store: ActivationStore) -> str:
+    """The store's tokens per source, with their shares (a mixture's weights are shares of documents).
+
+    Args:
+        store: A store that records its rows' sources.
+
+    Returns:
+        "NAME: n (share), ..." in source order.
+    """
+    counts = torch.bincount(store.sources(), minlength=len(store.source_names)).tolist()
+    total = max(sum(counts), 1)
+    return ", ".join(f"{name}: {n} ({n / total:.1%})" for name, n in zip(store.source_names, counts))

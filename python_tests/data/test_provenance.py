@@ -148,5 +148,11 @@ def test_bad_data_arguments_at_the_command_line(pair, mixture, tmp_path, capsys)
     fails_with_one_line(argv + ["--data", chat, "--split", "test"], capsys, "a JSONL / text source has no splits")
     assert not os.path.exists(tmp_path / "s" / "store.json")
     # And a good mixture at the command line: the store names both sources.
+    capsys.readouterr()
     assert cli.main(argv + ["--data", f"{web}:1", f"{chat}:1", "--seed", "2", "--device", "cpu"]) == 0
-    assert ActivationStore(tmp_path / "s").source_names == [web, chat]
+    store = ActivationStore(tmp_path / "s")
+    assert store.source_names == [web, chat]
+    counts = torch.bincount(store.sources()).tolist()
+    assert f"tokens per source: {web}: {counts[0]} ({counts[0] / len(store):.1%}), {chat}: {counts[1]}" in (
+        capsys.readouterr().out
+    )
