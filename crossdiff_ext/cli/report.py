@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=at_least(0), default=20, help="fine-tuned-specific latents listed")
     p.add_argument("--title", default="crossdiff_ext: which concepts did fine-tuning introduce?")
     p.add_argument("--causal", default=None, help="causal.json of `crossdiff causal`: KL chart, causal score")
+    p.add_argument(
+        "--by-source", action="store_true", help="split the listed latents' firing by the source of the stores' tokens"
+    )
 
 
 def _tokenizer(spec: Optional[str], store: ActivationStore) -> Any:
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         causal=_causal_file(args.causal),
+        by_source=args.by_source,
     )
     print(
         f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}"

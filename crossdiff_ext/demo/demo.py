@@ -138,7 +138,9 @@ def describe_latents(
 ) -> list[dict[str, Any]]:
     """For each latent: its numbers, the tokens its n max-activating examples sit on, one context, and whether
     more than `template_majority` of those examples are chat-template tokens ("fires mainly on the template")."""
-    found = max_activating_examples(cc, store, latents, n=n, quantiles=())
+    # Every one of the n highest tokens counts, repeated contexts included: the verdict is about where the latent
+    # fires, not about how varied its contexts are.
+    found = max_activating_examples(cc, store, latents, n=n, quantiles=(), distinct=False)
     template = set(template)
     out = []
     for j in latents:
