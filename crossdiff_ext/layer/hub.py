@@ -117,6 +117,7 @@ class CardFacts:
         fve_per_model: Fraction of variance explained per model, in model order.
         l1_coefficient: The L1 sparsity coefficient mu of an L1 (ReLU) crosscoder.
         datasets: The training data sets (names or repo ids).
+        fve_note: Where the FVE was measured (e.g. "training batch at step 1000"), shown beside it.
     """
 
     base_model: Optional[str] = None
@@ -126,6 +127,7 @@ class CardFacts:
     fve_per_model: Optional[Sequence[float]] = None
     l1_coefficient: Optional[float] = None
     datasets: Optional[Sequence[str]] = None
+    fve_note: Optional[str] = None
 
 
 def _yaml_list(key: str, values: Sequence[str]) -> list[str]:
@@ -158,6 +160,8 @@ def model_card(model: torch.nn.Module, repo_id: str, facts: Optional[CardFacts] 
         if facts.fve_per_model is not None
         else "not recorded"
     )
+    if facts.fve_per_model is not None and facts.fve_note:
+        fve += f" ({facts.fve_note})"
     rows = [
         ("models", " / ".join(_model_names(facts, config))),
         ("layer", _known(facts.layer)),

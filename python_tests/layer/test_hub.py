@@ -2,6 +2,7 @@
 network raises), holding our format and the paper's layouts at several revisions and subfolders; push_to_hub
 against a recording HfApi, its upload loaded back, and the model card it writes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import torch
 from conftest import rng
 
 import crossdiff_ext as cx
+from crossdiff_ext import cli
 from crossdiff_ext.errors import InputError, MissingInputError
 from crossdiff_ext.layer import hub
 
@@ -262,3 +264,37 @@ def test_without_huggingface_hub_the_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     with pytest.raises(InputError, match=r"pip install 'crossdiff_ext\[hub\]'"):
         cx.CrossCoder.from_pretrained("me/cc")
+
+
+def test_push_command_fills_the_card_from_the_training_run(tmp_path, offline, monkeypatch, capsys):
+    RecordingHfApi.calls = []
+    RecordingHfApi.sent_to = str(tmp_path / "sent")
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    torch.manual_seed(0)
+    cc = cx.CrossCoder(D, F, 2, activation="relu")
+    data = torch.randn(120, 2, D, generator=rng(12))
+    config = cx.TrainConfig(
+        steps=6, batch_size=16, warmup_steps=2, checkpoint_every=3, log_every=2, checkpoint_dir=str(tmp_path / "run")
+    )
+    cx.train(cc, data, dataclasses.replace(config, progress=False), until=3)
+    cx.train(cc, data, dataclasses.replace(config, progress=False), resume=True)  # the log goes on past step 3
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    at_step_2 = next(r for r in logged if r["step"] == 2)["fve_per_model"]
+
+    argv = ["push", str(tmp_path / "run" / "step-00000003"), "me/run", "--base-model", "base", "--chat-model", "chat"]
+    assert cli.main(argv + ["--layer", "3", "--dataset", "web", "--dataset", "chat-data"]) == 0
+    assert "-> me/run: https://huggingface.co/me/run/commit/" in capsys.readouterr().out
+    card = (tmp_path / "sent" / "README.md").read_text()
+    fve = ", ".join(f"{name}: {value:.4f}" for name, value in zip(("base", "chat"), at_step_2))
+    for row in (
+        "| layer | 3 |",
+        "| tokens trained | 48 |",  # 3 steps x 16 rows
+        "| sparsity | L1 (ReLU), mu = 0.041 |",
+        f"| fraction of variance explained | {fve} (training batch at step 2) |",
+    ):
+        assert row in card
+    assert "datasets:\n- web\n- chat-data" in card
+    assert_same(
+        cx.CrossCoder.from_pretrained(tmp_path / "run" / "step-00000003"),
+        cx.CrossCoder.from_pretrained(tmp_path / "sent"),
+    )
