@@ -278,7 +278,9 @@ def check_resume_partition(checkpoint: Union[os.PathLike, str], partition: Optio
         )
 
 
-def torch_load_safely(path: Union[os.PathLike, str], what: str, *, trust_pickle: bool = False) -> Any:
+def torch_load_safely(
+    path: Union[os.PathLike, str], what: str, *, trust_pickle: bool = False, remedy: Optional[str] = None
+) -> Any:
     """torch.load a file on the CPU with weights_only=True: tensors and plain Python values only, so a planted
     pickle cannot run code.
 
@@ -288,6 +290,7 @@ def torch_load_safely(path: Union[os.PathLike, str], what: str, *, trust_pickle:
         trust_pickle: Load with weights_only=False when the safe load refuses the file: this runs whatever code
             its pickle names, so only for a file from a source you trust (a checkpoint written by an older version
             of this library, whose RNG state held numpy arrays).
+        remedy: What the user can do about a refused file, appended to the message (e.g. the opt-in flag).
 
     Returns:
         The loaded object.
@@ -310,8 +313,7 @@ def torch_load_safely(path: Union[os.PathLike, str], what: str, *, trust_pickle:
         if not trust_pickle:
             raise InputError(
                 f"{path}: refused to load {what}: its pickle calls {refused.group(1)}, which could run code "
-                "(only tensors and plain values load safely); if you trust who wrote it (e.g. a checkpoint of an "
-                "older crossdiff_ext), resume with trust_checkpoint=True / --trust-checkpoint"
+                "(only tensors and plain values load safely)" + (f"; {remedy}" if remedy else "")
             ) from None
     except (RuntimeError, EOFError) as e:  # torch.load's errors for a damaged file
         raise InputError(f"{path}: not a readable torch.save file ({_first_line(e)})") from e
@@ -321,6 +323,10 @@ def torch_load_safely(path: Union[os.PathLike, str], what: str, *, trust_pickle:
 
 # torch's weights_only refusal names the global the pickle asked for.
 UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+RESUME_REMEDY = (
+    "if you trust who wrote it (e.g. a checkpoint of an older crossdiff_ext), resume with trust_checkpoint=True / "
+    "--trust-checkpoint"
+)
 
 
 def _first_line(error):
@@ -338,7 +344,7 @@ def read_training_state(
     objects (checkpoints written before the trainer state was plain, see torch_load_safely)."""
 
     def load(path):
-        return torch_load_safely(path, "a checkpoint's training state", trust_pickle=trust_pickle)
+        return torch_load_safely(path, "a checkpoint's training state", trust_pickle=trust_pickle, remedy=RESUME_REMEDY)
 
     if not sharded.is_sharded(checkpoint):
         weights = load_weights(os.path.join(checkpoint, WEIGHTS_NAME))

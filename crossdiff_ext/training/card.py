@@ -24,7 +24,11 @@ def read_trainer_config(checkpoint: Union[os.PathLike, str]) -> Optional[dict[st
     path = os.path.join(os.fspath(checkpoint), sharded.TRAINER_NAME)
     if not os.path.isfile(path):
         return None
-    state = checkpoints.torch_load_safely(path, "a checkpoint's training state")
+    remedy = (
+        "resume the run once with --trust-checkpoint (its later checkpoints are plain), or push a save_pretrained "
+        "copy of the crosscoder (its card then lacks the run's facts)"
+    )
+    state = checkpoints.torch_load_safely(path, "a checkpoint's training state", remedy=remedy)
     if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("config"), dict):
         raise InputError(f"{path}: not a trainer state (expected a dict with step and config)")
     return dict(step=int(state["step"]), config=state["config"])

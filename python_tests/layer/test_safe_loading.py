@@ -14,6 +14,7 @@ import torch
 from conftest import rng
 
 import crossdiff_ext as cx
+from crossdiff_ext import cli
 from crossdiff_ext.errors import InputError
 from crossdiff_ext.layer import checkpoints, sharded
 from crossdiff_ext.training.checkpoints import check_plain
@@ -77,6 +78,9 @@ def test_a_planted_dictionary_learning_file_is_refused(tmp_path, layout):
     elif layout == "pytorch_model.bin":  # an older Hub upload
         (directory / "config.json").write_text(json.dumps(dict(activation_dim=D, dict_size=F, num_layers=2)))
     assert_refused(lambda: cx.load_dictionary_learning(path), path, marker)
+    with pytest.raises(InputError) as caught:
+        cx.load_dictionary_learning(path)
+    assert "trust" not in str(caught.value)  # nothing to opt into: the paper's files are plain state dicts
     if layout != "bare.pt":
         assert_refused(lambda: cx.CrossCoder.from_pretrained(directory), path, marker)
         assert_refused(lambda: cx.load_dictionary_learning(directory), path, marker)
@@ -179,3 +183,18 @@ def test_a_planted_optimizer_shard_is_refused(tmp_path):
     torch.save(dict(optimizer=Planted(marker), tokens_since_fired=torch.zeros(16)), path)
     assert_refused(lambda: checkpoints.read_training_state(cx.CrossCoder, directory), path, marker)
     shutil.rmtree(directory)
+
+
+def test_a_refusal_at_the_command_line_is_one_line_and_status_2(tmp_path, capsys):
+    data = torch.randn(120, 2, D, generator=rng(5))
+    cx.train(tiny(), data, config(tmp_path / "run", steps=4))
+    step = tmp_path / "run" / "step-00000004"
+    marker = tmp_path / "marker"
+    state = torch.load(step / "trainer.pt", weights_only=True)
+    state["config"] = Planted(marker)
+    torch.save(state, step / "trainer.pt")
+    assert cli.main(["push", str(step), "me/never-uploaded"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"crossdiff push: error: {step / 'trainer.pt'}: refused to load")
+    assert "push a save_pretrained copy" in err
+    assert not marker.exists()
