@@ -1,12 +1,18 @@
-"""Crosscoders by Hub repo id, offline: a Hub cache laid out by the test (HF_HUB_OFFLINE=1, so any request to the
-network raises), holding our format and the paper's layouts at several revisions and subfolders; push_to_hub
-against a recording HfApi, its upload loaded back, and the model card it writes."""
+"""Crosscoders by Hub repo id, without the network: a Hub cache laid out by the test (HF_HUB_OFFLINE=1, so any
+request raises), holding our format and the paper's layouts at several revisions and subfolders; a download from a
+loopback server the test starts (connections elsewhere fail the test); push_to_hub against a recording HfApi, its
+upload loaded back, and the model card it writes."""
 
 import dataclasses
+import hashlib
+import http.server
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
+import urllib.parse
 
 import pytest
 import safetensors.torch
@@ -298,3 +304,105 @@ def test_push_command_fills_the_card_from_the_training_run(tmp_path, offline, mo
         cx.CrossCoder.from_pretrained(tmp_path / "run" / "step-00000003"),
         cx.CrossCoder.from_pretrained(tmp_path / "sent"),
     )
+
+
+class LoopbackHub(http.server.BaseHTTPRequestHandler):
+    """The few Hub routes snapshot_download uses (revision info, file tree, file HEAD/GET), served from memory:
+    repos = {repo_id: {ref: (commit, {path: bytes})}}; every request is logged with its Authorization header."""
+
+    repos: dict = {}
+    requests: list = []
+
+    def do_GET(self):
+        self.answer(head=False)
+
+    def do_HEAD(self):
+        self.answer(head=True)
+
+    def answer(self, head):
+        path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+        self.requests.append((self.command, path, self.headers.get("Authorization")))
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
+            kind, repo, ref, name = parts[4], "/".join(parts[2:4]), parts[5], None
+        elif len(parts) >= 5 and parts[2] == "resolve":
+            kind, repo, ref, name = "file", "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        else:
+            return self.send(404, b"{}", head)
+        found = [(c, files) for r, (c, files) in self.repos.get(repo, {}).items() if ref in (r, c)]
+        if not found:
+            code = "RevisionNotFound" if repo in self.repos else "RepoNotFound"
+            return self.send(404, b'{"error": "not found"}', head, {"X-Error-Code": code})
+        commit, files = found[0]
+        if kind == "revision":
+            info = dict(id=repo, sha=commit, private=False, siblings=[dict(rfilename=f) for f in sorted(files)])
+            return self.send(200, json.dumps(info).encode(), head)
+        if kind == "tree":
+            tree = [dict(type="file", path=f, size=len(b), oid=hashlib.sha1(b).hexdigest()) for f, b in files.items()]
+            return self.send(200, json.dumps(tree).encode(), head)
+        if name not in files:
+            return self.send(404, b"", head, {"X-Error-Code": "EntryNotFound"})
+        etag = hashlib.sha256(files[name]).hexdigest()
+        return self.send(200, files[name], head, {"ETag": f'"{etag}"', "X-Repo-Commit": commit})
+
+    def send(self, code, body, head, headers=None):
+        self.send_response(code)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def loopback_hub(monkeypatch):
+    """A LoopbackHub on 127.0.0.1 as huggingface_hub's endpoint; any connection elsewhere fails the test."""
+    real_connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"a test tried to reach {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    LoopbackHub.repos, LoopbackHub.requests = {}, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoopbackHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    yield LoopbackHub
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_download_from_a_loopback_hub_fetches_only_what_loads(tmp_path, loopback_hub):
+    state = paper_state(13)
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")
+    files = {
+        "l13/model.safetensors": (tmp_path / "model.safetensors").read_bytes(),
+        "l13/config.json": json.dumps(dict(activation_dim=D, dict_size=F, num_layers=2, k=4)).encode(),
+        "l13/trainer_config.json": json.dumps(dict(trainer=dict(dict_class="BatchTopKCrossCoder", k=4))).encode(),
+        "l13/README.md": b"# a card",
+        "l20/model.safetensors": b"another layer, never fetched",
+    }
+    loopback_hub.repos["science-of-finetuning/cc"] = {"v1": (commit_hash(13), files)}
+    loaded = cx.CrossCoder.from_pretrained(
+        "science-of-finetuning/cc", revision="v1", subfolder="l13", cache_dir=tmp_path / "cache", token="hf_test"
+    )
+    assert_same(cx.load_dictionary_learning(state), loaded)
+    fetched = sorted(p.rsplit("/", 2)[-1] for m, p, _ in loopback_hub.requests if m == "GET" and "/resolve/" in p)
+    assert fetched == ["config.json", "model.safetensors", "trainer_config.json"]
+    assert all(auth == "Bearer hf_test" for _, p, auth in loopback_hub.requests if "science-of-finetuning" in p)
+
+    with pytest.raises(InputError, match="science-of-finetuning/cc: no such local path, and the Hub repo at revision"):
+        cx.CrossCoder.from_pretrained("science-of-finetuning/cc", revision="v2", cache_dir=tmp_path / "cache")
