@@ -6,6 +6,7 @@ Hub library. Only the files a loader can read are fetched (JSON configs, safeten
 fetched is executed: the loaders read safetensors, or torch files with torch.load(weights_only=True).
 """
 
+import json
 import os
 import re
 import tempfile
@@ -131,16 +132,20 @@ class CardFacts:
 
 
 def _yaml_list(key: str, values: Sequence[str]) -> list[str]:
-    return [f"{key}:"] + [f"- {v}" for v in values] if values else []
+    # JSON strings are YAML strings: a name with a colon or a quote stays one value.
+    return [f"{key}:"] + [f"- {json.dumps(str(v))}" for v in values] if values else []
 
 
-def model_card(model: torch.nn.Module, repo_id: str, facts: Optional[CardFacts] = None) -> str:
+def model_card(
+    model: torch.nn.Module, repo_id: str, facts: Optional[CardFacts] = None, subfolder: Optional[str] = None
+) -> str:
     """The README.md (model card) pushed with a crosscoder.
 
     Args:
         model: The crosscoder (a CrossCoder: its config() gives the dimensions, activation and k).
         repo_id: The repo it is pushed to (for the loading snippet).
         facts: The training facts the crosscoder does not hold itself.
+        subfolder: The folder of the repo it is pushed into (for the loading snippet).
 
     Returns:
         Markdown with YAML front matter (library_name, tags, base_model, datasets).
@@ -176,8 +181,8 @@ def model_card(model: torch.nn.Module, repo_id: str, facts: Optional[CardFacts] 
     body = [
         f"# Crosscoder: {' vs '.join(_model_names(facts, config))}",
         "",
-        f"A crosscoder for model diffing, written by [{LIBRARY_NAME}](https://pypi.org/project/crossdiff-ext/) "
-        "(its own safetensors format: model.safetensors + config.json).",
+        f"A crosscoder for model diffing, written by {LIBRARY_NAME} in its own safetensors format "
+        "(model.safetensors + config.json).",
         "",
         *table,
         "",
@@ -186,7 +191,7 @@ def model_card(model: torch.nn.Module, repo_id: str, facts: Optional[CardFacts] 
         "```python",
         "import crossdiff_ext as cx",
         "",
-        f'crosscoder = cx.CrossCoder.from_pretrained("{repo_id}")',
+        f"crosscoder = cx.CrossCoder.from_pretrained({_load_arguments(repo_id, subfolder)})",
         "```",
         "",
         "Loading reads only safetensors and JSON; no code from the repo runs.",
@@ -197,6 +202,11 @@ def model_card(model: torch.nn.Module, repo_id: str, facts: Optional[CardFacts] 
 def _model_names(facts, config):
     names = [facts.base_model or "base model", facts.chat_model or "chat model"]
     return names + [f"model {i}" for i in range(2, config["n_models"])]
+
+
+def _load_arguments(repo_id, subfolder):
+    subfolder = (subfolder or "").strip("/")
+    return json.dumps(repo_id) + (f", subfolder={json.dumps(subfolder)}" if subfolder else "")
 
 
 def _known(value: Any) -> str:
@@ -241,7 +251,7 @@ def push_to_hub(
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="crossdiff-push-") as folder:
         checkpoints.save_pretrained(model, folder)
-        atomic.write_text(os.path.join(folder, CARD_NAME), model_card(model, repo_id, facts))
+        atomic.write_text(os.path.join(folder, CARD_NAME), model_card(model, repo_id, facts, subfolder))
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -240,8 +240,11 @@ def test_push_to_hub_uploads_our_format_with_a_model_card(tmp_path, offline, mon
     card = (sent / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "library_name: crossdiff_ext" in front
-    assert "base_model:\n- google/gemma-2-2b\n- google/gemma-2-2b-it" in front
-    assert "datasets:\n- HuggingFaceFW/fineweb\n- lmsys/lmsys-chat-1m" in front
+    metadata = huggingface_hub.ModelCard(card).data  # the Hub's own parser reads the front matter
+    assert metadata.library_name == "crossdiff_ext"
+    assert metadata.base_model == ["google/gemma-2-2b", "google/gemma-2-2b-it"]
+    assert 'base_model:\n- "google/gemma-2-2b"\n- "google/gemma-2-2b-it"' in front
+    assert 'datasets:\n- "HuggingFaceFW/fineweb"\n- "lmsys/lmsys-chat-1m"' in front
     for row in (
         "| models | google/gemma-2-2b / google/gemma-2-2b-it |",
         "| layer | 13 |",
@@ -251,7 +254,7 @@ def test_push_to_hub_uploads_our_format_with_a_model_card(tmp_path, offline, mon
         "| fraction of variance explained | google/gemma-2-2b: 0.8125, google/gemma-2-2b-it: 0.7500 |",
     ):
         assert row in body
-    assert 'cx.CrossCoder.from_pretrained("me/pushed")' in body
+    assert 'cx.CrossCoder.from_pretrained("me/pushed", subfolder="layer-13")' in body
 
 
 def test_model_card_of_an_l1_crosscoder_with_little_recorded():
@@ -299,7 +302,8 @@ def test_push_command_fills_the_card_from_the_training_run(tmp_path, offline, mo
         f"| fraction of variance explained | {fve} (training batch at step 2) |",
     ):
         assert row in card
-    assert "datasets:\n- web\n- chat-data" in card
+    assert 'datasets:\n- "web"\n- "chat-data"' in card
+    assert 'cx.CrossCoder.from_pretrained("me/run")' in card
     assert_same(
         cx.CrossCoder.from_pretrained(tmp_path / "run" / "step-00000003"),
         cx.CrossCoder.from_pretrained(tmp_path / "sent"),
