@@ -40,20 +40,24 @@ _DL_KEYS = set(_DL_WEIGHTS) | set(_DL_NORMALIZER) | {"k", "threshold", "code_nor
 # The weight files of the library's layouts, in the order its own loaders prefer them.
 WEIGHT_FILES = (WEIGHTS_NAME, "pytorch_model.bin", "ae.pt")
 TRAINER_CONFIG_NAME = "trainer_config.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 CROSSCODER_CLASSES = ("CrossCoder", "BatchTopKCrossCoder")
 
 
 def is_dictionary_learning(path: Union[os.PathLike, str]) -> bool:
-    """Whether a local directory holds one of the library's layouts (and not one of our checkpoints).
+    """Whether a local path holds one of the library's layouts (and not one of our checkpoints).
 
     Args:
-        path: A directory (anything else: False).
+        path: A directory, or a weight file in one (a torch file counts on its own: our format has none).
 
     Returns:
-        True when it has trainer_config.json, or a config.json of the library (constructor arguments or a
-        training run's {"trainer": ...}), or its weight files without a config of ours.
+        True for a torch file, or a directory (a file's own) with trainer_config.json, a config.json of the
+        library (constructor arguments or a training run's {"trainer": ...}), or the library's torch weight files
+        without a config.
     """
     path = os.fspath(path)
+    if os.path.isfile(path):
+        return path.endswith(TORCH_SUFFIXES) or is_dictionary_learning(os.path.dirname(path) or ".")
     if not os.path.isdir(path):
         return False
     if os.path.isfile(os.path.join(path, TRAINER_CONFIG_NAME)):

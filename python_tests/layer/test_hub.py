@@ -146,7 +146,7 @@ def test_the_papers_hub_layouts_by_repo_id(tmp_path, offline):
         topk / "trainer_config.json", dict(trainer=dict(trainer, code_normalization="CodeNormalization.CROSSCODER"))
     )
     cache_repo(offline, REPO, {".": topk}, commit=commit_hash(4), ref="main")
-    expected = cx.load_dictionary_learning(state)
+    expected = expected_topk = cx.load_dictionary_learning(state)
     assert expected.activation == "batch_topk" and expected.k == 4
     assert_same(expected, cx.CrossCoder.from_pretrained(REPO, cache_dir=offline))
     assert_same(expected, cx.load_dictionary_learning(REPO, cache_dir=offline))
@@ -170,6 +170,8 @@ def test_the_papers_hub_layouts_by_repo_id(tmp_path, offline):
     torch.save(state, run / "ae.pt")
     write_json(run / "config.json", dict(trainer=dict(trainer, dict_size=F), buffer=dict(d_submodule=D)))
     assert_same(cx.load_dictionary_learning(state), cx.CrossCoder.from_pretrained(run))
+    assert_same(cx.load_dictionary_learning(state), cx.CrossCoder.from_pretrained(run / "ae.pt"))
+    assert_same(expected_topk, cx.CrossCoder.from_pretrained(topk / "model.safetensors"))
 
 
 @pytest.mark.parametrize(
