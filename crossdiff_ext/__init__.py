@@ -29,6 +29,7 @@ from .diffing import (
 from .diffing.causal import attribution, patch_kl
 from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
+from .layer.hub import CardFacts
 from .training import TrainConfig, TrainResult, train
 from .truth import (
     LatentReadout,
@@ -58,6 +59,7 @@ __all__ = [
     "SparseCodes",
     "CrossCoder",
     "CrossCoderOutput",
+    "CardFacts",
     "load_dictionary_learning",
     "to_dictionary_learning",
     "decoder_cosine",

@@ -130,6 +130,9 @@ class TrainConfig:
         checkpoint_dir: Directory of the step-NNNNNNNN/ checkpoints (None, the default: no checkpoints).
         keep_checkpoints: Newest checkpoints kept; older ones are deleted (default 2).
         progress: Show a tqdm progress bar (default True).
+        trust_checkpoint: On resume, also load a trainer state that holds Python objects beyond tensors and plain
+            values (a checkpoint of a version before the trainer state was plain): its pickle can run code, so
+            only for a checkpoint you trust (default False: such a file is refused, with one line naming it).
     """
 
     steps: int = setting(1000, "optimizer steps of the run, and the length of the lr schedule", int_at_least(1))
@@ -178,6 +181,9 @@ class TrainConfig:
     )
     keep_checkpoints: int = setting(2, "newest checkpoints kept; older ones are deleted", int_at_least(1))
     progress: bool = setting(True, "show a tqdm progress bar", boolean)
+    trust_checkpoint: bool = setting(
+        False, "on resume, unpickle an older checkpoint's trainer state (runs its code: only if you trust it)", boolean
+    )
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> None:
         """Check every setting's type and range.

@@ -294,7 +294,7 @@ def run(
     if checkpoint:
         # Any layout: a sharded run's checkpoint is merged into the whole crosscoder's state. RNG states stay CPU
         # byte tensors; load_state_dict casts the rest to the parameters' device and dtype.
-        weights, state = checkpoints.read_training_state(CrossCoder, checkpoint)
+        weights, state = checkpoints.read_training_state(CrossCoder, checkpoint, trust_pickle=config.trust_checkpoint)
         runtime.load(checkpoint, weights, state, opt, tokens_since_fired)
         schedule.load_state_dict(state["schedule"])
         source.load_state_dict(state["data"])
