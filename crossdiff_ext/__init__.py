@@ -30,6 +30,7 @@ from .diffing.causal import attribution, patch_kl
 from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
 from .training import TrainConfig, TrainResult, train
+from .training.loggers import JsonlLogger, TensorBoardLogger, TrainingLogger, WandbLogger, read_log
 from .truth import (
     LatentReadout,
     Organism,
@@ -91,6 +92,11 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train",
+    "TrainingLogger",
+    "JsonlLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "read_log",
     "collect",
     "OnlineActivations",
     "StoreWriter",
