@@ -84,8 +84,7 @@ def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (Ellipsis,):  # names, e.g. --log
-            choices = field.metadata["check"].choices
-            options.update(nargs="+", choices=choices, metavar="{" + ",".join(choices) + "}")
+            options.update(nargs="+", metavar=_metavar(field, str))  # validate() names a bad one
         elif typing.get_origin(kind) is tuple:
             options.update(nargs=len(typing.get_args(kind)), type=_word_parser(float, False), metavar="X")
         else:

@@ -2,9 +2,9 @@
 
 Sections: the Delta_norm histogram with the paper's bands; nu_error vs nu_reconstruction of the chat-only latents
 coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; with a causal patching
-result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; and the most fine-tuned-specific
-latents with their max-activating contexts (and causal score, when attribution was run). The page needs no
-network and no script.
+result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; with the run's log records, its
+training curves (diffing/curves.py); and the most fine-tuned-specific latents with their max-activating contexts
+(and causal score, when attribution was run). The page needs no network and no script.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..data.store import ActivationStore
 from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
+from .curves import curve_figures
 from .examples import LatentExamples, max_activating_examples
 from .latent_scaling import LatentScalingResult, latent_scaling
 
@@ -142,13 +143,16 @@ def render(
     top: int = 20,
     meta: Optional[Mapping[str, Any]] = None,
     causal: Optional[Mapping[str, Any]] = None,
+    curves: Optional[Sequence[Mapping[str, Any]]] = None,
 ) -> str:
     """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot; a
     "causal_score" column is shown when present); examples: {latent: LatentExamples} for the latents to show;
-    tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json)."""
+    tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json);
+    curves: the training run's log records (cx.read_log), drawn as its training curves."""
     out = _head_html(title, meta)
     out += _classes_html(table)
     out += _figures_html(_figures(table), causal)
+    out += _curves_html(curves)
     out += _top_latents_html(table, fine_tuned_latents(table, top), examples, tokenizer)
     out.append("</table></body></html>")
     return "\n".join(out)
@@ -238,6 +242,21 @@ def _figures_html(figs, causal):
     return out
 
 
+def _curves_html(records):
+    """The training curves of the run's log records, one image per quantity (nothing without records)."""
+    if not records:
+        return []
+    out = [
+        "<h2>Training curves</h2><p>From the run's log "
+        f"({len(records)} records, steps {records[0]['step']} to {records[-1]['step']}): the loss and its terms, "
+        "FVE overall and per model, L0, the fraction of dead latents, the inference threshold, the learning rate "
+        "and the gradient norm, as logged every log_every steps.</p>"
+    ]
+    for name, fig in curve_figures(records).items():
+        out.append(f"<img alt='training curve: {name}' src='data:image/png;base64,{_png(fig)}'>")
+    return out
+
+
 def _top_latents_html(table, ranked, examples, tokenizer):
     """The table of the ranked latents (left open), with their max-activating contexts when given."""
     F = len(table["latent"])
@@ -320,12 +339,19 @@ def report_crosscoder(
     batch_size: int = 4096,
     progress: bool = False,
     causal: Optional[Mapping[str, Any]] = None,
+    curves: Optional[Sequence[Mapping[str, Any]]] = None,
+    scaling: Optional[LatentScalingResult] = None,
 ) -> tuple[LatentScalingResult, dict[str, list[Any]], str, list[int], Optional[dict[int, LatentExamples]]]:
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
     ids), and the HTML page at `out`; with `causal` (a causal.json dict) its KL chart, and its "attribution"
-    as the table's causal_score column. Returns (scaling, table, table_path, chosen latents, examples)."""
-    scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    as the table's causal_score column; with `curves` (the run's log records) its training curves. `scaling`:
+    Latent Scaling of these stores already run (e.g. to choose the causal latent sets first), used instead of
+    running it again. Returns (scaling, table, table_path, chosen latents, examples)."""
+    if scaling is None:
+        scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    else:
+        table = latent_table(cc, scaling)
     if causal is not None and causal.get("attribution") is not None:
         if len(causal["attribution"]) != cc.dict_size:
             raise InputError(
@@ -343,5 +369,7 @@ def report_crosscoder(
         **({"partition": list(cc.partition)} if cc.partition is not None else {}),
         **(meta or {}),
     )
-    write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta, causal=causal)
+    write_report(
+        out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta, causal=causal, curves=curves
+    )
     return scaling, table, table_path, chosen, found

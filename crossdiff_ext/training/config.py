@@ -14,9 +14,9 @@ import torch
 
 from ..errors import InputError
 from . import losses
-from .loggers import LOGGER_NAMES
 
 MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOGGER_NAMES = ("jsonl", "tensorboard", "wandb")  # the backends of training/loggers.py
 
 # A check returns None for a good value, else what was expected (e.g. "an int >= 1"); validate() words the message.
 Check = Callable[[Any], Optional[str]]
@@ -100,7 +100,7 @@ def names_from(*choices: str) -> Check:
     def check(value: Any) -> Optional[str]:
         if isinstance(value, (tuple, list)) and all(v in choices for v in value) and len(set(value)) == len(value):
             return None
-        return f"a tuple of distinct names from {list(choices)}"
+        return f"names from {list(choices)}, each at most once"
 
     check.choices = choices  # listed in the generated flag's help
     return check

@@ -20,15 +20,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .. import atomic
 from ..errors import InputError, MissingInputError
+from .config import LOGGER_NAMES, TrainConfig
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
-LOGGER_NAMES = ("jsonl", "tensorboard", "wandb")
 JSONL_NAME = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_RUN_FILE = "wandb.json"
