@@ -250,7 +250,8 @@ def _curves_html(records):
         "<h2>Training curves</h2><p>From the run's log "
         f"({len(records)} records, steps {records[0]['step']} to {records[-1]['step']}): the loss and its terms, "
         "FVE overall and per model, L0, the fraction of dead latents, the inference threshold, the learning rate "
-        "and the gradient norm, as logged every log_every steps.</p>"
+        "and the gradient norm, as logged every log_every steps. The loss terms are drawn unweighted: the loss is "
+        "reconstruction + aux_alpha * aux (BatchTopK) or + l1_coefficient * l1 (L1).</p>"
     ]
     for name, fig in curve_figures(records).items():
         out.append(f"<img alt='training curve: {name}' src='data:image/png;base64,{_png(fig)}'>")
