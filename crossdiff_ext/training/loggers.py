@@ -3,12 +3,13 @@
 A log record is the dict the step loop builds every `log_every` steps (step, loss, its terms, lr, grad_norm, fve,
 fve_per_model, l0, dead_fraction, threshold, delta_norm_bands). The JSONL log keeps it whole, one line per
 record; TensorBoard and W&B receive its numbers flattened into scalars (`scalars`): fve_per_model becomes
-fve/model_0, fve/model_1, ...; delta_norm_bands becomes delta_norm_bands/<band>.
+fve_per_model/model_0, fve_per_model/model_1, ...; delta_norm_bands becomes delta_norm_bands/<band>.
 
-Resuming from a checkpoint at step s re-runs the steps after s, so every backend forgets what it recorded after
-s before the run goes on: the JSONL log drops those lines, TensorBoard gets a purge marker at s + 1 (its readers
-discard the older events from there), and W&B continues the same run id (kept in <checkpoint_dir>/wandb.json),
-where the W&B server keeps the first record of a step it has seen.
+Resuming from a checkpoint at step s re-runs the steps after s (those a killed run logged after its last
+checkpoint). The JSONL log drops its records after s before the run goes on, and TensorBoard gets a purge marker
+at s + 1 (its readers discard the older events from there), so both hold each step once. W&B continues the same
+run id (kept in <checkpoint_dir>/wandb.json) and receives the re-run steps again: which of the two records of such
+a step W&B shows is W&B's choice.
 
 TensorBoard and W&B are optional extras (`pip install 'crossdiff_ext[logging]'`); they are imported when a
 logger of theirs opens, and a missing package is an InputError that names the extra.

@@ -145,7 +145,8 @@ def test_a_resumed_run_logs_every_step_once(tmp_path, offline_wandb):
     # W&B continued the same run: one run id in both sessions' offline directories, each step of each session.
     runs = glob.glob(str(offline_wandb / "wandb" / "offline-run-*"))
     run_id = json.loads((run_dir / "wandb.json").read_text())["id"]
-    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs)
+    # (named offline-run-<time>-<id>, with a -1 suffix when both sessions started within the same second)
+    assert len(runs) == 2 and all(f"-{run_id}" in os.path.basename(r) for r in runs)
     assert sorted(wandb_history(offline_wandb)) == [2, 4, 6, 8, 10, 12]
 
 
