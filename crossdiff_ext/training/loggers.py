@@ -108,6 +108,13 @@ class TrainingLogger:
 
     name = "logger"
 
+    def check(self, config: TrainConfig) -> None:
+        """Refuse, before any training, a run this logger cannot record (every process calls it).
+
+        Args:
+            config: The run's settings.
+        """
+
     def open(self, config: TrainConfig, step: int) -> None:
         """Start (step 0) or resume (step s > 0: forget what was recorded after s) the run's log.
 
@@ -235,6 +242,15 @@ class TensorBoardLogger(TrainingLogger):
             raise _missing("tensorboard", "tensorboard") from None
         return SummaryWriter
 
+    def check(self, config: TrainConfig) -> None:
+        """Refuse a run without a place for the event files, or without the tensorboard package.
+
+        Args:
+            config: The run's settings.
+        """
+        _directory(config, self.log_dir, TENSORBOARD_DIR, self.name)
+        self.writer_class()
+
     def open(self, config: TrainConfig, step: int) -> None:
         """Open a writer whose purge marker at step + 1 hides what an earlier session logged after `step`.
 
@@ -301,6 +317,14 @@ class WandbLogger(TrainingLogger):
             raise _missing("wandb", "wandb") from None
         return wandb
 
+    def check(self, config: TrainConfig) -> None:
+        """Refuse a run without the wandb package.
+
+        Args:
+            config: The run's settings.
+        """
+        self.module()
+
     def open(self, config: TrainConfig, step: int) -> None:
         """Start the W&B run, or continue the checkpoint directory's run when resuming (step > 0).
 
@@ -327,6 +351,7 @@ class WandbLogger(TrainingLogger):
             **self.init_kwargs,
         )
         if run_file and run_id is None:
+            os.makedirs(config.checkpoint_dir, exist_ok=True)
             atomic.write_json(run_file, dict(id=self.run.id, project=self.run.project))
 
     def log(self, record: Mapping[str, Any]) -> None:
@@ -352,10 +377,19 @@ LoggerSpec = Union[str, TrainingLogger]
 def make_loggers(config: TrainConfig, loggers: Optional[Sequence[LoggerSpec]] = None) -> list[TrainingLogger]:
     """The run's loggers: `loggers` when given (names or TrainingLogger objects), else config.log's names.
 
-    Checks that an optional backend's package is installed, before any training.
+    Each logger's check() runs here, before any training (an optional backend's package is installed, its files
+    have a place).
+
+    Args:
+        config: The run's settings.
+        loggers: Names or TrainingLogger objects; None: config.log.
+
+    Returns:
+        The loggers, not opened yet.
 
     Raises:
-        InputError: An unknown name, an object that is not a TrainingLogger, or a missing package.
+        InputError: An unknown name, an object that is not a TrainingLogger, a missing package, or no directory
+            for a backend that writes under checkpoint_dir.
     """
     specs: Sequence[Any] = config.log if loggers is None else loggers
     if isinstance(specs, (str, TrainingLogger)):
@@ -368,9 +402,6 @@ def make_loggers(config: TrainConfig, loggers: Optional[Sequence[LoggerSpec]] = 
             spec = BY_NAME[spec]()
         if not isinstance(spec, TrainingLogger):
             raise InputError(f"loggers: expected names or TrainingLogger objects, got {type(spec).__name__}")
-        if isinstance(spec, TensorBoardLogger):
-            spec.writer_class()
-        elif isinstance(spec, WandbLogger):
-            spec.module()
+        spec.check(config)
         made.append(spec)
     return made

@@ -291,7 +291,7 @@ def run(
 ) -> TrainResult:
     """The step loop of both trainers (see the module docstring), in `runtime`'s process layout; `loggers`
     (names or TrainingLogger objects) replace config.log's."""
-    made_loggers = make_loggers(config, loggers) if runtime.main else []
+    made_loggers = make_loggers(config, loggers)  # checked on every process, so all refuse a bad one together
     cc = runtime.cc
     device = cc.W_enc.device
     compute_dtype = MIXED_PRECISION[config.mixed_precision]

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import wandb
 from conftest import rng
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
@@ -60,6 +61,9 @@ def offline_wandb(tmp_path, monkeypatch):
 def wandb_history(wandb_dir):
     """{step: {key: value}} of the offline runs' history records, read from their .wandb files (W&B's LevelDB-style
     log: a 7-byte file header, then 32 KiB blocks of chunks with a 7-byte header: crc, length, type)."""
+    # run.finish() can return before wandb's service process has written the last records (seen here in 3 of 21
+    # tries); shutting the service down waits for them.
+    wandb.teardown()
     history = {}
     for path in sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "*.wandb"))):
         data = open(path, "rb").read()
@@ -156,6 +160,13 @@ def test_loggers_given_as_objects_replace_the_config(tmp_path):
     cx.train(tiny(), data, config(None, steps=4), loggers=[cx.TensorBoardLogger(board), cx.JsonlLogger(tmp_path / "l")])
     assert sorted(tensorboard_scalars(board)) == [2, 4]
     assert [r["step"] for r in cx.read_log(tmp_path / "l")] == [2, 4]
+
+
+def test_wandb_alone_creates_the_run_directory(tmp_path, offline_wandb):
+    run_dir = tmp_path / "new" / "run"  # nothing else writes there before W&B's run id
+    cx.train(tiny(), torch.randn(96, 2, 8, generator=rng(3005)), config(run_dir, steps=4, log=("wandb",)))
+    assert sorted(os.listdir(run_dir)) == ["step-00000004", "wandb.json"]
+    assert sorted(wandb_history(offline_wandb)) == [2, 4]
 
 
 def test_bad_logger_choices_are_named(tmp_path, monkeypatch, capsys):
