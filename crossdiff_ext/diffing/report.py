@@ -2,10 +2,10 @@
 
 Sections: the Delta_norm histogram with the paper's bands; nu_error vs nu_reconstruction of the chat-only latents
 coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; with a causal patching
-result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; and the most fine-tuned-specific
-latents with their max-activating contexts (identical contexts once, with their count; and causal score, when
-attribution was run); for a store collected from a mixture, optionally those latents' firing split by source.
-The page needs no network and no script.
+result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; with the run's log records, its
+training curves (diffing/curves.py); and the most fine-tuned-specific latents with their max-activating contexts
+(identical contexts once, with their count; and causal score, when attribution was run); for a store collected
+from a mixture, optionally those latents' firing split by source. The page needs no network and no script.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
 from .by_source import add_source_columns, check_sources, firing_by_source
+from .curves import curve_figures
 from .examples import LatentExamples, max_activating_examples
 from .latent_scaling import LatentScalingResult, latent_scaling
 
@@ -145,15 +146,18 @@ def render(
     meta: Optional[Mapping[str, Any]] = None,
     causal: Optional[Mapping[str, Any]] = None,
     sources: Optional[Sequence[str]] = None,
+    curves: Optional[Sequence[Mapping[str, Any]]] = None,
 ) -> str:
     """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot; a
     "causal_score" column is shown when present); examples: {latent: LatentExamples} for the latents to show;
     tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json);
     sources: the source labels of the table's freq[...] / share[...] columns (by_source.add_source_columns), to
-    show the listed latents' firing by source."""
+    show the listed latents' firing by source; curves: the training run's log records (cx.read_log), drawn as its
+    training curves."""
     out = _head_html(title, meta)
     out += _classes_html(table)
     out += _figures_html(_figures(table), causal)
+    out += _curves_html(curves)
     if sources:
         out += _by_source_html(table, fine_tuned_latents(table, top), sources)
     out += _top_latents_html(table, fine_tuned_latents(table, top), examples, tokenizer)
@@ -270,6 +274,22 @@ def _example_line(example, tokenizer):
     return f"<span class='ctx'>{example.activation:.3g}: {_context_html(example, tokenizer)}</span>{repeats}{where}"
 
 
+def _curves_html(records):
+    """The training curves of the run's log records, one image per quantity (nothing without records)."""
+    if not records:
+        return []
+    out = [
+        "<h2>Training curves</h2><p>From the run's log "
+        f"({len(records)} records, steps {records[0]['step']} to {records[-1]['step']}): the loss and its terms, "
+        "FVE overall and per model, L0, the fraction of dead latents, the inference threshold, the learning rate "
+        "and the gradient norm, as logged every log_every steps. The loss terms are drawn unweighted: the loss is "
+        "reconstruction + aux_alpha * aux (BatchTopK) or + l1_coefficient * l1 (L1).</p>"
+    ]
+    for name, fig in curve_figures(records).items():
+        out.append(f"<img alt='training curve: {name}' src='data:image/png;base64,{_png(fig)}'>")
+    return out
+
+
 def _top_latents_html(table, ranked, examples, tokenizer):
     """The table of the ranked latents (left open), with their max-activating contexts when given."""
     F = len(table["latent"])
@@ -350,16 +370,23 @@ def report_crosscoder(
     progress: bool = False,
     causal: Optional[Mapping[str, Any]] = None,
     by_source: bool = False,
+    curves: Optional[Sequence[Mapping[str, Any]]] = None,
+    scaling: Optional[LatentScalingResult] = None,
 ) -> tuple[LatentScalingResult, dict[str, list[Any]], str, list[int], Optional[dict[int, LatentExamples]]]:
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
     ids), and the HTML page at `out`; with `causal` (a causal.json dict) its KL chart, and its "attribution"
-    as the table's causal_score column; with `by_source`, each latent's firing per source of the stores' tokens
-    (by_source.firing_by_source: freq[...] and share[...] columns, and a section of the page). Returns (scaling,
-    table, table_path, chosen latents, examples)."""
+    as the table's causal_score column; with `curves` (the run's log records) its training curves; with
+    `by_source`, each latent's firing per source of the stores' tokens (by_source.firing_by_source: freq[...] and
+    share[...] columns, and a section of the page). `scaling`: Latent Scaling of these stores already run (e.g. to
+    choose the causal latent sets first), used instead of running it again. Returns (scaling, table, table_path,
+    chosen latents, examples)."""
     if by_source:
         check_sources(stores)
-    scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    if scaling is None:
+        scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    else:
+        table = latent_table(cc, scaling)
     sources = add_source_columns(table, firing_by_source(cc, stores, batch_size=batch_size)) if by_source else None
     if causal is not None and causal.get("attribution") is not None:
         if len(causal["attribution"]) != cc.dict_size:
@@ -379,6 +406,15 @@ def report_crosscoder(
         **(meta or {}),
     )
     write_report(
-        out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta, causal=causal, sources=sources
+        out,
+        table,
+        title=title,
+        examples=found,
+        tokenizer=tokenizer,
+        top=top,
+        meta=meta,
+        causal=causal,
+        sources=sources,
+        curves=curves,
     )
     return scaling, table, table_path, chosen, found
