@@ -275,7 +275,7 @@ def _collect(config: DemoConfig, base: str, chat: str, layer: int) -> Activation
     """Paired activations of `layer` over a fresh generated corpus, into OUT/store (replacing a previous run's)."""
     documents = tl.corpus(config.text_documents, config.chat_documents, seed=10_000 + config.seed)
     store_dir = os.path.join(config.out, "store")
-    _clear(store_dir, ["store.json", "shard-*", "positions-*", "tokens-*", ".*"])
+    _clear(store_dir, ["store.json", "shard-*", "positions-*", "tokens-*", "documents-*", "sources-*", ".*"])
     return collect(
         base,
         chat,
