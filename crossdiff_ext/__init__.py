@@ -29,7 +29,9 @@ from .diffing import (
 from .diffing.causal import attribution, patch_kl
 from .errors import InputError, MissingInputError, OutputExistsError
 from .layer import CrossCoder, CrossCoderOutput, SparseCodes, load_dictionary_learning, to_dictionary_learning
+from .layer.hub import CardFacts
 from .training import TrainConfig, TrainResult, train
+from .training.loggers import JsonlLogger, TensorBoardLogger, TrainingLogger, WandbLogger, read_log
 from .truth import (
     LatentReadout,
     Organism,
@@ -58,6 +60,7 @@ __all__ = [
     "SparseCodes",
     "CrossCoder",
     "CrossCoderOutput",
+    "CardFacts",
     "load_dictionary_learning",
     "to_dictionary_learning",
     "decoder_cosine",
@@ -95,6 +98,11 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train",
+    "TrainingLogger",
+    "JsonlLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "read_log",
     "collect",
     "OnlineActivations",
     "StoreWriter",

@@ -17,6 +17,8 @@ crossdiff demo    the main job on its embedded default: a tiny base/chat transfo
 crossdiff planted train on a planted dictionary and check the decoder-norm bands against the planted truth
 crossdiff organism --model M --kind K --strength S --out ROOT   a model organism: a narrow fine-tune with a known
                  implanted behaviour and its truth.json (--show DIR prints an organism's truth)
+crossdiff push RUN/step-N OWNER/NAME --base-model B --chat-model C --layer L   upload a crosscoder to the Hub with
+                 a generated model card (tokens trained, mu and the logged FVE per model from the run)
 crossdiff verify STORE ...   recompute the checksum of every shard of activation stores; name the bad ones
 
 Errors. A user's error (a missing or corrupt input, a setting out of range, inputs that do not fit together) is
@@ -31,7 +33,22 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import InputError
-from . import adl, causal, collect, demo, logit_diff, miniature, organism, planted, report, scale, steer, train, verify
+from . import (
+    adl,
+    causal,
+    collect,
+    demo,
+    logit_diff,
+    miniature,
+    organism,
+    planted,
+    push,
+    report,
+    scale,
+    steer,
+    train,
+    verify,
+)
 
 # (name, module, one-line help), in the order --help lists them.
 SUBCOMMANDS = (
@@ -48,6 +65,7 @@ SUBCOMMANDS = (
     ("adl", adl, "Activation Difference Lens: the mean activation difference read by the fine-tuned model"),
     ("logit-diff", logit_diff, "output differences: KL per position and the tokens the fine-tune promotes"),
     ("organism", organism, "a narrow fine-tune with a known implanted behaviour and its truth (a model organism)"),
+    ("push", push, "upload a crosscoder to the Hugging Face Hub with a generated model card"),
 )
 
 

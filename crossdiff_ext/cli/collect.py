@@ -2,8 +2,14 @@
 layer)."""
 
 import argparse
+from typing import Sequence, Union
+
+import torch
 
 from ..data import activations
+from ..data.corpus import parse_source_spec
+from ..data.store import ActivationStore
+from ..errors import InputError
 from .common import at_least, output_dir
 
 
@@ -21,9 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="JSONL ({'text'} or {'messages'} per line), .txt, a directory of "
-        "those, or hf:NAME[:SPLIT] (a Hugging Face dataset; needs the datasets package)",
+        nargs="+",
+        metavar="SOURCE[:WEIGHT]",
+        help="JSONL ({'text'} or {'messages'} per line), .txt, a directory of those; a dataset streamed with the "
+        "datasets package: a Hub name (with --split), a local parquet / arrow / csv file or directory, or "
+        "hf:NAME[:SPLIT]. Several: a mixture drawn with --seed, each SOURCE:WEIGHT (no weights: equal shares)",
     )
+    p.add_argument("--split", default=None, help="split of a dataset source (default: train)")
+    p.add_argument("--subset", default=None, help="configuration of a Hub dataset (e.g. sample-10BT)")
+    p.add_argument(
+        "--column", default=None, help="column read as the document (default: messages, conversation, then text)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of a mixture's draw (the same seed, the same documents)")
     p.add_argument("--out", required=True, help="store directory")
     p.add_argument("--max-tokens", type=at_least(1), default=None)
     p.add_argument("--context-length", type=at_least(1), default=1024)
@@ -52,6 +67,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def data_argument(specs: Sequence[str]) -> Union[str, list[tuple[str, float]]]:
+    """--data as collect takes it: one source as it is, several as a mixture [(source, weight), ...].
+
+    Args:
+        specs: The SOURCE[:WEIGHT] arguments.
+
+    Returns:
+        The source, or the list of (source, weight) pairs.
+
+    Raises:
+        InputError: Some sources have a weight and others not.
+    """
+    parsed = [parse_source_spec(s) for s in specs]
+    if len(parsed) == 1:
+        return parsed[0][0]
+    weighted = [w is not None for _, w in parsed]
+    if any(weighted) and not all(weighted):
+        missing = [s for s, w in parsed if w is None]
+        raise InputError(f"--data: give every source of a mixture a weight (SOURCE:WEIGHT) or none; {missing} lack one")
+    return [(s, 1.0 if w is None else w) for s, w in parsed]
+
+
 def run(args: argparse.Namespace) -> int:
     """Collect and print one line per store written. Returns the exit status."""
     output_dir(args.out)
@@ -63,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         args.base,
         args.chat,
         args.layer[0] if len(args.layer) == 1 else args.layer,
-        args.data,
+        data_argument(args.data),
         args.out,
         max_tokens=args.max_tokens,
         context_length=args.context_length,
@@ -76,8 +113,28 @@ def run(args: argparse.Namespace) -> int:
         device=None if args.device is None else args.device[0] if len(args.device) == 1 else args.device,
         resume=args.resume,
         progress=not args.quiet,
+        split=args.split,
+        subset=args.subset,
+        column=args.column,
+        seed=args.seed,
     )
     stores = store if isinstance(store, dict) else {args.layer[0]: store}
     for layer, one in stores.items():
         print(f"{one.path}: {len(one)} tokens of layer {layer}, [2, {one.d_model}] each, {one.meta['dtype']}")
+        if one.source_names is not None and len(one.source_names) > 1:
+            print(f"  tokens per source: {token_shares(one)}")
     return 0
+
+
+def token_shares(store: ActivationStore) -> str:
+    """The store's tokens per source, with their shares (a mixture's weights are shares of documents).
+
+    Args:
+        store: A store that records its rows' sources.
+
+    Returns:
+        "NAME: n (share), ..." in source order.
+    """
+    counts = torch.bincount(store.sources(), minlength=len(store.source_names)).tolist()
+    total = max(sum(counts), 1)
+    return ", ".join(f"{name}: {n} ({n / total:.1%})" for name, n in zip(store.source_names, counts))

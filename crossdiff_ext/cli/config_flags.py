@@ -2,8 +2,8 @@
 from the field, so the library and the command line cannot drift apart.
 
 A field `warmup_steps` becomes `--warmup-steps`; an optional number also takes the word `none`; a bool becomes
-`--name / --no-name`; `betas` takes two numbers. `checkpoint_dir` and `progress` are the subcommand's own `--out`
-and `--quiet`.
+`--name / --no-name`; `betas` takes two numbers; `log` takes one or more names. `checkpoint_dir` and `progress`
+are the subcommand's own `--out` and `--quiet`.
 """
 
 import argparse
@@ -83,6 +83,8 @@ def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = dict(dest=field.name, default=field.default, help=_help(field))
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[1:] == (Ellipsis,):  # names, e.g. --log
+            options.update(nargs="+", metavar=_metavar(field, str))  # validate() names a bad one
         elif typing.get_origin(kind) is tuple:
             options.update(nargs=len(typing.get_args(kind)), type=_word_parser(float, False), metavar="X")
         else:
@@ -105,8 +107,9 @@ def train_config_from_args(args: argparse.Namespace, checkpoint_dir: Optional[st
         InputError: A value is out of range, e.g. `--steps: expected an int >= 1, got 0`.
     """
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in FROM_OTHER_FLAGS}
-    if isinstance(values.get("betas"), list):
-        values["betas"] = tuple(values["betas"])
+    for name in ("betas", "log"):
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
     config = TrainConfig(**values, checkpoint_dir=checkpoint_dir, progress=progress)
     config.validate(names={f.name: flag_name(f.name) for f in dataclasses.fields(TrainConfig)})
     return config

@@ -1,5 +1,5 @@
 """`crossdiff report`: Latent Scaling, the latent table and max-activating examples of a checkpoint -> an HTML
-page."""
+page, with the training curves of the run's log (the log.jsonl beside a step-N checkpoint, or --curves)."""
 
 import argparse
 import os
@@ -9,6 +9,8 @@ from ..data.store import ActivationStore
 from ..diffing.report import report_crosscoder
 from ..errors import InputError
 from ..layer import CrossCoder
+from ..training.checkpoints import CHECKPOINT_PATTERN
+from ..training.loggers import JSONL_NAME, read_log
 from .common import add_scoring_arguments, at_least, check_fits, open_stores, output_file, read_json
 
 
@@ -19,6 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=at_least(0), default=20, help="fine-tuned-specific latents listed")
     p.add_argument("--title", default="crossdiff_ext: which concepts did fine-tuning introduce?")
     p.add_argument("--causal", default=None, help="causal.json of `crossdiff causal`: KL chart, causal score")
+    p.add_argument(
+        "--by-source", action="store_true", help="split the listed latents' firing by the source of the stores' tokens"
+    )
+    p.add_argument(
+        "--curves",
+        default=None,
+        metavar="LOG",
+        help="the training log (JSONL) whose curves the report plots (default: the log.jsonl beside a step-N "
+        "checkpoint, when there is one; none: no curves)",
+    )
 
 
 def _tokenizer(spec: Optional[str], store: ActivationStore) -> Any:
@@ -46,9 +58,26 @@ def _causal_file(path: Optional[str]) -> Optional[dict]:
     return payload
 
 
+def _curves(spec: Optional[str], checkpoint: str) -> tuple[Optional[list[dict]], Optional[str]]:
+    """(records, path) of the training log to plot: --curves, else the run's log.jsonl beside a step-N
+    checkpoint when it exists; (None, None) for --curves none or when there is no log."""
+    if spec is not None and spec.lower() == "none":
+        return None, None
+    if spec is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), JSONL_NAME)
+        if not (CHECKPOINT_PATTERN.match(os.path.basename(os.path.abspath(checkpoint))) and os.path.isfile(beside)):
+            return None, None
+        spec = beside
+    try:
+        return read_log(spec), spec
+    except InputError as err:
+        raise InputError(f"--curves: {err}") from err
+
+
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where. Returns the exit status."""
     output_file(args.out)
+    curves, curves_path = _curves(args.curves, args.checkpoint)  # a bad log is named before weights load
     cc = CrossCoder.from_pretrained(args.checkpoint, device=args.device)
     stores = open_stores(args.store)
     check_fits(cc, args.checkpoint, stores[0])
@@ -64,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         causal=_causal_file(args.causal),
+        by_source=args.by_source,
+        curves=curves,
     )
     print(
         f"{args.out}: report on {cc.dict_size} latents ({len(chosen)} fine-tuned-specific listed); table {table_path}"
+        + (f"; training curves of {curves_path}" if curves_path else "")
     )
     return 0

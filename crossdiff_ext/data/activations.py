@@ -6,7 +6,9 @@ messages) gets the chat model's chat template. The activation of layer L is the 
 (block L's output; for L < n_layers - 1 that is hidden_states[L + 1] of a transformers causal LM). Each model runs
 only up to block L (models.blocks.run_to_layer): no later block, final norm or LM head. Padding is dropped, and
 optionally the first `drop_first` tokens of every sequence (e.g. 1: BOS, whose activations are outliers). Every
-kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position.
+kept token is one row [2, d] of the store (model 0 = base, 1 = chat), with its token id and position, and its
+provenance: the index of its document within its source and the source (data.corpus: a file, a streamed dataset,
+or a seeded mixture of those).
 
 Resumable: with resume=True the collection re-tokenizes the documents (tokenizer only, no model) to skip the
 rows the store already holds, and continues. Deterministic for a given document list: the batches are groups of
@@ -18,13 +20,14 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from ..errors import InputError, MissingInputError, OutputExistsError, require_int
+from ..errors import InputError, OutputExistsError, require_int
 from ..models.blocks import hidden_size, run_to_layers
 from ..models.loading import Devices, check_tokenizers, default_model_dtype, load_pair, model_devices, model_name
+from .corpus import open_corpus
 from .store import ActivationStore, StoreWriter
 
 __all__ = [
@@ -38,39 +41,13 @@ __all__ = [
 ]
 
 
-def _record(record, where):
-    """A document from a JSONL line or a dataset row: its "messages" (chat) or "text"."""
-    if isinstance(record, str):
-        return record
-    if isinstance(record, (list, tuple)):
-        return list(record)
-    if hasattr(record, "keys"):
-        if record.get("messages") is not None:
-            return list(record["messages"])
-        if record.get("text") is not None:
-            return record["text"]
-        raise InputError(f"{where}: a record needs 'text' or 'messages', got keys {sorted(record.keys())}")
-    raise InputError(f"{where}: a document must be a string, a message list or a record, got {type(record).__name__}")
-
-
-def _hub_dataset(spec):
-    """ "hf:NAME[:SPLIT]" -> the rows of datasets.load_dataset(NAME, split=SPLIT or "train")."""
-    name, _, split = spec[3:].partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"data {spec!r} is a Hugging Face dataset and needs the datasets package (pip install datasets)"
-        ) from None
-    return datasets.load_dataset(name, split=split or "train")
-
-
 def iter_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> Iterator[Union[str, list[Any]]]:
-    """The documents of `source`, one at a time (see read_documents): a file is read line by line, so memory does
-    not grow with the corpus.
+    """The documents of `source`, one at a time (see read_documents): a file is read line by line and a dataset
+    streamed, so memory does not grow with the corpus.
 
     Args:
-        source: A JSONL / .txt file, a directory of those, "hf:NAME[:SPLIT]", or an iterable of documents.
+        source: A JSONL / .txt file or directory, a dataset (see corpus.open_source: "hf:NAME[:SPLIT]", a Hub
+            name, a local parquet / arrow / csv file or directory), a mixture, or an iterable of documents.
 
     Yields:
         Each document: a string, or a list of {"role", "content"} messages.
@@ -80,55 +57,15 @@ def iter_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> Iterator[U
         InputError: A line is not UTF-8 or not a JSON object, or a record has neither "text" nor "messages" (the
             file and line are named).
     """
-    if isinstance(source, str) and source.startswith("hf:"):
-        source = _hub_dataset(source)
-    if not isinstance(source, (str, os.PathLike)):
-        if not hasattr(source, "__iter__"):
-            raise InputError(f"data must be a path, 'hf:NAME' or an iterable of documents, got {type(source).__name__}")
-        for i, r in enumerate(source):
-            yield _record(r, f"document {i}")
-        return
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            if name.endswith((".jsonl", ".txt")):
-                yield from iter_documents(os.path.join(path, name))
-        return
-    if not os.path.exists(path):
-        raise MissingInputError(f"data {path!r} does not exist")
-    yield from _file_documents(path)
-
-
-def _file_documents(path):
-    """The documents of one JSONL or text file, line by line."""
-    try:
-        with open(path, "rb") as fh:  # bytes, decoded per line: a decoding error then names its line
-            for i, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as err:
-                    raise InputError(f"{path}:{i}: not UTF-8 text ({err})") from None
-                if line:
-                    yield _json_document(line, f"{path}:{i}") if path.endswith(".jsonl") else line
-    except (IsADirectoryError, PermissionError) as err:
-        raise InputError(f"data {path!r} cannot be read ({err})") from None
-
-
-def _json_document(line, where):
-    """The document of one JSONL line."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{where}: not JSON ({err})") from None
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return _record(record, where)
+    for document in open_corpus(source):
+        yield document.content
 
 
 def read_documents(source: Union[os.PathLike, str, Iterable[Any]]) -> list[Union[str, list[Any]]]:
     """Documents from a JSONL file ({"text": ...} or {"messages": [...]} per line), a .txt file (one document per
-    non-empty line), a directory of those, "hf:NAME[:SPLIT]" (a Hugging Face dataset, needs `datasets`), or any
-    iterable of strings, message lists or records with "text" / "messages" (e.g. a datasets.Dataset).
+    non-empty line), a directory of those, a dataset ("hf:NAME[:SPLIT]", a Hub name, a local parquet / arrow /
+    csv file or directory; needs `datasets`), or any iterable of strings, message lists or records with "text" /
+    "messages" (e.g. a datasets.Dataset).
 
     Raises:
         MissingInputError, InputError: As iter_documents.
@@ -155,19 +92,28 @@ def tokenize(doc: Union[str, Sequence[dict[str, Any]]], tokenizer: Any, context_
     return list(ids)[:context_length]
 
 
-def _windows(documents, tokenizer, context_length, drop_first, window, sort):
-    """The documents tokenized `window` at a time, those with a row to keep, longest first within each window when
-    `sort` (stable): (document index, ids) in the order collect runs and stores them."""
+class _Tokenized(NamedTuple):
+    """A document of the corpus, tokenized: its place in the corpus's order, its source and index there, ids."""
+
+    order: int
+    source: int
+    index: int
+    ids: list[int]
+
+
+def _windows(corpus, tokenizer, context_length, drop_first, window, sort):
+    """The corpus's documents tokenized `window` at a time, those with a row to keep, longest first within each
+    window when `sort` (stable): _Tokenized items in the order collect runs and stores them."""
     chunk = []
-    for index, doc in enumerate(documents):
-        ids = tokenize(doc, tokenizer, context_length)
+    for order, doc in enumerate(corpus):
+        ids = tokenize(doc.content, tokenizer, context_length)
         if len(ids) > drop_first:
-            chunk.append((index, ids))
+            chunk.append(_Tokenized(order, doc.source, doc.index, ids))
         if len(chunk) == window:
-            yield sorted(chunk, key=lambda item: -len(item[1])) if sort else chunk
+            yield sorted(chunk, key=lambda item: -len(item.ids)) if sort else chunk
             chunk = []
     if chunk:
-        yield sorted(chunk, key=lambda item: -len(item[1])) if sort else chunk
+        yield sorted(chunk, key=lambda item: -len(item.ids)) if sort else chunk
 
 
 def _check_resumable(out, info):
@@ -204,6 +150,10 @@ def collect(
     progress: bool = True,
     pack_window: int = 64,
     max_norm_ratio: Optional[float] = None,
+    split: Optional[str] = None,
+    subset: Optional[str] = None,
+    column: Optional[str] = None,
+    seed: int = 0,
 ) -> Union[ActivationStore, dict[int, ActivationStore]]:
     """Run both models over `data` and write layer `layer`'s paired activations to the store at `out`; with a list
     of layers, one store per layer under `out` (out/layer-L), all from one forward up to the deepest.
@@ -216,7 +166,10 @@ def collect(
         base: The base model: a directory, a hub name, or a loaded (model, tokenizer) pair.
         chat: The chat model, likewise (its tokenizer and chat template read the documents).
         layer: The block whose output is stored, or a list of blocks (each model runs only up to the deepest).
-        data: A JSONL / .txt file or directory, "hf:NAME[:SPLIT]", or an iterable of documents.
+        data: A JSONL / .txt file or directory; a dataset streamed with `datasets` (a Hub name with `split`, a
+            local parquet / arrow / csv file or directory, "hf:NAME[:SPLIT]"); an iterable of documents or records
+            (a datasets.Dataset too); or a mixture: a list of (source, weight) pairs, drawn from `seed`
+            (data.corpus). Records give their "messages" (chat template), "conversation" or "text" column.
         out: The store directory.
         max_tokens: Stop after this many rows (None: the whole data).
         context_length: Tokens kept per document.
@@ -235,14 +188,19 @@ def collect(
         max_norm_ratio: Drop rows whose norm in either model exceeds this multiple of that model's median row
             norm over the batch (e.g. 10: the outliers of massive activations past the first position); None
             keeps every row. store.json counts the rows dropped per reason ("dropped").
+        split: The split of a dataset source (default "train").
+        subset: The configuration of a Hub dataset (e.g. "sample-10BT"), or None.
+        column: The column of each record read as the document (default: messages, conversation, then text).
+        seed: The seed a mixture draws its sources from (the same seed, the same documents in the same order).
 
     Returns:
         The ActivationStore at `out`, or {layer: ActivationStore} for a list of layers.
 
     Raises:
-        InputError: A bad setting, an unreadable or empty data file (file and line named), models that do not fit
-            each other, a layer out of range, or a store at `out` that holds another collection (all before any
-            weights load); non-finite activations (the batch and documents named).
+        InputError: A bad setting, an unreadable or empty data file (file and line named), a dataset without the
+            column or split, mixture weights that do not sum to a positive number, models that do not fit each
+            other, a layer out of range, or a store at `out` that holds another collection (all before any weights
+            load); non-finite activations (the batch and documents named).
         MissingInputError: `data` names a path that does not exist.
         OutputExistsError: `out` holds a store and resume is False.
     """
@@ -250,9 +208,10 @@ def collect(
     single, layers = _layer_list(layer)
     outs = {x: os.fspath(out) if single else os.path.join(os.fspath(out), f"layer-{x}") for x in layers}
     has_store = _existing_stores(outs, resume)
-    source, count = _describe_data(data)
+    corpus = open_corpus(data, split=split, subset=subset, column=column, seed=seed)
+    source, count = _describe_data(data, corpus)
     infos = {
-        x: _store_info(base, chat, x, drop_first, context_length, batch_size, pack_window, max_norm_ratio)
+        x: _store_info(base, chat, x, drop_first, context_length, batch_size, pack_window, max_norm_ratio, corpus)
         for x in layers
     }
     for x in layers:
@@ -269,16 +228,15 @@ def collect(
             shard_rows=shard_rows,
             info=infos[x],
             resume=resume and has_store[x],
+            source_names=corpus.names,
         )
         for x in layers
     }
     pad = t_chat.pad_token_id if t_chat.pad_token_id is not None else 0
-    run = _Collection(writers, (m_base, m_chat), pad, drop_first, max_tokens, max_norm_ratio, source)
+    run = _Collection(writers, (m_base, m_chat), pad, drop_first, max_tokens, max_norm_ratio, corpus, source)
     bar = _Progress(count, len(layers)) if progress and not run.full() else None
     try:
-        windows = _windows(
-            iter_documents(data), t_chat, context_length, drop_first, batch_size * pack_window, pack_window > 1
-        )
+        windows = _windows(corpus, t_chat, context_length, drop_first, batch_size * pack_window, pack_window > 1)
         for window in windows:
             if run.full():
                 break
@@ -332,22 +290,27 @@ def _existing_stores(outs, resume):
     return has_store
 
 
-def _describe_data(data):
-    """(how messages name `data`, its number of documents or None when unknown without reading a hub dataset)."""
-    source = repr(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else f"the {type(data).__name__}"
-    count = None
-    if isinstance(data, (str, os.PathLike)) and not os.fspath(data).startswith("hf:"):
-        # One pass that keeps nothing: a bad line fails before the models load, and the bar knows the total.
-        count = sum(1 for _ in iter_documents(data))
-        if count == 0:
-            raise InputError(f"data {source} holds no documents")
-    elif hasattr(data, "__len__"):
-        count = len(data)
+def _describe_data(data, corpus):
+    """(how messages name `data`, its number of documents or None when unknown without reading it all), once
+    every source opens and (JSONL / text files: every line; datasets: the first row) reads."""
+    if corpus.is_mixture:
+        source = "the mixture of " + ", ".join(repr(n) for n in corpus.names)
+    elif isinstance(data, (str, os.PathLike)):
+        source = repr(os.fspath(data))
+    else:
+        source = f"the {type(data).__name__}"
+    corpus.check()
+    # A JSONL / text file is read once, keeping nothing: a bad line fails before the models load, and the bar
+    # knows the total. A streamed dataset is not counted (that would read it whole).
+    count = corpus.count()
+    if count == 0:
+        raise InputError(f"data {source} holds no documents")
     return source, count
 
 
-def _store_info(base, chat, layer, drop_first, context_length, batch_size, pack_window, max_norm_ratio):
-    """The "info" of one layer's store.json: what a resumed run must match."""
+def _store_info(base, chat, layer, drop_first, context_length, batch_size, pack_window, max_norm_ratio, corpus):
+    """The "info" of one layer's store.json: what a resumed run must match (a mixture's sources, weights and seed
+    among it: they decide the documents' order)."""
     return dict(
         base=model_name(base),
         chat=model_name(chat),
@@ -358,6 +321,7 @@ def _store_info(base, chat, layer, drop_first, context_length, batch_size, pack_
         batch_size=batch_size,
         pack_window=pack_window,
         **({} if max_norm_ratio is None else {"max_norm_ratio": float(max_norm_ratio)}),
+        **({"mixture": corpus.describe()} if corpus.is_mixture else {}),
     )
 
 
@@ -383,14 +347,15 @@ class _Collection:
     leaves one a batch ahead); the batches, and the norm filter's decisions, are functions of the documents alone.
     """
 
-    def __init__(self, writers, models, pad, drop_first, max_tokens, max_norm_ratio, source):
+    def __init__(self, writers, models, pad, drop_first, max_tokens, max_norm_ratio, corpus, describe):
         self.writers = writers
         self.models = models
         self.pad = pad
         self.drop_first = drop_first
         self.limit = max_tokens if max_tokens is not None else float("inf")
         self.max_norm_ratio = max_norm_ratio
-        self.source = source
+        self.corpus = corpus
+        self.describe = describe  # how messages name the data
         self.resume_at = {x: w.candidates_end for x, w in writers.items()}
         self.written = {x: w.meta["rows"] for x, w in writers.items()}
         self.consumed = 0  # candidates of the batches seen
@@ -413,25 +378,29 @@ class _Collection:
                 break
 
     def batch(self, group):
-        """Run one batch of (document index, ids) through the models for the stores that still want its rows."""
+        """Run one batch of _Tokenized documents through the models for the stores that still want its rows."""
         self.n_batches += 1
         self.first_positions += self.drop_first * len(group)
         first_index = self.consumed
-        self.consumed += sum(len(ids) - self.drop_first for _, ids in group)
+        self.consumed += sum(len(item.ids) - self.drop_first for item in group)
         wanted = [x for x in self.writers if self.written[x] < self.limit and self.resume_at[x] < self.consumed]
         if not wanted:  # already in every store (resume), or every store is full
             return
-        ids = [ids for _, ids in group]
+        ids = [item.ids for item in group]
         states, input_ids = paired_states(*self.models, ids, wanted, self.pad)
+        per_document = torch.tensor([len(i) - self.drop_first for i in ids])
+        documents = torch.tensor([item.index for item in group]).repeat_interleave(per_document)
+        sources = torch.tensor([item.source for item in group]).repeat_interleave(per_document)
         for x in wanted:
             rows, tokens, positions = kept_rows(
                 states[x], input_ids, [len(i) for i in ids], [self.drop_first] * len(ids)
             )
             index = torch.arange(first_index, self.consumed)
-            self._store(x, group, *self._selected(x, rows, tokens, positions, index))
+            self._store(x, group, *self._selected(x, rows, tokens, positions, documents, sources, index))
 
     def _selected(self, x, *columns):
-        """The columns (rows, tokens, positions, candidate index) of the rows layer x's store takes: those past
+        """The columns (rows, tokens, positions, documents, sources, candidate index) of the rows layer x's store
+        takes: those past
         where it resumed, inside the norm filter, up to max_tokens."""
         index = columns[-1]
         keep = index >= self.resume_at[x]
@@ -443,14 +412,18 @@ class _Collection:
             columns = [c[:n] for c in columns]
         return columns
 
-    def _store(self, x, group, rows, tokens, positions, index):
+    def _store(self, x, group, rows, tokens, positions, documents, sources, index):
         try:
-            self.writers[x].append(rows, tokens, positions, candidates=index)
+            self.writers[x].append(rows, tokens, positions, candidates=index, documents=documents, sources=sources)
         except InputError as err:  # non-finite activations: name the documents that produced them
-            documents = sorted(i for i, _ in group)
+            names = self.corpus.names
+            where = sorted((item.source, item.index) for item in group)
+            if len(names) > 1:
+                listed = "documents " + ", ".join(f"{names[s]!r} {i}" for s, i in where) + ", 0-based"
+            else:
+                listed = f"documents {[i for _, i in where]}, 0-based, of {self.describe}"
             raise InputError(
-                f"batch {self.n_batches - 1} of the collection (documents {documents}, 0-based, of "
-                f"{self.source}), layer {x}, model 0 = base, 1 = chat: {err}"
+                f"batch {self.n_batches - 1} of the collection ({listed}), layer {x}, model 0 = base, 1 = chat: {err}"
             ) from err
         self.written[x] += rows.shape[0]
         self.fresh += rows.shape[0]
@@ -479,7 +452,7 @@ class _Progress:
         self.started = time.perf_counter()
 
     def window_done(self, window, run):
-        last = max(index for index, _ in window) + 1  # documents read so far
+        last = max(item.order for item in window) + 1  # documents read so far
         self.bar.update(last - self.seen)
         self.seen = last
         rate = run.fresh / self.n_stores / max(time.perf_counter() - self.started, 1e-9)

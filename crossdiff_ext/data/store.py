@@ -5,6 +5,8 @@ Layout of a store directory:
                         rows, running per-model mean/variance (float64, merged per shard), free-form `info`
   shard-00000.bin ...   raw row-major [rows, M, d] arrays, no header (numpy memmaps; bf16 as its uint16 bits)
   tokens-00000.npy ...  optional int64 token ids per row (positions-00000.npy: their positions)
+  documents-00000.npy   optional provenance per row: the index of the row's document within its source (int64),
+  sources-00000.npy     and its source (int16, an index into store.json's "sources": the names of the sources)
 store.json is rewritten atomically (temporary file + rename) after every completed shard, so a crash leaves a
 store that opens at its last completed shard; the writer resumes there and drops the partial shard.
 
@@ -23,7 +25,7 @@ import queue
 import threading
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
@@ -34,6 +36,9 @@ from ..errors import InputError, MissingInputError, OutputExistsError
 from .sampling import epoch_generator, part_of
 
 FORMAT = "crossdiff-activation-store/1"
+# The optional per-row columns of a shard, in the order they are written (each one .npy file per shard).
+COLUMNS = ("tokens", "positions", "documents", "sources")
+COLUMN_DTYPES = {"tokens": np.int64, "positions": np.int64, "documents": np.int64, "sources": np.int16}
 DTYPES = {
     "float32": (np.float32, torch.float32),
     "float16": (np.float16, torch.float16),
@@ -116,6 +121,8 @@ class StoreWriter:
         shard_rows: Rows per shard file.
         info: Free-form metadata; on resume it must equal the stored info (the rows must mean the same).
         resume: Append to the store at `path` instead of refusing it.
+        source_names: The names of the sources the rows' `sources` ids index (recorded as "sources" in
+            store.json); on resume they must equal the stored ones.
     """
 
     def __init__(
@@ -127,18 +134,21 @@ class StoreWriter:
         shard_rows: int = 1 << 18,
         info: Optional[Mapping[str, Any]] = None,
         resume: bool = False,
+        source_names: Optional[Sequence[str]] = None,
     ):
         """Open a new store, or the one at `path` to resume it (see the class's Args).
 
         Raises:
-            InputError: An unknown dtype or shard_rows < 1; on resume, a store of other models, width, dtype or
-                info, or one that ActivationStore cannot open.
+            InputError: An unknown dtype or shard_rows < 1; on resume, a store of other models, width, dtype,
+                info or source names, or one that ActivationStore cannot open.
             OutputExistsError: `path` holds a store and resume is False.
         """
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if shard_rows < 1:
             raise InputError(f"shard_rows must be >= 1, got {shard_rows}")
+        if source_names is not None and not 0 < len(source_names) <= np.iinfo(COLUMN_DTYPES["sources"]).max:
+            raise InputError(f"source_names must name 1 to 32767 sources, got {len(source_names)}")
         self.path = os.fspath(path)
         self.meta_path = os.path.join(self.path, "store.json")
         if os.path.exists(self.meta_path):
@@ -156,6 +166,11 @@ class StoreWriter:
                     f"cannot resume {self.path}: its settings differ in {changed} (stored "
                     f"{ {k: meta['info'].get(k) for k in changed} }, now { {k: info.get(k) for k in changed} })"
                 )
+            stored_names = meta.get("sources")
+            if source_names is not None and stored_names is not None and list(source_names) != stored_names:
+                raise InputError(
+                    f"cannot resume {self.path}: it holds rows of the sources {stored_names}, not {list(source_names)}"
+                )
             self.meta = meta
         else:
             os.makedirs(self.path, exist_ok=True)
@@ -168,6 +183,7 @@ class StoreWriter:
                 shards=[],
                 rows=0,
                 info=info or {},
+                **({} if source_names is None else {"sources": [str(n) for n in source_names]}),
                 stats=dict(
                     count=0,
                     mean=[[0.0] * d_model for _ in range(n_models)],
@@ -176,12 +192,17 @@ class StoreWriter:
             )
             atomic.write_json(self.meta_path, self.meta, indent=1)
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
-        self._rows, self._tokens, self._positions = [], [], []
-        self._pending = 0
+        self._rows, self._pending = [], 0
+        self._columns = {key: [] for key in COLUMNS}
         shards = self.meta["shards"]
+        # A store whose shards have no provenance (written before it was recorded) stays without it: a column
+        # that only some shards had could not be read.
+        self._provenance = "sources" in self.meta and all("documents" in e for e in shards)
         self._candidates_end = shards[-1].get("candidates_end") if shards else None
         for name in os.listdir(self.path):  # temporary files a crash left behind never counted: drop them
-            if name.startswith((".shard-", ".tokens-", ".positions-", ".store.json.")) and name.endswith(".tmp"):
+            if name.startswith((".shard-", ".store.json.") + tuple(f".{k}-" for k in COLUMNS)) and name.endswith(
+                ".tmp"
+            ):
                 os.unlink(os.path.join(self.path, name))
 
     def append(
@@ -190,6 +211,8 @@ class StoreWriter:
         token_ids: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         candidates: Optional[torch.Tensor] = None,
+        documents: Optional[torch.Tensor] = None,
+        sources: Optional[torch.Tensor] = None,
     ) -> None:
         """Append rows x [n, M, d] (cast to the store dtype; must stay finite), optionally token ids / positions [n],
         and the index of each row among the rows its writer considered (candidates [n], increasing): each shard then
@@ -200,9 +223,13 @@ class StoreWriter:
             token_ids: The token id of each row [n], or None.
             positions: The position of each row's token in its document [n], or None.
             candidates: Each row's index among the rows the writer considered [n], increasing, or None.
+            documents: The index of each row's document within its source [n], or None.
+            sources: The source of each row's document [n] (an index into source_names), or None. documents and
+                sources are stored only by a writer given source_names, and then must be given with every append.
 
         Raises:
-            InputError: x is not [n, M, d] for this store, token_ids / positions / candidates are not [n], or x
+            InputError: x is not [n, M, d] for this store, a column is not [n], provenance is missing where the
+                store records it or a source id is out of range, or x
                 holds a value that is not finite in the store dtype (nothing is appended then).
         """
         M, d = self.meta["n_models"], self.meta["d_model"]
@@ -222,23 +249,36 @@ class StoreWriter:
                 f"Inf, or values beyond the range of {self.meta['dtype']}): rows {rows[:5]}"
                 f"{' ...' if len(rows) > 5 else ''} of models {models}; refusing to store them"
             )
-        for name, t in (("token_ids", token_ids), ("positions", positions), ("candidates", candidates)):
+        named = (("token_ids", token_ids), ("positions", positions), ("candidates", candidates))
+        named += (("documents", documents), ("sources", sources))
+        for name, t in named:
             if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
                 raise InputError(f"{name} must be [n] = [{x.shape[0]}], got {tuple(t.shape)}")
+        columns = dict(tokens=token_ids, positions=positions)
+        if self._provenance:
+            columns.update(documents=documents, sources=self._checked_sources(documents, sources))
         start = 0
         while start < x.shape[0]:
             take = min(x.shape[0] - start, self.meta["shard_rows"] - self._pending)
             self._rows.append(x[start : start + take])
-            if token_ids is not None:
-                self._tokens.append(token_ids[start : start + take].to("cpu", torch.int64))
-            if positions is not None:
-                self._positions.append(positions[start : start + take].to("cpu", torch.int64))
+            for key, t in columns.items():
+                if t is not None:
+                    self._columns[key].append(t[start : start + take].to("cpu", torch.int64))
             if candidates is not None and take:
                 self._candidates_end = int(candidates[start + take - 1]) + 1
             self._pending += take
             start += take
             if self._pending == self.meta["shard_rows"]:
                 self._flush_shard()
+
+    def _checked_sources(self, documents, sources):
+        """The source ids of a store that records provenance, once both columns are given and in range."""
+        if documents is None or sources is None:
+            raise InputError(f"{self.path}: the store records each row's document and source; pass both")
+        n = len(self.meta["sources"])
+        if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= n):
+            raise InputError(f"sources must be ids in [0, {n}) (the store's sources), got {sources.unique().tolist()}")
+        return sources
 
     def _flush_shard(self):
         if self._pending == 0:
@@ -252,13 +292,11 @@ class StoreWriter:
         # The checksums are of the bytes handed to the atomic write; they count with the shard, in store.json.
         sums = {name: checksum(data)}
         entry = dict(file=name, rows=int(rows.shape[0]), bytes=int(array.nbytes))
-        columns = [("tokens", self._tokens)]
-        if self._positions:  # position of each row's token in its sequence: sequences start where it drops
-            columns.append(("positions", self._positions))
-        for key, parts in columns:
+        for key in COLUMNS:
+            parts = self._columns[key]
             if parts:
                 fname = f"{key}-{index:05d}.npy"
-                data = _npy_bytes(torch.cat(parts).numpy())
+                data = _npy_bytes(torch.cat(parts).numpy().astype(COLUMN_DTYPES[key]))
                 atomic.write_bytes(os.path.join(self.path, fname), data)
                 sums[fname] = checksum(data)
                 entry[key] = fname
@@ -269,7 +307,8 @@ class StoreWriter:
         self.meta["shards"].append(entry)
         self.meta["rows"] += entry["rows"]
         atomic.write_json(self.meta_path, self.meta, indent=1)  # the shard counts from here on
-        self._rows, self._tokens, self._positions, self._pending = [], [], [], 0
+        self._rows, self._pending = [], 0
+        self._columns = {key: [] for key in COLUMNS}
 
     def _merge_stats(self, rows):
         """Chan's parallel merge of per-model, per-feature mean and M2 (float64), in chunks of rows (a whole shard
@@ -357,7 +396,7 @@ class ActivationStore:
         row_bytes = self.n_models * self.d_model * np.dtype(self.np_dtype).itemsize
         self._arrays, self._starts = [], [0]
         for entry, (name, rows, size_expected) in zip(self.meta["shards"], shards):
-            for key in ("file", "tokens", "positions"):
+            for key in ("file", *COLUMNS):
                 if key in entry and not os.path.isfile(os.path.join(self.path, entry[key])):
                     raise MissingInputError(f"{self.path}: {entry[key]} listed in store.json is missing")
             file = os.path.join(self.path, name)
@@ -402,7 +441,7 @@ class ActivationStore:
         checks = []
         for entry in self.meta["shards"]:
             sums = entry.get("checksums", {})
-            for key in ("file", "tokens", "positions"):
+            for key in ("file", *COLUMNS):
                 if key not in entry:
                     continue
                 name = entry[key]
@@ -431,7 +470,7 @@ class ActivationStore:
                 raise InputError(f"{file}: not a readable .npy file ({err})") from err
             if part.shape != (entry["rows"],):
                 raise InputError(f"{file}: holds shape {part.shape}, store.json expects [{entry['rows']}]")
-            parts.append(torch.from_numpy(part))
+            parts.append(torch.from_numpy(part.astype(np.int64, copy=False)))
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def token_ids(self) -> Optional[torch.Tensor]:
@@ -449,6 +488,29 @@ class ActivationStore:
             [rows] int64 positions, or None when the store was written without them.
         """
         return self._column("positions")
+
+    def documents(self) -> Optional[torch.Tensor]:
+        """The index of every row's document within its source (0-based, in the source's order: the n-th
+        non-empty line of a JSONL file, the n-th row of a dataset).
+
+        Returns:
+            [rows] int64, or None when the store was written without provenance.
+        """
+        return self._column("documents") if self.source_names is not None else None
+
+    def sources(self) -> Optional[torch.Tensor]:
+        """The source of every row's document, an index into source_names (all 0 for a single source).
+
+        Returns:
+            [rows] int64, or None when the store was written without provenance.
+        """
+        return self._column("sources") if self.source_names is not None else None
+
+    @property
+    def source_names(self) -> Optional[list[str]]:
+        """The names of the sources the rows came from, by source id (None: written without provenance)."""
+        names = self.meta.get("sources")
+        return list(names) if names is not None else None
 
     @property
     def mean(self) -> torch.Tensor:

@@ -50,7 +50,8 @@ def causal_evidence(
         progress: Show progress bars.
 
     Returns:
-        {"kl": PatchResult.to_json()["kl"], "set_sizes", "attribution_spearman", "attribution_checked"}, or
+        {"kl": PatchResult.to_json()["kl"], "layer", "variant", "set_sizes", "attribution_spearman",
+        "attribution_checked"}, or
         {"skipped": why} when the crosscoder has too few chat-leaning latents with a valid nu for the sets.
     """
     try:
@@ -74,6 +75,8 @@ def causal_evidence(
     change = torch.tensor([(exact.kl[f"latent_{j}"]["all"][0] - none_mean) * n for j in sample])
     return dict(
         kl=result.to_json()["kl"],
+        layer=result.layer,
+        variant=result.variant,
         set_sizes=result.set_sizes,
         attribution_spearman=spearman(score[sample], change),
         attribution_checked=len(sample),

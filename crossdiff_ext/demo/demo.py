@@ -5,7 +5,8 @@
    request), or real models given by name;
 2. paired activations of one layer over a fresh generated corpus, half plain text, half chat -> a store;
 3. a BatchTopK and an L1 crosscoder trained on it (inputs normalised, as in the paper);
-4. Latent Scaling of every latent, the latent table, and the HTML report of each crosscoder;
+4. Latent Scaling of every latent, the paper's causal patching experiment, the latent table, and the HTML report
+   of each crosscoder (with its training curves and the patching chart);
 5. what the paper measures, side by side: how many latents Delta_norm calls chat-only, how many of those Latent
    Scaling confirms as chat-specific or flags as Complete Shrinkage / Latent Decoupling, and how many of the
    chat-specific ones fire mainly on chat-template tokens (most of their 20 max-activating examples are template
@@ -29,10 +30,10 @@ from ..data.activations import collect, template_token_ids
 from ..data.store import ActivationStore
 from ..diffing.examples import max_activating_examples, token_share
 from ..diffing.latent_scaling import inference_pass
-from ..diffing.report import report_crosscoder
+from ..diffing.report import report_crosscoder, scaled_table
 from ..errors import InputError
 from ..layer import CrossCoder
-from ..training import TrainConfig
+from ..training import TrainConfig, read_log
 from . import toy_language as tl
 from .causal_evidence import causal_evidence, describe_causal
 from .toy_models import fixed_threads, shipped_pair, toy_pair
@@ -138,7 +139,9 @@ def describe_latents(
 ) -> list[dict[str, Any]]:
     """For each latent: its numbers, the tokens its n max-activating examples sit on, one context, and whether
     more than `template_majority` of those examples are chat-template tokens ("fires mainly on the template")."""
-    found = max_activating_examples(cc, store, latents, n=n, quantiles=())
+    # Every one of the n highest tokens counts, repeated contexts included: the verdict is about where the latent
+    # fires, not about how varied its contexts are.
+    found = max_activating_examples(cc, store, latents, n=n, quantiles=(), distinct=False)
     template = set(template)
     out = []
     for j in latents:
@@ -236,8 +239,9 @@ def _run(config: DemoConfig) -> dict[str, Any]:
     for name, activation in CROSSCODERS:
         with clock.phase(name):
             cc, train = _train(config, name, activation, store, dict_size, k, device)
-            scaling, table, files = _scale_and_report(config, name, cc, store, tokenizer, layer)
+            scaling, _ = scaled_table(cc, [store], progress=config.progress)
             evidence = _patch(config, name, cc, scaling, base, chat, layer, clock)
+            table, files = _report(config, name, cc, store, tokenizer, layer, scaling, evidence)
             results[name] = _result(cc, train, store, tokenizer, template, table, files, evidence, activation)
     summary = dict(
         config=asdict(config),
@@ -271,7 +275,7 @@ def _collect(config: DemoConfig, base: str, chat: str, layer: int) -> Activation
     """Paired activations of `layer` over a fresh generated corpus, into OUT/store (replacing a previous run's)."""
     documents = tl.corpus(config.text_documents, config.chat_documents, seed=10_000 + config.seed)
     store_dir = os.path.join(config.out, "store")
-    _clear(store_dir, ["store.json", "shard-*", "positions-*", "tokens-*", ".*"])
+    _clear(store_dir, ["store.json", "shard-*", "positions-*", "tokens-*", "documents-*", "sources-*", ".*"])
     return collect(
         base,
         chat,
@@ -338,18 +342,21 @@ def _train(
     return cc, train
 
 
-def _scale_and_report(
+def _report(
     config: DemoConfig,
     name: str,
     cc: CrossCoder,
     store: ActivationStore,
     tokenizer: PreTrainedTokenizerBase,
     layer: int,
-) -> tuple[Any, dict[str, list[Any]], dict[str, str]]:
-    """(scaling, latent table, {"report": path, "table": path}): Latent Scaling of every latent, the latent table
-    and the HTML report in OUT/<name>."""
+    scaling: Any,
+    evidence: Optional[dict[str, Any]],
+) -> tuple[dict[str, list[Any]], dict[str, str]]:
+    """(latent table, {"report": path, "table": path}): the latent table and the HTML report in OUT/<name>, with
+    the training curves of OUT/<name>/log.jsonl and the causal patching chart (when it ran)."""
     report = os.path.join(config.out, name, "report.html")
-    scaling, table, table_path, _, _ = report_crosscoder(
+    causal = evidence if evidence is not None and "kl" in evidence else None  # none when skipped
+    _, table, table_path, _, _ = report_crosscoder(
         cc,
         [store],
         report,
@@ -357,8 +364,11 @@ def _scale_and_report(
         title=f"crossdiff demo: {name} crosscoder, base vs chat",
         meta=dict(layer=layer, k=cc.k),
         progress=config.progress,
+        causal=causal,
+        curves=read_log(os.path.join(config.out, name, "log.jsonl")),
+        scaling=scaling,
     )
-    return scaling, table, dict(report=report, table=table_path)
+    return table, dict(report=report, table=table_path)
 
 
 def _patch(

@@ -15,6 +15,7 @@ from .analysis import (
     latent_table,
     write_table,
 )
+from .by_source import SourceFiring, firing_by_source
 from .latent_scaling import LatentScalingResult, latent_scaling
 from .output_difference import LogitDiffResult, logit_diff
 from .steering import ablate, steer
@@ -37,4 +38,6 @@ __all__ = [
     "ADLResult",
     "logit_diff",
     "LogitDiffResult",
+    "SourceFiring",
+    "firing_by_source",
 ]

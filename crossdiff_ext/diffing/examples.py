@@ -1,6 +1,11 @@
 """Max-activating examples: for chosen latents, the tokens where they fire most (and samples at activation
 quantiles), each with its surrounding tokens from the same sequence, read from a paired activation store that
-holds token ids and positions (what `crossdiff collect` writes)."""
+holds token ids and positions (what `crossdiff collect` writes); with the document and source of each, when the
+store records them.
+
+Identical contexts are shown once: a latent that fires on the same window of tokens many times (a chat
+template's opening, a boilerplate line) gets one top example with the number of its firing tokens that share
+that window (Example.count), and the next top examples are other contexts."""
 
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ class Example:
     tokens: list[int]  # token ids of the context window
     focus: int  # index of the token itself within `tokens`
     quantile: Optional[float] = None  # None for a top example; the activation quantile it was drawn at otherwise
+    count: int = 1  # firing tokens of this latent with the same context (the same tokens around the same focus)
+    document: Optional[int] = None  # index of the row's document in its source (None: the store does not record it)
+    source: Optional[str] = None  # name of the document's source (None: the store does not record it)
 
     def text(self, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str]:
         """The context as text, split around the activating token: (before, token, after).
@@ -100,11 +108,38 @@ def split_context(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int], foc
     return whole[:start], whole[start:end], whole[end:]
 
 
-def sequence_starts(positions: torch.Tensor) -> torch.Tensor:
-    """[rows] bool: True where a new sequence starts (the position does not continue the previous row's)."""
+def sequence_starts(positions: torch.Tensor, *documents: Optional[torch.Tensor]) -> torch.Tensor:
+    """[rows] bool: True where a new sequence starts (the position does not continue the previous row's, or one of
+    the `documents` columns given, e.g. the store's document and source ids, changes)."""
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[1:] = positions[1:] != positions[:-1] + 1
+    for column in documents:
+        if column is not None:
+            starts[1:] |= column[1:] != column[:-1]
     return starts
+
+
+def context_windows(
+    rows: torch.Tensor, token_ids: torch.Tensor, seq_id: torch.Tensor, before: int, after: int
+) -> torch.Tensor:
+    """The token windows around `rows`: [n, before + 1 + after] token ids, -1 where the window leaves the row's
+    sequence (or the store); equal windows are equal contexts.
+
+    Args:
+        rows: Store rows [n].
+        token_ids: The store's token ids [rows].
+        seq_id: The sequence of every store row [rows] (cumsum of sequence_starts).
+        before: Tokens before the row.
+        after: Tokens after the row.
+
+    Returns:
+        [n, before + 1 + after] int64.
+    """
+    at = rows[:, None] + torch.arange(-before, after + 1)
+    inside = (at >= 0) & (at < token_ids.numel())
+    at = at.clamp(0, max(token_ids.numel() - 1, 0))
+    same = inside & (seq_id[at] == seq_id[rows][:, None])
+    return torch.where(same, token_ids[at], torch.full_like(at, -1))
 
 
 @torch.inference_mode()
@@ -119,10 +154,27 @@ def max_activating_examples(
     after: int = 3,
     batch_size: int = 4096,
     progress: bool = False,
+    distinct: bool = True,
 ) -> dict[int, LatentExamples]:
     """{latent: LatentExamples} for each id in `latents`: the n tokens with the largest inference-mode activation
     and one token nearest each activation quantile, with up to `before`/`after` tokens of context from the same
     sequence. Streams the store once; keeps (activation, row) only for the chosen latents.
+
+    Args:
+        cc: The crosscoder.
+        store: A store written by collect (token ids and positions; document and source ids when it records them).
+        latents: The latent ids.
+        n: Top examples per latent.
+        quantiles: Activation quantiles to draw one example at each.
+        before: Context tokens before the activating token.
+        after: Context tokens after it.
+        batch_size: Rows per encoder batch.
+        progress: Show a tqdm bar.
+        distinct: Top examples are n distinct contexts (each once, highest activation first, with `count` firing
+            tokens sharing it); False: the n highest tokens, repeats included.
+
+    Returns:
+        {latent: LatentExamples}; every Example carries its count, document index and source name.
 
     Raises:
         InputError: store is not an ActivationStore with token ids and positions, a latent id is out of range, or
@@ -133,13 +185,24 @@ def max_activating_examples(
     if not latents:
         return {}
     lat, val, row = _firing_entries(cc, store, latents, batch_size, progress)
-    seq_id = torch.cumsum(sequence_starts(positions).long(), 0)
+    documents, sources, names = store.documents(), store.sources(), store.source_names
+    seq_id = torch.cumsum(sequence_starts(positions, documents, sources).long(), 0)
 
-    def example(j: int, value: torch.Tensor, r: torch.Tensor, q: Optional[float] = None) -> Example:
+    def example(j: int, value: torch.Tensor, r: torch.Tensor, count: int, q: Optional[float] = None) -> Example:
         lo, hi = max(0, r - before), min(len(store), r + after + 1)
         same = (seq_id[lo:hi] == seq_id[r]).nonzero().squeeze(1) + lo
         lo, hi = int(same.min()), int(same.max()) + 1
-        return Example(j, float(value), int(r), token_ids[lo:hi].tolist(), int(r - lo), q)
+        return Example(
+            j,
+            float(value),
+            int(r),
+            token_ids[lo:hi].tolist(),
+            int(r - lo),
+            q,
+            count,
+            None if documents is None else int(documents[r]),
+            None if sources is None else names[int(sources[r])],
+        )
 
     out = {}
     for j in latents:
@@ -147,14 +210,30 @@ def max_activating_examples(
         v, r = val[mine], row[mine]
         result = LatentExamples(j, int(v.numel()))
         if v.numel():
+            windows = context_windows(r, token_ids, seq_id, before, after)
+            _, context, counts = torch.unique(windows, dim=0, return_inverse=True, return_counts=True)
             order = torch.argsort(v, descending=True, stable=True)
-            result.top = [example(j, v[i], r[i]) for i in order[:n].tolist()]
+            chosen = _first_of_each(order, context, n) if distinct else order[:n].tolist()
+            result.top = [example(j, v[i], r[i], int(counts[context[i]])) for i in chosen]
             ascending = order.flip(0)
             for q in quantiles:
                 i = ascending[min(int(q * v.numel()), v.numel() - 1)]
-                result.quantiles.append(example(j, v[i], r[i], q))
+                result.quantiles.append(example(j, v[i], r[i], int(counts[context[i]]), q))
         out[j] = result
     return out
+
+
+def _first_of_each(order, context, n):
+    """The first n entries of `order` whose context was not seen before in it."""
+    seen, chosen = set(), []
+    for i in order.tolist():
+        c = int(context[i])
+        if c not in seen:
+            seen.add(c)
+            chosen.append(i)
+            if len(chosen) == n:
+                break
+    return chosen
 
 
 def _store_tokens(store):

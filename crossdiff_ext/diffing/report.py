@@ -2,9 +2,10 @@
 
 Sections: the Delta_norm histogram with the paper's bands; nu_error vs nu_reconstruction of the chat-only latents
 coloured by Latent Scaling's verdict; the histogram of decoder cosines; the latent classes; with a causal patching
-result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; and the most fine-tuned-specific
-latents with their max-activating contexts (and causal score, when attribution was run). The page needs no
-network and no script.
+result (diffing/causal.py), the KL of every latent set as bars with 95% intervals; with the run's log records, its
+training curves (diffing/curves.py); and the most fine-tuned-specific latents with their max-activating contexts
+(identical contexts once, with their count; and causal score, when attribution was run); for a store collected
+from a mixture, optionally those latents' firing split by source. The page needs no network and no script.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from ..data.store import ActivationStore
 from ..errors import InputError
 from ..layer.crosscoder import CrossCoder
 from .analysis import latent_table, write_table
+from .by_source import add_source_columns, check_sources, firing_by_source
+from .curves import curve_figures
 from .examples import LatentExamples, max_activating_examples
 from .latent_scaling import LatentScalingResult, latent_scaling
 
@@ -142,13 +145,21 @@ def render(
     top: int = 20,
     meta: Optional[Mapping[str, Any]] = None,
     causal: Optional[Mapping[str, Any]] = None,
+    sources: Optional[Sequence[str]] = None,
+    curves: Optional[Sequence[Mapping[str, Any]]] = None,
 ) -> str:
     """The report as an HTML string. table: cx.latent_table (with Latent Scaling for the nu plot; a
     "causal_score" column is shown when present); examples: {latent: LatentExamples} for the latents to show;
-    tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json)."""
+    tokenizer: turns token ids into text (ids otherwise); causal: a PatchResult.to_json() dict (causal.json);
+    sources: the source labels of the table's freq[...] / share[...] columns (by_source.add_source_columns), to
+    show the listed latents' firing by source; curves: the training run's log records (cx.read_log), drawn as its
+    training curves."""
     out = _head_html(title, meta)
     out += _classes_html(table)
     out += _figures_html(_figures(table), causal)
+    out += _curves_html(curves)
+    if sources:
+        out += _by_source_html(table, fine_tuned_latents(table, top), sources)
     out += _top_latents_html(table, fine_tuned_latents(table, top), examples, tokenizer)
     out.append("</table></body></html>")
     return "\n".join(out)
@@ -238,6 +249,47 @@ def _figures_html(figs, causal):
     return out
 
 
+def _by_source_html(table, ranked, sources):
+    """The listed latents' firing frequency on each source's tokens and the share of their firing per source."""
+    out = [
+        "<h2>Firing by source</h2><p>Per source of the store's tokens: how often each listed latent fires on that "
+        "source's tokens (freq), and which share of its firing tokens come from it (share). A chat-specific "
+        "latent should fire mostly on the chat source.</p><table><tr><th>latent</th>"
+        + "".join(f"<th>freq {html.escape(s)}</th>" for s in sources)
+        + "".join(f"<th>share {html.escape(s)}</th>" for s in sources)
+        + "</tr>"
+    ]
+    for j in ranked:
+        cells = [f"{table[f'freq[{s}]'][j]:.2e}" for s in sources]
+        cells += [f"{table[f'share[{s}]'][j]:.1%}" if not math.isnan(table[f"share[{s}]"][j]) else "-" for s in sources]
+        out.append(f"<tr><td>{j}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return out
+
+
+def _example_line(example, tokenizer):
+    """One max-activating context: its activation, its text, how many firing tokens share it, its source."""
+    repeats = f" <b>&times;{example.count}</b>" if example.count > 1 else ""
+    where = f" <i>({html.escape(example.source)}, document {example.document})</i>" if example.source else ""
+    return f"<span class='ctx'>{example.activation:.3g}: {_context_html(example, tokenizer)}</span>{repeats}{where}"
+
+
+def _curves_html(records):
+    """The training curves of the run's log records, one image per quantity (nothing without records)."""
+    if not records:
+        return []
+    out = [
+        "<h2>Training curves</h2><p>From the run's log "
+        f"({len(records)} records, steps {records[0]['step']} to {records[-1]['step']}): the loss and its terms, "
+        "FVE overall and per model, L0, the fraction of dead latents, the inference threshold, the learning rate "
+        "and the gradient norm, as logged every log_every steps. The loss terms are drawn unweighted: the loss is "
+        "reconstruction + aux_alpha * aux (BatchTopK) or + l1_coefficient * l1 (L1).</p>"
+    ]
+    for name, fig in curve_figures(records).items():
+        out.append(f"<img alt='training curve: {name}' src='data:image/png;base64,{_png(fig)}'>")
+    return out
+
+
 def _top_latents_html(table, ranked, examples, tokenizer):
     """The table of the ranked latents (left open), with their max-activating contexts when given."""
     F = len(table["latent"])
@@ -256,10 +308,7 @@ def _top_latents_html(table, ranked, examples, tokenizer):
         freq = table.get("firing_frequency", [math.nan] * F)[j]
         ctx = ""
         if examples and j in examples:
-            ctx = "<br>".join(
-                f"<span class='ctx'>{e.activation:.3g}: {_context_html(e, tokenizer)}</span>"
-                for e in examples[j].top[:5]
-            )
+            ctx = "<br>".join(_example_line(e, tokenizer) for e in examples[j].top[:5])
         out.append(
             f"<tr><td>{j}</td>"
             + (f"<td>{html.escape(table['partition'][j])}</td>" if dedicated else "")
@@ -320,12 +369,25 @@ def report_crosscoder(
     batch_size: int = 4096,
     progress: bool = False,
     causal: Optional[Mapping[str, Any]] = None,
+    by_source: bool = False,
+    curves: Optional[Sequence[Mapping[str, Any]]] = None,
+    scaling: Optional[LatentScalingResult] = None,
 ) -> tuple[LatentScalingResult, dict[str, list[Any]], str, list[int], Optional[dict[int, LatentExamples]]]:
     """What `crossdiff report` does: Latent Scaling over the stores, the latent table beside `out` (.csv), the
     max-activating examples of the `top` fine-tuned-specific latents (from the first store, when it holds token
     ids), and the HTML page at `out`; with `causal` (a causal.json dict) its KL chart, and its "attribution"
-    as the table's causal_score column. Returns (scaling, table, table_path, chosen latents, examples)."""
-    scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    as the table's causal_score column; with `curves` (the run's log records) its training curves; with
+    `by_source`, each latent's firing per source of the stores' tokens (by_source.firing_by_source: freq[...] and
+    share[...] columns, and a section of the page). `scaling`: Latent Scaling of these stores already run (e.g. to
+    choose the causal latent sets first), used instead of running it again. Returns (scaling, table, table_path,
+    chosen latents, examples)."""
+    if by_source:
+        check_sources(stores)
+    if scaling is None:
+        scaling, table = scaled_table(cc, stores, probe=probe, batch_size=batch_size, progress=progress)
+    else:
+        table = latent_table(cc, scaling)
+    sources = add_source_columns(table, firing_by_source(cc, stores, batch_size=batch_size)) if by_source else None
     if causal is not None and causal.get("attribution") is not None:
         if len(causal["attribution"]) != cc.dict_size:
             raise InputError(
@@ -343,5 +405,16 @@ def report_crosscoder(
         **({"partition": list(cc.partition)} if cc.partition is not None else {}),
         **(meta or {}),
     )
-    write_report(out, table, title=title, examples=found, tokenizer=tokenizer, top=top, meta=meta, causal=causal)
+    write_report(
+        out,
+        table,
+        title=title,
+        examples=found,
+        tokenizer=tokenizer,
+        top=top,
+        meta=meta,
+        causal=causal,
+        sources=sources,
+        curves=curves,
+    )
     return scaling, table, table_path, chosen, found

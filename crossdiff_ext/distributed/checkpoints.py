@@ -49,9 +49,12 @@ def load_merged(
     return checkpoints.load_merged(CrossCoder, directory, device=device, dtype=dtype)
 
 
-def read_training_state(checkpoint: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state dict, trainer state) of the whole crosscoder from any step directory, sharded or not."""
-    return checkpoints.read_training_state(CrossCoder, checkpoint)
+def read_training_state(
+    checkpoint: Union[str, os.PathLike], *, trust_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, trainer state) of the whole crosscoder from any step directory, sharded or not; see
+    layer.checkpoints.read_training_state for trust_pickle."""
+    return checkpoints.read_training_state(CrossCoder, checkpoint, trust_pickle=trust_pickle)
 
 
 def save_sharded(

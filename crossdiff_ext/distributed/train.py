@@ -13,7 +13,7 @@ The step loop itself is training.loop.run, the one-process trainer's: ShardedRun
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from ..layer.sharded import slice_optimizer_state, slice_state
 from ..training import losses as single
 from ..training.checkpoints import rng_state
 from ..training.config import TrainConfig, TrainResult
+from ..training.loggers import LoggerSpec
 from ..training.loop import BatchSource, Runtime, TrainData, run
 from . import losses
 from .checkpoints import save_sharded
@@ -235,12 +236,14 @@ def train(
     *,
     resume: bool = False,
     until: Optional[int] = None,
+    loggers: Optional[Sequence[LoggerSpec]] = None,
 ) -> TrainResult:
     """Train `model` (this rank's ShardedCrossCoder) in place; every rank of the mesh calls it with the same
     `data` and `config`. config.batch_size is the global batch (split over the data replicas), so the run equals
     cx.train on one process with the same config. Checkpoints are sharded (see distributed.checkpoints);
     resume=True continues from the newest one, whatever layout wrote it. Returns a TrainResult (`last` holds
-    the global batch's statistics on every rank)."""
+    the global batch's statistics on every rank). Rank 0 writes the log: config.log's loggers, or `loggers` (as
+    in cx.train)."""
     config = config or TrainConfig()
     config.validate()
-    return run(ShardedRuntime(model, config), data, config, resume=resume, until=until)
+    return run(ShardedRuntime(model, config), data, config, resume=resume, until=until, loggers=loggers)

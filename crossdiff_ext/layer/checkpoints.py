@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any, Optional, TypeVar, Union
@@ -277,28 +278,81 @@ def check_resume_partition(checkpoint: Union[os.PathLike, str], partition: Optio
         )
 
 
-def _load_torch(path):
+def torch_load_safely(
+    path: Union[os.PathLike, str], what: str, *, trust_pickle: bool = False, remedy: Optional[str] = None
+) -> Any:
+    """torch.load a file on the CPU with weights_only=True: tensors and plain Python values only, so a planted
+    pickle cannot run code.
+
+    Args:
+        path: The torch.save file.
+        what: What the file is, for messages (e.g. "a checkpoint's training state").
+        trust_pickle: Load with weights_only=False when the safe load refuses the file: this runs whatever code
+            its pickle names, so only for a file from a source you trust (a checkpoint written by an older version
+            of this library, whose RNG state held numpy arrays).
+        remedy: What the user can do about a refused file, appended to the message (e.g. the opt-in flag).
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        MissingInputError: The file does not exist.
+        InputError: The file is damaged, or (without trust_pickle) its pickle names a global outside the plain
+            types: one line naming the file and that global.
+    """
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise MissingInputError(f"{path}: no such file (a checkpoint's training state)")
+        raise MissingInputError(f"{path}: no such file ({what})")
     try:
         with open(path, "rb") as fh:  # RNG states stay CPU byte tensors; the caller moves what it needs
-            return torch.load(fh, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load's errors for a damaged file
-        raise InputError(f"{path}: not a readable torch.save file ({e})") from e
+            return torch.load(fh, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = UNSAFE_GLOBAL.search(str(e))
+        if refused is None:  # not a refusal: a damaged file
+            raise InputError(f"{path}: not a readable torch.save file ({_first_line(e)})") from e
+        if not trust_pickle:
+            raise InputError(
+                f"{path}: refused to load {what}: its pickle calls {refused.group(1)}, which could run code "
+                "(only tensors and plain values load safely)" + (f"; {remedy}" if remedy else "")
+            ) from None
+    except (RuntimeError, EOFError) as e:  # torch.load's errors for a damaged file
+        raise InputError(f"{path}: not a readable torch.save file ({_first_line(e)})") from e
+    with open(path, "rb") as fh:
+        return torch.load(fh, map_location="cpu", weights_only=False)
+
+
+# torch's weights_only refusal names the global the pickle asked for.
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+RESUME_REMEDY = (
+    "if you trust who wrote it (e.g. a checkpoint of an older crossdiff_ext), resume with trust_checkpoint=True / "
+    "--trust-checkpoint"
+)
+
+
+def _first_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def read_training_state(
-    cls: type[torch.nn.Module], checkpoint: Union[os.PathLike, str]
+    cls: type[torch.nn.Module], checkpoint: Union[os.PathLike, str], *, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, trainer state) of the whole crosscoder from any step directory, sharded or not. The
-    trainer state has the trainer's keys: step, optimizer, schedule, tokens_since_fired, data, rng, config."""
+    trainer state has the trainer's keys: step, optimizer, schedule, tokens_since_fired, data, rng, config.
+
+    The torch files load with weights_only=True; trust_pickle=True also loads one that holds other Python
+    objects (checkpoints written before the trainer state was plain, see torch_load_safely)."""
+
+    def load(path):
+        return torch_load_safely(path, "a checkpoint's training state", trust_pickle=trust_pickle, remedy=RESUME_REMEDY)
+
     if not sharded.is_sharded(checkpoint):
         weights = load_weights(os.path.join(checkpoint, WEIGHTS_NAME))
-        return weights, _load_torch(os.path.join(checkpoint, sharded.TRAINER_NAME))
+        return weights, load(os.path.join(checkpoint, sharded.TRAINER_NAME))
     sharding = sharded.read_sharding(checkpoint)
     model = load_merged(cls, checkpoint).state_dict()
-    trainer = _load_torch(os.path.join(checkpoint, sharded.TRAINER_NAME))
-    parts = [_load_torch(os.path.join(checkpoint, s["dir"], sharded.OPTIMIZER_NAME)) for s in sharding["shards"]]
+    trainer = load(os.path.join(checkpoint, sharded.TRAINER_NAME))
+    parts = [load(os.path.join(checkpoint, s["dir"], sharded.OPTIMIZER_NAME)) for s in sharding["shards"]]
     trainer["optimizer"] = sharded.merge_optimizer_states([p["optimizer"] for p in parts])
     trainer["tokens_since_fired"] = torch.cat([p["tokens_since_fired"] for p in parts])
     return model, trainer

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import InputError, require_int
 from ..ops.autograd import decode_sparse, encode_sparse
 from ..ops.relu_crosscoder import relu_crosscoder
-from . import checkpoints
+from . import checkpoints, hub, paper_format
 from .codes import SparseCodes
 from .partition import check_partition, mask_absent_gradient, nonzero_absent_latents, zero_absent_rows_
 
@@ -549,21 +549,77 @@ class CrossCoder(nn.Module):
         *,
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[Union[torch.dtype, str]] = None,
+        revision: Optional[str] = None,
+        subfolder: Optional[str] = None,
+        cache_dir: Optional[Union[os.PathLike, str]] = None,
+        token: Optional[Union[str, bool]] = None,
     ) -> "CrossCoder":
-        """Load a crosscoder written by save_pretrained, or the whole crosscoder of a latent-parallel checkpoint.
+        """Load a crosscoder written by save_pretrained or push_to_hub, the whole crosscoder of a latent-parallel
+        checkpoint, or the paper's (dictionary_learning) crosscoder, from a local path or a Hub repo id.
+
+        Nothing loaded runs code: weights are safetensors, or torch files read with weights_only=True.
 
         Args:
-            directory: The checkpoint directory (or its model.safetensors), or a sharded step directory of
-                distributed training (its shards are merged).
+            directory: The checkpoint directory (or its model.safetensors); a sharded step directory of
+                distributed training (its shards are merged); a directory in one of the dictionary_learning
+                layouts (see load_dictionary_learning); or a Hub repo id (owner/name) holding any of these.
             device: Where to put the parameters (default CPU).
             dtype: Override of the stored parameter dtype (a torch dtype or its name).
+            revision: For a repo id: the branch, tag or commit (default main).
+            subfolder: A folder inside the directory or repo that holds the checkpoint.
+            cache_dir: For a repo id: the Hub cache (default huggingface_hub's; HF_HUB_OFFLINE=1 reads only it).
+            token: For a repo id: a Hub token (default huggingface_hub's, e.g. HF_TOKEN).
 
         Returns:
             The crosscoder, in eval mode.
 
         Raises:
             FileNotFoundError: config.json or model.safetensors is missing.
-            InputError: The files are not a valid checkpoint of this format (the message says why; the paper's
-                checkpoints load with load_dictionary_learning).
+            InputError: The repo or revision is not on the Hub (or not cached offline), or the files are not a
+                valid checkpoint of this format or the paper's (the message says why).
         """
-        return checkpoints.from_pretrained(cls, directory, device=device, dtype=dtype)
+        local = hub.resolve(directory, revision=revision, subfolder=subfolder, cache_dir=cache_dir, token=token)
+        if paper_format.is_dictionary_learning(local):
+            return paper_format.load_as(cls, local, dtype=dtype, device=device)
+        return checkpoints.from_pretrained(cls, local, device=device, dtype=dtype)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        facts: Optional[hub.CardFacts] = None,
+        subfolder: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload the crosscoder in our format (model.safetensors + config.json) with a generated model card
+        (README.md: models, layer, dictionary size, k or mu, tokens trained, FVE per model, how to load it).
+
+        Args:
+            repo_id: The target repo (owner/name); created when it does not exist.
+            facts: What the card says beyond the crosscoder's config (hub.CardFacts: models, layer, tokens
+                trained, FVE per model, mu); what is not given reads "not recorded".
+            subfolder: A folder in the repo to upload into (e.g. one per layer).
+            revision: The branch to commit to (default main).
+            private: Visibility of a repo created here.
+            token: A Hub token (default huggingface_hub's, e.g. HF_TOKEN).
+            commit_message: The commit message.
+            create_pr: Open a pull request instead of committing.
+
+        Returns:
+            The commit's (or pull request's) URL.
+        """
+        return hub.push_to_hub(
+            self,
+            repo_id,
+            facts=facts,
+            subfolder=subfolder,
+            revision=revision,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )

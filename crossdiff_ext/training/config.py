@@ -16,6 +16,7 @@ from ..errors import InputError
 from . import losses
 
 MIXED_PRECISION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOGGER_NAMES = ("jsonl", "tensorboard", "wandb")  # the backends of training/loggers.py
 
 # A check returns None for a good value, else what was expected (e.g. "an int >= 1"); validate() words the message.
 Check = Callable[[Any], Optional[str]]
@@ -93,6 +94,18 @@ def integer(value: Any) -> Optional[str]:
     return None if _is_int(value) else "an int"
 
 
+def names_from(*choices: str) -> Check:
+    """A check: a tuple (or list) of distinct names, each one of the choices (empty: none)."""
+
+    def check(value: Any) -> Optional[str]:
+        if isinstance(value, (tuple, list)) and all(v in choices for v in value) and len(set(value)) == len(value):
+            return None
+        return f"names from {list(choices)}, each at most once"
+
+    check.choices = choices  # listed in the generated flag's help
+    return check
+
+
 def setting(default: Any, doc: str, check: Check) -> Any:
     """A TrainConfig field: its default, its one-line documentation (the flag's help) and its check."""
     return field(default=default, metadata={"doc": doc, "check": check})
@@ -126,10 +139,15 @@ class TrainConfig:
             scaling (torch.amp.GradScaler).
         log_every: Steps between log records (default 100).
         log_path: JSONL log file; None (default): <checkpoint_dir>/log.jsonl when checkpoint_dir is set.
+        log: Where the log records go (training/loggers.py): any of "jsonl" (the default, log_path),
+            "tensorboard" (<checkpoint_dir>/tensorboard) and "wandb" (a W&B run); () for none.
         checkpoint_every: Steps between checkpoints when checkpoint_dir is set (default 1000; 0: only at the end).
         checkpoint_dir: Directory of the step-NNNNNNNN/ checkpoints (None, the default: no checkpoints).
         keep_checkpoints: Newest checkpoints kept; older ones are deleted (default 2).
         progress: Show a tqdm progress bar (default True).
+        trust_checkpoint: On resume, also load a trainer state that holds Python objects beyond tensors and plain
+            values (a checkpoint of a version before the trainer state was plain): its pickle can run code, so
+            only for a checkpoint you trust (default False: such a file is refused, with one line naming it).
     """
 
     steps: int = setting(1000, "optimizer steps of the run, and the length of the lr schedule", int_at_least(1))
@@ -172,12 +190,20 @@ class TrainConfig:
     log_path: Optional[str] = setting(
         None, "JSONL log file (none: <checkpoint_dir>/log.jsonl when checkpoints are written)", optional_path
     )
+    log: tuple[str, ...] = setting(
+        ("jsonl",),
+        "where the log records go: jsonl (log_path), tensorboard (<checkpoint_dir>/tensorboard), wandb (a W&B run)",
+        names_from(*LOGGER_NAMES),
+    )
     checkpoint_every: int = setting(1000, "steps between checkpoints (0: only at the end)", int_at_least(0))
     checkpoint_dir: Optional[str] = setting(
         None, "directory of the step-NNNNNNNN/ checkpoints (none: no checkpoints)", optional_path
     )
     keep_checkpoints: int = setting(2, "newest checkpoints kept; older ones are deleted", int_at_least(1))
     progress: bool = setting(True, "show a tqdm progress bar", boolean)
+    trust_checkpoint: bool = setting(
+        False, "on resume, unpickle an older checkpoint's trainer state (runs its code: only if you trust it)", boolean
+    )
 
     def validate(self, names: Optional[Mapping[str, str]] = None) -> None:
         """Check every setting's type and range.

@@ -17,10 +17,8 @@ continues from the newest one: N steps straight and N/2 + resume + N/2 give iden
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -32,6 +30,7 @@ from ..layer.norms import band_counts
 from . import losses
 from .checkpoints import latest_checkpoint, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import MIXED_PRECISION, TrainConfig, TrainResult
+from .loggers import LoggerSpec, TrainingLogger, make_loggers
 
 TrainData = Union[torch.Tensor, ActivationStore, BatchSource, Iterable[torch.Tensor]]
 
@@ -51,25 +50,29 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
 
 
 class Progress:
-    """A run's JSONL log (config.log_path, default <checkpoint_dir>/log.jsonl) and tqdm bar; both off when
-    enabled is False (ranks other than 0)."""
+    """A run's loggers (training/loggers.py: the JSONL log by default) and tqdm bar; both off when enabled is False
+    (ranks other than 0)."""
 
-    def __init__(self, config: TrainConfig, initial: int, enabled: bool = True):
-        self.log = self.bar = None
-        path = config.log_path or (os.path.join(config.checkpoint_dir, "log.jsonl") if config.checkpoint_dir else None)
-        if enabled and path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.log = open(path, "a")
+    def __init__(self, config: TrainConfig, initial: int, loggers: Sequence[TrainingLogger], enabled: bool = True):
+        self.loggers: list[TrainingLogger] = []
+        self.bar = None
+        if enabled:
+            try:
+                for logger in loggers:
+                    logger.open(config, initial)
+                    self.loggers.append(logger)
+            except BaseException:
+                self.close()  # the ones already opened
+                raise
         if enabled and config.progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=config.steps, initial=initial, desc="train", dynamic_ncols=True)
 
     def record(self, last: dict[str, Any]) -> None:
-        """Append a log record to the JSONL log and show its loss, FVE, L0 and dead fraction on the bar."""
-        if self.log:
-            self.log.write(json.dumps(last) + "\n")
-            self.log.flush()
+        """Hand a log record to every logger and show its loss, FVE, L0 and dead fraction on the bar."""
+        for logger in self.loggers:
+            logger.log(last)
         if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{last['loss']:.4g}",
@@ -84,11 +87,11 @@ class Progress:
             self.bar.update(1)
 
     def close(self) -> None:
-        """Close the bar and the log file."""
+        """Close the bar and the loggers."""
         if self.bar is not None:
             self.bar.close()
-        if self.log:
-            self.log.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def init_b_dec(cc: CrossCoder, x: torch.Tensor, config: TrainConfig) -> None:
@@ -278,9 +281,17 @@ class Runtime:
 
 
 def run(
-    runtime: Runtime, data: TrainData, config: TrainConfig, *, resume: bool = False, until: Optional[int] = None
+    runtime: Runtime,
+    data: TrainData,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    until: Optional[int] = None,
+    loggers: Optional[Sequence[LoggerSpec]] = None,
 ) -> TrainResult:
-    """The step loop of both trainers (see the module docstring), in `runtime`'s process layout."""
+    """The step loop of both trainers (see the module docstring), in `runtime`'s process layout; `loggers`
+    (names or TrainingLogger objects) replace config.log's."""
+    made_loggers = make_loggers(config, loggers)  # checked on every process, so all refuse a bad one together
     cc = runtime.cc
     device = cc.W_enc.device
     compute_dtype = MIXED_PRECISION[config.mixed_precision]
@@ -294,17 +305,18 @@ def run(
     if checkpoint:
         # Any layout: a sharded run's checkpoint is merged into the whole crosscoder's state. RNG states stay CPU
         # byte tensors; load_state_dict casts the rest to the parameters' device and dtype.
-        weights, state = checkpoints.read_training_state(CrossCoder, checkpoint)
+        weights, state = checkpoints.read_training_state(CrossCoder, checkpoint, trust_pickle=config.trust_checkpoint)
         runtime.load(checkpoint, weights, state, opt, tokens_since_fired)
         schedule.load_state_dict(state["schedule"])
         source.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step = state["step"]
-    progress = Progress(config, step, enabled=runtime.main)
     last = {}
     stop = config.steps if until is None else min(int(until), config.steps)
     previous_compute_dtype = cc.compute_dtype
+    progress = None
     try:
+        progress = Progress(config, step, made_loggers, enabled=runtime.main)
         runtime.model.train()
         cc.compute_dtype = compute_dtype
         while step < stop:
@@ -368,7 +380,8 @@ def run(
         cc.compute_dtype = previous_compute_dtype
         if hasattr(source, "close"):
             source.close()  # stops a store's prefetch thread
-        progress.close()
+        if progress is not None:
+            progress.close()
     return TrainResult(steps=step, last=last, checkpoint=checkpoint)
 
 
@@ -379,6 +392,7 @@ def train(
     *,
     resume: bool = False,
     until: Optional[int] = None,
+    loggers: Optional[Union[LoggerSpec, Sequence[LoggerSpec]]] = None,
 ) -> TrainResult:
     """Train `crosscoder` in place on `data` for config.steps steps (docs/math.md's recipe; see the module docstring).
 
@@ -391,17 +405,19 @@ def train(
             resume + N/2 give identical weights).
         until: Stop this call after that step (a checkpoint is written there when checkpoint_dir is set), e.g. to
             train in sessions; None: run to config.steps.
+        loggers: Where the log records go, replacing config.log: a name ("jsonl", "tensorboard", "wandb"), a
+            TrainingLogger (e.g. TensorBoardLogger(log_dir) or WandbLogger(project=...)), or a list of them.
 
     Returns:
         A TrainResult: the steps taken, the last log record and the newest checkpoint.
 
     Raises:
-        InputError: A setting of config is invalid, crosscoder is not a CrossCoder, or the config does not fit it
-            (e.g. mixed precision on a non-fp32 crosscoder).
+        InputError: A setting of config is invalid, crosscoder is not a CrossCoder, the config does not fit it
+            (e.g. mixed precision on a non-fp32 crosscoder), or a logger is unknown or its package missing.
         MissingInputError: resume=True but checkpoint_dir holds no checkpoint.
         OutputExistsError: resume=False but checkpoint_dir already holds checkpoints.
         FloatingPointError: A step's loss was not finite (the weights were not updated).
     """
     config = config or TrainConfig()
     config.validate()
-    return run(Runtime(crosscoder, config), data, config, resume=resume, until=until)
+    return run(Runtime(crosscoder, config), data, config, resume=resume, until=until, loggers=loggers)

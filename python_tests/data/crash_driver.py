@@ -43,7 +43,7 @@ transformers.utils.logging.disable_progress_bar()
 
 import crossdiff_ext as cx  # noqa: E402
 from crossdiff_ext import atomic, cli  # noqa: E402
-from crossdiff_ext.data.store import ActivationStore, StoreWriter  # noqa: E402
+from crossdiff_ext.data.store import COLUMNS, ActivationStore, StoreWriter  # noqa: E402
 from crossdiff_ext.layer import checkpoints  # noqa: E402
 from crossdiff_ext.training import checkpoints as checkpointing  # noqa: E402
 
@@ -182,7 +182,8 @@ def fault_line(log):
 
 def file_kind(path):
     name = os.path.basename(path.rstrip("/")).lstrip(".")
-    for kind in ("shard-", "tokens-", "positions-", "store.json", "model.safetensors", "config.json", "trainer.pt"):
+    kinds = ("shard-", *(f"{key}-" for key in COLUMNS), "store.json", "model.safetensors", "config.json", "trainer.pt")
+    for kind in kinds:
         if name.startswith(kind) or f"/{kind}" in path or f"/.{kind}" in path:
             return kind.rstrip("-")
     if name.startswith("step-"):
@@ -210,7 +211,7 @@ def check_store(out, reference):
     ref = ActivationStore(reference)
     n = len(store.meta["shards"])
     check(store.meta["shards"] == ref.meta["shards"][:n], f"{out}: shard list is not a prefix of the reference's")
-    names = [entry[key] for entry in store.meta["shards"] for key in ("file", "tokens", "positions")]
+    names = [entry[key] for entry in store.meta["shards"] for key in ("file", *COLUMNS) if key in entry]
     same_files(out, reference, names)
     check(len(store) == sum(e["rows"] for e in ref.meta["shards"][:n]), f"{out}: {len(store)} rows")
     return n / len(ref.meta["shards"])  # the fraction done
@@ -270,19 +271,21 @@ def setup(work):
     models = os.path.join(work, "models")
     base, chat = make_model(os.path.join(models, "base"), 0), make_model(os.path.join(models, "chat"), 1)
     g = torch.Generator().manual_seed(7)
-    lines = []
+    lines = {"web": [], "chat": []}
     for i in range(DOCUMENTS):
         words = " ".join(
             f"w{int(j)}" for j in torch.randint(0, 50, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g)
         )
         if i % 3 == 0:
             messages = [{"role": "user", "content": words}, {"role": "assistant", "content": "w1 w2"}]
-            lines.append(json.dumps({"messages": messages}))
+            lines["chat"].append(json.dumps({"messages": messages}))
         else:
-            lines.append(json.dumps({"text": "<bos> " + words}))
-    data = os.path.join(work, "data.jsonl")
-    with open(data, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+            lines["web"].append(json.dumps({"text": "<bos> " + words}))
+    data = []  # a mixture of two sources: the rows record their document and source
+    for kind, kept in lines.items():
+        data.append(os.path.join(work, f"{kind}.jsonl"))
+        with open(data[-1], "w") as fh:
+            fh.write("\n".join(kept) + "\n")
     store = os.path.join(work, "train-store")
     with StoreWriter(store, 2, 8, dtype="float32", shard_rows=256) as w:
         w.append(torch.randn(640, 2, 8, generator=torch.Generator().manual_seed(3)))
@@ -291,9 +294,10 @@ def setup(work):
 
 def collect_argv(base, chat, data, out):
     # 4 documents per batch, 8 rows per shard: a shard (and store.json) is written every few batches, and the
-    # batches the resumed run restarts in are cut inside a document.
+    # batches the resumed run restarts in are cut inside a document. The data: two sources mixed 2:1 from a seed.
     return [
-        "collect", "--base", base, "--chat", chat, "--layer", "1", "--data", data, "--out", out, "--dtype",
+        "collect", "--base", base, "--chat", chat, "--layer", "1", "--data", f"{data[0]}:2", f"{data[1]}:1",
+        "--seed", "5", "--out", out, "--dtype",
         "float32", "--shard-rows", "8", "--batch-size", "4", "--drop-first", "1", "--device", "cpu", "--quiet",
         "--resume",
     ]  # fmt: skip
@@ -363,6 +367,7 @@ def collect_final(out, reference):
     check(sorted(os.listdir(out)) == sorted(os.listdir(reference)), f"{out} holds {sorted(os.listdir(out))}")
     ref = ActivationStore(reference)
     check(ActivationStore(out).meta == ref.meta, f"{out}/store.json differs from the uninterrupted run's")
+    check(len(ref.source_names) == 2 and ref.sources().unique().tolist() == [0, 1], f"{reference}: no provenance")
     same_files(out, reference, [n for n in os.listdir(reference) if n != "store.json"])
 
 
@@ -388,7 +393,7 @@ def main():
     summary = {}
     try:
         if args.only in (None, "collect"):
-            targets = ["store.json"] if args.unsafe else ["shard", "store.json", "tokens", "positions"]
+            targets = ["store.json"] if args.unsafe else ["shard", "store.json", *COLUMNS]
             summary["collect"] = campaign("collect", args.work, lambda out: collect_argv(base, chat, data, out),
                                           check_store, collect_final, targets, args.seeds, args.kills,
                                           args.unsafe)  # fmt: skip

@@ -135,7 +135,7 @@ def test_dataset_rows_are_documents(pair, data, tmp_path):
     try:
         import datasets  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="needs the datasets package"):
+        with pytest.raises(InputError, match=r"needs the datasets package: pip install 'crossdiff_ext\[datasets\]'"):
             activations.read_documents("hf:some/dataset:train")
 
 

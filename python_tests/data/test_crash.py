@@ -64,7 +64,7 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_kill_9_many_seeds(tmp_path):
     seeds = [SEED % 100_000 + i for i in range(8)]
     summary = run_driver(tmp_path, seeds, 5, timeout=1800)
-    check_campaign(summary["collect"], 8, ["shard", "store.json", "tokens", "positions"])
+    check_campaign(summary["collect"], 8, ["shard", "store.json", "tokens", "positions", "documents", "sources"])
     check_campaign(summary["train"], 8, ["model.safetensors", "trainer.pt", "config.json"])
 
 

@@ -210,6 +210,8 @@ def test_demo_end_to_end(toy_pair, tmp_path, monkeypatch):
     for name in ("batchtopk", "l1"):
         r = summary["crosscoders"][name]
         assert os.path.getsize(r["report"]) > 10_000 and os.path.exists(r["table"])
+        page = open(r["report"], encoding="utf-8").read()  # the run's curves and the patching chart
+        assert page.count("alt='training curve: ") >= 6 and "alt='KL per latent set'" in page
         assert SHORT_DEMO_FVE[name] - 0.05 <= r["fve"] <= 1.0 and r["l0"] > 0
         assert r["chat_only_by_delta_norm"] == r["chat_specific"] + r["not_chat_specific"]
         assert sum(r["classes"].values()) == r["dict_size"] == 8 * 64

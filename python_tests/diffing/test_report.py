@@ -12,7 +12,7 @@ import torch
 import crossdiff_ext as cx
 from crossdiff_ext.data import activations
 from crossdiff_ext.data.store import StoreWriter
-from crossdiff_ext.diffing import examples, report
+from crossdiff_ext.diffing import curves, examples, report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -125,6 +125,9 @@ def test_scale_and_report_commands(pair, data, tmp_path):  # noqa: F811
     )
     text = page.read_text()
     assert (tmp_path / "report.csv").exists() and "Top fine-tuned-specific latents" in text
+    # the curves of the run's log beside the step-N checkpoint
+    drawn = curves.curve_series(cx.read_log(tmp_path / "run" / "log.jsonl"))
+    assert "Training curves" in text and text.count("<img") == 3 + len(drawn)
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (.ci/install installs it where it runs as root)")
     shot = tmp_path / "report.png"
@@ -148,7 +151,7 @@ def test_scale_and_report_commands(pair, data, tmp_path):  # noqa: F811
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 20_000  # a rendered page, not a blank one
     dom = subprocess.run(cmd[:-2] + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert "Top fine-tuned-specific latents" in dom.stdout and dom.stdout.count("<img") == 3
+    assert "Top fine-tuned-specific latents" in dom.stdout and dom.stdout.count("<img") == 3 + len(drawn)
     from PIL import Image  # matplotlib depends on pillow
 
     with Image.open(shot) as im:

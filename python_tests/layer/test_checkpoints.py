@@ -410,7 +410,8 @@ def test_dictionary_learning_file_errors(tmp_path):
     make().save_pretrained(tmp_path / "ours")  # our format handed to the wrong loader
     with pytest.raises(InputError, match="CrossCoder.from_pretrained"):
         cx.load_dictionary_learning(tmp_path / "ours")
-    with pytest.raises(InputError, match="not a crossdiff_ext checkpoint"):
-        safetensors.torch.save_file(paper_state(), tmp_path / "model.safetensors")
-        (tmp_path / "config.json").write_text(json.dumps(dict(activation_dim=D, dict_size=F, num_layers=2)))
-        cx.CrossCoder.from_pretrained(tmp_path)  # and the paper's format handed to ours
+    paper = tmp_path / "paper"  # the paper's format handed to ours is recognised and loaded as the paper's
+    paper.mkdir()
+    safetensors.torch.save_file(paper_state(), paper / "model.safetensors")
+    (paper / "config.json").write_text(json.dumps(dict(activation_dim=D, dict_size=F, num_layers=2)))
+    assert_same(cx.load_dictionary_learning(paper), cx.CrossCoder.from_pretrained(paper))
