@@ -1,6 +1,6 @@
 """Tiny random transformers models and corpora for the tests that run real models: a word-level tokenizer with a
 chat template, seeded 3-block Llama models saved to disk, a small JSONL corpus (conftest's `pair` and `data`
-fixtures)."""
+fixtures), and a model that reads the demo's toy language."""
 
 import json
 
@@ -37,6 +37,32 @@ def make_model(path, seed, words=WORDS):
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     make_tokenizer(words).save_pretrained(path)
+    return str(path)
+
+
+def make_toy_language_model(path, seed):
+    """A tiny random Llama (2 blocks, width 32) that reads the demo's word-level toy language (what the organisms
+    of language "toy" are built from): its path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crossdiff_ext.demo import toy_language
+
+    tokenizer = toy_language.make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 

@@ -5,10 +5,10 @@ cells it lacks only, and bad flags fail with one line before any model loads."""
 import json
 
 import pytest
+import tiny_models
 import torch
 from conftest import rng
 
-from crossdiff_ext.demo import toy_language
 from kernels_bench import diffing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,26 +20,7 @@ def _seed(salt):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("bench-base")
-    tokenizer = toy_language.make_tokenizer()
-    torch.manual_seed(_seed(3100))
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return tiny_models.make_toy_language_model(tmp_path_factory.mktemp("bench-base"), _seed(3100))
 
 
 def _argv(base, tmp_path, *extra):

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import tiny_models
 import torch
 from conftest import rng
 
@@ -17,28 +18,6 @@ from crossdiff_ext.errors import InputError, MissingInputError
 from crossdiff_ext.truth import grading, organism_text, organisms
 
 FAST = dict(lr=3e-3, batch_size=4)
-
-
-def _tiny_model(path, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = toy_language.make_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return _tiny_model(tmp_path_factory.mktemp("organism-base"), _seed(2900))
+    return tiny_models.make_toy_language_model(tmp_path_factory.mktemp("organism-base"), _seed(2900))
 
 
 def _seed(salt):
