@@ -16,7 +16,7 @@ from .common import add_latents_argument, at_least, check_latent_ids, output_fil
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register causal's flags."""
-    p.add_argument("--checkpoint", required=True, help="a two-model crosscoder directory")
+    p.add_argument("--checkpoint", required=True, help="a two-model crosscoder: a directory or a Hub repo id")
     p.add_argument("--base", required=True, help="base model directory or hub name")
     p.add_argument("--chat", required=True, help="chat model directory or hub name")
     p.add_argument("--layer", type=at_least(0), required=True, help="the crosscoder's layer (block index)")

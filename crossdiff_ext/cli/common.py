@@ -176,7 +176,11 @@ def load_model(path: str, flag: str) -> tuple[Any, Any]:
 
 def add_scoring_arguments(p: argparse.ArgumentParser, out_help: str) -> None:
     """The flags of the subcommands that score a checkpoint on stores (scale, report)."""
-    p.add_argument("--checkpoint", required=True, help="a crosscoder directory (save_pretrained / a step-N dir)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a crosscoder: a directory (save_pretrained / a step-N dir) or a Hub repo id",
+    )
     p.add_argument("--store", required=True, action="append", help="activation store(s) to score on")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--probe", default="chat", choices=["chat", "base"])

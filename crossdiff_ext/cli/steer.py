@@ -15,7 +15,7 @@ from .common import add_latents_argument, at_least, check_latent_ids, load_model
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register steer's flags."""
-    p.add_argument("--checkpoint", required=True, help="a crosscoder directory")
+    p.add_argument("--checkpoint", required=True, help="a crosscoder: a directory or a Hub repo id")
     p.add_argument("--model", required=True, help="the model to steer (directory or hub name)")
     p.add_argument("--layer", type=at_least(0), required=True, help="the crosscoder's layer (block index)")
     add_latents_argument(p, required=True)
