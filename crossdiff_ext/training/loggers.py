@@ -18,6 +18,7 @@ logger of theirs opens, and a missing package is an InputError that names the ex
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -175,8 +176,17 @@ class JsonlLogger(TrainingLogger):
             return
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._remove_torn_rewrites(path)
         self._drop_after(path, step)
         self.file = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _remove_torn_rewrites(path: str) -> None:
+        """Delete the temporary files of a rewrite (_drop_after) that a killed run left beside the log: never read,
+        and only the run that owns the log writes them."""
+        directory, name = os.path.split(os.path.abspath(path))
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+            atomic.remove(stale)
 
     @staticmethod
     def _drop_after(path: str, step: int) -> None:

@@ -136,12 +136,14 @@ def test_a_resumed_run_logs_every_step_once(tmp_path, offline_wandb):
     shutil.rmtree(run_dir / "step-00000006")
     with open(run_dir / "log.jsonl", "a") as fh:
         fh.write('{"step": 8, "loss": 0.')  # and a line torn by the kill
+    (run_dir / ".log.jsonl.0123456789abcdef.tmp").write_text('{"step": 2')  # and a rewrite of the log it killed
     result = cx.train(tiny(seed=9), data, config(run_dir, log=names), resume=True)
     assert result.steps == 12
     lines = [json.loads(line) for line in open(run_dir / "log.jsonl")]
     want = [json.loads(line) for line in open(straight / "log.jsonl")]
     assert [r["step"] for r in lines] == [2, 4, 6, 8, 10, 12]
     assert lines == want  # exact resume: the same records as the run that was never interrupted
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".log.jsonl")]  # the torn rewrite is gone
     board = tensorboard_scalars(run_dir / "tensorboard")
     assert sorted(board) == [2, 4, 6, 8, 10, 12]
     for record in want:
