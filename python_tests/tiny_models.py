@@ -22,48 +22,31 @@ def make_tokenizer(words=WORDS):
     return fast
 
 
-def make_model(path, seed, words=WORDS):
+def save_llama(path, seed, tokenizer, **config):
+    """A random Llama (seeded, 2 heads) with `tokenizer`, saved at path: its path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = LlamaConfig(vocab_size=len(tokenizer), num_attention_heads=2, num_key_value_heads=2, **config)
     LlamaForCausalLM(cfg).save_pretrained(path)
-    make_tokenizer(words).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
+
+
+def make_model(path, seed, words=WORDS):
+    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, max_position_embeddings=64)
+    return save_llama(path, seed, make_tokenizer(words), **shape)
 
 
 def make_toy_language_model(path, seed):
     """A tiny random Llama (2 blocks, width 32) that reads the demo's word-level toy language (what the organisms
     of language "toy" are built from): its path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from crossdiff_ext.demo import toy_language
 
-    tokenizer = toy_language.make_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+    return save_llama(
+        path, seed, toy_language.make_tokenizer(), bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def make_pair(root):
